@@ -1,0 +1,141 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "vmpool.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name: release-chart, or just the release when it already contains the chart name. */}}
+{{- define "vmpool.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vmpool.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "vmpool.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "vmpool.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "vmpool.labels" -}}
+helm.sh/chart: {{ include "vmpool.chart" . }}
+{{ include "vmpool.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: vmpool
+{{- end -}}
+
+{{- define "vmpool.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "vmpool.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vmpool.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "fake" or "kubevirt". */}}
+{{- define "vmpool.providerKind" -}}
+{{- dig "provider" "kind" "fake" (.Values.config | default dict) -}}
+{{- end -}}
+
+{{/* The namespace the VMs live in: config.provider.kubevirt.namespace, or the release namespace. */}}
+{{- define "vmpool.vmNamespace" -}}
+{{- dig "provider" "kubevirt" "namespace" "" (.Values.config | default dict) | default .Release.Namespace -}}
+{{- end -}}
+
+{{/* "true" when provider kubevirt must read nodes: some pool has no configured zone. */}}
+{{- define "vmpool.zonesFromNodes" -}}
+{{- if eq (include "vmpool.providerKind" .) "kubevirt" -}}
+{{- $fromNodes := false -}}
+{{- range ((.Values.config | default dict).pools | default list) -}}
+{{- if not .zone -}}{{- $fromNodes = true -}}{{- end -}}
+{{- end -}}
+{{- if $fromNodes -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vmpool.databaseSecretName" -}}
+{{- if .Values.database.existingSecret -}}
+{{- .Values.database.existingSecret -}}
+{{- else -}}
+{{- printf "%s-database" (include "vmpool.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vmpool.databaseSecretKey" -}}
+{{- if .Values.database.existingSecret -}}
+{{- default "url" .Values.database.existingSecretKey -}}
+{{- else -}}
+url
+{{- end -}}
+{{- end -}}
+
+{{/* Fails rendering unless exactly one database source is set. */}}
+{{- define "vmpool.checkDatabase" -}}
+{{- if and .Values.database.url .Values.database.existingSecret -}}
+{{- fail "vmpool: set only one of database.url and database.existingSecret" -}}
+{{- end -}}
+{{- if not (or .Values.database.url .Values.database.existingSecret) -}}
+{{- fail "vmpool: a PostgreSQL database is required: set database.url (the chart creates a Secret) or database.existingSecret (and database.existingSecretKey, default \"url\") naming a Secret that holds the URL" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Seconds in a Go-style duration of whole h/m/s units ("20s", "1m30s"), or a number; "" when unknown. */}}
+{{- define "vmpool.durationSeconds" -}}
+{{- $v := . -}}
+{{- if or (kindIs "float64" $v) (kindIs "int" $v) (kindIs "int64" $v) -}}
+{{- $v | int -}}
+{{- else if and (kindIs "string" $v) (regexMatch "^([0-9]+h)?([0-9]+m)?([0-9]+s)?$" $v) (ne $v "") -}}
+{{- $total := 0 -}}
+{{- range regexFindAll "[0-9]+[hms]" $v -1 -}}
+{{- $n := trimSuffix "h" (trimSuffix "m" (trimSuffix "s" .)) | int -}}
+{{- if hasSuffix "h" . -}}{{- $total = add $total (mul $n 3600) -}}
+{{- else if hasSuffix "m" . -}}{{- $total = add $total (mul $n 60) -}}
+{{- else -}}{{- $total = add $total $n -}}{{- end -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The config file: values.config plus what the chart owns. */}}
+{{- define "vmpool.configYaml" -}}
+{{- $cfg := deepCopy (.Values.config | default dict) -}}
+{{- if hasKey $cfg "database_url" -}}
+{{- fail "vmpool: config.database_url is not allowed (it would land in a ConfigMap); set database.url or database.existingSecret" -}}
+{{- end -}}
+{{- $_ := set $cfg "listen" "0.0.0.0:50051" -}}
+{{- $_ = set $cfg "metrics_listen" "0.0.0.0:9090" -}}
+{{- $provider := $cfg.provider | default dict -}}
+{{- $kubevirt := $provider.kubevirt | default dict -}}
+{{- $_ = set $kubevirt "namespace" (include "vmpool.vmNamespace" .) -}}
+{{- $_ = set $kubevirt "deployment" ($kubevirt.deployment | default (include "vmpool.fullname" .)) -}}
+{{- $_ = set $provider "kubevirt" $kubevirt -}}
+{{- $_ = set $cfg "provider" $provider -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* Env VMPOOL_DATABASE_URL from a Secret; argument: dict "name" <secret> "key" <key>. */}}
+{{- define "vmpool.databaseEnv" -}}
+- name: VMPOOL_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .name }}
+      key: {{ .key }}
+{{- end -}}

@@ -1,0 +1,60 @@
+"""Developer tasks: `nox -s tests`, `lint`, `typecheck`, `protos`, `serve`, `bench`, `chaos`."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PROTOS = [
+    "intrinsic_proto/vmpoolleaseapi/v1/vmpoolleaseapi.proto",
+    "vmpool/admin/v1/admin.proto",
+]
+
+
+@nox.session(python=False)
+def protos(session: nox.Session) -> None:
+    """Regenerate the betterproto code under vmpool/proto from api/."""
+    session.run("python", "-m", "vmpool.protogen", "vmpool/proto", *PROTOS)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit, integration (real PostgreSQL), chart and end-to-end tests."""
+    session.install("-e", ".[test,dev]")
+    session.run("pytest", *(session.posargs or ["-q", "-p", "no:cacheprovider"]))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".[dev,test]")
+    session.run("mypy")
+
+
+@nox.session
+def serve(session: nox.Session) -> None:
+    """Run the demo server (embedded PostgreSQL, fake provider)."""
+    session.install("-e", ".")
+    session.run("vmpool", "serve", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against the physical limits; `-- --quick` for a short run."""
+    session.install("-e", ".[bench,test]")
+    session.run("python", "-m", "tests.bench", *session.posargs)
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """Chaos scenarios with an invariant check; `-- --long` for longer runs."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "tests.chaos", *session.posargs)

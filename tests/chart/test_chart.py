@@ -1,0 +1,651 @@
+"""The Helm chart: rendered with Helm's engine, validated against Kubernetes 1.31.
+
+What an operator would notice: objects the API server rejects, a config file the
+server refuses, RBAC that is too wide or too narrow, probes that restart pods
+when the database is slow, a database URL that leaks into a ConfigMap.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from vmpool.config import (
+    Config,
+    FakeProviderConfig,
+    KubevirtProviderConfig,
+    PoolConfig,
+    ProviderConfig,
+    parse_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO / "deploy" / "helm" / "vmpool"
+RELEASE = "vmpool"
+NAMESPACE = "vmpool-system"
+
+DATABASE_URL = "postgresql://vmpool:s3cret@db.example.internal:5432/vmpool"
+
+
+class Rendered:
+    """The objects one `helm template` produces, with lookups tests need."""
+
+    def __init__(self, manifests: dict[str, str]) -> None:
+        self.manifests = manifests
+        self.objects: list[dict[str, Any]] = []
+        for path, text in sorted(manifests.items()):
+            if path.endswith("NOTES.txt"):
+                continue
+            self.objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def one(self, kind: str, name: str | None = None) -> dict[str, Any]:
+        found = [o for o in self.all(kind) if name is None or o["metadata"]["name"] == name]
+        assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
+        return found[0]
+
+    def kinds(self) -> set[str]:
+        return {o["kind"] for o in self.objects}
+
+    @property
+    def deployment(self) -> dict[str, Any]:
+        return self.one("Deployment")
+
+    @property
+    def pod(self) -> dict[str, Any]:
+        spec: dict[str, Any] = self.deployment["spec"]["template"]["spec"]
+        return spec
+
+    @property
+    def container(self) -> dict[str, Any]:
+        containers = self.pod["containers"]
+        assert len(containers) == 1
+        return containers[0]
+
+    def config_text(self, name: str | None = None) -> str:
+        cm = self.one("ConfigMap", name or RELEASE)
+        text: str = cm["data"]["config.yaml"]
+        return text
+
+    def secret_value(self, name: str, key: str) -> str:
+        return base64.b64decode(self.one("Secret", name)["data"][key]).decode()
+
+
+@pytest.fixture(scope="session")
+def chart() -> Iterator[Any]:
+    with helm.Chart.load(CHART_DIR) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="session")
+def render(chart: Any) -> Any:
+    """render(values) -> Rendered; results are cached for the session."""
+    cache: dict[str, Rendered] = {}
+
+    def _render(values: dict[str, Any], *, namespace: str = NAMESPACE) -> Rendered:
+        key = yaml.safe_dump([values, namespace], sort_keys=True)
+        if key not in cache:
+            cache[key] = Rendered(chart.render(values, name=RELEASE, namespace=namespace))
+        return cache[key]
+
+    return _render
+
+
+K8S_VERSION = "1.31"
+# Custom resources: kubernetes-validate has no schema for them; their shape is
+# checked by the tests below instead.
+CUSTOM_API_GROUPS = ("monitoring.coreos.com/",)
+
+BASE: dict[str, Any] = {"database": {"url": DATABASE_URL}}
+
+VM_TEMPLATE: dict[str, Any] = {
+    "metadata": {"labels": {"kubevirt.io/vm": "cirros"}},
+    "spec": {
+        "runStrategy": "Always",
+        "template": {
+            "spec": {
+                "domain": {
+                    "devices": {"disks": [{"name": "containerdisk", "disk": {"bus": "virtio"}}]},
+                    "memory": {"guest": "128Mi"},
+                },
+                "volumes": [
+                    {
+                        "name": "containerdisk",
+                        "containerDisk": {"image": "quay.io/kubevirt/cirros-container-disk-demo"},
+                    }
+                ],
+            }
+        },
+    },
+}
+
+
+def merged(*parts: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge values dicts (later wins), like repeated `-f` files."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merged(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+def kubevirt(zones: list[str], namespace: str = "vms") -> dict[str, Any]:
+    pools = [
+        {
+            "name": f"pool-{i}",
+            "labels": {"os": "cirros", "size": 2},
+            "zone": zone,
+            "min_ready": 1,
+            "max_size": 4,
+            "template": VM_TEMPLATE,
+        }
+        for i, zone in enumerate(zones)
+    ]
+    return merged(
+        BASE,
+        {
+            "config": {
+                "provider": {"kind": "kubevirt", "kubevirt": {"namespace": namespace}},
+                "pools": pools,
+            }
+        },
+    )
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": BASE,
+    "external-secret": {"database": {"existingSecret": "pg-credentials", "existingSecretKey": "dsn"}},
+    "service-monitor": merged(BASE, {"serviceMonitor": {"enabled": True}}),
+    "network-policy": merged(
+        BASE,
+        {
+            "networkPolicy": {
+                "enabled": True,
+                "grpcFrom": [{"namespaceSelector": {"matchLabels": {"team": "robots"}}}],
+            }
+        },
+    ),
+    "kubevirt-zones-from-nodes": kubevirt(["", "europe-west1-b"]),
+    "kubevirt-zones-configured": kubevirt(["europe-west1-b", "europe-west1-c"]),
+    "single-replica": merged(BASE, {"replicaCount": 1}),
+    "migrations-job": merged(BASE, {"migrations": {"job": {"enabled": True}}}),
+    "migrations-job-external-secret": {
+        "database": {"existingSecret": "pg-credentials"},
+        "migrations": {"job": {"enabled": True}},
+    },
+}
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request: pytest.FixtureRequest, render: Any) -> tuple[dict[str, Any], Rendered]:
+    values = VARIANTS[request.param]
+    return values, render(values)
+
+
+def all_strings(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in all_strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in all_strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+# --- Helm itself --------------------------------------------------------------
+
+
+def test_chart_metadata_and_default_image(chart: Any, render: Any) -> None:
+    meta = chart.metadata
+    assert meta["apiVersion"] == "v2"
+    assert meta["appVersion"] == "0.1.0"
+    image = render(BASE).container["image"]
+    assert image == "ghcr.io/vmpool/vmpool:0.1.0"
+
+
+@pytest.mark.parametrize("name", ["default", "kubevirt-zones-from-nodes", "migrations-job"])
+def test_lint_is_clean(name: str) -> None:
+    report = helm.lint(CHART_DIR, VARIANTS[name], strict=True, kube_version="v1.31.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == [], report
+
+
+def test_no_database_fails_with_a_message_naming_both_options(chart: Any) -> None:
+    with pytest.raises(helm.HelmRenderError) as err:
+        chart.render({}, name=RELEASE, namespace=NAMESPACE)
+    assert "database.url" in str(err.value)
+    assert "database.existingSecret" in str(err.value)
+
+
+def test_two_database_sources_are_refused(chart: Any) -> None:
+    values = {"database": {"url": DATABASE_URL, "existingSecret": "pg"}}
+    with pytest.raises(helm.HelmRenderError, match="only one of database.url"):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"replicas": 3}, "replicas"),  # a typo of replicaCount
+        ({"config": {"database_url": DATABASE_URL}}, "database_url"),
+        ({"config": {"pools": [{"name": "a", "default_lease": "30 min"}]}}, "default_lease"),
+        ({"config": {"provider": {"kind": "kvm"}}}, "kind"),
+    ],
+)
+def test_schema_rejects_bad_values_naming_the_key(
+    chart: Any, values: dict[str, Any], where: str
+) -> None:
+    with pytest.raises(helm.HelmValuesError, match=where):
+        chart.render(merged(BASE, values), name=RELEASE, namespace=NAMESPACE)
+
+
+def test_schema_is_draft7_and_describes_config_as_an_object(chart: Any) -> None:
+    schema = chart.schema
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    assert schema["properties"]["config"]["type"] == "object"
+
+
+def _schema_keys(node: dict[str, Any]) -> set[str]:
+    return set(node["properties"])
+
+
+def test_schema_config_keys_are_exactly_the_loaders(chart: Any) -> None:
+    """A key the loader knows but the schema refuses (or the reverse) is a
+    config an operator cannot write, or a typo that crash-loops the pods."""
+    config = chart.schema["properties"]["config"]
+    owned_by_chart = {"listen", "metrics_listen", "database_url", "data_dir"}
+    assert _schema_keys(config) | owned_by_chart == set(Config.model_fields)
+    provider = config["properties"]["provider"]
+    assert _schema_keys(provider) == set(ProviderConfig.model_fields)
+    assert _schema_keys(provider["properties"]["fake"]) == set(FakeProviderConfig.model_fields)
+    assert _schema_keys(provider["properties"]["kubevirt"]) == set(
+        KubevirtProviderConfig.model_fields
+    )
+    assert _schema_keys(config["properties"]["pools"]["items"]) == set(PoolConfig.model_fields)
+
+
+# --- Every object is valid Kubernetes ----------------------------------------
+
+
+def test_every_object_validates_against_kubernetes(variant: tuple[dict, Rendered]) -> None:
+    _, rendered = variant
+    errors = []
+    for obj in rendered.objects:
+        assert obj["metadata"]["name"], obj
+        if obj["apiVersion"].startswith(CUSTOM_API_GROUPS):
+            continue
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            path = ".".join(str(p) for p in err.path)
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {path}: {err.message}")
+    assert errors == []
+
+
+def test_namespaced_objects_land_in_the_release_namespace(variant: tuple[dict, Rendered]) -> None:
+    values, rendered = variant
+    vm_namespace = values.get("config", {}).get("provider", {}).get("kubevirt", {}).get("namespace")
+    for obj in rendered.objects:
+        if obj["kind"] in {"ClusterRole", "ClusterRoleBinding"}:
+            assert "namespace" not in obj["metadata"]
+        elif obj["kind"] in {"Role", "RoleBinding"}:
+            assert obj["metadata"]["namespace"] == (vm_namespace or NAMESPACE)
+        else:
+            assert obj["metadata"]["namespace"] == NAMESPACE, obj["kind"]
+
+
+# --- Config file -------------------------------------------------------------
+
+
+def test_config_map_loads_with_the_services_own_loader(variant: tuple[dict, Rendered]) -> None:
+    values, rendered = variant
+    text = rendered.config_text()
+    config = parse_config(yaml.safe_load(text), source="configmap")
+    assert config.listen == "0.0.0.0:50051"
+    assert config.metrics_listen == "0.0.0.0:9090"
+    assert config.database_url == ""
+    assert "database_url" not in text
+    assert DATABASE_URL not in text
+    pools = values.get("config", {}).get("pools")
+    expected = [p["name"] for p in pools] if pools else ["small"]
+    assert [p.name for p in config.pools] == expected
+
+
+def test_config_map_defaults_match_the_spec() -> None:
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    config = parse_config(values["config"])
+    assert config.provider.kind == "fake"
+    assert config.shutdown_grace.total_seconds() == 20
+    assert config.reconcile_interval.total_seconds() == 1
+    assert [p.name for p in config.pools] == ["small"]
+
+
+def test_kubevirt_config_gets_namespace_deployment_and_template(render: Any) -> None:
+    rendered = render(kubevirt(["europe-west1-b"]))
+    config = parse_config(yaml.safe_load(rendered.config_text()))
+    assert config.provider.kind == "kubevirt"
+    assert config.provider.kubevirt.namespace == "vms"
+    # Two releases in one namespace must not adopt (and delete) each other's VMs.
+    assert config.provider.kubevirt.deployment == RELEASE
+    assert config.pools[0].template == VM_TEMPLATE
+    assert config.pools[0].labels == {"os": "cirros", "size": "2"}
+
+    same_namespace = render(merged(BASE, {"config": {"provider": {"kind": "kubevirt"}}}))
+    cfg = parse_config(yaml.safe_load(same_namespace.config_text()))
+    assert cfg.provider.kubevirt.namespace == NAMESPACE
+
+
+def test_config_change_rolls_the_pods(render: Any) -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        annotations = render(values).deployment["spec"]["template"]["metadata"]["annotations"]
+        return str(annotations["checksum/config"])
+
+    assert checksum(BASE) != checksum(merged(BASE, {"config": {"log_level": "debug"}}))
+    assert checksum(BASE) == checksum(merged(BASE, {"replicaCount": 3}))
+
+
+# --- Database URL ------------------------------------------------------------
+
+
+def test_database_url_reaches_the_pod_through_a_secret(render: Any) -> None:
+    rendered = render(BASE)
+    env = {e["name"]: e for e in rendered.container["env"]}
+    ref = env["VMPOOL_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert rendered.secret_value(ref["name"], ref["key"]) == DATABASE_URL
+    assert DATABASE_URL not in json.dumps(rendered.deployment)
+
+
+def test_existing_secret_is_referenced_and_none_is_created(render: Any) -> None:
+    rendered = render(VARIANTS["external-secret"])
+    assert rendered.all("Secret") == []
+    env = {e["name"]: e for e in rendered.container["env"]}
+    ref = env["VMPOOL_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "pg-credentials", "key": "dsn"}
+    default_key = render({"database": {"existingSecret": "pg-credentials"}}).container["env"][0]
+    assert default_key["valueFrom"]["secretKeyRef"]["key"] == "url"
+
+
+# --- Deployment ----------------------------------------------------------------
+
+
+def test_deployment_rolls_without_losing_capacity_and_spreads(render: Any) -> None:
+    deployment = render(BASE).deployment
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    pod = spec["template"]["spec"]
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert set(spread) == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    pod_labels = spec["template"]["metadata"]["labels"]
+    for constraint in spread.values():
+        assert constraint["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_container_runs_the_server_with_the_mounted_config(render: Any) -> None:
+    rendered = render(BASE)
+    container = rendered.container
+    assert container["command"] == ["vmpool", "serve", "--config", "/etc/vmpool/config.yaml"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in rendered.pod["volumes"]}
+    assert volumes[mounts["/etc/vmpool"]]["configMap"]["name"] == rendered.one("ConfigMap")[
+        "metadata"
+    ]["name"]
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 9090}
+    assert rendered.pod["enableServiceLinks"] is False
+
+
+def test_pod_is_hardened(render: Any) -> None:
+    rendered = render(BASE)
+    pod_sc = rendered.pod["securityContext"]
+    sc = rendered.container["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] == 10001
+    assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    resources = rendered.container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"])
+    assert "memory" in resources["limits"]
+
+
+def test_probes_ready_on_ping_alive_on_grpc_health(render: Any) -> None:
+    container = render(BASE).container
+    readiness = container["readinessProbe"]["exec"]["command"]
+    assert readiness[:2] == ["vmpool", "ping"]
+    assert readiness[readiness.index("--server") + 1] == "127.0.0.1:50051"
+    assert container["readinessProbe"]["timeoutSeconds"] > 2  # above ping's own --timeout 2s
+    for probe in ("livenessProbe", "startupProbe"):
+        # No `service`: the overall status, which does not consult the database.
+        assert container[probe]["grpc"] == {"port": 50051}, probe
+        assert "exec" not in container[probe]
+    startup = container["startupProbe"]
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= 300
+
+
+def test_shutdown_fits_in_the_termination_grace_period(render: Any, chart: Any) -> None:
+    rendered = render(BASE)
+    grace = rendered.pod["terminationGracePeriodSeconds"]
+    config = parse_config(yaml.safe_load(rendered.config_text()))
+    pre_stop = rendered.container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert grace == 30
+    assert grace > config.shutdown_grace.total_seconds() + pre_stop
+
+    too_long = merged(BASE, {"config": {"shutdown_grace": "1m"}})
+    with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds"):
+        chart.render(too_long, name=RELEASE, namespace=NAMESPACE)
+    raised = merged(too_long, {"terminationGracePeriodSeconds": 90})
+    assert render(raised).pod["terminationGracePeriodSeconds"] == 90
+
+
+def test_service_exposes_grpc_and_metrics_by_name(render: Any) -> None:
+    rendered = render(BASE)
+    service = rendered.one("Service")
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["port"] == 50051 and ports["grpc"]["appProtocol"] == "grpc"
+    assert ports["metrics"]["port"] == 9090
+    container_ports = {p["name"] for p in rendered.container["ports"]}
+    assert {p["targetPort"] for p in ports.values()} <= container_ports
+    pod_labels = rendered.deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_pdb_only_with_more_than_one_replica(render: Any) -> None:
+    pdb = render(BASE).one("PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    pod_labels = render(BASE).deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    # One replica with minAvailable 1 would block every node drain.
+    assert render(VARIANTS["single-replica"]).all("PodDisruptionBudget") == []
+
+
+# --- RBAC ----------------------------------------------------------------------
+
+RBAC_KINDS = {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+
+
+def rules_of(obj: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in obj["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def test_fake_provider_gets_no_rbac_and_no_api_token(render: Any) -> None:
+    rendered = render(BASE)
+    assert rendered.kinds() & RBAC_KINDS == set()
+    assert rendered.pod["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("name", ["kubevirt-zones-from-nodes", "kubevirt-zones-configured"])
+def test_kubevirt_role_grants_exactly_what_the_provider_uses(render: Any, name: str) -> None:
+    rendered = render(VARIANTS[name])
+    for obj in rendered.objects:
+        if obj["kind"] in {"Role", "ClusterRole"}:
+            assert "*" not in all_strings(obj["rules"]), obj["metadata"]["name"]
+    role = rendered.one("Role")
+    assert role["metadata"]["namespace"] == "vms"
+    assert rules_of(role) == {
+        ("kubevirt.io", "virtualmachines"): {"get", "list", "watch", "create", "delete"},
+        ("kubevirt.io", "virtualmachineinstances"): {"get", "list", "watch"},
+    }
+    binding = rendered.one("RoleBinding")
+    assert binding["metadata"]["namespace"] == "vms"
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    service_account = rendered.one("ServiceAccount")["metadata"]["name"]
+    assert rendered.pod["serviceAccountName"] == service_account
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": service_account, "namespace": NAMESPACE}
+    ]
+    assert rendered.pod["automountServiceAccountToken"] is True
+
+
+def test_nodes_are_readable_only_when_a_pool_takes_its_zone_from_them(render: Any) -> None:
+    from_nodes = render(VARIANTS["kubevirt-zones-from-nodes"])
+    cluster_role = from_nodes.one("ClusterRole")
+    assert rules_of(cluster_role) == {("", "nodes"): {"get"}}
+    crb = from_nodes.one("ClusterRoleBinding")
+    assert crb["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    assert crb["subjects"][0]["namespace"] == NAMESPACE
+
+    configured = render(VARIANTS["kubevirt-zones-configured"])
+    assert configured.all("ClusterRole") == configured.all("ClusterRoleBinding") == []
+
+
+# --- Optional objects ----------------------------------------------------------
+
+
+def test_service_monitor_scrapes_the_metrics_port(render: Any) -> None:
+    assert render(BASE).all("ServiceMonitor") == []
+    rendered = render(VARIANTS["service-monitor"])
+    monitor = rendered.one("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    service = rendered.one("Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics"
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+
+
+def test_network_policy_admits_clients_and_prometheus_only(render: Any) -> None:
+    assert render(BASE).all("NetworkPolicy") == []
+    rendered = render(VARIANTS["network-policy"])
+    policy = rendered.one("NetworkPolicy")["spec"]
+    pod_labels = rendered.deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    by_port = {rule["ports"][0]["port"]: rule for rule in policy["ingress"]}
+    assert set(by_port) == {"grpc", "metrics"}
+    assert by_port["grpc"]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "robots"}}}]
+    assert by_port["metrics"]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+
+
+def test_migration_job_is_off_by_default(render: Any) -> None:
+    assert render(BASE).all("Job") == []
+
+
+@pytest.mark.parametrize("name", ["migrations-job", "migrations-job-external-secret"])
+def test_migration_job_runs_before_install_and_upgrade(render: Any, name: str) -> None:
+    rendered = render(VARIANTS[name])
+    job = rendered.one("Job")
+    hooks = job["metadata"]["annotations"]
+    assert set(hooks["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"] == ["vmpool", "migrate", "--config", "/etc/vmpool/config.yaml"]
+    assert pod["restartPolicy"] == "Never"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+    # The release's own ConfigMap and Secret do not exist yet at pre-install:
+    # everything the Job mounts must be a hook created before it, or external.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    config_name = volumes["config"]["configMap"]["name"]
+    config_map = rendered.one("ConfigMap", config_name)
+    cm_hooks = config_map["metadata"]["annotations"]
+    assert set(cm_hooks["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}
+    assert int(cm_hooks["helm.sh/hook-weight"]) < int(hooks["helm.sh/hook-weight"])
+    parse_config(yaml.safe_load(config_map["data"]["config.yaml"]))
+
+    ref = container["env"][0]["valueFrom"]["secretKeyRef"]
+    if "database" in VARIANTS[name] and "url" in VARIANTS[name]["database"]:
+        secret = rendered.one("Secret", ref["name"])
+        assert "helm.sh/hook" in secret["metadata"]["annotations"]
+        assert rendered.secret_value(ref["name"], ref["key"]) == DATABASE_URL
+    else:
+        assert ref == {"name": "pg-credentials", "key": "url"}
+
+
+# --- Image and docs agree with the chart ---------------------------------------
+
+
+def test_dockerfile_user_and_entrypoint_match_the_chart(render: Any) -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
+    assert "pip wheel" in dockerfile
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.M)
+    assert users and users[-1].split(":")[0] == str(render(BASE).container["securityContext"]["runAsUser"])
+    assert re.search(r'^ENTRYPOINT \["vmpool"\]', dockerfile, re.M)
+
+
+def _value_paths(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict) and node and prefix not in {"config", "podSecurityContext",
+                                                          "securityContext", "resources",
+                                                          "networkPolicy.metricsNamespaceSelector",
+                                                          "migrations.job.resources"}:
+        return [p for k, v in node.items() for p in _value_paths(v, f"{prefix}.{k}" if prefix else k)]
+    return [prefix]
+
+
+def test_readme_documents_every_value() -> None:
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    readme = (CHART_DIR / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([^`]+)` \|", readme, re.M))
+    missing = [p for p in _value_paths(values) if p not in documented]
+    assert missing == []
+
+
+def test_operations_doc_explains_every_metric() -> None:
+    from vmpool.metrics import Metrics
+
+    doc = (REPO / "docs" / "operations.md").read_text()
+    names = {
+        m.name + ("_total" if m.type == "counter" else "") for m in Metrics().registry.collect()
+    }
+    assert names
+    missing = sorted(n for n in names if n not in doc)
+    assert missing == []
+
+
+def test_readme_links_exist() -> None:
+    readme = (CHART_DIR / "README.md").read_text()
+    for target in re.findall(r"\]\(((?:\.\./)+[^)#]+)\)", readme):
+        assert (CHART_DIR / target).resolve().exists(), target

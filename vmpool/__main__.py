@@ -1,0 +1,3 @@
+from vmpool.cli import main
+
+main()

@@ -1,0 +1,72 @@
+"""A protobuf codec that answers undecodable requests with INVALID_ARGUMENT.
+
+grpclib turns any exception raised while decoding into UNKNOWN "Internal
+Server Error"; betterproto raises OverflowError for Timestamps outside
+datetime's range and assorted errors for bad bytes. Here they become
+GRPCError(INVALID_ARGUMENT) naming the field, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import betterproto
+from betterproto.lib.google.protobuf import Timestamp
+from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError
+
+MIN_SECONDS = -62135596800  # 0001-01-01T00:00:00Z
+MAX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
+_WIRE_LEN_DELIM = 2
+
+_ts_fields: dict[type, dict[int, str]] = {}
+
+
+def _timestamp_fields(cls: type) -> dict[int, str]:
+    """Field number -> name of the Timestamp fields of a betterproto message."""
+    found = _ts_fields.get(cls)
+    if found is None:
+        found = {}
+        meta = getattr(cls, "_betterproto", None)
+        if meta is not None:
+            for name, field_meta in meta.meta_by_field_name.items():
+                if meta.cls_by_field.get(name) is datetime:
+                    found[field_meta.number] = name
+        _ts_fields[cls] = found
+    return found
+
+
+def check_timestamps(data: bytes, cls: type) -> None:
+    fields = _timestamp_fields(cls)
+    if not fields:
+        return
+    for parsed in betterproto.parse_fields(data):
+        name = fields.get(parsed.number)
+        if name is None:
+            continue
+        if parsed.wire_type != _WIRE_LEN_DELIM:
+            raise GRPCError(Status.INVALID_ARGUMENT, f"{name}: not a Timestamp")
+        ts = Timestamp().parse(parsed.value)
+        if not MIN_SECONDS <= ts.seconds <= MAX_SECONDS:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT,
+                f"{name}: seconds {ts.seconds} outside 0001-01-01..9999-12-31",
+            )
+        if not 0 <= ts.nanos <= 999_999_999:
+            raise GRPCError(Status.INVALID_ARGUMENT, f"{name}: nanos {ts.nanos} outside [0, 1e9)")
+
+
+class SafeProtoCodec(ProtoCodec):
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        try:
+            check_timestamps(data, message_type)
+            return message_type.FromString(data)
+        except GRPCError:
+            raise
+        except Exception as err:  # any decoding failure is the client's bytes
+            name = getattr(message_type, "__name__", "request")
+            raise GRPCError(
+                Status.INVALID_ARGUMENT, f"request: cannot decode {name}: {type(err).__name__}"
+            ) from err

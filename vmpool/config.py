@@ -1,0 +1,217 @@
+"""Typed, validated configuration (spec section 7), loaded once at start-up."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from vmpool.durations import parse_duration
+
+POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _duration(value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if not isinstance(value, str):
+        raise ValueError("must be a duration string such as 30m")
+    return parse_duration(value)
+
+
+def _optional_duration(value: Any) -> timedelta | None:
+    if value is None or value == "":
+        return None
+    return _duration(value)
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+OptionalDuration = Annotated[timedelta | None, BeforeValidator(_optional_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FakeProviderConfig(_Strict):
+    boot_seconds: float = Field(default=2.0, ge=0)
+    failure_rate: float = Field(default=0.0, ge=0, le=1)
+    seed: int | None = None  # fixed seed: reproducible failures
+
+
+class KubevirtProviderConfig(_Strict):
+    namespace: str = "vmpool"
+    kubeconfig: str = ""
+    deployment: str = "vmpool"
+    qps: float = Field(default=20.0, gt=0)
+    burst: int = Field(default=40, ge=1)
+    orphan_grace: Duration = timedelta(minutes=10)
+
+
+class ProviderConfig(_Strict):
+    kind: Literal["fake", "kubevirt"] = "fake"
+    fake: FakeProviderConfig = FakeProviderConfig()
+    kubevirt: KubevirtProviderConfig = KubevirtProviderConfig()
+
+
+class PoolConfig(_Strict):
+    name: str
+    labels: dict[str, str] = {}
+    zone: str = ""
+    min_ready: int = Field(default=2, ge=0)
+    max_size: int = Field(default=10, ge=0)
+    max_provisioning: int = Field(default=5, ge=1)
+    default_lease: Duration = timedelta(minutes=30)
+    max_lease: Duration = timedelta(hours=24)
+    max_lifetime: OptionalDuration = None
+    reservation_ttl: Duration = timedelta(minutes=5)
+    boot_timeout: Duration = timedelta(minutes=10)
+    max_ready_age: OptionalDuration = None
+    template: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not POOL_NAME.match(value):
+            raise ValueError("must be a DNS label: lowercase letters, digits and '-'")
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, value: Any) -> Any:
+        # YAML turns `size: 2` into an int; labels are strings on the wire.
+        if isinstance(value, dict):
+            return {str(k): "" if v is None else str(v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoolConfig:
+        if self.min_ready > self.max_size:
+            raise ValueError(f"min_ready ({self.min_ready}) exceeds max_size ({self.max_size})")
+        if self.default_lease <= timedelta(0):
+            raise ValueError("default_lease must be positive")
+        if self.default_lease > self.max_lease:
+            raise ValueError("default_lease exceeds max_lease")
+        if self.reservation_ttl <= timedelta(0):
+            raise ValueError("reservation_ttl must be positive")
+        return self
+
+
+class Config(_Strict):
+    listen: str = "0.0.0.0:50051"
+    metrics_listen: str = "0.0.0.0:9090"
+    database_url: str = ""
+    data_dir: str = ".vmpool"
+    reconcile_interval: Duration = timedelta(seconds=1)
+    shutdown_grace: Duration = timedelta(seconds=20)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    default_pool: str = ""
+    provider: ProviderConfig = ProviderConfig()
+    pools: list[PoolConfig] = []
+
+    @field_validator("listen", "metrics_listen")
+    @classmethod
+    def _address(cls, value: str, info: Any) -> str:
+        if value == "" and info.field_name == "metrics_listen":
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not HOST:PORT")
+        return value
+
+    @field_validator("reconcile_interval")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _pools(self) -> Config:
+        names = [p.name for p in self.pools]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"pools: duplicate pool name {name!r}")
+        if self.default_pool and self.default_pool not in names:
+            raise ValueError(f"default_pool: no pool named {self.default_pool!r}")
+        return self
+
+    def pool(self, name: str) -> PoolConfig | None:
+        for p in self.pools:
+            if p.name == name:
+                return p
+        return None
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the key."""
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("function-") or part in {"constrained-str", "lax-or-strict"}:
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _explain(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = _location(first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    if where.endswith(("_consistent", "_pools")) or not where:
+        return msg
+    return f"{where}: {msg}"
+
+
+def parse_config(data: Any, *, source: str = "config") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_explain(err)}") from None
+
+
+def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
+    """Read and validate a YAML file; ``None`` means the built-in demo."""
+    if path is None:
+        from vmpool.demo import DEMO_CONFIG
+
+        config = parse_config(DEMO_CONFIG, source="demo config")
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        config = parse_config(data, source=str(path))
+    url = (env or {}).get("VMPOOL_DATABASE_URL", "")
+    if url:
+        config = config.model_copy(update={"database_url": url})
+    return config

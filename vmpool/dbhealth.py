@@ -1,0 +1,33 @@
+"""Whether the database answers, checked at most twice a second however often asked."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from vmpool.store.leases import LeaseStore
+
+FRESH = 0.5  # seconds a successful check stays good
+TIMEOUT = 1.0  # "does not answer within about a second"
+
+
+class DatabaseHealth:
+    def __init__(self, store: LeaseStore) -> None:
+        self._store = store
+        self._ok_at = -1e9
+        self._inflight: asyncio.Future[None] | None = None
+
+    async def check(self) -> None:
+        """Return if the database answered recently; raise StoreUnavailable if not."""
+        if time.monotonic() - self._ok_at < FRESH:
+            return
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._probe())
+        await asyncio.shield(self._inflight)
+
+    async def _probe(self) -> None:
+        try:
+            await self._store.ping(TIMEOUT)
+            self._ok_at = time.monotonic()
+        finally:
+            self._inflight = None

@@ -1,0 +1,243 @@
+"""Lease, Return, ExtendTo and GetLease: the rules of leasing.py applied to the store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from uuid import UUID
+
+import structlog
+
+from vmpool import leasing
+from vmpool.clock import Clock
+from vmpool.config import Config, PoolConfig
+from vmpool.leasing import Exhausted, FailedPrecondition, NotFound, PermissionDenied
+from vmpool.metrics import Metrics
+from vmpool.store.errors import Duplicate
+from vmpool.store.leases import LeaseStore, NotLeased, WrongTag
+from vmpool.store.records import LeaseRow
+from vmpool.waiters import Waiters
+
+log = structlog.get_logger("vmpool.leaser")
+
+_RACE_RETRIES = 5
+_POLL = 1.0  # a waiting Lease re-checks at least this often (NOTIFY is only a hint)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePlace:
+    reservation: UUID
+    pool: str
+    position: int
+    length: int
+
+    def message(self) -> str:
+        return leasing.queued_message(self.reservation, self.position, self.length, self.pool)
+
+
+class Leaser:
+    def __init__(
+        self,
+        store: LeaseStore,
+        config: Config,
+        clock: Clock,
+        waiters: Waiters,
+        metrics: Metrics,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._clock = clock
+        self._waiters = waiters
+        self._metrics = metrics
+        self._on_change = on_change
+        self._stopping = False
+
+    def stopping(self) -> None:
+        """Shutdown began: waiting Lease calls answer with their queue place now."""
+        self._stopping = True
+
+    def _pool(self, name: str) -> PoolConfig:
+        pool = self._config.pool(name)
+        if pool is None:
+            raise NotFound(f'pool: no pool named "{name}"')
+        return pool
+
+    async def _resolve_pool(self, name: str) -> PoolConfig:
+        if name:
+            return self._pool(name)
+        if self._config.default_pool:
+            return self._pool(self._config.default_pool)
+        names = [p.name for p in self._config.pools]
+        if not names:
+            raise NotFound("pool: no pools are configured")
+        chosen = leasing.choose_pool(await self._store.free_counts(), names)
+        assert chosen is not None
+        return self._pool(chosen)
+
+    async def _refuse_if_drained(self, pool: str) -> None:
+        if await self._store.pool_drained(pool):
+            raise FailedPrecondition(f'pool: "{pool}" is drained by an operator')
+
+    def _granted(self, lease: LeaseRow, enqueued_at: datetime | None = None) -> LeaseRow:
+        self._metrics.leases_granted.labels(lease.pool).inc()
+        if enqueued_at is not None:
+            wait = (lease.leased_at - enqueued_at).total_seconds()
+            self._metrics.reservation_wait.labels(lease.pool).observe(max(wait, 0.0))
+        structlog.contextvars.bind_contextvars(pool=lease.pool, instance=lease.instance)
+        return lease
+
+    async def lease(
+        self,
+        pool_name: str,
+        expires: datetime | None,
+        tag: str,
+        reservation: UUID | None,
+        wait: timedelta = timedelta(0),
+    ) -> LeaseRow:
+        leasing.check_service_tag(tag)
+        if leasing.given(expires):
+            assert expires is not None
+            if expires <= self._clock():
+                raise leasing.InvalidArgument(f"expires: {expires.isoformat()} is not in the future")
+        if reservation is None:
+            pool = await self._resolve_pool(pool_name)
+            structlog.contextvars.bind_contextvars(pool=pool.name)
+            now = self._clock()
+            lease = await self._store.claim_free(
+                pool.name, tag, None, now, leasing.lease_expiry(expires, now, pool)
+            )
+            if lease is None:
+                await self._refuse_if_drained(pool.name)
+                raise Exhausted(f'pool "{pool.name}": no free instance')
+            return self._granted(lease)
+        deadline = time.monotonic() + min(wait, leasing.MAX_WAIT).total_seconds()
+        while True:
+            outcome = await self._lease_reserved(pool_name, expires, tag, reservation)
+            if isinstance(outcome, LeaseRow):
+                return outcome
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping:
+                raise Exhausted(outcome.message())
+            await self._waiters.wait(str(reservation), min(remaining, _POLL))
+
+    async def _lease_reserved(
+        self, pool_name: str, expires: datetime | None, tag: str, rid: UUID
+    ) -> LeaseRow | QueuePlace:
+        structlog.contextvars.bind_contextvars(reservation=str(rid))
+        for _ in range(_RACE_RETRIES):
+            state = await self._store.lookup_reservation(rid)
+            if state is None:
+                pool = await self._resolve_pool(pool_name)
+                structlog.contextvars.bind_contextvars(pool=pool.name)
+                now = self._clock()
+                try:
+                    lease = await self._store.claim_free(
+                        pool.name, tag, rid, now, leasing.lease_expiry(expires, now, pool)
+                    )
+                except Duplicate:
+                    continue  # the same reservation was served concurrently
+                if lease is not None:
+                    return self._granted(lease)
+                await self._refuse_if_drained(pool.name)
+                seq = await self._store.enqueue(
+                    rid, pool.name, tag, now, now + pool.reservation_ttl
+                )
+                if seq is None:
+                    continue  # enqueued concurrently
+                self._on_change()
+                position, length = await self._store.position(pool.name, seq)
+                return QueuePlace(rid, pool.name, position, length)
+            structlog.contextvars.bind_contextvars(pool=state.pool)
+            if state.service_tag != tag:
+                raise PermissionDenied(
+                    f"service_tag: reservation {rid} belongs to another service_tag"
+                )
+            if pool_name and pool_name != state.pool:
+                raise leasing.InvalidArgument(
+                    f'reservation_id: reservation {rid} belongs to pool "{state.pool}", '
+                    f'not "{pool_name}"'
+                )
+            if state.kind == "lease":
+                assert state.instance is not None and state.leased_at is not None
+                structlog.contextvars.bind_contextvars(instance=state.instance)
+                return LeaseRow(
+                    state.instance, state.pool, tag, rid, state.leased_at, state.expires_at,
+                    state.zone or "",
+                )
+            if state.kind == "ended":
+                raise FailedPrecondition(
+                    f"reservation_id: reservation {rid} was already served with instance "
+                    f'"{state.instance}", whose lease has ended; use a new reservation_id'
+                )
+            pool = self._pool(state.pool)
+            now = self._clock()
+            if state.instance is None:
+                queued = await self._store.touch(rid, now + pool.reservation_ttl)
+                if queued is None:
+                    continue  # served or expired meanwhile
+                if queued.instance is None:
+                    position, length = await self._store.position(pool.name, queued.seq)
+                    return QueuePlace(rid, pool.name, position, length)
+            served = await self._store.serve_reserved(
+                rid, now, leasing.lease_expiry(expires, now, pool)
+            )
+            if served is not None:
+                return self._granted(*served)
+        raise leasing.Unavailable("reservation_id: too much contention, retry")
+
+    async def return_(self, instance: str, tag: str) -> None:
+        leasing.check_instance(instance)
+        leasing.check_service_tag(tag)
+        structlog.contextvars.bind_contextvars(instance=instance)
+        try:
+            ended = await self._store.return_lease(instance, tag, self._clock())
+        except NotLeased:
+            raise NotFound(f'instance: no active lease for "{instance}"') from None
+        except WrongTag:
+            raise PermissionDenied(
+                f'service_tag: instance "{instance}" is leased by another service_tag'
+            ) from None
+        structlog.contextvars.bind_contextvars(pool=ended.pool)
+        held = (self._clock() - ended.leased_at).total_seconds()
+        self._metrics.lease_duration.labels(ended.pool, "returned").observe(max(held, 0.0))
+        self._on_change()
+
+    async def extend_to(
+        self, instance: str, to: datetime | None, tag: str, extend_only: bool
+    ) -> LeaseRow:
+        leasing.check_instance(instance)
+        leasing.check_service_tag(tag)
+        structlog.contextvars.bind_contextvars(instance=instance)
+        target = leasing.check_extend_target(to, self._clock(), extend_only)
+
+        def decide(lease: LeaseRow) -> datetime | None:
+            return leasing.extended_expiry(
+                target,
+                self._clock(),
+                lease.leased_at,
+                lease.expires_at,
+                self._config.pool(lease.pool),
+                extend_only,
+            )
+
+        try:
+            lease = await self._store.extend(instance, tag, decide)
+        except NotLeased:
+            raise NotFound(f'instance: no active lease for "{instance}"') from None
+        except WrongTag:
+            raise PermissionDenied(
+                f'service_tag: instance "{instance}" is leased by another service_tag'
+            ) from None
+        structlog.contextvars.bind_contextvars(pool=lease.pool)
+        return lease
+
+    async def get(self, instance: str) -> LeaseRow:
+        leasing.check_instance(instance)
+        structlog.contextvars.bind_contextvars(instance=instance)
+        lease = await self._store.get_lease(instance)
+        if lease is None:
+            raise NotFound(f'instance: no active lease for "{instance}"')
+        return lease

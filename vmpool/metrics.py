@@ -1,0 +1,84 @@
+"""Prometheus metrics. One registry per process, passed to whoever records."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_SLOW = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.instances = Gauge(
+            "vmpool_instances", "Instances by pool and state.", ["pool", "state"], registry=r
+        )
+        self.reservations_queued = Gauge(
+            "vmpool_reservations_queued", "Queued reservations by pool.", ["pool"], registry=r
+        )
+        self.reservation_oldest_age = Gauge(
+            "vmpool_reservation_oldest_age_seconds",
+            "Age of the oldest queued reservation by pool.",
+            ["pool"],
+            registry=r,
+        )
+        self.rpc_requests = Counter(
+            "vmpool_rpc_requests_total", "RPCs by method and status.", ["method", "code"], registry=r
+        )
+        self.rpc_duration = Histogram(
+            "vmpool_rpc_duration_seconds",
+            "RPC latency by method.",
+            ["method"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.leases_granted = Counter(
+            "vmpool_leases_granted_total", "Leases granted by pool.", ["pool"], registry=r
+        )
+        self.lease_duration = Histogram(
+            "vmpool_lease_duration_seconds",
+            "How long ended leases lasted, by pool and why they ended.",
+            ["pool", "reason"],
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.reservation_wait = Histogram(
+            "vmpool_reservation_wait_seconds",
+            "From enqueue to lease for reservations served from the queue.",
+            ["pool"],
+            buckets=sorted({*_FAST, *_SLOW}),
+            registry=r,
+        )
+        self.boot_duration = Histogram(
+            "vmpool_boot_duration_seconds",
+            "From create to ready, by pool.",
+            ["pool"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200),
+            registry=r,
+        )
+        self.reconcile_duration = Histogram(
+            "vmpool_reconcile_duration_seconds",
+            "Reconciler pass duration.",
+            buckets=_FAST,
+            registry=r,
+        )
+        self.reconcile_errors = Counter(
+            "vmpool_reconcile_errors_total", "Reconciler pass failures by step.", ["step"], registry=r
+        )
+        self.reconcile_actions = Counter(
+            "vmpool_reconcile_actions_total",
+            "Reconciler actions by kind (create, delete, expire, ...).",
+            ["action"],
+            registry=r,
+        )
+        self.provider_errors = Counter(
+            "vmpool_provider_errors_total",
+            "Provider API errors by operation and kind.",
+            ["operation", "kind"],
+            registry=r,
+        )
+        self.leader = Gauge(
+            "vmpool_reconciler_leader", "1 while this process runs the background work.", registry=r
+        )

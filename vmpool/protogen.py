@@ -1,0 +1,44 @@
+"""Generate betterproto code from api/ (used by `nox -s protos` and the staleness test)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+API = Path(__file__).resolve().parent.parent / "api"
+
+
+def generate(out: Path, protos: list[str]) -> None:
+    """Write the generated package tree for ``protos`` into ``out`` (replaced)."""
+    plugin = shutil.which("protoc-gen-python_betterproto", path=str(Path(sys.executable).parent))
+    if plugin is None:
+        raise SystemExit("protoc-gen-python_betterproto not found: pip install 'betterproto[compiler]'")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                f"--plugin=protoc-gen-python_betterproto={plugin}",
+                f"-I{API}",
+                f"--python_betterproto_out={tmp}",
+                *protos,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(tmp, out)
+        (out / "py.typed").unlink(missing_ok=True)
+
+
+def main() -> None:
+    generate(Path(sys.argv[1]), sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

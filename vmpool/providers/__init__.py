@@ -1,0 +1,1 @@
+"""Where VMs come from: the Provider protocol, the fake and KubeVirt providers."""

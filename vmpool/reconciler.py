@@ -1,0 +1,432 @@
+"""The background loop (spec sections 5-6): expire, set aside, destroy, refill.
+
+Only the leader runs it (see vmpool.control). Each step is one transaction;
+provider calls run as owned tasks so a slow API never stalls a pass, and every
+call is idempotent by VM name, so a crash anywhere is repaired by a later pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import string
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from datetime import datetime, timedelta
+from hashlib import sha256
+from typing import Any
+
+import structlog
+
+from vmpool.backoff import Backoff
+from vmpool.clock import Clock
+from vmpool.config import Config, PoolConfig
+from vmpool.metrics import Metrics
+from vmpool.providers.base import Provider, VMPhase, VMStatus
+from vmpool.providers.errors import Invalid, ProviderError
+from vmpool.store.errors import StoreUnavailable
+from vmpool.store.inventory import INSTANCE_STATES, InstanceRow, Inventory, Summary
+from vmpool.waiters import Waiters
+
+log = structlog.get_logger("vmpool.reconciler")
+
+_ALPHABET = string.ascii_lowercase + string.digits
+RESYNC = 30.0  # seconds between full comparisons of rows and VMs (drift)
+RECREATE_AFTER = 30.0  # a provisioning row with no VM this long after create: create again
+BUSY_PAUSE = 0.02  # between passes while there is work
+
+
+def new_instance_name(pool: str) -> str:
+    """``vmp-<pool hash>-<random>``, a DNS label clients recognise by its prefix."""
+    tag = sha256(pool.encode()).hexdigest()[:4]
+    return f"vmp-{tag}-{''.join(secrets.choice(_ALPHABET) for _ in range(8))}"
+
+
+class Reconciler:
+    def __init__(
+        self,
+        inventory: Inventory,
+        provider: Provider,
+        config: Config,
+        clock: Clock,
+        metrics: Metrics,
+        waiters: Waiters,
+        *,
+        concurrency: int = 32,
+    ) -> None:
+        self._inv = inventory
+        self._provider = provider
+        self._config = config
+        self._clock = clock
+        self._metrics = metrics
+        self._waiters = waiters
+        self._wake = asyncio.Event()
+        self._calls = asyncio.Semaphore(concurrency)
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._attempts = Backoff(base=2.0, cap=60.0)  # per VM name
+        self._pool_backoff = Backoff(base=5.0, cap=300.0)  # per pool, on boot failures
+        self._created_at: dict[str, float] = {}  # name -> monotonic of a successful create
+        self._orphans: dict[str, datetime] = {}  # name -> first seen without a row
+        self._last_resync = -1e9
+        self._provider_changed = True
+
+    # --- driving ------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Ask for a pass soon (cheap, sync; safe from callbacks)."""
+        self._wake.set()
+
+    def provider_changed(self) -> None:
+        self._provider_changed = True
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event, is_leader: Callable[[], bool]) -> None:
+        interval = self._config.reconcile_interval.total_seconds()
+        while not stop.is_set():
+            busy = False
+            if is_leader():
+                self._metrics.leader.set(1)
+                busy = await self._guarded_pass()
+            else:
+                self._metrics.leader.set(0)
+            if stop.is_set():
+                break
+            try:
+                await asyncio.wait_for(self._wake.wait(), BUSY_PAUSE if busy else interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+        await self.drain_calls()
+
+    async def drain_calls(self, timeout: float = 5.0) -> None:
+        """Let in-flight provider calls finish (bounded), then cancel the rest."""
+        tasks = list(self._inflight.values())
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _guarded_pass(self) -> bool:
+        start = time.perf_counter()
+        try:
+            return await self.pass_once()
+        except StoreUnavailable as err:
+            self._metrics.reconcile_errors.labels("store").inc()
+            log.warning("reconcile pass failed", error=str(err))
+        except ProviderError as err:
+            self._metrics.reconcile_errors.labels("provider").inc()
+            log.warning("reconcile pass failed", error=str(err)[:256])
+        finally:
+            self._metrics.reconcile_duration.observe(time.perf_counter() - start)
+        return False
+
+    # --- one pass -------------------------------------------------------------------
+
+    async def pass_once(self) -> bool:
+        """One reconcile pass; True if it changed anything (another pass soon)."""
+        now = self._clock()
+        summary = await self._inv.summary()
+        self._export(summary)
+        changed = False
+        if summary.next_lease_expiry is not None and summary.next_lease_expiry <= now:
+            changed |= await self._expire_leases(now)
+        due = [p.next_reservation_expiry for p in summary.pools.values()]
+        if any(d is not None and d <= now for d in due):
+            changed |= await self._expire_reservations(now)
+        changed |= await self._drain(summary, now)
+        changed |= await self._recycle(summary, now)
+        if self._needs_provider(summary):
+            changed |= await self._sync_with_provider(now)
+        changed |= await self._set_aside(summary, now)
+        if changed:
+            summary = await self._inv.summary()
+            self._export(summary)
+        changed |= await self._refill(summary, now)
+        return changed
+
+    def _export(self, summary: Summary) -> None:
+        now = self._clock()
+        for name, pool in summary.pools.items():
+            for state in INSTANCE_STATES:
+                self._metrics.instances.labels(name, state).set(pool.counts.get(state, 0))
+            self._metrics.reservations_queued.labels(name).set(pool.queued)
+            age = (now - pool.oldest_enqueued).total_seconds() if pool.oldest_enqueued else 0.0
+            self._metrics.reservation_oldest_age.labels(name).set(max(age, 0.0))
+
+    def _action(self, action: str, **fields: Any) -> None:
+        self._metrics.reconcile_actions.labels(action).inc()
+        log.info(action, **fields)
+
+    async def _expire_leases(self, now: datetime) -> bool:
+        ended = await self._inv.expire_leases(now)
+        for lease in ended:
+            held = (now - lease.leased_at).total_seconds()
+            self._metrics.lease_duration.labels(lease.pool, "expired").observe(max(held, 0.0))
+            self._action(
+                "lease expired", instance=lease.instance, pool=lease.pool,
+                service_tag=lease.service_tag, reason="lease expired",
+            )
+        return bool(ended)
+
+    async def _expire_reservations(self, now: datetime) -> bool:
+        gone = await self._inv.expire_reservations(now)
+        for rid, pool, instance in gone:
+            self._action(
+                "reservation expired", reservation=rid, pool=pool, instance=instance,
+                reason="not renewed within reservation_ttl",
+            )
+        return bool(gone)
+
+    def _open(self, name: str, drained: bool) -> PoolConfig | None:
+        pool = self._config.pool(name)
+        return None if pool is None or drained else pool
+
+    async def _drain(self, summary: Summary, now: datetime) -> bool:
+        """Pools removed from the config or drained: no queue, no free instances."""
+        changed = False
+        for name, pool in summary.pools.items():
+            if self._open(name, pool.drained) is not None:
+                continue
+            if pool.queued:
+                await self._inv.drop_queue(name, now)
+                changed = True
+            if pool.counts["ready"] or pool.counts["provisioning"] or pool.counts["reserved"]:
+                victims = await self._inv.free_of_pool(name)
+                done = await self._inv.mark_destroying(
+                    victims, "pool drained", now, ("ready", "provisioning")
+                )
+                for instance in done:
+                    self._action("destroy", instance=instance, pool=name, reason="pool drained")
+                changed |= bool(done)
+        return changed
+
+    async def _recycle(self, summary: Summary, now: datetime) -> bool:
+        changed = False
+        for name, pool in summary.pools.items():
+            cfg = self._config.pool(name)
+            if cfg is None or cfg.max_ready_age is None or pool.oldest_ready is None:
+                continue
+            cutoff = now - cfg.max_ready_age
+            if pool.oldest_ready > cutoff:
+                continue
+            old = await self._inv.ready_older_than(name, cutoff)
+            done = await self._inv.mark_destroying(old, "max_ready_age", now, ("ready",))
+            for instance in done:
+                self._action("destroy", instance=instance, pool=name, reason="max_ready_age")
+            changed |= bool(done)
+        return changed
+
+    def _needs_provider(self, summary: Summary) -> bool:
+        busy = any(
+            p.counts["provisioning"] or p.counts["destroying"] for p in summary.pools.values()
+        )
+        resync = time.monotonic() - self._last_resync >= RESYNC
+        return busy or resync or self._provider_changed
+
+    async def _sync_with_provider(self, now: datetime) -> bool:
+        """Compare rows with VMs: boots done or failed, deletions confirmed, drift."""
+        vms = await self._provider.observe()
+        if vms is None:
+            return False  # the provider's view is not complete yet
+        self._provider_changed = False
+        full = time.monotonic() - self._last_resync >= RESYNC
+        rows = await self._inv.work_rows(everything=full)
+        if full:
+            self._last_resync = time.monotonic()
+        changed = await self._boots(rows, vms, now)
+        changed |= await self._deletions(rows, vms)
+        if full:
+            changed |= await self._drift(rows, vms, now)
+        return changed
+
+    async def _boots(
+        self, rows: list[InstanceRow], vms: Mapping[str, VMStatus], now: datetime
+    ) -> bool:
+        ready: list[tuple[str, str]] = []
+        failed: dict[str, list[str]] = {}
+        for row in rows:
+            if row.state != "provisioning":
+                continue
+            pool = self._config.pool(row.pool)
+            vm = vms.get(row.name)
+            if vm is not None and vm.phase is VMPhase.READY and not vm.deleting:
+                zone = pool.zone if pool is not None and pool.zone else vm.zone
+                ready.append((row.name, zone))
+                continue
+            timeout = pool.boot_timeout if pool is not None else timedelta(minutes=10)
+            if vm is not None and vm.phase is VMPhase.FAILED:
+                failed.setdefault(vm.reason or "boot failed", []).append(row.name)
+            elif row.created_at + timeout <= now:
+                failed.setdefault("boot_timeout", []).append(row.name)
+            elif vm is None and pool is not None:
+                self._maybe_create(row.name, pool)
+        changed = False
+        if ready:
+            for name, pool_name, created in await self._inv.mark_ready(ready, now):
+                self._pool_backoff.succeeded(pool_name)
+                self._metrics.boot_duration.labels(pool_name).observe(
+                    max((now - created).total_seconds(), 0.0)
+                )
+                self._action("ready", instance=name, pool=pool_name)
+            changed = True
+        for reason, names in failed.items():
+            for name in await self._inv.mark_destroying(names, reason, now, ("provisioning",)):
+                row = next(r for r in rows if r.name == name)
+                delay = self._pool_backoff.failed(row.pool)
+                self._action(
+                    "boot failed", instance=name, pool=row.pool, reason=reason,
+                    pool_backoff_s=round(delay, 1),
+                )
+                changed = True
+        return changed
+
+    async def _deletions(self, rows: list[InstanceRow], vms: Mapping[str, VMStatus]) -> bool:
+        gone: list[str] = []
+        for row in rows:
+            if row.state != "destroying" or row.name in self._inflight:
+                continue
+            vm = vms.get(row.name)
+            if vm is None:
+                gone.append(row.name)
+            elif not vm.deleting:
+                self._spawn(row.name, self._delete(row.name, row.destroy_reason or ""))
+        if gone:
+            await self._inv.forget(gone)
+            for name in gone:
+                self._created_at.pop(name, None)
+                self._attempts.forget(name)
+                log.debug("vm gone", instance=name)
+        return bool(gone)
+
+    async def _drift(
+        self, rows: list[InstanceRow], vms: Mapping[str, VMStatus], now: datetime
+    ) -> bool:
+        names = {r.name for r in rows}
+        lost = [
+            r.name for r in rows
+            if r.state in ("ready", "reserved", "leased") and r.name not in vms
+        ]
+        changed = False
+        if lost:
+            for name, pool, state, tag in await self._inv.vanished(lost, now):
+                self._action(
+                    "vm vanished", instance=name, pool=pool, state=state,
+                    service_tag=tag or None,
+                    reason="lease ended: VM deleted outside vmpool" if state == "leased"
+                    else "VM deleted outside vmpool; will be replaced",
+                )
+            changed = True
+        grace = self._provider.orphan_grace
+        for name in list(self._orphans):
+            if name in names or name not in vms:
+                del self._orphans[name]
+        for name, vm in vms.items():
+            if name in names or name in self._inflight or vm.deleting:
+                continue
+            first = self._orphans.setdefault(name, now)
+            if now - first >= grace:
+                self._spawn(name, self._delete(name, "orphan"))
+                del self._orphans[name]
+        return changed
+
+    async def _set_aside(self, summary: Summary, now: datetime) -> bool:
+        changed = False
+        for name, pool in summary.pools.items():
+            if not pool.waiting or self._open(name, pool.drained) is None:
+                continue
+            for rid, instance in await self._inv.set_aside(name, now, limit=pool.waiting):
+                self._waiters.wake(rid)
+                self._action("set aside", instance=instance, pool=name, reservation=rid)
+                changed = True
+        return changed
+
+    async def _refill(self, summary: Summary, now: datetime) -> bool:
+        changed = False
+        for cfg in self._config.pools:
+            pool = summary.pool(cfg.name)
+            if pool.drained or self._pool_backoff.blocked(cfg.name):
+                continue
+            prov = pool.counts["provisioning"]
+            want = cfg.min_ready + pool.waiting - pool.counts["ready"] - prov
+            n = min(want, cfg.max_size - pool.total, cfg.max_provisioning - prov)
+            if n <= 0:
+                continue
+            names = [new_instance_name(cfg.name) for _ in range(n)]
+            await self._inv.add_instances(cfg.name, names, now)
+            for name in names:
+                self._maybe_create(name, cfg)
+            self._action("provision", pool=cfg.name, count=n, reason="refill")
+            changed = True
+        return changed
+
+    # --- provider calls, owned and bounded -----------------------------------------------
+
+    def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        if name in self._inflight:
+            coro.close()
+            return
+        task = asyncio.create_task(coro, name=f"vm:{name}")
+        self._inflight[name] = task
+        task.add_done_callback(self._call_done)
+
+    def _call_done(self, task: asyncio.Task[None]) -> None:
+        name = task.get_name().removeprefix("vm:")
+        self._inflight.pop(name, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("provider call crashed", instance=name, error=repr(task.exception()))
+        self._wake.set()
+
+    def _maybe_create(self, name: str, pool: PoolConfig) -> None:
+        if name in self._inflight or self._attempts.blocked(name):
+            return
+        created = self._created_at.get(name)
+        if created is not None and time.monotonic() - created < RECREATE_AFTER:
+            return  # the backend may just not show it yet
+        self._spawn(name, self._create(name, pool))
+
+    async def _create(self, name: str, pool: PoolConfig) -> None:
+        async with self._calls:
+            try:
+                await self._provider.create(name, pool)
+            except Invalid as err:
+                self._metrics.provider_errors.labels("create", type(err).__name__).inc()
+                delay = self._pool_backoff.failed(pool.name)
+                await self._inv.mark_destroying(
+                    [name], f"create rejected: {str(err)[:200]}", self._clock(), ("provisioning",)
+                )
+                self._action(
+                    "boot failed", instance=name, pool=pool.name, reason=str(err)[:256],
+                    pool_backoff_s=round(delay, 1),
+                )
+                return
+            except ProviderError as err:
+                self._metrics.provider_errors.labels("create", type(err).__name__).inc()
+                delay = self._attempts.failed(name, at_least=err.retry_after or 0.0)
+                log.warning(
+                    "create failed", instance=name, pool=pool.name, error=str(err)[:256],
+                    retry_in_s=round(delay, 1),
+                )
+                return
+            self._attempts.succeeded(name)
+            self._created_at[name] = time.monotonic()
+            self._action("create", instance=name, pool=pool.name)
+
+    async def _delete(self, name: str, reason: str) -> None:
+        async with self._calls:
+            if self._attempts.blocked(name):
+                return
+            try:
+                await self._provider.delete(name)
+            except ProviderError as err:
+                self._metrics.provider_errors.labels("delete", type(err).__name__).inc()
+                delay = self._attempts.failed(name, at_least=err.retry_after or 0.0)
+                log.warning(
+                    "delete failed", instance=name, error=str(err)[:256],
+                    retry_in_s=round(delay, 1),
+                )
+                return
+            self._attempts.succeeded(name)
+            self._provider_changed = True
+            self._action("delete", instance=name, reason=reason)

@@ -1,0 +1,141 @@
+"""What every RPC shares: the call context, error translation, the canonical log
+line and RPC metrics. Domain and store errors become gRPC statuses here, once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from grpclib.const import Handler, Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
+
+from vmpool import leasing
+from vmpool.metrics import Metrics
+from vmpool.store.errors import StoreUnavailable
+
+log = structlog.get_logger("vmpool.rpc")
+
+current_stream: contextvars.ContextVar[Stream[Any, Any]] = contextvars.ContextVar("stream")
+
+_STATUS: dict[type[leasing.ClientError], Status] = {
+    leasing.InvalidArgument: Status.INVALID_ARGUMENT,
+    leasing.NotFound: Status.NOT_FOUND,
+    leasing.PermissionDenied: Status.PERMISSION_DENIED,
+    leasing.Exhausted: Status.RESOURCE_EXHAUSTED,
+    leasing.FailedPrecondition: Status.FAILED_PRECONDITION,
+    leasing.Unavailable: Status.UNAVAILABLE,
+}
+
+
+def to_grpc_error(err: Exception) -> GRPCError | None:
+    if isinstance(err, GRPCError):
+        return err
+    if isinstance(err, leasing.ClientError):
+        return GRPCError(_STATUS[type(err)], str(err))
+    if isinstance(err, StoreUnavailable):
+        return GRPCError(Status.UNAVAILABLE, "database unavailable, retry later")
+    return None
+
+
+class Gate:
+    """Counts calls in flight; once closed, new calls get UNAVAILABLE (clients retry
+    elsewhere) while those already running finish."""
+
+    def __init__(self) -> None:
+        self.accepting = True
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if not self.accepting:
+            raise GRPCError(Status.UNAVAILABLE, "server is shutting down, retry")
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting and wait for calls in flight; False if time ran out."""
+        self.accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+def instrument(services: list[Any], metrics: Metrics, gate: Gate) -> list[Any]:
+    """Wrap every handler of ``services`` with context, error mapping, logs and metrics."""
+    return [_Instrumented(s, metrics, gate) for s in services]
+
+
+class _Instrumented:
+    def __init__(self, service: Any, metrics: Metrics, gate: Gate) -> None:
+        self._service = service
+        self._metrics = metrics
+        self._gate = gate
+
+    def __mapping__(self) -> dict[str, Handler]:
+        out = {}
+        for path, handler in self._service.__mapping__().items():
+            wrapped = _wrap(path, handler.func, self._metrics, self._gate)
+            out[path] = Handler(
+                wrapped, handler.cardinality, handler.request_type, handler.reply_type
+            )
+        return out
+
+
+def _wrap(
+    path: str,
+    func: Callable[[Stream[Any, Any]], Awaitable[None]],
+    metrics: Metrics,
+    gate: Gate,
+) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
+    method = path.rsplit("/", 1)[-1]
+    counter = metrics.rpc_requests
+    latency = metrics.rpc_duration.labels(method)
+
+    async def handle(stream: Stream[Any, Any]) -> None:
+        gate.enter()
+        start = time.perf_counter()
+        current_stream.set(stream)
+        structlog.contextvars.clear_contextvars()
+        code = Status.OK
+        message = ""
+        try:
+            await func(stream)
+        except Exception as err:
+            mapped = to_grpc_error(err)
+            if mapped is None:
+                code = Status.INTERNAL
+                log.exception("rpc failed", method=method)
+                raise GRPCError(Status.INTERNAL, "internal error") from err
+            code, message = mapped.status, mapped.message or ""
+            if mapped is not err:
+                raise mapped from None
+            raise
+        finally:
+            gate.leave()
+            elapsed = time.perf_counter() - start
+            counter.labels(method, code.name).inc()
+            latency.observe(elapsed)
+            peer = stream.peer.addr() if stream.peer else None
+            log.info(
+                "rpc",
+                method=method,
+                code=code.name,
+                duration_ms=round(elapsed * 1000, 3),
+                peer=f"{peer[0]}:{peer[1]}" if peer else "",
+                **({"error": message} if message else {}),
+            )
+
+    return handle

@@ -1,0 +1,1 @@
+"""Everything that speaks SQL: the asyncpg pool, migrations and named queries."""

@@ -1,0 +1,97 @@
+"""The asyncpg pool, migrations, and the embedded PostgreSQL for demos."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+
+from vmpool.store.errors import translated
+
+log = structlog.get_logger("vmpool.store")
+
+MIGRATION_LOCK = 0x766D706F6F6C  # "vmpool"; advisory lock key for migrations
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    async with translated():
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            command_timeout=10,
+            timeout=5,
+            server_settings={"application_name": "vmpool"},
+        )
+    assert pool is not None
+    return pool
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every numbered migration, in order."""
+    out = []
+    folder = resources.files("vmpool.store") / "migrations"
+    for item in folder.iterdir():
+        if item.name.endswith(".sql"):
+            version = int(item.name.split("_", 1)[0])
+            out.append((version, item.name, item.read_text()))
+    return sorted(out)
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply pending migrations in one transaction under an advisory lock, so
+    several servers starting at once apply each exactly once."""
+    applied: list[str] = []
+    async with translated(), conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version int PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, name, sql in migrations():
+            if version in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+            )
+            applied.append(name)
+    if applied:
+        log.info("migrations applied", migrations=applied)
+    return applied
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server under ``data_dir`` (pgserver), for demos and tests."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir).resolve() / "pg"
+        self._server: Any = None
+
+    def start(self) -> str:
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI).
+            warnings.simplefilter("ignore")
+            import pgserver
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+        uri: str = self._server.get_uri()
+        return uri
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None

@@ -1,0 +1,189 @@
+"""The reconciler's and the admin view's queries over instances, queues and pools."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from vmpool.store import sql
+from vmpool.store.errors import translated
+from vmpool.store.records import EndedLease, LeaseRow
+
+INSTANCE_STATES = ("provisioning", "ready", "reserved", "leased", "destroying")
+
+
+@dataclass
+class PoolSummary:
+    name: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(INSTANCE_STATES, 0))
+    oldest_provisioning: datetime | None = None
+    oldest_ready: datetime | None = None
+    waiting: int = 0  # queued with nothing set aside
+    set_aside: int = 0
+    oldest_enqueued: datetime | None = None
+    next_reservation_expiry: datetime | None = None
+    configured: bool = False
+    drained: bool = False
+
+    @property
+    def queued(self) -> int:
+        return self.waiting + self.set_aside
+
+    @property
+    def total(self) -> int:
+        """Instances that count against max_size (all but destroying)."""
+        return sum(n for s, n in self.counts.items() if s != "destroying")
+
+
+@dataclass
+class Summary:
+    pools: dict[str, PoolSummary]
+    leases: int
+    next_lease_expiry: datetime | None
+
+    def pool(self, name: str) -> PoolSummary:
+        return self.pools.setdefault(name, PoolSummary(name))
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRow:
+    name: str
+    pool: str
+    state: str
+    created_at: datetime
+    destroy_reason: str | None
+
+
+def _min(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+class Inventory:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def sync_pools(self, pools: Sequence[tuple[str, dict[str, str]]]) -> None:
+        async with translated():
+            await self._pool.execute(
+                sql.SYNC_POOLS, [p[0] for p in pools], [p[1] for p in pools]
+            )
+
+    async def set_drained(self, pool: str, drained: bool) -> bool:
+        async with translated():
+            return await self._pool.fetchval(sql.SET_DRAINED, pool, drained) is not None
+
+    async def summary(self) -> Summary:
+        async with translated():
+            rows = await self._pool.fetch(sql.SUMMARY)
+        out = Summary(pools={}, leases=0, next_lease_expiry=None)
+        for r in rows:
+            kind = r["kind"]
+            if kind == "leases":
+                out.leases = int(r["n"])
+                out.next_lease_expiry = r["due"]
+                continue
+            p = out.pool(r["pool"])
+            if kind == "instances":
+                p.counts[r["state"]] = int(r["n"])
+                if r["state"] == "provisioning":
+                    p.oldest_provisioning = r["oldest_created"]
+                elif r["state"] == "ready":
+                    p.oldest_ready = r["oldest_ready"]
+            elif kind == "queue":
+                if r["state"] == "waiting":
+                    p.waiting = int(r["n"])
+                else:
+                    p.set_aside = int(r["n"])
+                p.oldest_enqueued = _min(p.oldest_enqueued, r["oldest_created"])
+                p.next_reservation_expiry = _min(p.next_reservation_expiry, r["due"])
+            elif kind == "pools":
+                p.configured = bool(r["n"])
+                p.drained = r["state"] == "drained"
+        return out
+
+    async def expire_leases(self, now: datetime) -> list[EndedLease]:
+        async with translated():
+            rows = await self._pool.fetch(sql.EXPIRE_LEASES, now)
+        return [EndedLease(r["instance"], r["pool"], r["service_tag"], r["leased_at"]) for r in rows]
+
+    async def expire_reservations(self, now: datetime) -> list[tuple[str, str, str | None]]:
+        async with translated():
+            rows = await self._pool.fetch(sql.EXPIRE_RESERVATIONS, now)
+        return [(str(r["id"]), r["pool"], r["instance"]) for r in rows]
+
+    async def set_aside(self, pool: str, now: datetime, limit: int) -> list[tuple[str, str]]:
+        """Pair free instances with waiting reservations, oldest first: [(reservation, instance)]."""
+        out: list[tuple[str, str]] = []
+        async with translated():
+            for _ in range(limit):
+                row = await self._pool.fetchrow(sql.SET_ASIDE, pool, now)
+                if row is None:
+                    break
+                out.append((str(row["id"]), row["instance"]))
+        return out
+
+    async def add_instances(self, pool: str, names: list[str], now: datetime) -> None:
+        async with translated():
+            await self._pool.execute(sql.ADD_INSTANCES, names, pool, now)
+
+    async def work_rows(self, *, everything: bool = False) -> list[InstanceRow]:
+        async with translated():
+            rows = await self._pool.fetch(sql.ALL_ROWS if everything else sql.WORK_ROWS)
+        return [InstanceRow(*r) for r in rows]
+
+    async def mark_ready(
+        self, ready: Iterable[tuple[str, str]], now: datetime
+    ) -> list[tuple[str, str, datetime]]:
+        pairs = list(ready)
+        async with translated():
+            rows = await self._pool.fetch(
+                sql.MARK_READY, [n for n, _ in pairs], [z for _, z in pairs], now
+            )
+        return [(r["name"], r["pool"], r["created_at"]) for r in rows]
+
+    async def mark_destroying(
+        self, names: list[str], reason: str, now: datetime, from_states: Sequence[str]
+    ) -> list[str]:
+        async with translated():
+            rows = await self._pool.fetch(
+                sql.MARK_DESTROYING, names, reason, now, list(from_states)
+            )
+        return [r["name"] for r in rows]
+
+    async def ready_older_than(self, pool: str, cutoff: datetime) -> list[str]:
+        async with translated():
+            return [r["name"] for r in await self._pool.fetch(sql.READY_OLDER_THAN, pool, cutoff)]
+
+    async def free_of_pool(self, pool: str) -> list[str]:
+        async with translated():
+            return [r["name"] for r in await self._pool.fetch(sql.FREE_OF_POOL, pool)]
+
+    async def drop_queue(self, pool: str, now: datetime) -> None:
+        async with translated():
+            await self._pool.execute(sql.DROP_QUEUE, pool, now)
+
+    async def forget(self, names: list[str]) -> None:
+        async with translated():
+            await self._pool.execute(sql.FORGET, names)
+
+    async def vanished(self, names: list[str], now: datetime) -> list[tuple[str, str, str, str]]:
+        """[(name, pool, state, service_tag or '')] for rows whose VM disappeared."""
+        async with translated():
+            rows = await self._pool.fetch(sql.VANISHED, names, now)
+        return [(r["name"], r["pool"], r["state"], r["service_tag"] or "") for r in rows]
+
+    async def list_leases(self, pool: str) -> list[LeaseRow]:
+        async with translated():
+            return [LeaseRow.of(r) for r in await self._pool.fetch(sql.LIST_LEASES, pool)]
+
+    async def list_reservations(self, pool: str) -> list[dict[str, Any]]:
+        async with translated():
+            return [dict(r) for r in await self._pool.fetch(sql.LIST_RESERVATIONS, pool)]

@@ -1,0 +1,144 @@
+"""The RPC hot path: claims, reservations, returns and extensions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from vmpool.store import sql
+from vmpool.store.errors import StoreUnavailable, translated
+from vmpool.store.records import EndedLease, LeaseRow, Queued, ReservationState
+
+
+class NotLeased(Exception):
+    """No active lease for the instance."""
+
+
+class WrongTag(Exception):
+    """The lease belongs to another service_tag."""
+
+    def __init__(self, owner: str) -> None:
+        super().__init__(owner)
+        self.owner = owner
+
+
+class LeaseStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def ping(self, timeout: float) -> None:
+        try:
+            async with translated():
+                await asyncio.wait_for(self._pool.fetchval(sql.PING), timeout)
+        except TimeoutError as err:
+            raise StoreUnavailable("database did not answer in time") from err
+
+    async def claim_free(
+        self, pool: str, tag: str, reservation: UUID | None, now: datetime, expires: datetime
+    ) -> LeaseRow | None:
+        """Lease the oldest free instance of ``pool``; None when none is free.
+        Raises Duplicate when ``reservation`` was served concurrently."""
+        async with translated():
+            row = await self._pool.fetchrow(sql.CLAIM_FREE, pool, tag, reservation, now, expires)
+        return LeaseRow.of(row) if row else None
+
+    async def serve_reserved(
+        self, reservation: UUID, now: datetime, expires: datetime
+    ) -> tuple[LeaseRow, datetime] | None:
+        """Lease the instance set aside for ``reservation``; (lease, enqueued_at)."""
+        async with translated():
+            row = await self._pool.fetchrow(sql.SERVE_RESERVED, reservation, now, expires)
+        return (LeaseRow.of(row), row["enqueued_at"]) if row else None
+
+    async def lookup_reservation(self, reservation: UUID) -> ReservationState | None:
+        async with translated():
+            rows = await self._pool.fetch(sql.RESERVATION_LOOKUP, reservation)
+        if not rows:
+            return None
+        # An active lease wins over history; a queue entry is exclusive with both.
+        order = {"lease": 0, "queued": 1, "ended": 2}
+        row = min(rows, key=lambda r: order[r["kind"]])
+        return ReservationState(
+            kind=row["kind"],
+            instance=row["instance"],
+            pool=row["pool"],
+            service_tag=row["service_tag"],
+            expires_at=row["expires_at"],
+            zone=row["zone"],
+            leased_at=row["leased_at"],
+            seq=row["seq"],
+        )
+
+    async def enqueue(
+        self, reservation: UUID, pool: str, tag: str, now: datetime, expires: datetime
+    ) -> int | None:
+        """Append to the pool's queue; None if the id was enqueued concurrently."""
+        async with translated():
+            seq: int | None = await self._pool.fetchval(
+                sql.ENQUEUE, reservation, pool, tag, now, expires
+            )
+        return seq
+
+    async def touch(self, reservation: UUID, expires: datetime) -> Queued | None:
+        async with translated():
+            row = await self._pool.fetchrow(sql.TOUCH_RESERVATION, reservation, expires)
+        return Queued(row["instance"], row["seq"], row["pool"]) if row else None
+
+    async def position(self, pool: str, seq: int) -> tuple[int, int]:
+        async with translated():
+            row = await self._pool.fetchrow(sql.QUEUE_POSITION, pool, seq)
+        return int(row["position"]), int(row["length"])
+
+    async def return_lease(
+        self, instance: str, tag: str, now: datetime, reason: str = "returned"
+    ) -> EndedLease:
+        """End the lease and mark the VM for destruction, in one statement."""
+        async with translated():
+            row = await self._pool.fetchrow(sql.RETURN_LEASE, instance, tag, now, reason)
+            if row is None:
+                owner = await self._pool.fetchval(sql.LEASE_OWNER, instance)
+                if owner is None:
+                    raise NotLeased(instance)
+                raise WrongTag(owner)
+        return EndedLease(instance, row["pool"], tag, row["leased_at"])
+
+    async def force_return(self, instance: str, now: datetime, reason: str) -> EndedLease:
+        async with translated():
+            row = await self._pool.fetchrow(sql.FORCE_RETURN, instance, now, reason)
+        if row is None:
+            raise NotLeased(instance)
+        return EndedLease(instance, row["pool"], "", row["leased_at"])
+
+    async def get_lease(self, instance: str) -> LeaseRow | None:
+        async with translated():
+            row = await self._pool.fetchrow(sql.GET_LEASE, instance)
+        return LeaseRow.of(row) if row else None
+
+    async def extend(
+        self, instance: str, tag: str, decide: Callable[[LeaseRow], datetime | None]
+    ) -> LeaseRow:
+        """Lock the lease, let ``decide`` pick the new expiry (None: unchanged), write it."""
+        async with translated(), self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(sql.LOCK_LEASE, instance)
+            if row is None:
+                raise NotLeased(instance)
+            lease = LeaseRow.of(row)
+            if lease.service_tag != tag:
+                raise WrongTag(lease.service_tag)
+            new = decide(lease)
+            if new is None or new == lease.expires_at:
+                return lease
+            return LeaseRow.of(await conn.fetchrow(sql.SET_EXPIRY, instance, new))
+
+    async def free_counts(self) -> dict[str, int]:
+        async with translated():
+            rows = await self._pool.fetch(sql.FREE_COUNTS)
+        return {r["pool"]: int(r["free"]) for r in rows}
+
+    async def pool_drained(self, pool: str) -> bool:
+        async with translated():
+            return bool(await self._pool.fetchval(sql.POOL_DRAINED, pool))

@@ -1,0 +1,316 @@
+"""Named SQL. Parameters are $n placeholders; nothing is ever formatted in."""
+
+# --- leasing (the RPC hot path) ---------------------------------------------
+
+# Lease the oldest free instance of a pool in one statement. Nobody jumps the
+# queue: while a reservation of this pool waits with nothing set aside, free
+# instances are for the reconciler to set aside, not for this claim.
+CLAIM_FREE = """
+WITH pick AS (
+    SELECT name FROM instances
+    WHERE pool = $1 AND state = 'ready'
+      AND NOT EXISTS (SELECT 1 FROM reservations WHERE pool = $1 AND instance IS NULL)
+      AND NOT EXISTS (SELECT 1 FROM pools WHERE name = $1 AND drained)
+    ORDER BY ready_at, name
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE instances i SET state = 'leased', state_changed_at = $4
+    FROM pick WHERE i.name = pick.name
+    RETURNING i.name, i.pool, i.zone
+)
+INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone)
+SELECT name, pool, $2, $3, $4, $5, zone FROM claimed
+RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone
+"""
+
+# Serve a queued reservation from the instance set aside for it.
+SERVE_RESERVED = """
+WITH r AS (
+    DELETE FROM reservations r USING instances i
+    WHERE r.id = $1 AND i.name = r.instance AND i.state = 'reserved'
+    RETURNING r.instance, r.pool, r.service_tag, r.enqueued_at
+), claimed AS (
+    UPDATE instances i SET state = 'leased', reservation_id = NULL, state_changed_at = $2
+    FROM r WHERE i.name = r.instance
+    RETURNING i.name, i.pool, i.zone, r.service_tag
+)
+INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone)
+SELECT name, pool, service_tag, $1, $2, $3, zone FROM claimed
+RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone,
+          (SELECT enqueued_at FROM r) AS enqueued_at
+"""
+
+# Everything known about a reservation id, in one round trip.
+RESERVATION_LOOKUP = """
+SELECT 'lease' AS kind, instance, pool, service_tag, expires_at, zone,
+       leased_at, NULL::bigint AS seq
+FROM leases WHERE reservation_id = $1
+UNION ALL
+SELECT 'queued', instance, pool, service_tag, expires_at, NULL, NULL, seq
+FROM reservations WHERE id = $1
+UNION ALL
+(SELECT 'ended', instance, pool, service_tag, ended_at, zone, leased_at, NULL
+ FROM lease_history WHERE reservation_id = $1 ORDER BY ended_at DESC LIMIT 1)
+"""
+
+ENQUEUE = """
+WITH ins AS (
+    INSERT INTO reservations (id, pool, service_tag, enqueued_at, expires_at)
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING seq
+)
+SELECT seq, pg_notify('vmpool_wake', 'enqueue') FROM ins
+"""
+
+# Keep a queued reservation alive; says whether an instance is set aside yet.
+TOUCH_RESERVATION = """
+UPDATE reservations SET expires_at = greatest(expires_at, $2)
+WHERE id = $1
+RETURNING instance, seq, pool
+"""
+
+QUEUE_POSITION = """
+SELECT count(*) FILTER (WHERE seq <= $2) AS position, count(*) AS length
+FROM reservations WHERE pool = $1
+"""
+
+RETURN_LEASE = """
+WITH ended AS (
+    DELETE FROM leases WHERE instance = $1 AND service_tag = $2
+    RETURNING *
+), hist AS (
+    INSERT INTO lease_history (instance, pool, service_tag, reservation_id, leased_at,
+                               expires_at, ended_at, end_reason, zone)
+    SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, $3, $4, zone
+    FROM ended
+), gone AS (
+    UPDATE instances i SET state = 'destroying', destroy_reason = $4, state_changed_at = $3
+    FROM ended WHERE i.name = ended.instance
+)
+SELECT pool, leased_at, pg_notify('vmpool_wake', 'return') FROM ended
+"""
+
+# Used only after a tag-checked write found nothing: which error is it?
+LEASE_OWNER = "SELECT service_tag FROM leases WHERE instance = $1"
+
+GET_LEASE = """
+SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, zone
+FROM leases WHERE instance = $1
+"""
+
+LOCK_LEASE = GET_LEASE + " FOR UPDATE"
+
+SET_EXPIRY = """
+UPDATE leases SET expires_at = $2 WHERE instance = $1
+RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone
+"""
+
+FREE_COUNTS = """
+SELECT pool, count(*) AS free FROM instances WHERE state = 'ready' GROUP BY pool
+"""
+
+POOL_DRAINED = "SELECT drained FROM pools WHERE name = $1"
+
+PING = "SELECT 1"
+
+# --- pools -----------------------------------------------------------------
+
+SYNC_POOLS = """
+WITH cfg AS (
+    SELECT * FROM unnest($1::text[], $2::jsonb[]) AS c(name, labels)
+), up AS (
+    INSERT INTO pools (name, labels, configured, updated_at)
+    SELECT name, labels, true, now() FROM cfg
+    ON CONFLICT (name) DO UPDATE
+        SET labels = EXCLUDED.labels, configured = true, updated_at = now()
+)
+UPDATE pools SET configured = false, updated_at = now()
+WHERE configured AND name <> ALL ($1::text[])
+"""
+
+SET_DRAINED = "UPDATE pools SET drained = $2, updated_at = now() WHERE name = $1 RETURNING name"
+
+# --- the reconciler ----------------------------------------------------------
+
+# One cheap statement a pass: per pool and state, how many and the oldest
+# timestamps; per pool, the queue; and what is already due.
+SUMMARY = """
+SELECT 'instances' AS kind, pool, state, count(*) AS n,
+       min(created_at) AS oldest_created, min(ready_at) AS oldest_ready, NULL::timestamptz AS due
+FROM instances GROUP BY pool, state
+UNION ALL
+SELECT 'queue', pool, CASE WHEN instance IS NULL THEN 'waiting' ELSE 'set_aside' END, count(*),
+       min(enqueued_at), NULL, min(expires_at)
+FROM reservations GROUP BY 1, 2, 3
+UNION ALL
+SELECT 'leases', '', '', count(*), NULL, NULL, min(expires_at) FROM leases
+UNION ALL
+SELECT 'pools', name, CASE WHEN drained THEN 'drained' ELSE 'open' END,
+       CASE WHEN configured THEN 1 ELSE 0 END, NULL, NULL, NULL FROM pools
+"""
+
+EXPIRE_LEASES = """
+WITH ended AS (
+    DELETE FROM leases WHERE expires_at <= $1
+    RETURNING *
+), hist AS (
+    INSERT INTO lease_history (instance, pool, service_tag, reservation_id, leased_at,
+                               expires_at, ended_at, end_reason, zone)
+    SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, $1,
+           'expired', zone
+    FROM ended
+), gone AS (
+    UPDATE instances i SET state = 'destroying', destroy_reason = 'lease expired',
+                           state_changed_at = $1
+    FROM ended WHERE i.name = ended.instance
+)
+SELECT instance, pool, service_tag, leased_at FROM ended
+"""
+
+# An expired reservation leaves the queue; its set-aside instance is free again.
+EXPIRE_RESERVATIONS = """
+WITH gone AS (
+    DELETE FROM reservations WHERE expires_at <= $1
+    RETURNING id, pool, instance
+), freed AS (
+    UPDATE instances i SET state = 'ready', reservation_id = NULL, state_changed_at = $1
+    FROM gone WHERE i.name = gone.instance AND i.state = 'reserved'
+)
+SELECT id, pool, instance FROM gone
+"""
+
+# Set the oldest free instance aside for the oldest waiting reservation. The
+# reservation is locked without SKIP LOCKED: skipping a locked head would let
+# a younger reservation jump the queue.
+SET_ASIDE = """
+WITH r AS (
+    SELECT id FROM reservations
+    WHERE pool = $1 AND instance IS NULL
+    ORDER BY seq
+    LIMIT 1
+    FOR UPDATE
+), i AS (
+    SELECT name FROM instances
+    WHERE pool = $1 AND state = 'ready' AND EXISTS (SELECT 1 FROM r)
+    ORDER BY ready_at, name
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), ui AS (
+    UPDATE instances SET state = 'reserved', reservation_id = (SELECT id FROM r),
+                         state_changed_at = $2
+    FROM i WHERE instances.name = i.name
+    RETURNING instances.name
+), ur AS (
+    UPDATE reservations SET instance = ui.name
+    FROM ui WHERE reservations.id = (SELECT id FROM r)
+    RETURNING reservations.id, reservations.instance
+)
+SELECT id, instance, pg_notify('vmpool_assigned', id::text) FROM ur
+"""
+
+ADD_INSTANCES = """
+INSERT INTO instances (name, pool, state, created_at, state_changed_at)
+SELECT n, $2, 'provisioning', $3, $3 FROM unnest($1::text[]) AS n
+"""
+
+WORK_ROWS = """
+SELECT name, pool, state, created_at, destroy_reason FROM instances
+WHERE state IN ('provisioning', 'destroying')
+"""
+
+ALL_ROWS = "SELECT name, pool, state, created_at, destroy_reason FROM instances"
+
+MARK_READY = """
+UPDATE instances i SET state = 'ready', ready_at = $3, zone = z.zone, state_changed_at = $3
+FROM unnest($1::text[], $2::text[]) AS z(name, zone)
+WHERE i.name = z.name AND i.state = 'provisioning'
+RETURNING i.name, i.pool, i.created_at
+"""
+
+# Free or booting instances to destroy (boot failure, timeout, recycling, drain).
+MARK_DESTROYING = """
+UPDATE instances SET state = 'destroying', destroy_reason = $2, state_changed_at = $3
+WHERE name = ANY ($1::text[]) AND state = ANY ($4::text[])
+RETURNING name, pool, state_changed_at
+"""
+
+READY_OLDER_THAN = """
+SELECT name FROM instances WHERE pool = $1 AND state = 'ready' AND ready_at <= $2
+"""
+
+FREE_OF_POOL = """
+SELECT name FROM instances WHERE pool = $1 AND state IN ('ready', 'provisioning')
+"""
+
+DROP_QUEUE = """
+WITH gone AS (DELETE FROM reservations WHERE pool = $1 RETURNING instance)
+UPDATE instances i SET state = 'ready', reservation_id = NULL, state_changed_at = $2
+FROM gone WHERE i.name = gone.instance AND i.state = 'reserved'
+"""
+
+# A VM confirmed gone: its row goes.
+FORGET = "DELETE FROM instances WHERE name = ANY ($1::text[]) AND state = 'destroying'"
+
+# VMs that disappeared behind our back: leases end (logged), set-aside
+# reservations wait again, rows go.
+VANISHED = """
+WITH ended AS (
+    DELETE FROM leases WHERE instance = ANY ($1::text[])
+    RETURNING *
+), hist AS (
+    INSERT INTO lease_history (instance, pool, service_tag, reservation_id, leased_at,
+                               expires_at, ended_at, end_reason, zone)
+    SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, $2,
+           'vm vanished', zone
+    FROM ended
+), unset AS (
+    UPDATE reservations SET instance = NULL WHERE instance = ANY ($1::text[])
+), rows AS (
+    DELETE FROM instances
+    WHERE name = ANY ($1::text[]) AND state IN ('ready', 'reserved', 'leased')
+    RETURNING name, pool, state
+)
+SELECT r.name, r.pool, r.state, e.service_tag
+FROM rows r LEFT JOIN ended e ON e.instance = r.name
+"""
+
+# --- admin ---------------------------------------------------------------------
+
+LIST_LEASES = """
+SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, zone
+FROM leases WHERE ($1 = '' OR pool = $1) ORDER BY pool, leased_at, instance
+"""
+
+LIST_RESERVATIONS = """
+SELECT id, pool, service_tag, enqueued_at, expires_at, instance,
+       row_number() OVER (PARTITION BY pool ORDER BY seq) AS position
+FROM reservations WHERE ($1 = '' OR pool = $1) ORDER BY pool, seq
+"""
+
+FORCE_RETURN = """
+WITH ended AS (
+    DELETE FROM leases WHERE instance = $1
+    RETURNING *
+), hist AS (
+    INSERT INTO lease_history (instance, pool, service_tag, reservation_id, leased_at,
+                               expires_at, ended_at, end_reason, zone)
+    SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, $2, $3, zone
+    FROM ended
+), gone AS (
+    UPDATE instances i SET state = 'destroying', destroy_reason = $3, state_changed_at = $2
+    FROM ended WHERE i.name = ended.instance
+)
+SELECT pool, leased_at, pg_notify('vmpool_wake', 'return') FROM ended
+"""
+
+# --- the fake provider's cloud --------------------------------------------------
+
+FAKE_CREATE = """
+INSERT INTO fake_vms (name, pool, created_at, ready_at, fails, zone)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (name) DO NOTHING
+"""
+FAKE_DELETE = "DELETE FROM fake_vms WHERE name = $1"
+FAKE_LIST = "SELECT name, pool, created_at, ready_at, fails, zone FROM fake_vms"
