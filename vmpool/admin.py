@@ -42,12 +42,12 @@ class AdminService(adm.VmPoolAdminServiceBase):
         out = []
         for name in sorted(summary.pools):
             p = summary.pools[name]
-            cfg = self._config.pool(name)
+            pool_cfg = self._config.pool(name)
             age = (now - p.oldest_enqueued).total_seconds() if p.oldest_enqueued else 0.0
             out.append(
                 adm.PoolStats(
                     name=name,
-                    configured=cfg is not None,
+                    configured=pool_cfg is not None,
                     drained=p.drained,
                     provisioning=p.counts["provisioning"],
                     ready=p.counts["ready"],
@@ -56,8 +56,8 @@ class AdminService(adm.VmPoolAdminServiceBase):
                     destroying=p.counts["destroying"],
                     queued=p.queued,
                     oldest_queued_seconds=max(age, 0.0),
-                    min_ready=cfg.min_ready if cfg else 0,
-                    max_size=cfg.max_size if cfg else 0,
+                    min_ready=pool_cfg.min_ready if pool_cfg else 0,
+                    max_size=pool_cfg.max_size if pool_cfg else 0,
                 )
             )
         return adm.PoolStatsResponse(pools=out)

@@ -22,6 +22,7 @@ from vmpool.dbhealth import DatabaseHealth
 from vmpool.leaser import Leaser
 from vmpool.metrics import Metrics
 from vmpool.providers.base import Provider
+from vmpool.providers.errors import ProviderError
 from vmpool.reconciler import Reconciler
 from vmpool.rpc import Gate, instrument
 from vmpool.service import LeaseService
@@ -36,6 +37,10 @@ from vmpool.waiters import Waiters
 log = structlog.get_logger("vmpool")
 
 CONNECT_FOR = 60.0  # seconds to keep trying the database at start
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why, in one line."""
 
 
 def build_provider(config: Config, db: asyncpg.Pool, metrics: Metrics) -> Provider:
@@ -94,7 +99,10 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
         loop.add_signal_handler(sig, on_signal)
 
     metrics = Metrics()
-    db = await connect(url)
+    try:
+        db = await connect(url)
+    except StoreUnavailable as err:
+        raise StartupError(f"database_url: {err}") from None
     try:
         async with db.acquire() as conn:
             await migrate(conn)
@@ -116,15 +124,25 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
         lease_service = LeaseService(leaser, config, DatabaseHealth(leases))
         admin = AdminService(inventory, leases, config, utcnow, metrics, reconciler.wake)
         health = Health({OVERALL: [serving], lease_service: [serving]})
-        server = Server([*instrument([lease_service, admin], metrics, gate), health],
-                        codec=SafeProtoCodec())
+        server = Server(
+            [*instrument([lease_service, admin], metrics, gate), health], codec=SafeProtoCodec()
+        )
         host, port = _split(listen or config.listen)
         await server.start(host, port, reuse_port=True)
         serving.set(True)
         start_metrics(config, metrics)
-        log.info("serving", listen=f"{host}:{port}", pools=[p.name for p in config.pools],
-                 provider=config.provider.kind, metrics=config.metrics_listen or None)
-        await provider.start(reconciler.provider_changed)
+        log.info(
+            "serving",
+            listen=f"{host}:{port}",
+            pools=[p.name for p in config.pools],
+            provider=config.provider.kind,
+            metrics=config.metrics_listen or None,
+        )
+        try:
+            await provider.start(reconciler.provider_changed)
+        except ProviderError as err:
+            server.close()
+            raise StartupError(f"provider {config.provider.kind}: {err}") from None
         async with asyncio.TaskGroup() as tasks:
             background = [
                 tasks.create_task(control.run(stop), name="control"),
@@ -154,6 +172,7 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
 
 def _stop_if_died(task: asyncio.Task[None], stop: asyncio.Event) -> None:
     if not stop.is_set() and not task.cancelled():
-        log.error("background task ended unexpectedly", task=task.get_name(),
-                  error=repr(task.exception()))
+        log.error(
+            "background task ended unexpectedly", task=task.get_name(), error=repr(task.exception())
+        )
         stop.set()

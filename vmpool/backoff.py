@@ -25,7 +25,7 @@ class Backoff:
         now = time.monotonic() if now is None else now
         state = self._states.setdefault(key, _State())
         state.failures += 1
-        delay = min(self.cap, self.base * 2 ** (state.failures - 1))
+        delay: float = min(self.cap, self.base * 2.0 ** (state.failures - 1))
         delay *= 1 + random.uniform(-self.jitter, self.jitter)
         delay = max(delay, at_least)
         state.until = now + delay

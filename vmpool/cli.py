@@ -43,15 +43,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"vmpool: --listen: {str(err).split(': ', 2)[-1]}", file=sys.stderr)
             return 2
     from vmpool import logs
-    from vmpool.app import serve
+    from vmpool.app import StartupError, serve
 
     logs.setup(config.log_level)
     if args.config is None:
-        print("vmpool: no --config given: running the demo (embedded PostgreSQL under "
-              f"{config.data_dir}, fake provider, pool 'small')", file=sys.stderr)
+        print(
+            "vmpool: no --config given: running the demo (embedded PostgreSQL under "
+            f"{config.data_dir}, fake provider, pool 'small')",
+            file=sys.stderr,
+        )
     url, embedded = _database_url(config)
     try:
         asyncio.run(serve(config, url, listen=args.listen))
+    except StartupError as err:
+        print(f"vmpool: cannot start: {err}", file=sys.stderr)
+        return 1
     finally:
         if embedded is not None:
             embedded.stop()
@@ -92,13 +98,23 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
-            help: str, func: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
+def _client(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    func: Callable[[argparse.Namespace], Any],
+) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help)
-    p.add_argument("--server", default=os.environ.get("VMPOOL_SERVER", "localhost:50051"),
-                   help="HOST:PORT (env VMPOOL_SERVER)")
-    p.add_argument("--service-tag", default=os.environ.get("VMPOOL_SERVICE_TAG", "vmpool-cli"),
-                   help="who is asking (env VMPOOL_SERVICE_TAG)")
+    p.add_argument(
+        "--server",
+        default=os.environ.get("VMPOOL_SERVER", "localhost:50051"),
+        help="HOST:PORT (env VMPOOL_SERVER)",
+    )
+    p.add_argument(
+        "--service-tag",
+        default=os.environ.get("VMPOOL_SERVICE_TAG", "vmpool-cli"),
+        help="who is asking (env VMPOOL_SERVICE_TAG)",
+    )
     p.add_argument("--output", choices=["text", "json"], default="text")
     p.add_argument("--timeout", default="10s", help="per-call deadline")
     p.set_defaults(func=lambda a: _run_client(func, a))
@@ -114,8 +130,7 @@ def _run_client(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
         print(f"vmpool: {err.status.name}: {err.message}", file=sys.stderr)
         return 1
     except (OSError, StreamTerminatedError, TimeoutError) as err:
-        print(f"vmpool: cannot reach {args.server}: {err or type(err).__name__}",
-              file=sys.stderr)
+        print(f"vmpool: cannot reach {args.server}: {err or type(err).__name__}", file=sys.stderr)
         return 1
     except ValueError as err:
         print(f"vmpool: {err}", file=sys.stderr)
@@ -161,10 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _client(sub, "status", "pools as a table (admin API)", client.status)
     p = _client(sub, "admin", "operator commands (admin API)", client.admin)
-    p.add_argument("action", choices=["leases", "reservations", "force-return", "drain",
-                                      "undrain"])
-    p.add_argument("target", nargs="?", default="",
-                   help="pool (leases, reservations, drain, undrain) or instance (force-return)")
+    p.add_argument("action", choices=["leases", "reservations", "force-return", "drain", "undrain"])
+    p.add_argument(
+        "target",
+        nargs="?",
+        default="",
+        help="pool (leases, reservations, drain, undrain) or instance (force-return)",
+    )
     p.add_argument("--reason", default="", help="force-return: why, for the logs")
     return parser
 

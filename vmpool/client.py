@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -62,8 +63,10 @@ def _print_lease(args: argparse.Namespace, lease: api.Lease) -> None:
         print(json.dumps(d))
         return
     left = lease.expires - datetime.now(UTC)
-    print(f"{d['instance']}  pool={d['pool']}  zone={d['zone'] or '-'}  "
-          f"expires={d['expires']} (in {format_duration(left)})")
+    print(
+        f"{d['instance']}  pool={d['pool']}  zone={d['zone'] or '-'}  "
+        f"expires={d['expires']} (in {format_duration(left)})"
+    )
 
 
 async def ping(args: argparse.Namespace) -> None:
@@ -78,8 +81,9 @@ async def pools(args: argparse.Namespace) -> None:
             api.PoolsRequest(), timeout=_timeout(args)
         )
     if args.output == "json":
-        out = [{"name": p.name, "labels": {lb.key: lb.value for lb in p.labels}}
-               for p in reply.pools]
+        out = [
+            {"name": p.name, "labels": {lb.key: lb.value for lb in p.labels}} for p in reply.pools
+        ]
         print(json.dumps(out))
         return
     for p in reply.pools:
@@ -99,21 +103,24 @@ async def lease(args: argparse.Namespace) -> None:
         while True:
             step = max(0.0, min(WAIT_STEP, deadline - time.monotonic()))
             metadata = {"x-vmpool-wait": f"{step:.0f}s"} if step >= 1 else None
-            request = api.LeaseRequest(pool=args.pool, service_tag=args.service_tag,
-                                       reservation_id=rid)
+            request = api.LeaseRequest(
+                pool=args.pool, service_tag=args.service_tag, reservation_id=rid
+            )
             if expires is not None:
                 request.expires = expires
             try:
-                reply = await stub.lease(request, timeout=_timeout(args) + step,
-                                         metadata=metadata)
+                reply = await stub.lease(request, timeout=_timeout(args) + step, metadata=metadata)
             except GRPCError as err:
-                retry = err.status in (Status.RESOURCE_EXHAUSTED, Status.UNAVAILABLE,
-                                       Status.NOT_FOUND)
+                retry = err.status in (
+                    Status.RESOURCE_EXHAUSTED,
+                    Status.UNAVAILABLE,
+                    Status.NOT_FOUND,
+                )
                 if not wait or not retry or time.monotonic() >= deadline:
                     raise
                 print(f"waiting: {err.message}", file=sys.stderr, flush=True)
                 if step < 1:
-                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                    await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 continue
             _print_lease(args, reply.lease)
             return
@@ -131,13 +138,20 @@ async def extend(args: argparse.Namespace) -> None:
     to = datetime.now(UTC) + parse_duration(args.duration)
     async with _channel(args) as ch:
         reply = await api.VmPoolLeaseServiceStub(ch).extend_to(
-            api.ExtendToRequest(instance=args.instance, to=to, service_tag=args.service_tag,
-                                extend_only=args.extend_only),
+            api.ExtendToRequest(
+                instance=args.instance,
+                to=to,
+                service_tag=args.service_tag,
+                extend_only=args.extend_only,
+            ),
             timeout=_timeout(args),
         )
     if abs((reply.lease.expires - to).total_seconds()) > 1 and args.output == "text":
-        print(f"note: expiry is {rfc3339(reply.lease.expires)}, not the {rfc3339(to)} "
-              "asked for (capped by the pool, or --extend-only)", file=sys.stderr)
+        print(
+            f"note: expiry is {rfc3339(reply.lease.expires)}, not the {rfc3339(to)} "
+            "asked for (capped by the pool, or --extend-only)",
+            file=sys.stderr,
+        )
     _print_lease(args, reply.lease)
 
 
@@ -162,17 +176,48 @@ async def status(args: argparse.Namespace) -> None:
     if args.output == "json":
         print(json.dumps(rows))
         return
-    cols = ["name", "ready", "provisioning", "reserved", "leased", "destroying", "queued",
-            "oldest_queued_seconds", "min_ready", "max_size"]
-    heads = ["POOL", "READY", "BOOTING", "SET-ASIDE", "LEASED", "DESTROYING", "QUEUED",
-             "OLDEST-WAIT", "MIN", "MAX"]
+    cols = [
+        "name",
+        "ready",
+        "provisioning",
+        "reserved",
+        "leased",
+        "destroying",
+        "queued",
+        "oldest_queued_seconds",
+        "min_ready",
+        "max_size",
+    ]
+    heads = [
+        "POOL",
+        "READY",
+        "BOOTING",
+        "SET-ASIDE",
+        "LEASED",
+        "DESTROYING",
+        "QUEUED",
+        "OLDEST-WAIT",
+        "MIN",
+        "MAX",
+    ]
     table: list[list[str]] = [heads]
     for p in reply.pools:
         note = "" if p.configured else " (removed)"
         note += " (drained)" if p.drained else ""
-        table.append([p.name + note, str(p.ready), str(p.provisioning), str(p.reserved),
-                      str(p.leased), str(p.destroying), str(p.queued),
-                      f"{p.oldest_queued_seconds:.0f}s", str(p.min_ready), str(p.max_size)])
+        table.append(
+            [
+                p.name + note,
+                str(p.ready),
+                str(p.provisioning),
+                str(p.reserved),
+                str(p.leased),
+                str(p.destroying),
+                str(p.queued),
+                f"{p.oldest_queued_seconds:.0f}s",
+                str(p.min_ready),
+                str(p.max_size),
+            ]
+        )
     assert len(cols) == len(heads)
     widths = [max(len(r[i]) for r in table) for i in range(len(heads))]
     for r in table:

@@ -38,6 +38,43 @@ def _timestamp_fields(cls: type) -> dict[int, str]:
     return found
 
 
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def check_wire(data: bytes) -> None:
+    """Reject bytes that are not a well-formed protobuf message. betterproto
+    silently accepts some (e.g. a length running past the end)."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        wire_type, number = key & 7, key >> 3
+        if number == 0:
+            raise ValueError("field number 0")
+        if wire_type == 0:
+            _, pos = _varint(data, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == _WIRE_LEN_DELIM:
+            length, pos = _varint(data, pos)
+            pos += length
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        if pos > len(data):
+            raise ValueError("field runs past the end of the message")
+
+
 def check_timestamps(data: bytes, cls: type) -> None:
     fields = _timestamp_fields(cls)
     if not fields:
@@ -48,6 +85,12 @@ def check_timestamps(data: bytes, cls: type) -> None:
             continue
         if parsed.wire_type != _WIRE_LEN_DELIM:
             raise GRPCError(Status.INVALID_ARGUMENT, f"{name}: not a Timestamp")
+        try:
+            check_wire(parsed.value)
+        except ValueError as err:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT, f"{name}: malformed Timestamp: {err}"
+            ) from None
         ts = Timestamp().parse(parsed.value)
         if not MIN_SECONDS <= ts.seconds <= MAX_SECONDS:
             raise GRPCError(
@@ -61,6 +104,7 @@ def check_timestamps(data: bytes, cls: type) -> None:
 class SafeProtoCodec(ProtoCodec):
     def decode(self, data: bytes, message_type: Any) -> Any:
         try:
+            check_wire(data)
             check_timestamps(data, message_type)
             return message_type.FromString(data)
         except GRPCError:

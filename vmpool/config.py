@@ -128,7 +128,7 @@ class Config(_Strict):
     def _address(cls, value: str, info: Any) -> str:
         if value == "" and info.field_name == "metrics_listen":
             return value
-        host, sep, port = value.rpartition(":")
+        _, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"{value!r} is not HOST:PORT")
         return value

@@ -101,7 +101,9 @@ class Leaser:
         if leasing.given(expires):
             assert expires is not None
             if expires <= self._clock():
-                raise leasing.InvalidArgument(f"expires: {expires.isoformat()} is not in the future")
+                raise leasing.InvalidArgument(
+                    f"expires: {expires.isoformat()} is not in the future"
+                )
         if reservation is None:
             pool = await self._resolve_pool(pool_name)
             structlog.contextvars.bind_contextvars(pool=pool.name)
@@ -134,21 +136,24 @@ class Leaser:
                 structlog.contextvars.bind_contextvars(pool=pool.name)
                 now = self._clock()
                 try:
-                    lease = await self._store.claim_free(
-                        pool.name, tag, rid, now, leasing.lease_expiry(expires, now, pool)
+                    first = await self._store.claim_or_enqueue(
+                        pool.name,
+                        tag,
+                        rid,
+                        now,
+                        leasing.lease_expiry(expires, now, pool),
+                        now + pool.reservation_ttl,
                     )
                 except Duplicate:
-                    continue  # the same reservation was served concurrently
-                if lease is not None:
-                    return self._granted(lease)
-                await self._refuse_if_drained(pool.name)
-                seq = await self._store.enqueue(
-                    rid, pool.name, tag, now, now + pool.reservation_ttl
-                )
-                if seq is None:
-                    continue  # enqueued concurrently
+                    continue  # the same id was used concurrently: look again
+                if first is None:
+                    await self._refuse_if_drained(pool.name)
+                    continue
+                if first.lease is not None:
+                    return self._granted(first.lease)
+                assert first.seq is not None
                 self._on_change()
-                position, length = await self._store.position(pool.name, seq)
+                position, length = await self._store.position(pool.name, first.seq)
                 return QueuePlace(rid, pool.name, position, length)
             structlog.contextvars.bind_contextvars(pool=state.pool)
             if state.service_tag != tag:
@@ -164,7 +169,12 @@ class Leaser:
                 assert state.instance is not None and state.leased_at is not None
                 structlog.contextvars.bind_contextvars(instance=state.instance)
                 return LeaseRow(
-                    state.instance, state.pool, tag, rid, state.leased_at, state.expires_at,
+                    state.instance,
+                    state.pool,
+                    tag,
+                    rid,
+                    state.leased_at,
+                    state.expires_at,
                     state.zone or "",
                 )
             if state.kind == "ended":

@@ -116,7 +116,9 @@ def choose_pool(free: dict[str, int], open_pools: list[str]) -> str | None:
 
 
 def queued_message(reservation: uuid.UUID, position: int, length: int, pool: str) -> str:
-    return f'reservation {reservation} is queued at position {position} of {length} in pool "{pool}"'
+    return (
+        f'reservation {reservation} is queued at position {position} of {length} in pool "{pool}"'
+    )
 
 
 class Unavailable(ClientError):

@@ -25,7 +25,10 @@ class Metrics:
             registry=r,
         )
         self.rpc_requests = Counter(
-            "vmpool_rpc_requests_total", "RPCs by method and status.", ["method", "code"], registry=r
+            "vmpool_rpc_requests_total",
+            "RPCs by method and status.",
+            ["method", "code"],
+            registry=r,
         )
         self.rpc_duration = Histogram(
             "vmpool_rpc_duration_seconds",
@@ -65,7 +68,10 @@ class Metrics:
             registry=r,
         )
         self.reconcile_errors = Counter(
-            "vmpool_reconcile_errors_total", "Reconciler pass failures by step.", ["step"], registry=r
+            "vmpool_reconcile_errors_total",
+            "Reconciler pass failures by step.",
+            ["step"],
+            registry=r,
         )
         self.reconcile_actions = Counter(
             "vmpool_reconcile_actions_total",

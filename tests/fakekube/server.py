@@ -229,9 +229,7 @@ class FakeKube:
         self.faults.write_failure_until = time.monotonic() + seconds
         self.faults.write_failure_after_apply = after_apply
 
-    def throttle(
-        self, *, requests: int = 0, seconds: float = 0.0, retry_after: int = 1
-    ) -> None:
+    def throttle(self, *, requests: int = 0, seconds: float = 0.0, retry_after: int = 1) -> None:
         """Answer the next ``requests`` requests (or all for ``seconds``) with 429."""
         self.faults.throttle_requests = requests
         self.faults.throttle_until = time.monotonic() + seconds if seconds else 0.0
@@ -244,14 +242,25 @@ class FakeKube:
         for w in list(self._watchers):
             w.queue.put_nowait("drop")
 
-    def expire_resource_versions(self, *, notify_watches: bool = False) -> None:
+    def expire_resource_versions(
+        self, *, notify_watches: bool = False, end_watches: bool = False
+    ) -> None:
         """Compact history: watches from any earlier resourceVersion get 410 Gone.
-        With ``notify_watches``, open watches get an ERROR 410 event and end."""
+
+        With ``notify_watches``, open watches get an ERROR 410 event and end.
+        With ``end_watches``, other writes in the cluster move the resourceVersion
+        on first, and open watches end normally (as at their timeout), so their
+        clients resume from a resourceVersion that is now too old.
+        """
+        if end_watches:
+            self._rv += 10  # writes to objects nobody here watches
         self._compacted = self._rv
         self._events.clear()
-        if notify_watches:
-            for w in list(self._watchers):
+        for w in list(self._watchers):
+            if notify_watches:
                 w.queue.put_nowait("expired")
+            elif end_watches:
+                w.queue.put_nowait("end")
 
     def objects(self, resource: str = VMS, namespace: str | None = None) -> list[dict[str, Any]]:
         return [
@@ -272,6 +281,10 @@ class FakeKube:
         """The guest shut down: the VMI is gone and the VM reports Stopped."""
         self._remove(VMIS, namespace, name)
         self._set_vm_status(namespace, name, printableStatus="Stopped", ready=False)
+
+    @property
+    def open_watches(self) -> int:
+        return len(self._watchers)
 
     def reset_requests(self) -> None:
         self.requests.clear()
@@ -314,9 +327,7 @@ class FakeKube:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        record = Request(
-            time.monotonic(), request.method, request.path, dict(request.query), 0
-        )
+        record = Request(time.monotonic(), request.method, request.path, dict(request.query), 0)
         self.requests.append(record)
         response = await self._handle(request, handler, record)
         record.status = response.status
@@ -338,13 +349,13 @@ class FakeKube:
                 headers={"Retry-After": str(f.throttle_retry_after)},
                 retryAfterSeconds=f.throttle_retry_after,
             )
-        if record.is_write and now < f.write_failure_until:
-            if self._rng.random() < f.write_failure_rate:
-                if self._rng.random() < f.write_failure_after_apply:
-                    await handler(request)  # carried out; the answer is lost
-                return status_response(
-                    500, "InternalError", "Internal error occurred: injected fault (etcd timeout)"
-                )
+        failing = record.is_write and now < f.write_failure_until
+        if failing and self._rng.random() < f.write_failure_rate:
+            if self._rng.random() < f.write_failure_after_apply:
+                await handler(request)  # carried out; the answer is lost
+            return status_response(
+                500, "InternalError", "Internal error occurred: injected fault (etcd timeout)"
+            )
         return await handler(request)
 
     # -- handlers -------------------------------------------------------------------
@@ -411,8 +422,12 @@ class FakeKube:
             await resp.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
 
         if rv_text not in ("", "0") and int(rv_text) < self._compacted:
-            await send("ERROR", status_object(410, "Expired", f"too old resource version: "
-                                              f"{rv_text} ({self._compacted})"))
+            await send(
+                "ERROR",
+                status_object(
+                    410, "Expired", f"too old resource version: {rv_text} ({self._compacted})"
+                ),
+            )
             await resp.write_eof()
             return resp
         watcher = _Watcher(resource, namespace, matcher)
@@ -455,6 +470,8 @@ class FakeKube:
                     if request.transport is not None:
                         request.transport.abort()  # mid-stream: no final chunk
                     return resp
+                if item == "end":
+                    break
                 if item == "expired":
                     await send("ERROR", status_object(410, "Expired", "too old resource version"))
                     break
@@ -506,7 +523,8 @@ class FakeKube:
                 f"the API version in the data ({body.get('apiVersion')}) and kind "
                 f"({body.get('kind')}) do not match {KUBEVIRT} VirtualMachine",
             )
-        meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+        raw_meta = body.get("metadata")
+        meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
         name = str(meta.get("name") or "")
         problems = vm_errors(body)
         if not name or not DNS_SUBDOMAIN.match(name):
@@ -518,7 +536,8 @@ class FakeKube:
                 "the namespace of the provided object does not match the namespace sent on "
                 "the request",
             )
-        spec = body.get("spec") if isinstance(body.get("spec"), dict) else {}
+        raw_spec = body.get("spec")
+        spec: dict[str, Any] = raw_spec if isinstance(raw_spec, dict) else {}
         if "running" in spec and "runStrategy" in spec:
             problems.append("spec.running: Invalid value: running and runStrategy are exclusive")
         if problems:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -45,14 +46,24 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 _CAUGHT: tuple[type[BaseException], ...] = (ApiException, *CONNECTION_ERRORS)
 
 
+def _existing_file(kubeconfig: str) -> str:
+    path = Path(kubeconfig).expanduser()
+    if not path.is_file():
+        raise errors.Unavailable(f"provider.kubevirt.kubeconfig: no such file: {kubeconfig}")
+    return str(path)
+
+
 async def load_client_configuration(kubeconfig: str) -> client.Configuration:
     """The API address and credentials: ``kubeconfig`` if given, else in-cluster,
     else ``~/.kube/config``. Raises ``errors.Unavailable`` naming what was tried."""
     configuration = client.Configuration()
     if kubeconfig:
+        path = _existing_file(kubeconfig)
         try:
             await config.load_kube_config(
-                config_file=kubeconfig, client_configuration=configuration, persist_config=False
+                config_file=path,
+                client_configuration=configuration,
+                persist_config=False,
             )
         except (ConfigException, OSError) as err:
             raise errors.Unavailable(

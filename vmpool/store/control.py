@@ -8,6 +8,7 @@ PostgreSQL drops the session and another process takes the lock on its next try.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -69,10 +70,8 @@ class Control:
                     self._conn = None
             if stop.is_set():
                 break
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
             delay = min(delay * 2, 10.0)
 
     async def _session(self, stop: asyncio.Event) -> None:

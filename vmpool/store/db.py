@@ -87,7 +87,8 @@ class EmbeddedPostgres:
             import pgserver
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+        get_server = pgserver.get_server  # type: ignore[attr-defined]
+        self._server = get_server(self.data_dir, cleanup_mode="stop")
         uri: str = self._server.get_uri()
         return uri
 

@@ -72,9 +72,7 @@ class Inventory:
 
     async def sync_pools(self, pools: Sequence[tuple[str, dict[str, str]]]) -> None:
         async with translated():
-            await self._pool.execute(
-                sql.SYNC_POOLS, [p[0] for p in pools], [p[1] for p in pools]
-            )
+            await self._pool.execute(sql.SYNC_POOLS, [p[0] for p in pools], [p[1] for p in pools])
 
     async def set_drained(self, pool: str, drained: bool) -> bool:
         async with translated():
@@ -98,12 +96,14 @@ class Inventory:
                 elif r["state"] == "ready":
                     p.oldest_ready = r["oldest_ready"]
             elif kind == "queue":
+                p.next_reservation_expiry = _min(p.next_reservation_expiry, r["due"])
+                if r["state"] == "served":
+                    continue  # served at once; kept only until cleaned up
                 if r["state"] == "waiting":
                     p.waiting = int(r["n"])
                 else:
                     p.set_aside = int(r["n"])
                 p.oldest_enqueued = _min(p.oldest_enqueued, r["oldest_created"])
-                p.next_reservation_expiry = _min(p.next_reservation_expiry, r["due"])
             elif kind == "pools":
                 p.configured = bool(r["n"])
                 p.drained = r["state"] == "drained"
@@ -112,12 +112,15 @@ class Inventory:
     async def expire_leases(self, now: datetime) -> list[EndedLease]:
         async with translated():
             rows = await self._pool.fetch(sql.EXPIRE_LEASES, now)
-        return [EndedLease(r["instance"], r["pool"], r["service_tag"], r["leased_at"]) for r in rows]
+        return [
+            EndedLease(r["instance"], r["pool"], r["service_tag"], r["leased_at"]) for r in rows
+        ]
 
     async def expire_reservations(self, now: datetime) -> list[tuple[str, str, str | None]]:
+        """Drop expired queue entries (and spent served-at-once ones); the expired."""
         async with translated():
             rows = await self._pool.fetch(sql.EXPIRE_RESERVATIONS, now)
-        return [(str(r["id"]), r["pool"], r["instance"]) for r in rows]
+        return [(str(r["id"]), r["pool"], r["instance"]) for r in rows if not r["served"]]
 
     async def set_aside(self, pool: str, now: datetime, limit: int) -> list[tuple[str, str]]:
         """Pair free instances with waiting reservations, oldest first: [(reservation, instance)]."""

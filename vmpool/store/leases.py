@@ -11,7 +11,7 @@ import asyncpg
 
 from vmpool.store import sql
 from vmpool.store.errors import StoreUnavailable, translated
-from vmpool.store.records import EndedLease, LeaseRow, Queued, ReservationState
+from vmpool.store.records import EndedLease, FirstUse, LeaseRow, Queued, ReservationState
 
 
 class NotLeased(Exception):
@@ -73,15 +73,27 @@ class LeaseStore:
             seq=row["seq"],
         )
 
-    async def enqueue(
-        self, reservation: UUID, pool: str, tag: str, now: datetime, expires: datetime
-    ) -> int | None:
-        """Append to the pool's queue; None if the id was enqueued concurrently."""
+    async def claim_or_enqueue(
+        self,
+        pool: str,
+        tag: str,
+        reservation: UUID,
+        now: datetime,
+        lease_expires: datetime,
+        queue_expires: datetime,
+    ) -> FirstUse | None:
+        """First use of ``reservation``: a lease if an instance is free, else a
+        queue place; None if the pool is drained. Raises Duplicate when the same
+        id was used concurrently (look it up again)."""
         async with translated():
-            seq: int | None = await self._pool.fetchval(
-                sql.ENQUEUE, reservation, pool, tag, now, expires
+            row = await self._pool.fetchrow(
+                sql.CLAIM_OR_ENQUEUE, pool, tag, reservation, now, lease_expires, queue_expires
             )
-        return seq
+        if row is None:
+            return None
+        if row["served"]:
+            return FirstUse(LeaseRow.of(row), None)
+        return FirstUse(None, int(row["seq"]))
 
     async def touch(self, reservation: UUID, expires: datetime) -> Queued | None:
         async with translated():

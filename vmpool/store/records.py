@@ -60,3 +60,11 @@ class EndedLease:
     pool: str
     service_tag: str
     leased_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FirstUse:
+    """The outcome of a reservation id's first use: a lease, or a queue place."""
+
+    lease: LeaseRow | None
+    seq: int | None

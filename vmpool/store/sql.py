@@ -9,7 +9,8 @@ CLAIM_FREE = """
 WITH pick AS (
     SELECT name FROM instances
     WHERE pool = $1 AND state = 'ready'
-      AND NOT EXISTS (SELECT 1 FROM reservations WHERE pool = $1 AND instance IS NULL)
+      AND NOT EXISTS (
+          SELECT 1 FROM reservations WHERE pool = $1 AND instance IS NULL AND NOT served)
       AND NOT EXISTS (SELECT 1 FROM pools WHERE name = $1 AND drained)
     ORDER BY ready_at, name
     LIMIT 1
@@ -24,11 +25,49 @@ SELECT name, pool, $2, $3, $4, $5, zone FROM claimed
 RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone
 """
 
+# First use of a reservation id: lease a free instance now, or join the queue,
+# in one statement. The reservation row is inserted either way (served, or
+# queued), so two concurrent first uses of one id collide on its primary key
+# and one of them fails whole: never two VMs, never a lease plus a queue entry.
+# Nothing happens in a drained pool. $6 is the queue entry's expiry.
+CLAIM_OR_ENQUEUE = """
+WITH open AS (
+    SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM pools WHERE name = $1 AND drained)
+), pick AS (
+    SELECT name FROM instances
+    WHERE pool = $1 AND state = 'ready' AND EXISTS (SELECT 1 FROM open)
+      AND NOT EXISTS (
+          SELECT 1 FROM reservations WHERE pool = $1 AND instance IS NULL AND NOT served)
+    ORDER BY ready_at, name
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE instances i SET state = 'leased', state_changed_at = $4
+    FROM pick WHERE i.name = pick.name
+    RETURNING i.name, i.pool, i.zone
+), lease AS (
+    INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone)
+    SELECT name, pool, $2, $3, $4, $5, zone FROM claimed
+    RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone
+), res AS (
+    INSERT INTO reservations (id, pool, service_tag, enqueued_at, expires_at, served)
+    SELECT $3, $1, $2, $4,
+           CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN $4 ELSE $6 END,
+           EXISTS (SELECT 1 FROM claimed)
+    FROM open
+    RETURNING seq, served
+)
+SELECT r.seq, r.served, l.instance, l.pool, l.service_tag, l.reservation_id, l.leased_at,
+       l.expires_at, l.zone,
+       (SELECT pg_notify('vmpool_wake', 'enqueue') WHERE NOT r.served) AS notified
+FROM res r LEFT JOIN lease l ON true
+"""
+
 # Serve a queued reservation from the instance set aside for it.
 SERVE_RESERVED = """
 WITH r AS (
     DELETE FROM reservations r USING instances i
-    WHERE r.id = $1 AND i.name = r.instance AND i.state = 'reserved'
+    WHERE r.id = $1 AND NOT r.served AND i.name = r.instance AND i.state = 'reserved'
     RETURNING r.instance, r.pool, r.service_tag, r.enqueued_at
 ), claimed AS (
     UPDATE instances i SET state = 'leased', reservation_id = NULL, state_changed_at = $2
@@ -48,32 +87,22 @@ SELECT 'lease' AS kind, instance, pool, service_tag, expires_at, zone,
 FROM leases WHERE reservation_id = $1
 UNION ALL
 SELECT 'queued', instance, pool, service_tag, expires_at, NULL, NULL, seq
-FROM reservations WHERE id = $1
+FROM reservations WHERE id = $1 AND NOT served
 UNION ALL
 (SELECT 'ended', instance, pool, service_tag, ended_at, zone, leased_at, NULL
  FROM lease_history WHERE reservation_id = $1 ORDER BY ended_at DESC LIMIT 1)
 """
 
-ENQUEUE = """
-WITH ins AS (
-    INSERT INTO reservations (id, pool, service_tag, enqueued_at, expires_at)
-    VALUES ($1, $2, $3, $4, $5)
-    ON CONFLICT (id) DO NOTHING
-    RETURNING seq
-)
-SELECT seq, pg_notify('vmpool_wake', 'enqueue') FROM ins
-"""
-
 # Keep a queued reservation alive; says whether an instance is set aside yet.
 TOUCH_RESERVATION = """
 UPDATE reservations SET expires_at = greatest(expires_at, $2)
-WHERE id = $1
+WHERE id = $1 AND NOT served
 RETURNING instance, seq, pool
 """
 
 QUEUE_POSITION = """
 SELECT count(*) FILTER (WHERE seq <= $2) AS position, count(*) AS length
-FROM reservations WHERE pool = $1
+FROM reservations WHERE pool = $1 AND NOT served
 """
 
 RETURN_LEASE = """
@@ -141,8 +170,9 @@ SELECT 'instances' AS kind, pool, state, count(*) AS n,
        min(created_at) AS oldest_created, min(ready_at) AS oldest_ready, NULL::timestamptz AS due
 FROM instances GROUP BY pool, state
 UNION ALL
-SELECT 'queue', pool, CASE WHEN instance IS NULL THEN 'waiting' ELSE 'set_aside' END, count(*),
-       min(enqueued_at), NULL, min(expires_at)
+SELECT 'queue', pool,
+       CASE WHEN served THEN 'served' WHEN instance IS NULL THEN 'waiting' ELSE 'set_aside' END,
+       count(*), min(enqueued_at), NULL, min(expires_at)
 FROM reservations GROUP BY 1, 2, 3
 UNION ALL
 SELECT 'leases', '', '', count(*), NULL, NULL, min(expires_at) FROM leases
@@ -170,15 +200,16 @@ SELECT instance, pool, service_tag, leased_at FROM ended
 """
 
 # An expired reservation leaves the queue; its set-aside instance is free again.
+# Reservations served at once are only kept until their expiry (= when served).
 EXPIRE_RESERVATIONS = """
 WITH gone AS (
     DELETE FROM reservations WHERE expires_at <= $1
-    RETURNING id, pool, instance
+    RETURNING id, pool, instance, served
 ), freed AS (
     UPDATE instances i SET state = 'ready', reservation_id = NULL, state_changed_at = $1
     FROM gone WHERE i.name = gone.instance AND i.state = 'reserved'
 )
-SELECT id, pool, instance FROM gone
+SELECT id, pool, instance, served FROM gone
 """
 
 # Set the oldest free instance aside for the oldest waiting reservation. The
@@ -187,7 +218,7 @@ SELECT id, pool, instance FROM gone
 SET_ASIDE = """
 WITH r AS (
     SELECT id FROM reservations
-    WHERE pool = $1 AND instance IS NULL
+    WHERE pool = $1 AND instance IS NULL AND NOT served
     ORDER BY seq
     LIMIT 1
     FOR UPDATE
@@ -245,7 +276,7 @@ SELECT name FROM instances WHERE pool = $1 AND state IN ('ready', 'provisioning'
 """
 
 DROP_QUEUE = """
-WITH gone AS (DELETE FROM reservations WHERE pool = $1 RETURNING instance)
+WITH gone AS (DELETE FROM reservations WHERE pool = $1 AND NOT served RETURNING instance)
 UPDATE instances i SET state = 'ready', reservation_id = NULL, state_changed_at = $2
 FROM gone WHERE i.name = gone.instance AND i.state = 'reserved'
 """
@@ -286,7 +317,7 @@ FROM leases WHERE ($1 = '' OR pool = $1) ORDER BY pool, leased_at, instance
 LIST_RESERVATIONS = """
 SELECT id, pool, service_tag, enqueued_at, expires_at, instance,
        row_number() OVER (PARTITION BY pool ORDER BY seq) AS position
-FROM reservations WHERE ($1 = '' OR pool = $1) ORDER BY pool, seq
+FROM reservations WHERE ($1 = '' OR pool = $1) AND NOT served ORDER BY pool, seq
 """
 
 FORCE_RETURN = """

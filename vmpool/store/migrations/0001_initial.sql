@@ -42,8 +42,10 @@ CREATE TABLE leases (
 );
 CREATE INDEX leases_expiry ON leases (expires_at);
 
--- Queued reservations, FIFO by seq. A served reservation leaves this table;
--- its id stays on the lease (and then in lease_history).
+-- Reservations, FIFO by seq. A queued one leaves this table when it is
+-- served; its id stays on the lease (and then in lease_history). One served at
+-- once (a new id with a free instance) is kept briefly as `served`: the
+-- primary key is what makes two concurrent first uses of one id collide.
 CREATE TABLE reservations (
     id           uuid PRIMARY KEY,
     seq          bigserial NOT NULL,
@@ -51,11 +53,13 @@ CREATE TABLE reservations (
     service_tag  text NOT NULL,
     enqueued_at  timestamptz NOT NULL,
     expires_at   timestamptz NOT NULL,
+    served       boolean NOT NULL DEFAULT false,
     instance     text UNIQUE                     -- set aside for it
 );
 -- The set-aside hot path: the oldest reservation still waiting for an instance.
-CREATE INDEX reservations_waiting ON reservations (pool, seq) WHERE instance IS NULL;
-CREATE INDEX reservations_queue ON reservations (pool, seq);
+CREATE INDEX reservations_waiting ON reservations (pool, seq)
+    WHERE instance IS NULL AND NOT served;
+CREATE INDEX reservations_queue ON reservations (pool, seq) WHERE NOT served;
 CREATE INDEX reservations_expiry ON reservations (expires_at);
 
 CREATE TABLE lease_history (

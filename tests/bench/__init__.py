@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m tests.bench [--quick]` (see docs/performance.md)."""

@@ -1,0 +1,318 @@
+"""Headline numbers, targets, and the JSON / markdown / PNG outputs of the bench."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HEADLINE = (
+    "ping_rps", "lease_calls_per_s", "lease_to_ping_ratio", "ping_p99_ms", "lease_p99_ms",
+    "scale_p50_ratio", "handoff_p99_ms", "refill_1000_s", "idle_cpu_percent",
+    "idle_db_statements_per_s", "two_process_speedup",
+)
+
+# (name, description, check(result) -> bool | None)
+Target = tuple[str, str, Callable[[dict[str, Any]], bool | None]]
+
+
+def _cmp(key: str, op: str, limit: float) -> Callable[[dict[str, Any]], bool | None]:
+    def check(r: dict[str, Any]) -> bool | None:
+        v = r.get(key)
+        if v is None:
+            return None
+        return bool(v >= limit) if op == ">=" else bool(v <= limit)
+
+    return check
+
+
+def _lease_vs_ping(r: dict[str, Any]) -> bool | None:
+    if r.get("lease_p99_ms") is None or r.get("ping_p99_ms") is None:
+        return None
+    return bool(r["lease_p99_ms"] <= 1.5 * r["ping_p99_ms"])
+
+
+TARGETS: list[Target] = [
+    ("lease_to_ping_ratio >= 0.7", "Lease+Return calls/s vs Ping calls/s at concurrency 64",
+     _cmp("lease_to_ping_ratio", ">=", 0.7)),
+    ("lease_p99_ms <= 1.5 x ping_p99_ms", "Lease p99 vs Ping p99 at concurrency 64",
+     _lease_vs_ping),
+    ("scale_p50_ratio <= 1.2", "Lease p50 beside 10k instances + 10k reservations vs alone",
+     _cmp("scale_p50_ratio", "<=", 1.2)),
+    ("handoff_p99_ms <= 50", "instance ready -> waiting Lease returned, p99",
+     _cmp("handoff_p99_ms", "<=", 50)),
+    ("refill_1000_s <= 10", "1,000 instances ready (boot_seconds 0) after server spawn",
+     _cmp("refill_1000_s", "<=", 10)),
+    ("idle_cpu_percent <= 2", "server CPU, % of one core, 10k instances, no calls",
+     _cmp("idle_cpu_percent", "<=", 2)),
+    ("idle_db_statements_per_s <= 5", "database transactions/s, 10k instances, no calls",
+     _cmp("idle_db_statements_per_s", "<=", 5)),
+]
+
+
+def _get(d: dict[str, Any], *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
+    if a is None or not b:
+        return None
+    return round(a / b, digits)
+
+
+def headline(details: dict[str, Any], machine: dict[str, Any], quick: bool,
+             failures: list[str]) -> dict[str, Any]:
+    ping_rps = _get(details, "ping", "64", "calls_per_s")
+    lease_rps = _get(details, "lease", "64", "calls_per_s")
+    two = _get(details, "two_process", "calls_per_s")
+    result: dict[str, Any] = {
+        "ping_rps": ping_rps,
+        "lease_calls_per_s": lease_rps,
+        "lease_to_ping_ratio": _ratio(lease_rps, ping_rps),
+        "ping_p99_ms": _get(details, "ping", "64", "ping", "p99_ms"),
+        "lease_p99_ms": _get(details, "lease", "64", "lease", "p99_ms"),
+        "scale_p50_ratio": _ratio(_get(details, "scale", "big", "lease", "p50_ms"),
+                                  _get(details, "scale", "small", "lease", "p50_ms")),
+        "handoff_p99_ms": _get(details, "handoff", "ready_to_return", "p99_ms"),
+        "refill_1000_s": _get(details, "refill", "seconds_from_spawn"),
+        "idle_cpu_percent": _get(details, "idle", "server_cpu_percent"),
+        "idle_db_statements_per_s": _get(details, "idle", "transactions_per_s"),
+        "two_process_speedup": _ratio(two, lease_rps),
+        "machine": machine,
+        "mode": "quick" if quick else "full",
+        "definitions": {
+            "concurrency": "ping_rps, lease_calls_per_s, ping_p99_ms, lease_p99_ms are at "
+                           "concurrency 64 (64 workers over 8 HTTP/2 connections)",
+            "lease_calls_per_s": "Lease + Return calls completed per second by workers "
+                                 "looping Lease -> Return (each counts as one call)",
+            "handoff_p99_ms": "instances.ready_at (set by the reconciler) -> the waiting "
+                              "Lease's reply received by the client",
+            "idle_db_statements_per_s": "pg_stat_database xact_commit + xact_rollback delta "
+                                        "of the server's database (vmpool runs one statement "
+                                        "per transaction on these paths)",
+        },
+        "failures": failures,
+        "details": details,
+    }
+    result["targets"] = {name: check(result) for name, _, check in TARGETS}
+    return result
+
+
+def verdicts(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, desc, _ in TARGETS:
+        ok = result["targets"][name]
+        word = "PASS" if ok else ("FAIL" if ok is not None else "NOT MEASURED")
+        lines.append(f"{word}: {name} ({desc})")
+    return lines
+
+
+def top_frames(raw: Path, n: int = 25) -> list[dict[str, Any]]:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+    self_count: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        total += k
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
+                  + ")" if " (" in f else f for f in stack.split(";")]
+        self_count[frames[-1]] += k
+        for f in set(frames):
+            incl[f] += k
+    if not total:
+        return []
+    out = [{"function": f, "self_percent": round(100 * c / total, 1),
+            "inclusive_percent": round(100 * incl[f] / total, 1)}
+           for f, c in self_count.most_common(n)]
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return "—" if v is None else str(v)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    d = r["details"]
+    lines = [
+        "# vmpool benchmark",
+        "",
+        f"Mode: **{r['mode']}**; total wall time {_fmt(d.get('total_seconds'))} s. "
+        "Generated by `python -m tests.bench` (see docs/performance.md).",
+        "",
+        "## Machine",
+        "",
+        f"- {m['cores']} logical cores ({_fmt(m.get('physical_cores'))} physical), "
+        f"{m['cpu_model']}",
+        f"- {m['memory_gb']} GiB memory; {m['os']}",
+        f"- Python {m['python']}; PostgreSQL {m['postgresql']} (pgserver, same machine)",
+        f"- load average at start: {m['load_average_at_start']}",
+        "- server, PostgreSQL and the load generator share these cores (127.0.0.1)",
+        "",
+        "## Targets",
+        "",
+        "```",
+        *verdicts(r),
+        "```",
+        "",
+        "## Headline numbers",
+        "",
+        "Throughput and p99 figures are at **concurrency 64** (64 workers, 8 HTTP/2 "
+        "connections). `lease_calls_per_s` counts Lease and Return calls together "
+        "(workers loop Lease -> Return).",
+        "",
+        "| key | value |",
+        "|---|---|",
+        *(f"| `{k}` | {_fmt(r[k])} |" for k in HEADLINE),
+        "",
+        "## Per concurrency",
+        "",
+        "| phase | concurrency | calls/s | p50 ms | p99 ms | errors | server CPU % | "
+        "PostgreSQL CPU % | client CPU % | other processes CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c, p in (d.get("ping") or {}).items():
+        lines.append(f"| Ping | {c} | {p['calls_per_s']} | {_get(p, 'ping', 'p50_ms')} | "
+                     f"{_get(p, 'ping', 'p99_ms')} | {sum(p['errors'].values())} | "
+                     f"{p['server_cpu_percent']} | {p['postgres_cpu_percent']} | "
+                     f"{p['client_cpu_percent']} | {p.get('other_processes_cpu_percent')} |")
+    for c, p in (d.get("lease") or {}).items():
+        for kind in ("lease", "return"):
+            lines.append(
+                f"| {kind.capitalize()} (of Lease->Return) | {c} | "
+                f"{_fmt(_get(p, kind, 'calls_per_s'))} | {_fmt(_get(p, kind, 'p50_ms'))} | "
+                f"{_fmt(_get(p, kind, 'p99_ms'))} | "
+                f"{sum(v for k, v in p['errors'].items() if k.startswith(kind))} | "
+                f"{p['server_cpu_percent']} | {p['postgres_cpu_percent']} | "
+                f"{p['client_cpu_percent']} | {p.get('other_processes_cpu_percent')} |")
+    two = d.get("two_process")
+    if two:
+        lines.append(
+            f"| Lease+Return, 2 server processes | 64 | {two['calls_per_s']} | "
+            f"{_fmt(_get(two, 'lease', 'p50_ms'))} | {_fmt(_get(two, 'lease', 'p99_ms'))} | "
+            f"{sum(two['errors'].values())} | {two.get('server_cpu_percent_each')} | "
+            f"{two['postgres_cpu_percent']} | {two['client_cpu_percent']} | "
+            f"{two.get('other_processes_cpu_percent')} |")
+    lines += ["", "## Scenarios", ""]
+    sc = d.get("scale") or {}
+    for label in ("small", "big"):
+        if label in sc:
+            x = sc[label]
+            lines.append(
+                f"- scale {label}: Lease p50 {_fmt(_get(x, 'lease', 'p50_ms'))} ms, p99 "
+                f"{_fmt(_get(x, 'lease', 'p99_ms'))} ms (concurrency 1, "
+                f"{_fmt(_get(x, 'lease', 'calls'))} calls); instances "
+                f"{x['instances_by_state']}, {x['reservations']} queued reservations")
+    h = d.get("handoff")
+    if h:
+        lines.append(
+            f"- hand-off ({h['samples']} waiting Leases, one at a time): ready_at -> reply "
+            f"p50 {h['ready_to_return']['p50_ms']} ms, p99 {h['ready_to_return']['p99_ms']} "
+            f"ms; whole waiting Lease call (enqueue, provision, boot 0 s, set aside, serve) "
+            f"p50 {h['lease_call']['p50_ms']} ms, p99 {h['lease_call']['p99_ms']} ms")
+    f = d.get("refill")
+    if f:
+        lines.append(
+            f"- refill: 1,000 ready {f['seconds_from_spawn']} s after `vmpool serve` was "
+            f"spawned ({f['seconds_to_listen']} s to listen, then "
+            f"{f['seconds_from_listen']} s)")
+    i = d.get("idle")
+    if i:
+        lines.append(
+            f"- idle ({i['window_s']} s window, 10,000 ready instances in 100 pools): server "
+            f"CPU {i['server_cpu_percent']}% of one core, {i['transactions']} transactions "
+            f"({i['transactions_per_s']}/s), {i['server_connections']} server connections")
+    prof = d.get("profile")
+    if prof and prof.get("top"):
+        lines += ["", "## Profile (py-spy, server under Lease->Return at concurrency 64)", "",
+                  "| function | self % | inclusive % |", "|---|---|---|"]
+        lines += [f"| `{t['function']}` | {t['self_percent']} | {t['inclusive_percent']} |"
+                  for t in prof["top"]]
+    if r["failures"]:
+        lines += ["", "## Not measured", "", *(f"- {x}" for x in r["failures"])]
+    lines += ["", f"Scenario wall times (s): {d.get('scenario_seconds')}", ""]
+    return "\n".join(lines)
+
+
+def chart(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = r["details"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    conc = ["1", "16", "64"]
+
+    ax = axes[0]
+    ping = [_get(d, "ping", c, "calls_per_s") or 0 for c in conc]
+    lease = [_get(d, "lease", c, "calls_per_s") or 0 for c in conc]
+    x = range(len(conc))
+    ax.bar([i - 0.2 for i in x], ping, 0.4, label="Ping")
+    ax.bar([i + 0.2 for i in x], lease, 0.4, label="Lease+Return")
+    if d.get("two_process"):
+        ax.bar([2.6], [d["two_process"]["calls_per_s"]], 0.3, label="Lease+Return, 2 procs")
+    ax.set_xticks(list(x), [f"c={c}" for c in conc])
+    ax.set_ylabel("calls/s")
+    ax.set_title("Throughput")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    for name, path_ in (("Ping", ("ping", "ping")), ("Lease", ("lease", "lease")),
+                        ("Return", ("lease", "return"))):
+        for q, style in (("p50_ms", "-o"), ("p99_ms", "--o")):
+            ys = [_get(d, path_[0], c, path_[1], q) for c in conc]
+            if any(y is not None for y in ys):
+                ax.plot([int(c) for c in conc], [y or float("nan") for y in ys], style,
+                        label=f"{name} {q[:3]}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("ms")
+    ax.set_title("Latency per call")
+    ax.legend(fontsize=7)
+
+    ax = axes[2]
+    names, values, colors = [], [], []
+    for name, _, check in TARGETS:
+        key = name.split()[0]
+        v = r.get(key)
+        if key == "lease_p99_ms":
+            v = _ratio(r.get("lease_p99_ms"), 1.5 * (r.get("ping_p99_ms") or 0) or None)
+            limit = 1.0
+        else:
+            limit = float(name.split()[-1])
+            v = None if v is None else (limit / v if ">=" in name else v / limit)
+        names.append(key)
+        values.append(v or 0)
+        ok = check(r)
+        colors.append("tab:green" if ok else ("tab:red" if ok is not None else "tab:gray"))
+    ax.barh(names, values, color=colors)
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("share of target (<= 1 passes)")
+    ax.set_title("Targets")
+    ax.tick_params(axis="y", labelsize=8)
+
+    m = r["machine"]
+    fig.suptitle(f"vmpool bench ({r['mode']}): {m['cores']} cores {m['cpu_model']}, "
+                 f"Python {m['python']}, PostgreSQL {m['postgresql']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    (out / "latest.json").write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    (out / "latest.md").write_text(markdown(result))
+    chart(result, out / "latest.png")

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from tests.pg import TestPostgres
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[TestPostgres]:
+    pg = TestPostgres()
+    asyncio.run(pg.setup_template())
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture
+async def db_url(postgres: TestPostgres) -> str:
+    return await postgres.fresh()
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[asyncpg.Pool]:
+    from vmpool.store.db import create_pool
+
+    pool = await create_pool(db_url, min_size=1, max_size=60)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def no_leftover_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves tasks running on the shared loop (use via usefixtures)."""
+    before = set(asyncio.all_tasks())
+    yield
+    await asyncio.sleep(0)
+    current = asyncio.current_task()
+    left = [
+        t
+        for t in asyncio.all_tasks() - before
+        if t is not current and not t.done() and not t.get_name().startswith("keep:")
+    ]
+    for t in left:
+        t.cancel()
+    assert not left, f"test left tasks running: {[t.get_name() for t in left]}"

@@ -1,0 +1,52 @@
+"""An independent gRPC stack for the lease API: the .proto compiled with
+grpcio-tools at test time (never committed), as the Go clients compile it."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[2]
+PROTO = "intrinsic_proto/vmpoolleaseapi/v1/vmpoolleaseapi.proto"
+
+
+@dataclass(frozen=True)
+class GrpcioModules:
+    pb2: ModuleType
+    pb2_grpc: ModuleType
+    timestamp_pb2: ModuleType
+    empty_pb2: ModuleType
+
+
+def compile_lease_api(out: Path) -> GrpcioModules:
+    from grpc_tools import protoc
+
+    well_known = resources.files("grpc_tools") / "_proto"
+    out.mkdir(parents=True, exist_ok=True)
+    rc = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{REPO / 'api'}",
+            f"-I{well_known}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            PROTO,
+        ]
+    )
+    if rc != 0:
+        raise RuntimeError(f"protoc failed with {rc} on {PROTO}")
+    base = "intrinsic_proto.vmpoolleaseapi.v1.vmpoolleaseapi"
+    sys.path.insert(0, str(out))
+    try:
+        # The generated code imports itself by this absolute name.
+        pb2 = importlib.import_module(f"{base}_pb2")
+        pb2_grpc = importlib.import_module(f"{base}_pb2_grpc")
+    finally:
+        sys.path.remove(str(out))
+    from google.protobuf import empty_pb2, timestamp_pb2
+
+    return GrpcioModules(pb2, pb2_grpc, timestamp_pb2, empty_pb2)

@@ -1,0 +1,78 @@
+"""A TCP proxy in front of the test PostgreSQL that a test can make unreachable:
+"refuse" closes every connection at once (database down), "blackhole" keeps
+connections open but lets nothing through (database hangs)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import urllib.parse
+from typing import Literal
+
+Mode = Literal["pass", "refuse", "blackhole"]
+
+
+class PgProxy:
+    def __init__(self, target_url: str) -> None:
+        self._target = urllib.parse.urlsplit(target_url)
+        self.mode: Mode = "pass"
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    def url(self, database: str) -> str:
+        t = self._target
+        userinfo = t.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
+        return urllib.parse.urlunsplit(("postgresql", netloc, f"/{database}", "", ""))
+
+    async def _upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        t = self._target
+        query = urllib.parse.parse_qs(t.query)
+        port = t.port or 5432
+        if "host" in query and query["host"][0].startswith("/"):
+            return await asyncio.open_unix_connection(f"{query['host'][0]}/.s.PGSQL.{port}")
+        return await asyncio.open_connection(t.hostname or "localhost", port)
+
+    async def start(self) -> PgProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def set_mode(self, mode: Mode) -> None:
+        self.mode = mode
+        if mode == "refuse":
+            for w in list(self._conns):
+                w.transport.abort()
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await src.read(65536):
+                if self.mode == "pass":
+                    dst.write(data)
+                    await dst.drain()
+                elif self.mode == "refuse":
+                    break
+                # blackhole: swallow the bytes
+        dst.transport.abort()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.mode == "refuse":
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await self._upstream()
+        except OSError:
+            writer.transport.abort()
+            return
+        self._conns |= {writer, up_writer}
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            self._conns -= {writer, up_writer}
+
+    async def close(self) -> None:
+        self.set_mode("refuse")
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()

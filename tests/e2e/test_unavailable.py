@@ -1,0 +1,95 @@
+"""Database unreachable -> UNAVAILABLE (spec sections 2 and 4), and the server
+recovers by itself when the database comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from tests.e2e.clients import Client, RpcError
+from tests.e2e.conftest import Running, eventually, lease_when_free
+from tests.e2e.pgproxy import PgProxy
+from tests.pg import TestPostgres
+
+POOLS = [{"name": "alpha", "min_ready": 1, "max_size": 2}]
+
+
+@pytest.fixture(scope="module")
+async def proxy(postgres: TestPostgres) -> AsyncIterator[PgProxy]:
+    p = await PgProxy(postgres.url).start()
+    yield p
+    await p.close()
+
+
+@pytest.fixture(scope="module")
+async def server(
+    start_server: Callable[..., Awaitable[Running]], postgres: TestPostgres, proxy: PgProxy
+) -> AsyncIterator[Running]:
+    direct = await postgres.fresh()
+    database = urllib.parse.urlsplit(direct).path.lstrip("/")
+    running = await start_server(POOLS, db_url=proxy.url(database), name="unavailable")
+    running.db_url = direct  # the test's own queries bypass the proxy
+    yield running
+    proxy.set_mode("pass")
+    assert await asyncio.to_thread(running.proc.terminate, 20) == 0
+    running.assert_clean_log()
+
+
+async def code_and_time(call: Awaitable[object]) -> tuple[str, float]:
+    start = time.monotonic()
+    try:
+        await call
+        code = "OK"
+    except RpcError as err:
+        code = err.code
+    return code, time.monotonic() - start
+
+
+async def recovered(client: Client, server: Running) -> None:
+    async def ping() -> str:
+        return (await code_and_time(client.ping()))[0]
+
+    await eventually(ping, lambda c: c == "OK", 15, "Ping OK after the database came back")
+    lease = await lease_when_free(client, "alpha", timeout=15)
+    await client.return_(lease.instance)
+    assert server.proc.proc is not None and server.proc.proc.poll() is None, "server exited"
+
+
+@pytest.mark.parametrize("mode", ["refuse", "blackhole"])
+async def test_database_unreachable_is_unavailable_and_the_server_recovers(
+    client: Client, server: Running, proxy: PgProxy, mode: str
+) -> None:
+    await server.wait_ready("alpha", 1)
+    held = await lease_when_free(client, "alpha")
+    assert await client.ping() == "pong" or await client.ping()
+
+    proxy.set_mode(mode)  # type: ignore[arg-type]
+    await asyncio.sleep(0.6)  # past the health check's cache of a good answer
+    code, took = await code_and_time(client.ping(timeout=5))
+    assert code == "UNAVAILABLE", code
+    assert took < 2.0, f"Ping took {took:.1f}s to say UNAVAILABLE (a probe needs ~1 s)"
+
+    if mode == "refuse":
+        calls = {
+            "Lease": client.lease("alpha"),
+            "Lease+reservation": client.lease("alpha", reservation_id=
+                                              "1b4e28ba-2fa1-11d2-883f-0016d3cca427"),
+            "GetLease": client.get_lease(held.instance),
+            "ExtendTo": client.extend_to(held.instance, held.expires),
+            "Return": client.return_(held.instance),
+        }
+    else:
+        calls = {"Lease": client.lease("alpha", timeout=15)}
+    for name, call in calls.items():
+        code, took = await code_and_time(call)
+        assert code == "UNAVAILABLE", f"{name}: {code}"
+
+    proxy.set_mode("pass")
+    await recovered(client, server)
+    # The lease held through the outage is still there and can be returned.
+    assert (await client.get_lease(held.instance)).instance == held.instance
+    await client.return_(held.instance)

@@ -1,0 +1,82 @@
+"""Shared builders for integration tests: a movable clock and a wired-up service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from vmpool.config import Config, parse_config
+from vmpool.leaser import Leaser
+from vmpool.metrics import Metrics
+from vmpool.providers.fake import FakeProvider
+from vmpool.reconciler import Reconciler
+from vmpool.store.fakecloud import FakeCloud
+from vmpool.store.inventory import Inventory
+from vmpool.store.leases import LeaseStore
+from vmpool.waiters import Waiters
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, 12, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **kw: float) -> None:
+        self.now += timedelta(**kw)
+
+
+@dataclass
+class World:
+    config: Config
+    clock: Clock
+    db: asyncpg.Pool
+    store: LeaseStore
+    inventory: Inventory
+    provider: FakeProvider
+    reconciler: Reconciler
+    leaser: Leaser
+    waiters: Waiters
+    metrics: Metrics
+
+    async def settle(self, passes: int = 20) -> None:
+        """Run reconcile passes until nothing changes."""
+        for _ in range(passes):
+            if not await self.reconciler.pass_once():
+                await self.reconciler.drain_calls()
+                if not await self.reconciler.pass_once():
+                    return
+            await self.reconciler.drain_calls()
+        raise AssertionError("reconciler did not settle")
+
+    async def counts(self, pool: str) -> dict[str, int]:
+        rows = await self.db.fetch(
+            "SELECT state, count(*) AS n FROM instances WHERE pool = $1 GROUP BY state", pool
+        )
+        return {r["state"]: int(r["n"]) for r in rows}
+
+    async def vms(self) -> set[str]:
+        return {r["name"] for r in await self.db.fetch("SELECT name FROM fake_vms")}
+
+    async def rows(self) -> set[str]:
+        return {r["name"] for r in await self.db.fetch("SELECT name FROM instances")}
+
+
+async def make_world(db: asyncpg.Pool, config: dict[str, Any]) -> World:
+    cfg = parse_config({"provider": {"kind": "fake", "fake": {"boot_seconds": 0}}, **config})
+    clock = Clock()
+    metrics = Metrics()
+    waiters = Waiters()
+    inventory = Inventory(db)
+    await inventory.sync_pools([(p.name, p.labels) for p in cfg.pools])
+    store = LeaseStore(db)
+    provider = FakeProvider(
+        FakeCloud(db), cfg.provider.fake, clock=clock, orphan_grace=timedelta(minutes=10)
+    )
+    reconciler = Reconciler(inventory, provider, cfg, clock, metrics, waiters)
+    leaser = Leaser(store, cfg, clock, waiters, metrics)
+    return World(cfg, clock, db, store, inventory, provider, reconciler, leaser, waiters, metrics)

@@ -1,0 +1,202 @@
+"""Lease rules (spec section 3) end to end through the Leaser on a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import asyncpg
+import pytest
+
+from tests.integration.helpers import World, make_world
+from vmpool import leasing
+
+pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
+
+POOLS = {
+    "pools": [
+        {"name": "alpha", "min_ready": 2, "max_size": 2, "reservation_ttl": "1m"},
+        {"name": "beta", "min_ready": 1, "max_size": 3, "labels": {"b": "1"}},
+    ]
+}
+
+
+@pytest.fixture
+async def world(db: asyncpg.Pool) -> World:
+    w = await make_world(db, POOLS)
+    await w.settle()
+    return w
+
+
+async def test_lease_without_reservation_and_exhaustion(world: World) -> None:
+    a = await world.leaser.lease("alpha", None, "t", None)
+    b = await world.leaser.lease("alpha", None, "t", None)
+    assert a.instance != b.instance
+    assert a.expires_at == world.clock.now + timedelta(minutes=30)
+    with pytest.raises(leasing.Exhausted, match='pool "alpha"'):
+        await world.leaser.lease("alpha", None, "t", None)
+    # Nothing was remembered: no queue entry.
+    assert await world.db.fetchval("SELECT count(*) FROM reservations") == 0
+
+
+async def test_unknown_pool_is_not_found(world: World) -> None:
+    with pytest.raises(leasing.NotFound, match="pool"):
+        await world.leaser.lease("gamma", None, "t", None)
+
+
+async def test_empty_pool_picks_the_one_with_most_free(world: World) -> None:
+    lease = await world.leaser.lease("", None, "t", None)
+    assert lease.pool == "alpha"  # 2 free against 1
+    lease = await world.leaser.lease("", None, "t", None)
+    assert lease.pool == "alpha"  # 1 and 1: ties go by name
+
+
+async def test_retried_reservation_returns_the_same_lease(world: World) -> None:
+    rid = uuid.uuid4()
+    first = await world.leaser.lease("alpha", None, "inctl", rid)
+    world.clock.advance(seconds=20)
+    again = await world.leaser.lease("alpha", None, "inctl", rid)
+    assert again == first
+    assert await world.db.fetchval("SELECT count(*) FROM leases") == 1
+    with pytest.raises(leasing.PermissionDenied, match="service_tag"):
+        await world.leaser.lease("alpha", None, "someone-else", rid)
+
+
+async def test_reservation_queue_position_and_fifo(world: World) -> None:
+    for _ in range(2):
+        await world.leaser.lease("alpha", None, "t", None)
+    rids = [uuid.uuid4() for _ in range(3)]
+    for i, rid in enumerate(rids, start=1):
+        with pytest.raises(leasing.Exhausted) as err:
+            await world.leaser.lease("alpha", None, "t", rid)
+        assert str(err.value) == (
+            f'reservation {rid} is queued at position {i} of {i} in pool "alpha"'
+        )
+    # Position is stable for a retry; the queue does not grow.
+    with pytest.raises(leasing.Exhausted, match="position 2 of 3"):
+        await world.leaser.lease("alpha", None, "t", rids[1])
+    # Return one: its replacement goes to the head of the queue, not to a newcomer.
+    held = await world.db.fetchval("SELECT instance FROM leases LIMIT 1")
+    await world.leaser.return_(held, "t")
+    await world.settle()
+    with pytest.raises(leasing.Exhausted):
+        await world.leaser.lease("alpha", None, "t", None)
+    with pytest.raises(leasing.Exhausted, match="position 2 of 3"):
+        await world.leaser.lease("alpha", None, "t", rids[1])
+    first = await world.leaser.lease("alpha", None, "t", rids[0])
+    assert first.reservation_id == rids[0]
+    with pytest.raises(leasing.Exhausted, match="position 1 of 2"):
+        await world.leaser.lease("alpha", None, "t", rids[1])
+
+
+async def test_queued_reservations_are_demand(db: asyncpg.Pool) -> None:
+    w = await make_world(db, {"pools": [{"name": "p", "min_ready": 0, "max_size": 5}]})
+    await w.settle()
+    assert await w.counts("p") == {}
+    rids = [uuid.uuid4() for _ in range(3)]
+    for rid in rids:
+        with pytest.raises(leasing.Exhausted):
+            await w.leaser.lease("p", None, "t", rid)
+    await w.settle()
+    assert await w.counts("p") == {"reserved": 3}
+    leases = [await w.leaser.lease("p", None, "t", rid) for rid in rids]
+    assert len({x.instance for x in leases}) == 3
+
+
+async def test_expired_reservation_passes_its_instance_on(world: World) -> None:
+    for _ in range(2):
+        await world.leaser.lease("alpha", None, "t", None)
+    late, next_ = uuid.uuid4(), uuid.uuid4()
+    for rid in (late, next_):
+        with pytest.raises(leasing.Exhausted):
+            await world.leaser.lease("alpha", None, "t", rid)
+    held = await world.db.fetchval("SELECT instance FROM leases LIMIT 1")
+    await world.leaser.return_(held, "t")
+    await world.settle()
+    set_aside = await world.db.fetchval("SELECT instance FROM reservations WHERE id = $1", late)
+    assert set_aside is not None
+    # `late` never comes back; `next_` keeps renewing.
+    world.clock.advance(seconds=40)
+    with pytest.raises(leasing.Exhausted):
+        await world.leaser.lease("alpha", None, "t", next_)
+    world.clock.advance(seconds=30)
+    await world.settle()
+    lease = await world.leaser.lease("alpha", None, "t", next_)
+    assert lease.instance == set_aside  # the same VM, not destroyed: nobody used it
+
+
+async def test_waiting_lease_is_woken_by_the_set_aside(world: World) -> None:
+    for _ in range(2):
+        await world.leaser.lease("alpha", None, "t", None)
+    rid = uuid.uuid4()
+    waiting = asyncio.create_task(
+        world.leaser.lease("alpha", None, "t", rid, wait=timedelta(seconds=10))
+    )
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    held = await world.db.fetchval("SELECT instance FROM leases LIMIT 1")
+    await world.leaser.return_(held, "t")
+    start = asyncio.get_running_loop().time()
+    await world.settle()
+    lease = await asyncio.wait_for(waiting, 5)
+    assert lease.reservation_id == rid
+    assert asyncio.get_running_loop().time() - start < 1.0
+
+
+async def test_served_reservation_after_its_lease_ended(world: World) -> None:
+    rid = uuid.uuid4()
+    lease = await world.leaser.lease("alpha", None, "t", rid)
+    await world.leaser.return_(lease.instance, "t")
+    with pytest.raises(leasing.FailedPrecondition, match="reservation_id"):
+        await world.leaser.lease("alpha", None, "t", rid)
+
+
+async def test_reservation_in_another_pool_is_refused(world: World) -> None:
+    rid = uuid.uuid4()
+    await world.leaser.lease("alpha", None, "t", rid)
+    with pytest.raises(leasing.InvalidArgument, match="reservation_id"):
+        await world.leaser.lease("beta", None, "t", rid)
+
+
+async def test_return_and_extend_rules(world: World) -> None:
+    lease = await world.leaser.lease("alpha", None, "t", None)
+    with pytest.raises(leasing.PermissionDenied):
+        await world.leaser.return_(lease.instance, "other")
+    with pytest.raises(leasing.PermissionDenied):
+        await world.leaser.extend_to(lease.instance, world.clock.now + timedelta(hours=1), "x", False)
+    later = world.clock.now + timedelta(hours=3)
+    extended = await world.leaser.extend_to(lease.instance, later, "t", False)
+    assert extended.expires_at == later
+    sooner = world.clock.now + timedelta(minutes=5)
+    same = await world.leaser.extend_to(lease.instance, sooner, "t", True)
+    assert same.expires_at == later
+    shorter = await world.leaser.extend_to(lease.instance, sooner, "t", False)
+    assert shorter.expires_at == sooner
+    capped = await world.leaser.extend_to(
+        lease.instance, world.clock.now + timedelta(days=30), "t", False
+    )
+    assert capped.expires_at == world.clock.now + timedelta(hours=24)
+    assert (await world.leaser.get(lease.instance)).expires_at == capped.expires_at
+    await world.leaser.return_(lease.instance, "t")
+    with pytest.raises(leasing.NotFound):
+        await world.leaser.return_(lease.instance, "t")
+    with pytest.raises(leasing.NotFound):
+        await world.leaser.get(lease.instance)
+    end = await world.db.fetchrow(
+        "SELECT end_reason FROM lease_history WHERE instance = $1", lease.instance
+    )
+    assert end["end_reason"] == "returned"
+
+
+async def test_drained_pool_refuses_leases(world: World) -> None:
+    await world.inventory.set_drained("beta", True)
+    with pytest.raises(leasing.FailedPrecondition, match="drained"):
+        await world.leaser.lease("beta", None, "t", None)
+    with pytest.raises(leasing.FailedPrecondition, match="drained"):
+        await world.leaser.lease("beta", None, "t", uuid.uuid4())
+    await world.settle()
+    assert await world.counts("beta") == {}
+    await world.inventory.set_drained("beta", False)
+    await world.settle()
+    assert (await world.leaser.lease("beta", None, "t", None)).pool == "beta"

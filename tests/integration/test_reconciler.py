@@ -1,0 +1,176 @@
+"""The reconciler with the fake provider on a real database (spec sections 5-6)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import asyncpg
+import pytest
+
+from tests.integration.helpers import make_world
+from vmpool import reconciler as reconciler_module
+from vmpool.store.control import Control
+
+pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
+
+
+async def test_fills_pools_within_limits(db: asyncpg.Pool) -> None:
+    w = await make_world(
+        db, {"pools": [{"name": "p", "min_ready": 6, "max_size": 10, "max_provisioning": 4}]}
+    )
+    await w.reconciler.pass_once()
+    await w.reconciler.drain_calls()
+    assert await w.counts("p") == {"provisioning": 4}
+    await w.settle()
+    assert await w.counts("p") == {"ready": 6}
+    assert await w.vms() == await w.rows()
+    assert all(name.startswith("vmp-") for name in await w.rows())
+
+
+async def test_expired_lease_destroys_the_vm_and_refills(db: asyncpg.Pool) -> None:
+    w = await make_world(db, {"pools": [{"name": "p", "min_ready": 1, "max_size": 2}]})
+    await w.settle()
+    lease = await w.leaser.lease("p", None, "t", None)
+    w.clock.advance(minutes=31)
+    await w.settle()
+    assert lease.instance not in await w.vms()
+    assert lease.instance not in await w.rows()
+    assert await w.counts("p") == {"ready": 1}
+    reason = await db.fetchval(
+        "SELECT end_reason FROM lease_history WHERE instance = $1", lease.instance
+    )
+    assert reason == "expired"
+
+
+async def test_boot_failures_are_replaced_with_backoff(db: asyncpg.Pool) -> None:
+    w = await make_world(
+        db,
+        {
+            "provider": {"kind": "fake", "fake": {"boot_seconds": 0, "failure_rate": 1.0}},
+            "pools": [{"name": "p", "min_ready": 2, "max_size": 4}],
+        },
+    )
+    creates = 0
+    for _ in range(30):
+        await w.reconciler.pass_once()
+        await w.reconciler.drain_calls()
+        creates = await db.fetchval("SELECT count(*) FROM lease_history") or 0
+    # Backoff holds after the first failures: no hot loop creating VMs.
+    made = w.metrics.reconcile_actions.labels("create")._value.get()
+    assert made <= 4, f"created {made} VMs for a pool whose VMs never boot"
+    assert creates == 0
+    assert await w.vms() == await w.rows()
+    assert (await w.counts("p")).get("ready", 0) == 0
+
+
+async def test_boot_timeout(db: asyncpg.Pool) -> None:
+    w = await make_world(
+        db,
+        {
+            "provider": {"kind": "fake", "fake": {"boot_seconds": 3600}},
+            "pools": [{"name": "p", "min_ready": 1, "max_size": 1, "boot_timeout": "5m"}],
+        },
+    )
+    await w.settle()
+    first = await w.rows()
+    assert await w.counts("p") == {"provisioning": 1}
+    w.clock.advance(minutes=6)
+    await w.settle()
+    assert first.isdisjoint(await w.vms())
+    assert first.isdisjoint(await w.rows())
+    assert w.metrics.reconcile_actions.labels("boot failed")._value.get() == 1
+
+
+async def test_vm_deleted_behind_our_back(db: asyncpg.Pool) -> None:
+    w = await make_world(db, {"pools": [{"name": "p", "min_ready": 2, "max_size": 3}]})
+    await w.settle()
+    lease = await w.leaser.lease("p", None, "t", None)
+    free = next(iter(await w.rows() - {lease.instance}))
+    await db.execute("DELETE FROM fake_vms WHERE name = ANY($1::text[])", [free, lease.instance])
+    w.reconciler._last_resync = -1e9  # the periodic full comparison is due
+    await w.settle()
+    assert free not in await w.rows()
+    assert lease.instance not in await w.rows()
+    reason = await db.fetchval(
+        "SELECT end_reason FROM lease_history WHERE instance = $1", lease.instance
+    )
+    assert reason == "vm vanished"
+    assert await w.counts("p") == {"ready": 2}
+    assert await w.vms() == await w.rows()
+
+
+async def test_orphans_are_deleted_after_the_grace(db: asyncpg.Pool) -> None:
+    w = await make_world(db, {"pools": [{"name": "p", "min_ready": 1, "max_size": 1}]})
+    await w.settle()
+    await db.execute(
+        "INSERT INTO fake_vms (name, pool, created_at, ready_at) VALUES ('vmp-orph-an', 'p', now(), now())"
+    )
+    w.reconciler._last_resync = -1e9
+    await w.settle()
+    assert "vmp-orph-an" in await w.vms()  # within the grace: left alone
+    w.clock.advance(minutes=11)
+    w.reconciler._last_resync = -1e9
+    await w.settle()
+    w.reconciler._last_resync = -1e9
+    await w.settle()
+    assert "vmp-orph-an" not in await w.vms()
+    assert await w.vms() == await w.rows()
+
+
+async def test_removing_a_pool_drains_it(db: asyncpg.Pool) -> None:
+    w = await make_world(db, {"pools": [{"name": "keep", "min_ready": 1, "max_size": 1},
+                                         {"name": "gone", "min_ready": 2, "max_size": 2}]})
+    await w.settle()
+    lease = await w.leaser.lease("gone", None, "t", None)
+    w2 = await make_world(db, {"pools": [{"name": "keep", "min_ready": 1, "max_size": 1}]})
+    await w2.settle()
+    assert await w2.counts("gone") == {"leased": 1}  # the lease runs to its end
+    assert await w2.counts("keep") == {"ready": 1}
+    w2.clock.advance(minutes=31)
+    await w2.settle()
+    assert await w2.counts("gone") == {}
+    assert lease.instance not in await w2.vms()
+
+
+async def test_ready_instances_are_recycled_after_max_ready_age(db: asyncpg.Pool) -> None:
+    w = await make_world(
+        db, {"pools": [{"name": "p", "min_ready": 2, "max_size": 2, "max_ready_age": "1h"}]}
+    )
+    await w.settle()
+    old = await w.rows()
+    w.clock.advance(minutes=61)
+    await w.settle()
+    assert len(await w.rows()) == 2
+    assert old.isdisjoint(await w.rows())
+
+
+async def test_one_leader_and_a_quick_takeover(db_url: str) -> None:
+    stop = asyncio.Event()
+    controls = [Control(db_url, 0.1, lambda: None, lambda _: None) for _ in range(3)]
+    tasks = [asyncio.create_task(c.run(stop)) for c in controls]
+    try:
+        deadline = time.monotonic() + 5
+        while sum(c.is_leader() for c in controls) != 1:
+            assert time.monotonic() < deadline, "no leader elected"
+            await asyncio.sleep(0.05)
+        leader = next(c for c in controls if c.is_leader())
+        assert leader._conn is not None
+        leader._conn.terminate()  # as if its process died
+        start = time.monotonic()
+        while not any(c.is_leader() for c in controls if c is not leader):
+            assert time.monotonic() - start < 0.2 * 2 + 1, "no takeover"
+            await asyncio.sleep(0.02)
+        assert sum(c.is_leader() for c in controls) == 1
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        for c in controls:
+            await c.close()
+
+
+def test_instance_names_look_like_inctl_expects() -> None:
+    name = reconciler_module.new_instance_name("small")
+    assert name.startswith("vmp-")
+    assert len(name) == len("vmp-3f30-x9t7q72u")
+    assert name == name.lower()
+    assert name != reconciler_module.new_instance_name("small")

@@ -1,0 +1,78 @@
+"""A real PostgreSQL for tests: pgserver (embedded), or VMPOOL_TEST_DATABASE_URL.
+
+The schema is migrated once into a template database; every test gets a
+fresh copy (CREATE DATABASE ... TEMPLATE), which takes a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import urllib.parse
+import warnings
+from typing import Any
+
+import asyncpg
+
+from vmpool.store.db import migrate
+
+TEMPLATE = "vmpool_test_template"
+_counter = itertools.count()
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+
+
+class TestPostgres:
+    __test__ = False  # not a test class
+
+    def __init__(self) -> None:
+        self._server: Any = None
+        self.url = os.environ.get("VMPOOL_TEST_DATABASE_URL", "")
+        if not self.url:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import pgserver
+            self._dir = tempfile.mkdtemp(prefix="vmpool-test-pg-")
+            self._server = pgserver.get_server(self._dir, cleanup_mode="delete")
+            self.url = self._server.get_uri()
+
+    async def setup_template(self) -> None:
+        admin = await asyncpg.connect(self.url)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+            await admin.execute(f"CREATE DATABASE {TEMPLATE}")
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(with_database(self.url, TEMPLATE))
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    async def fresh(self) -> str:
+        """A new database with the schema applied; returns its URL."""
+        name = f"vmpool_t{os.getpid()}_{next(_counter)}"
+        admin = await asyncpg.connect(self.url)
+        try:
+            await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+        finally:
+            await admin.close()
+        return with_database(self.url, name)
+
+    async def empty(self) -> str:
+        """A new database without the schema."""
+        name = f"vmpool_e{os.getpid()}_{next(_counter)}"
+        admin = await asyncpg.connect(self.url)
+        try:
+            await admin.execute(f"CREATE DATABASE {name}")
+        finally:
+            await admin.close()
+        return with_database(self.url, name)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()

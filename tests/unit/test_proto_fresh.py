@@ -1,0 +1,26 @@
+"""The committed betterproto code must match what api/ generates."""
+
+from __future__ import annotations
+
+import filecmp
+from pathlib import Path
+
+import pytest
+
+from vmpool import protogen
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_generated_code_is_fresh(tmp_path: Path) -> None:
+    pytest.importorskip("grpc_tools")
+    import noxfile
+
+    out = tmp_path / "proto"
+    protogen.generate(out, noxfile.PROTOS)
+    committed = ROOT / "vmpool" / "proto"
+    generated = sorted(p.relative_to(out) for p in out.rglob("*.py"))
+    present = sorted(p.relative_to(committed) for p in committed.rglob("*.py"))
+    assert generated == present, "run `nox -s protos`"
+    stale = [str(p) for p in generated if not filecmp.cmp(out / p, committed / p, shallow=False)]
+    assert not stale, f"stale generated code (run `nox -s protos`): {stale}"
