@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from vmpool.store.errors import StoreUnavailable
 from vmpool.store.leases import LeaseStore
 
 FRESH = 0.5  # seconds a successful check stays good
@@ -21,9 +22,17 @@ class DatabaseHealth:
         """Return if the database answered recently; raise StoreUnavailable if not."""
         if time.monotonic() - self._ok_at < FRESH:
             return
-        if self._inflight is None:
-            self._inflight = asyncio.ensure_future(self._probe())
-        await asyncio.shield(self._inflight)
+        probe = self._inflight
+        if probe is None:
+            probe = self._inflight = asyncio.ensure_future(self._probe())
+            # Callers may give up (timeout, cancelled call): the outcome is still read.
+            probe.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # asyncio.wait, not wait_for: a query to a hung database can take seconds
+        # to cancel, and the answer must come within about a second regardless.
+        done, _ = await asyncio.wait({probe}, timeout=TIMEOUT)
+        if not done:
+            raise StoreUnavailable(f"database did not answer within {TIMEOUT:g}s")
+        probe.result()
 
     async def _probe(self) -> None:
         try:

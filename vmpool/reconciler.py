@@ -70,6 +70,7 @@ class Reconciler:
         self._orphans: dict[str, datetime] = {}  # name -> first seen without a row
         self._last_resync = -1e9
         self._provider_changed = True
+        self._seen: set[str] = set()  # VM names in the previous observation
 
     # --- driving ------------------------------------------------------------------
 
@@ -223,12 +224,16 @@ class Reconciler:
             changed |= bool(done)
         return changed
 
+    def _resync_due(self) -> bool:
+        # Orphans are deleted after orphan_grace: compare often enough for that.
+        every = min(RESYNC, max(1.0, self._provider.orphan_grace.total_seconds() / 2))
+        return time.monotonic() - self._last_resync >= every
+
     def _needs_provider(self, summary: Summary) -> bool:
         busy = any(
             p.counts["provisioning"] or p.counts["destroying"] for p in summary.pools.values()
         )
-        resync = time.monotonic() - self._last_resync >= RESYNC
-        return busy or resync or self._provider_changed
+        return busy or self._resync_due() or self._provider_changed
 
     async def _sync_with_provider(self, now: datetime) -> bool:
         """Compare rows with VMs: boots done or failed, deletions confirmed, drift."""
@@ -236,14 +241,19 @@ class Reconciler:
         if vms is None:
             return False  # the provider's view is not complete yet
         self._provider_changed = False
-        full = time.monotonic() - self._last_resync >= RESYNC
+        full = self._resync_due()
+        # VMs that were there last time and are not now: gone behind our back,
+        # or deletions we asked for. Checked at once, not at the next resync.
+        disappeared = self._seen - vms.keys()
+        self._seen = set(vms)
         rows = await self._inv.work_rows(everything=full)
         if full:
             self._last_resync = time.monotonic()
+        elif disappeared:
+            rows += await self._inv.rows_named(sorted(disappeared))
         changed = await self._boots(rows, vms, now)
         changed |= await self._deletions(rows, vms)
-        if full:
-            changed |= await self._drift(rows, vms, now)
+        changed |= await self._drift(rows, vms, now, orphans=full)
         return changed
 
     async def _boots(
@@ -309,8 +319,10 @@ class Reconciler:
         return bool(gone)
 
     async def _drift(
-        self, rows: list[InstanceRow], vms: Mapping[str, VMStatus], now: datetime
+        self, rows: list[InstanceRow], vms: Mapping[str, VMStatus], now: datetime, *, orphans: bool
     ) -> bool:
+        """Rows whose VM vanished (in ``rows``), and, with ``orphans``, VMs with no row
+        (then ``rows`` must be every row)."""
         names = {r.name for r in rows}
         lost = [
             r.name for r in rows if r.state in ("ready", "reserved", "leased") and r.name not in vms
@@ -329,6 +341,8 @@ class Reconciler:
                     else "VM deleted outside vmpool; will be replaced",
                 )
             changed = True
+        if not orphans:
+            return changed
         grace = self._provider.orphan_grace
         for name in list(self._orphans):
             if name in names or name not in vms:

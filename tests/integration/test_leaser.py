@@ -164,7 +164,9 @@ async def test_return_and_extend_rules(world: World) -> None:
     with pytest.raises(leasing.PermissionDenied):
         await world.leaser.return_(lease.instance, "other")
     with pytest.raises(leasing.PermissionDenied):
-        await world.leaser.extend_to(lease.instance, world.clock.now + timedelta(hours=1), "x", False)
+        await world.leaser.extend_to(
+            lease.instance, world.clock.now + timedelta(hours=1), "x", False
+        )
     later = world.clock.now + timedelta(hours=3)
     extended = await world.leaser.extend_to(lease.instance, later, "t", False)
     assert extended.expires_at == later

@@ -118,8 +118,15 @@ async def test_orphans_are_deleted_after_the_grace(db: asyncpg.Pool) -> None:
 
 
 async def test_removing_a_pool_drains_it(db: asyncpg.Pool) -> None:
-    w = await make_world(db, {"pools": [{"name": "keep", "min_ready": 1, "max_size": 1},
-                                         {"name": "gone", "min_ready": 2, "max_size": 2}]})
+    w = await make_world(
+        db,
+        {
+            "pools": [
+                {"name": "keep", "min_ready": 1, "max_size": 1},
+                {"name": "gone", "min_ready": 2, "max_size": 2},
+            ]
+        },
+    )
     await w.settle()
     lease = await w.leaser.lease("gone", None, "t", None)
     w2 = await make_world(db, {"pools": [{"name": "keep", "min_ready": 1, "max_size": 1}]})

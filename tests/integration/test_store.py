@@ -22,15 +22,15 @@ NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
 
 async def seed(db: asyncpg.Pool, pool: str, ready: int, *, start: int = 0) -> list[str]:
-    await db.execute(
-        "INSERT INTO pools (name) VALUES ($1) ON CONFLICT DO NOTHING", pool
-    )
+    await db.execute("INSERT INTO pools (name) VALUES ($1) ON CONFLICT DO NOTHING", pool)
     names = [f"vmp-{pool}-{i:06d}" for i in range(start, start + ready)]
     await db.execute(
         """INSERT INTO instances (name, pool, state, created_at, ready_at, state_changed_at)
            SELECT n, $2, 'ready', $3::timestamptz, $3::timestamptz + (ord * interval '1 ms'), $3
            FROM unnest($1::text[]) WITH ORDINALITY AS u(n, ord)""",
-        names, pool, NOW,
+        names,
+        pool,
+        NOW,
     )
     return names
 
@@ -45,7 +45,9 @@ async def test_migrations_apply_to_an_empty_database_once(postgres: TestPostgres
         assert await migrate(conns[0]) == []
         tables = {
             r["tablename"]
-            for r in await conns[0].fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
+            for r in await conns[0].fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname='public'"
+            )
         }
         assert {"pools", "instances", "leases", "reservations", "lease_history"} <= tables
     finally:

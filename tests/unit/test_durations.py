@@ -9,8 +9,15 @@ from vmpool.durations import format_duration, parse_duration
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90s", 90), ("30m", 1800), ("8h", 28800), ("1h30m", 5400), ("500ms", 0.5), ("2d", 172800),
-     ("1.5h", 5400)],
+    [
+        ("90s", 90),
+        ("30m", 1800),
+        ("8h", 28800),
+        ("1h30m", 5400),
+        ("500ms", 0.5),
+        ("2d", 172800),
+        ("1.5h", 5400),
+    ],
 )
 def test_parse(text: str, seconds: float) -> None:
     assert parse_duration(text) == timedelta(seconds=seconds)

@@ -9,9 +9,7 @@ from vmpool import leasing
 from vmpool.config import PoolConfig
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
-POOL = PoolConfig(
-    name="p", default_lease=timedelta(minutes=30), max_lease=timedelta(hours=2)
-)
+POOL = PoolConfig(name="p", default_lease=timedelta(minutes=30), max_lease=timedelta(hours=2))
 
 
 @pytest.mark.parametrize("tag", ["", "x" * 129, "tab\there", "caf\u00e9", "nul\x00"])

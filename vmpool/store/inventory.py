@@ -142,6 +142,11 @@ class Inventory:
             rows = await self._pool.fetch(sql.ALL_ROWS if everything else sql.WORK_ROWS)
         return [InstanceRow(*r) for r in rows]
 
+    async def rows_named(self, names: list[str]) -> list[InstanceRow]:
+        async with translated():
+            rows = await self._pool.fetch(sql.ROWS_NAMED, names)
+        return [InstanceRow(*r) for r in rows]
+
     async def mark_ready(
         self, ready: Iterable[tuple[str, str]], now: datetime
     ) -> list[tuple[str, str, datetime]]:

@@ -253,6 +253,11 @@ WHERE state IN ('provisioning', 'destroying')
 
 ALL_ROWS = "SELECT name, pool, state, created_at, destroy_reason FROM instances"
 
+ROWS_NAMED = """
+SELECT name, pool, state, created_at, destroy_reason FROM instances
+WHERE name = ANY ($1::text[]) AND state NOT IN ('provisioning', 'destroying')
+"""
+
 MARK_READY = """
 UPDATE instances i SET state = 'ready', ready_at = $3, zone = z.zone, state_changed_at = $3
 FROM unnest($1::text[], $2::text[]) AS z(name, zone)
