@@ -7,16 +7,11 @@ import nox
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-PROTOS = [
-    "intrinsic_proto/vmpoolleaseapi/v1/vmpoolleaseapi.proto",
-    "vmpool/admin/v1/admin.proto",
-]
-
-
-@nox.session(python=False)
+@nox.session
 def protos(session: nox.Session) -> None:
-    """Regenerate the betterproto code under vmpool/proto from api/."""
-    session.run("python", "-m", "vmpool.protogen", "vmpool/proto", *PROTOS)
+    """Regenerate the betterproto code under vmpool/proto from api/ (vmpool/protogen.py)."""
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "vmpool.protogen", "vmpool/proto")
 
 
 @nox.session

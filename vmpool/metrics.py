@@ -88,3 +88,9 @@ class Metrics:
         self.leader = Gauge(
             "vmpool_reconciler_leader", "1 while this process runs the background work.", registry=r
         )
+
+    def clear_pool_gauges(self) -> None:
+        """Forget per-pool gauges (only the leader exports them)."""
+        self.instances.clear()
+        self.reservations_queued.clear()
+        self.reservation_oldest_age.clear()

@@ -9,6 +9,10 @@ import tempfile
 from pathlib import Path
 
 API = Path(__file__).resolve().parent.parent / "api"
+PROTOS = [
+    "intrinsic_proto/vmpoolleaseapi/v1/vmpoolleaseapi.proto",
+    "vmpool/admin/v1/admin.proto",
+]
 
 
 def generate(out: Path, protos: list[str]) -> None:
@@ -39,7 +43,7 @@ def generate(out: Path, protos: list[str]) -> None:
 
 
 def main() -> None:
-    generate(Path(sys.argv[1]), sys.argv[2:])
+    generate(Path(sys.argv[1]), sys.argv[2:] or PROTOS)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ log = structlog.get_logger("vmpool.reconciler")
 _ALPHABET = string.ascii_lowercase + string.digits
 RESYNC = 30.0  # seconds between full comparisons of rows and VMs (drift)
 RECREATE_AFTER = 30.0  # a provisioning row with no VM this long after create: create again
-BUSY_PAUSE = 0.02  # between passes while there is work
+BUSY_PAUSE = 0.05  # between passes while there is work
+MIN_GAP = 0.05  # at least this between pass starts: under a storm, batch, don't spin
 
 
 def new_instance_name(pool: str) -> str:
@@ -84,13 +85,22 @@ class Reconciler:
 
     async def run(self, stop: asyncio.Event, is_leader: Callable[[], bool]) -> None:
         interval = self._config.reconcile_interval.total_seconds()
+        was_leading = False
         while not stop.is_set():
             busy = False
-            if is_leader():
-                self._metrics.leader.set(1)
+            leading = is_leader()
+            self._metrics.leader.set(1 if leading else 0)
+            if leading:
+                started = time.monotonic()
                 busy = await self._guarded_pass()
-            else:
-                self._metrics.leader.set(0)
+                gap = MIN_GAP - (time.monotonic() - started)
+                if gap > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), gap)
+            elif was_leading:
+                self._metrics.clear_pool_gauges()  # the new leader exports them
+                self._seen.clear()
+            was_leading = leading
             if stop.is_set():
                 break
             with contextlib.suppress(TimeoutError):

@@ -1,6 +1,7 @@
 """A TCP proxy in front of the test PostgreSQL that a test can make unreachable:
 "refuse" closes every connection at once (database down), "blackhole" keeps
-connections open but lets nothing through (database hangs)."""
+connections open but holds every byte until the mode changes (database hangs,
+like a stalled network: nothing is lost, TCP would retransmit it)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class PgProxy:
         self.mode: Mode = "pass"
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.port = 0
 
     def url(self, database: str) -> str:
@@ -41,6 +44,10 @@ class PgProxy:
 
     def set_mode(self, mode: Mode) -> None:
         self.mode = mode
+        if mode == "blackhole":
+            self._flowing.clear()
+        else:
+            self._flowing.set()
         if mode == "refuse":
             for w in list(self._conns):
                 w.transport.abort()
@@ -48,12 +55,11 @@ class PgProxy:
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, ConnectionError):
             while data := await src.read(65536):
-                if self.mode == "pass":
-                    dst.write(data)
-                    await dst.drain()
-                elif self.mode == "refuse":
+                await self._flowing.wait()
+                if self.mode == "refuse":
                     break
-                # blackhole: swallow the bytes
+                dst.write(data)
+                await dst.drain()
         dst.transport.abort()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -257,5 +256,3 @@ def cli(*args: str, server: str, timeout: float = 30.0) -> subprocess.CompletedP
         stdin=subprocess.DEVNULL,
     )
 
-
-__all__ = ["Path"]

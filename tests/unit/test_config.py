@@ -88,6 +88,7 @@ def test_bad_file_stops_serve_with_exit_2_and_one_message(tmp_path: Path) -> Non
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

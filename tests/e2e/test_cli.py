@@ -1,0 +1,134 @@
+"""A tour of the `vmpool` client commands against a running server, as a person or a
+script would use them (spec section 8)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tests.e2e.clients import Client
+from tests.e2e.conftest import Running
+
+POOLS = [
+    {"name": "alpha", "min_ready": 2, "max_size": 4, "labels": {"size": "small", "os": "cirros"}},
+    {"name": "solo", "min_ready": 1, "max_size": 1},
+]
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+@pytest.fixture(scope="module")
+async def server(start_server: Callable[..., Awaitable[Running]]) -> AsyncIterator[Running]:
+    running = await start_server(POOLS, name="cli")
+    await running.wait_ready("alpha", 2)
+    yield running
+    running.assert_clean_log()
+
+
+def vmpool(server: Running, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmpool", *args, "--server", server.address,
+         "--service-tag", "cli-tour"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+
+
+def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, f"expected one JSON line, got {result.stdout!r}"
+    return json.loads(lines[0])
+
+
+def expires(lease: dict[str, str]) -> datetime:
+    assert RFC3339.match(lease["expires"]), lease["expires"]
+    return datetime.fromisoformat(lease["expires"].replace("Z", "+00:00"))
+
+
+def near(a: datetime, b: datetime, seconds: float = 10) -> bool:
+    return abs((a - b).total_seconds()) <= seconds
+
+
+async def test_cli_tour(server: Running) -> None:
+    ping = vmpool(server, "ping")
+    assert ping.returncode == 0 and ping.stdout.strip() == "pong", ping
+
+    assert ok_json(vmpool(server, "pools", "--output", "json")) == [
+        {"name": "alpha", "labels": {"os": "cirros", "size": "small"}},
+        {"name": "solo", "labels": {}},
+    ]
+
+    lease = ok_json(vmpool(server, "lease", "--pool", "alpha", "--output", "json"))
+    assert set(lease) == {"instance", "pool", "expires", "zone"}
+    assert lease["instance"].startswith("vmp-") and lease["pool"] == "alpha" and lease["zone"]
+    assert near(expires(lease), datetime.now(UTC) + timedelta(minutes=30))
+    name = lease["instance"]
+
+    assert ok_json(vmpool(server, "get", name, "--output", "json")) == lease
+    text = vmpool(server, "get", name)
+    assert text.returncode == 0 and name in text.stdout and "alpha" in text.stdout
+
+    longer = ok_json(vmpool(server, "extend", name, "2h", "--output", "json"))
+    assert near(expires(longer), datetime.now(UTC) + timedelta(hours=2))
+    kept = ok_json(vmpool(server, "extend", name, "10m", "--extend-only", "--output", "json"))
+    assert kept == longer, "--extend-only never shortens"
+    noted = vmpool(server, "extend", name, "10m", "--extend-only")
+    assert noted.returncode == 0 and "not the" in noted.stderr, "the CLI warns like inctl"
+
+    intruder = subprocess.run(
+        [sys.executable, "-m", "vmpool", "return", name, "--server", server.address,
+         "--service-tag", "someone-else"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert intruder.returncode == 1 and "PERMISSION_DENIED" in intruder.stderr, intruder
+
+    returned = vmpool(server, "return", name, "--output", "json")
+    assert returned.returncode == 0, returned.stderr
+    gone = vmpool(server, "get", name)
+    assert gone.returncode == 1 and "NOT_FOUND" in gone.stderr and name in gone.stderr, gone
+
+    timed = ok_json(vmpool(server, "lease", "--pool", "alpha", "--duration", "1h",
+                           "--output", "json"))
+    assert near(expires(timed), datetime.now(UTC) + timedelta(hours=1))
+    assert timed["instance"] != name, "a returned instance is never handed out again"
+    assert vmpool(server, "return", timed["instance"]).returncode == 0
+
+    missing = vmpool(server, "lease", "--pool", "nope")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "nope" in missing.stderr
+
+
+async def test_cli_lease_wait_shows_queue_position_and_gets_the_next_instance(
+    server: Running, client_factory: Callable[[str, str], Client]
+) -> None:
+    client = client_factory("grpclib", server.address)
+    await server.wait_ready("solo", 1)
+    blocker = await client.lease("solo")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vmpool", "lease", "--pool", "solo", "--wait", "10s",
+        "--output", "json", "--server", server.address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        start = time.monotonic()
+        line = (await asyncio.wait_for(proc.stderr.readline(), 5)).decode()
+        assert re.search(r'queued at position 1 of 1 in pool "solo"', line), line
+        assert time.monotonic() - start < 5
+        await client.return_(blocker.instance)
+        out, err = await asyncio.wait_for(proc.communicate(), 9)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    lease = json.loads(out.decode())
+    assert lease["pool"] == "solo" and lease["instance"] != blocker.instance
+    await client.return_(lease["instance"], "vmpool-cli")

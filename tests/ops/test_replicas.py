@@ -1,0 +1,144 @@
+"""Several `vmpool serve` processes on one database (spec section 5, last rule;
+operations guide "How it runs"): one leader does the background work, all serve
+RPCs, and when the leader dies another takes over within two reconcile intervals."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+from tests.ops.conftest import (
+    Client,
+    OpsServer,
+    Sql,
+    ascrape,
+    eventually,
+    lease_when_free,
+    sample,
+)
+from tests.pg import TestPostgres
+
+POOL = "rep"
+MIN_READY = 3
+POOLS = [{"name": POOL, "min_ready": MIN_READY, "max_size": 8, "max_provisioning": 8}]
+INTERVAL = 0.3  # conftest's reconcile_interval
+TAKEOVER_SLACK = 0.3  # scheduling on a busy 2-core machine, scrape round trips
+# What only the background work logs (the reconciler's actions).
+RECONCILER_EVENTS = {"provision", "create", "ready", "delete", "destroy", "set aside"}
+
+
+async def leader_gauges(servers: list[OpsServer]) -> list[float]:
+    families = await asyncio.gather(*(ascrape(s.metrics_port) for s in servers))
+    return [sample(f, "vmpool_reconciler_leader") for f in families]
+
+
+def events(server: OpsServer, name: str) -> list[dict[str, object]]:
+    return [r for r in server.records() if r.get("event") == name]
+
+
+def log_time(record: dict[str, object]) -> float:
+    return datetime.fromisoformat(str(record["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+async def test_one_leader_all_serve_and_takeover_after_sigkill(
+    start_server: Callable[..., Awaitable[OpsServer]], postgres: TestPostgres
+) -> None:
+    url = await postgres.fresh()
+    sql = Sql(url)
+    servers = list(
+        await asyncio.gather(
+            *(start_server(POOLS, db_url=url, name=f"replica{i}") for i in range(3))
+        )
+    )
+
+    # Exactly one leader, by the gauge of every process (stable over a few intervals) ...
+    gauges = await eventually(
+        lambda: leader_gauges(servers), lambda g: sorted(g) == [0, 0, 1], 5, "one leader"
+    )
+    leader_at = gauges.index(1)
+    for _ in range(5):
+        await asyncio.sleep(INTERVAL / 2)
+        assert await leader_gauges(servers) == gauges, "leadership moved without a failure"
+    leader = servers[leader_at]
+    followers = [s for s in servers if s is not leader]
+    # ... and by the log: one "leadership acquired", in the leader's log.
+    assert [len(events(s, "leadership acquired")) for s in servers] == [
+        1 if s is leader else 0 for s in servers
+    ]
+
+    # The background work runs once: the pool fills to exactly min_ready, never beyond,
+    # and every VM has exactly one row (and the other way round).
+    await eventually(lambda: sql.counts(POOL), lambda c: c == {"ready": MIN_READY}, 10,
+                     f"{MIN_READY} ready")
+    for _ in range(8):  # a few reconcile intervals of three processes looking at it
+        assert await sql.counts(POOL) == {"ready": MIN_READY}
+        assert await sql.names("fake_vms", POOL) == await sql.names("instances", POOL)
+        await asyncio.sleep(INTERVAL / 2)
+    for f in followers:
+        acted = [r for r in f.records() if r.get("event") in RECONCILER_EVENTS]
+        assert not acted, f"a follower did background work: {acted[:3]}"
+        fam = await ascrape(f.metrics_port)
+        assert sample(fam, "vmpool_reconcile_duration_seconds_count") == 0
+
+    # All three serve Leases (and Returns, across processes).
+    clients = [Client(s.address) for s in servers]
+    try:
+        leased = [await lease_when_free(c, POOL) for c in clients]
+        assert len({lease.instance for lease in leased}) == 3
+        for i, lease in enumerate(leased):
+            await clients[(i + 1) % 3].return_(lease.instance)
+        await eventually(lambda: sql.counts(POOL), lambda c: c == {"ready": MIN_READY}, 10,
+                         "pool refilled after three returns")
+        creates = [r["instance"] for s in servers for r in events(s, "create")]
+        assert len(creates) == len(set(creates)) == MIN_READY + 3, creates
+
+        # Keep one instance leased through a follower, then kill the leader.
+        survivor = clients[servers.index(followers[0])]
+        held = await lease_when_free(survivor, POOL)
+        await eventually(lambda: sql.counts(POOL), lambda c: c.get("ready") == MIN_READY, 10,
+                         "pool refilled after the lease")
+        killed_at = time.time()
+        start = time.monotonic()
+        leader.kill()
+        # Return right after the kill: destroying it and refilling needs the new leader.
+        await survivor.return_(held.instance)
+
+        gauges = await eventually(
+            lambda: leader_gauges(followers), lambda g: sorted(g) == [0, 1], 5,
+            "a new leader's gauge", interval=0.01,
+        )
+        by_gauge = time.monotonic() - start
+        new_leader = followers[gauges.index(1)]
+        acquired = events(new_leader, "leadership acquired")
+        assert len(acquired) == 1
+        by_log = log_time(acquired[0]) - killed_at
+        others = [f for f in followers if f is not new_leader]
+        assert all(not events(f, "leadership acquired") for f in others)
+        print(f"takeover: log {by_log:.3f}s, gauge {by_gauge:.3f}s after SIGKILL")
+        assert by_log <= 2 * INTERVAL + TAKEOVER_SLACK, f"lock taken {by_log:.3f}s after kill"
+        assert by_gauge <= 2 * INTERVAL + TAKEOVER_SLACK, f"gauge set {by_gauge:.3f}s after kill"
+
+        # The work continues: the returned instance is destroyed and replaced.
+        async def gone() -> bool:
+            rows = await sql.val("SELECT count(*) FROM instances WHERE name = $1", held.instance)
+            vms = await sql.val("SELECT count(*) FROM fake_vms WHERE name = $1", held.instance)
+            return rows == 0 and vms == 0
+
+        await eventually(gone, bool, 10, f"{held.instance} destroyed after the takeover")
+        await eventually(lambda: sql.counts(POOL), lambda c: c == {"ready": MIN_READY}, 10,
+                         "pool refilled by the new leader")
+        assert await sql.names("fake_vms", POOL) == await sql.names("instances", POOL)
+        deleted = [r for r in events(new_leader, "delete") if r.get("instance") == held.instance]
+        assert len(deleted) == 1, "the new leader deletes the returned VM exactly once"
+        # The survivors still serve, and still agree on one leader.
+        for s, c in zip(servers, clients, strict=True):
+            if s is not leader:
+                assert await c.ping() == "pong"
+        assert sorted(await leader_gauges(followers)) == [0, 1]
+    finally:
+        for c in clients:
+            c.close()
+    for s in followers:
+        s.assert_no_traceback()
