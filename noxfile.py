@@ -53,3 +53,9 @@ def chaos(session: nox.Session) -> None:
     """Chaos scenarios with an invariant check; `-- --long` for longer runs."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "tests.chaos", *session.posargs)
+
+
+@nox.session(python=False)
+def e2e_kind(session: nox.Session) -> None:
+    """End to end on a real kind cluster with KubeVirt (needs Docker; not on CI)."""
+    session.run("bash", "deploy/kind/e2e.sh", *session.posargs, external=True)

@@ -118,6 +118,7 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
             config.reconcile_interval.total_seconds(),
             on_wake=reconciler.wake,
             on_assigned=waiters.wake,
+            on_leadership=lambda _leading: reconciler.wake(),
         )
         gate = Gate()
         serving = ServiceStatus()

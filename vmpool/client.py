@@ -10,9 +10,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from betterproto import Casing
 from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
 from grpclib.const import Status
@@ -62,11 +63,17 @@ def _print_lease(args: argparse.Namespace, lease: api.Lease) -> None:
     if args.output == "json":
         print(json.dumps(d))
         return
-    left = lease.expires - datetime.now(UTC)
+    left = timedelta(seconds=round((lease.expires - datetime.now(UTC)).total_seconds()))
     print(
         f"{d['instance']}  pool={d['pool']}  zone={d['zone'] or '-'}  "
         f"expires={d['expires']} (in {format_duration(left)})"
     )
+
+
+def _snake(message: Any) -> dict[str, Any]:
+    """A message as a dict with the proto's snake_case names and every field."""
+    out: dict[str, Any] = message.to_pydict(casing=Casing.SNAKE, include_default_values=True)
+    return {k: rfc3339(v) if isinstance(v, datetime) else v for k, v in out.items()}
 
 
 async def ping(args: argparse.Namespace) -> None:
@@ -100,8 +107,12 @@ async def lease(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + wait
     async with _channel(args) as ch:
         stub = api.VmPoolLeaseServiceStub(ch)
+        calls = 0
         while True:
-            step = max(0.0, min(WAIT_STEP, deadline - time.monotonic()))
+            # The first call answers at once, so the queue position shows right away;
+            # the later ones wait server-side for an instance.
+            step = max(0.0, min(WAIT_STEP, deadline - time.monotonic())) if calls else 0.0
+            calls += 1
             metadata = {"x-vmpool-wait": f"{step:.0f}s"} if step >= 1 else None
             request = api.LeaseRequest(
                 pool=args.pool, service_tag=args.service_tag, reservation_id=rid
@@ -119,7 +130,7 @@ async def lease(args: argparse.Namespace) -> None:
                 if not wait or not retry or time.monotonic() >= deadline:
                     raise
                 print(f"waiting: {err.message}", file=sys.stderr, flush=True)
-                if step < 1:
+                if step < 1 and calls > 1:
                     await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 continue
             _print_lease(args, reply.lease)
@@ -172,7 +183,7 @@ async def status(args: argparse.Namespace) -> None:
         reply = await adm.VmPoolAdminServiceStub(ch).pool_stats(
             adm.PoolStatsRequest(), timeout=_timeout(args)
         )
-    rows = [p.to_pydict() for p in reply.pools]
+    rows = [_snake(p) for p in reply.pools]
     if args.output == "json":
         print(json.dumps(rows))
         return
@@ -231,12 +242,12 @@ async def admin(args: argparse.Namespace) -> None:
         out: Any
         if args.action == "leases":
             reply = await stub.list_leases(adm.ListLeasesRequest(pool=args.target), timeout=t)
-            out = [x.to_pydict() for x in reply.leases]
+            out = [_snake(x) for x in reply.leases]
         elif args.action == "reservations":
             res = await stub.list_reservations(
                 adm.ListReservationsRequest(pool=args.target), timeout=t
             )
-            out = [x.to_pydict() for x in res.reservations]
+            out = [_snake(x) for x in res.reservations]
         elif args.action == "force-return":
             await stub.force_return(
                 adm.ForceReturnRequest(instance=args.target, reason=args.reason), timeout=t

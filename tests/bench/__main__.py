@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ HANDOFF_POOL = "handoff"
 class Settings:
     def __init__(self, quick: bool) -> None:
         self.quick = quick
-        self.duration = 2.5 if quick else 10.0  # measured seconds per load phase
+        self.duration = 2.5 if quick else 6.0  # measured seconds per load phase
         self.warmup = 0.5 if quick else 1.0
         self.scale_duration = 3.0 if quick else 10.0
         self.handoff_samples = 30 if quick else 200
@@ -54,7 +55,9 @@ class LoadClient:
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.bench.load"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
 
     def _call(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -131,8 +134,12 @@ def fake(boot_seconds: float = 0.0) -> dict[str, Any]:
 
 
 def pool(name: str, min_ready: int, max_size: int, max_provisioning: int) -> dict[str, Any]:
-    return {"name": name, "min_ready": min_ready, "max_size": max_size,
-            "max_provisioning": max_provisioning}
+    return {
+        "name": name,
+        "min_ready": min_ready,
+        "max_size": max_size,
+        "max_provisioning": max_provisioning,
+    }
 
 
 def server_config(pools: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -147,6 +154,15 @@ async def wait_log(server: ServerProcess, needle: str, timeout: float = 30.0) ->
         if time.monotonic() > deadline:
             raise TimeoutError(f"{server.log_path.name}: no {needle!r} after {timeout}s")
         await asyncio.sleep(0.05)
+
+
+async def transactions(db: asyncpg.Connection) -> int:
+    await db.execute("SELECT pg_stat_clear_snapshot()")
+    n: int = await db.fetchval(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+        "WHERE datname = current_database()"
+    )
+    return n
 
 
 async def ready_count(db: asyncpg.Connection, name: str) -> int:
@@ -170,8 +186,7 @@ async def wait_ready(db: asyncpg.Connection, name: str, n: int, timeout: float) 
 
 
 class Bench:
-    def __init__(self, s: Settings, pg: TestPostgres, work: Path, out: Path,
-                 profile: bool) -> None:
+    def __init__(self, s: Settings, pg: TestPostgres, work: Path, out: Path, profile: bool) -> None:
         self.s = s
         self.pg = pg
         self.work = work
@@ -182,16 +197,31 @@ class Bench:
         self.extra_servers: list[ServerProcess] = []
         self.failures: list[str] = []
 
-    async def phase(self, server: ServerProcess, op: str, c: int, **extra: Any) -> dict[str, Any]:
+    async def phase(
+        self,
+        server: ServerProcess,
+        op: str,
+        c: int,
+        db: asyncpg.Connection | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """One load phase; with ``db`` (the server's database) also counts its
+        transactions per call and the pool's ready instances afterwards."""
         assert server.proc is not None
         servers = [server.proc.pid, *(x.proc.pid for x in self.extra_servers if x.proc)]
+        x0 = await transactions(db) if db is not None else 0
         srv = CpuMeter(servers).start()
         dbm = CpuMeter(postgres_pids(self.pg)).start()
         cli = CpuMeter([self.load.proc.pid]).start()
         box = MachineMeter().start()
         result = await self.load.run(
-            op=op, address=server.address, concurrency=c, channels=CHANNELS,
-            duration=self.s.duration, warmup=self.s.warmup, **extra,
+            op=op,
+            address=server.address,
+            concurrency=c,
+            channels=CHANNELS,
+            duration=self.s.duration,
+            warmup=self.s.warmup,
+            **extra,
         )
         result["server_cpu_percent"] = srv.stop()
         result["postgres_cpu_percent"] = dbm.stop()
@@ -199,6 +229,18 @@ class Bench:
         # Anything else on the machine (other test runs) competes for the same cores.
         result["other_processes_cpu_percent"] = round(max(box.stop() - ours, 0.0), 1)
         result["concurrency"] = c
+        calls = sum(v["calls"] for k, v in result.items() if isinstance(v, dict) and "calls" in v)
+        if calls and result["server_cpu_percent"]:
+            # CPU over the whole run, calls inside the measured window: scale by its length.
+            result["server_cpu_ms_per_call"] = round(
+                10 * result["server_cpu_percent"] * self.s.duration / calls, 3
+            )
+        if db is not None and calls:
+            # Backends publish their statistics at most once a second.
+            await asyncio.sleep(1.1)
+            # Includes the warm-up and the reconciler's work; an upper bound per call.
+            result["db_transactions_per_call"] = round((await transactions(db) - x0) / calls, 2)
+            result["ready_after"] = await ready_count(db, extra.get("pool", MAIN_POOL))
         return result
 
     async def throughput(self) -> None:
@@ -206,8 +248,9 @@ class Bench:
         concurrency, then a second server process on the same database and port."""
         url = await self.pg.fresh()
         cfg = server_config([pool(MAIN_POOL, 1000, 1000, 1000)])
-        server = ServerProcess(cfg, self.work / "main", database_url=url, metrics_port=0,
-                               name="main")
+        server = ServerProcess(
+            cfg, self.work / "main", database_url=url, metrics_port=0, name="main"
+        )
         db = await asyncpg.connect(url)
         second: ServerProcess | None = None
         try:
@@ -220,33 +263,42 @@ class Bench:
                 "seconds_from_spawn": round(refill, 3),
                 "seconds_to_listen": round(listening, 3),
                 "seconds_from_listen": round(refill - listening, 3),
-                "pool": pool(MAIN_POOL, 1000, 1000, 1000), "boot_seconds": 0,
+                "pool": pool(MAIN_POOL, 1000, 1000, 1000),
+                "boot_seconds": 0,
             }
-            print(f"refill: 1000 ready {refill:.2f}s after spawn "
-                  f"({refill - listening:.2f}s after listening)", flush=True)
+            print(
+                f"refill: 1000 ready {refill:.2f}s after spawn "
+                f"({refill - listening:.2f}s after listening)",
+                flush=True,
+            )
 
             ping: dict[str, Any] = {}
             for c in CONCURRENCY:
                 ping[str(c)] = r = await self.phase(server, "ping", c)
-                print(f"ping c={c}: {r['calls_per_s']}/s p50 {r['ping']['p50_ms']} ms "
-                      f"p99 {r['ping']['p99_ms']} ms (server cpu {r['server_cpu_percent']}%, "
-                      f"client cpu {r['client_cpu_percent']}%, other "
-                      f"{r['other_processes_cpu_percent']}%)", flush=True)
+                print(
+                    f"ping c={c}: {r['calls_per_s']}/s p50 {r['ping']['p50_ms']} ms "
+                    f"p99 {r['ping']['p99_ms']} ms (server cpu {r['server_cpu_percent']}%, "
+                    f"client cpu {r['client_cpu_percent']}%, other "
+                    f"{r['other_processes_cpu_percent']}%)",
+                    flush=True,
+                )
             self.details["ping"] = ping
 
             lease: dict[str, Any] = {}
             for c in CONCURRENCY:
                 await wait_ready(db, MAIN_POOL, 900, 30)
-                lease[str(c)] = r = await self.phase(server, "lease", c, pool=MAIN_POOL)
-                print(f"lease+return c={c}: {r['calls_per_s']} calls/s; lease p50 "
-                      f"{r.get('lease', {}).get('p50_ms')} p99 "
-                      f"{r.get('lease', {}).get('p99_ms')} ms; return p50 "
-                      f"{r.get('return', {}).get('p50_ms')} p99 "
-                      f"{r.get('return', {}).get('p99_ms')} ms; errors {r['errors']} "
-                      f"(server cpu {r['server_cpu_percent']}%, pg cpu "
-                      f"{r['postgres_cpu_percent']}%, client cpu {r['client_cpu_percent']}%, other "
-                      f"{r['other_processes_cpu_percent']}%)",
-                      flush=True)
+                lease[str(c)] = r = await self.phase(server, "lease", c, db, pool=MAIN_POOL)
+                print(
+                    f"lease+return c={c}: {r['calls_per_s']} calls/s; lease p50 "
+                    f"{r.get('lease', {}).get('p50_ms')} p99 "
+                    f"{r.get('lease', {}).get('p99_ms')} ms; return p50 "
+                    f"{r.get('return', {}).get('p50_ms')} p99 "
+                    f"{r.get('return', {}).get('p99_ms')} ms; errors {r['errors']} "
+                    f"(server cpu {r['server_cpu_percent']}%, pg cpu "
+                    f"{r['postgres_cpu_percent']}%, client cpu {r['client_cpu_percent']}%, other "
+                    f"{r['other_processes_cpu_percent']}%)",
+                    flush=True,
+                )
             self.details["lease"] = lease
 
             if self.profile:
@@ -255,22 +307,31 @@ class Bench:
 
             # A second process on the same database, listening on the same port.
             await wait_ready(db, MAIN_POOL, 900, 30)
-            second = ServerProcess(cfg, self.work / "second", database_url=url,
-                                   port=server.port, metrics_port=0, name="second")
+            second = ServerProcess(
+                cfg,
+                self.work / "second",
+                database_url=url,
+                port=server.port,
+                metrics_port=0,
+                name="second",
+            )
             second.start()
             await wait_log(second, '"serving"')
             self.extra_servers = [second]
             assert second.proc is not None and server.proc is not None
             one = CpuMeter([server.proc.pid]).start()
             two = CpuMeter([second.proc.pid]).start()
-            r = await self.phase(server, "lease", 64, pool=MAIN_POOL)
+            r = await self.phase(server, "lease", 64, db, pool=MAIN_POOL)
             r["server_cpu_percent_each"] = [one.stop(), two.stop()]
             self.extra_servers = []
             self.details["two_process"] = r
-            print(f"two processes, lease+return c=64: {r['calls_per_s']} calls/s "
-                  f"(cpu per server {r['server_cpu_percent_each']}%, pg "
-                  f"{r['postgres_cpu_percent']}%, client {r['client_cpu_percent']}%), "
-                  f"errors {r['errors']}", flush=True)
+            print(
+                f"two processes, lease+return c=64: {r['calls_per_s']} calls/s "
+                f"(cpu per server {r['server_cpu_percent_each']}%, pg "
+                f"{r['postgres_cpu_percent']}%, client {r['client_cpu_percent']}%), "
+                f"errors {r['errors']}",
+                flush=True,
+            )
         finally:
             await db.close()
             if second is not None:
@@ -282,15 +343,28 @@ class Bench:
         assert server.proc is not None
         raw = self.out / "profile-lease.txt"
         secs = max(3, int(self.s.duration))
-        spy = [
-            subprocess.Popen(["py-spy", "record", "-p", str(server.proc.pid), "-d", str(secs),
-                              "-r", "100", "-f", fmt, "-o", str(path), "--nonblocking"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for fmt, path in (("raw", raw),)
-        ]
+        try:
+            spy = await asyncio.create_subprocess_exec(
+                "py-spy",
+                "record",
+                "-p",
+                str(server.proc.pid),
+                "-d",
+                str(secs),
+                "-r",
+                "100",
+                "-f",
+                "raw",
+                "-o",
+                str(raw),
+                "--nonblocking",
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+        except FileNotFoundError:
+            return {"skipped": "py-spy is not installed"}
         r = await self.phase(server, "lease", 64, pool=MAIN_POOL)
-        for p in spy:
-            await asyncio.to_thread(p.wait)
+        await spy.wait()
         r["top"] = report.top_frames(raw) if raw.exists() else []
         return r
 
@@ -305,27 +379,41 @@ class Bench:
                 pools += [pool(f"fill-{p:03d}", 100, 100, 5) for p in range(100)]
                 pools += [pool(f"queue-{p:03d}", 0, 0, 1) for p in range(100)]
                 await seed(url, ready_pools=100, per_pool=100, queue_pools=100, queued=100)
-            server = ServerProcess(server_config(pools), self.work / f"scale-{label}",
-                                   database_url=url, metrics_port=0, name=f"scale-{label}")
+            server = ServerProcess(
+                server_config(pools),
+                self.work / f"scale-{label}",
+                database_url=url,
+                metrics_port=0,
+                name=f"scale-{label}",
+            )
             db = await asyncpg.connect(url)
             try:
                 server.start()
                 await wait_ready(db, SCALE_POOL, 100, 30)
                 await asyncio.sleep(1.5)  # let the first reconcile passes (full resync) finish
-                counts = dict(await db.fetch(
-                    "SELECT state, count(*) FROM instances GROUP BY state"))
+                counts = dict(
+                    await db.fetch("SELECT state, count(*) FROM instances GROUP BY state")
+                )
                 queued = await db.fetchval("SELECT count(*) FROM reservations")
                 r = await self.load.run(
-                    op="lease", address=server.address, concurrency=1, channels=1,
-                    duration=self.s.scale_duration, warmup=self.s.warmup, pool=SCALE_POOL,
+                    op="lease",
+                    address=server.address,
+                    concurrency=1,
+                    channels=1,
+                    duration=self.s.scale_duration,
+                    warmup=self.s.warmup,
+                    pool=SCALE_POOL,
                 )
                 r["instances_by_state"] = {k: int(v) for k, v in counts.items()}
                 r["reservations"] = int(queued)
                 results[label] = r
                 lease = r.get("lease", {})
-                print(f"scale {label}: lease p50 {lease.get('p50_ms')} p99 "
-                      f"{lease.get('p99_ms')} ms at concurrency 1 ({counts}, "
-                      f"{queued} reservations), errors {r['errors']}", flush=True)
+                print(
+                    f"scale {label}: lease p50 {lease.get('p50_ms')} p99 "
+                    f"{lease.get('p99_ms')} ms at concurrency 1 ({counts}, "
+                    f"{queued} reservations), errors {r['errors']}",
+                    flush=True,
+                )
             finally:
                 await db.close()
                 server.__exit__()
@@ -335,15 +423,26 @@ class Bench:
         """A waiting Lease (reservation_id + x-vmpool-wait) in an empty pool: the
         reservation is demand, the reconciler provisions (boot 0 s), sets aside, wakes."""
         url = await self.pg.fresh()
-        server = ServerProcess(server_config([pool(HANDOFF_POOL, 0, 50, 50)]),
-                               self.work / "handoff", database_url=url, metrics_port=0,
-                               name="handoff")
+        server = ServerProcess(
+            server_config([pool(HANDOFF_POOL, 0, 50, 50)]),
+            self.work / "handoff",
+            database_url=url,
+            metrics_port=0,
+            name="handoff",
+        )
         try:
             server.start()
             await wait_log(server, '"serving"')
-            r = await self.load.run(op="handoff", address=server.address, concurrency=1,
-                                    channels=1, count=self.s.handoff_samples, wait="10s",
-                                    pool=HANDOFF_POOL, database_url=url)
+            r = await self.load.run(
+                op="handoff",
+                address=server.address,
+                concurrency=1,
+                channels=1,
+                count=self.s.handoff_samples,
+                wait="10s",
+                pool=HANDOFF_POOL,
+                database_url=url,
+            )
         finally:
             server.__exit__()
         from tests.bench.load import percentiles
@@ -351,28 +450,31 @@ class Bench:
         gaps = [x["ready_to_return_s"] for x in r["samples"] if x["ready_to_return_s"] is not None]
         calls = [x["lease_call_s"] for x in r["samples"]]
         self.details["handoff"] = {
-            "samples": len(gaps), "errors": r["errors"],
+            "samples": len(gaps),
+            "errors": r["errors"],
             "ready_to_return": percentiles(gaps),
             "lease_call": percentiles(calls),
         }
-        print(f"handoff: ready->Lease returned p50 "
-              f"{self.details['handoff']['ready_to_return']['p50_ms']} p99 "
-              f"{self.details['handoff']['ready_to_return']['p99_ms']} ms over {len(gaps)}; "
-              f"whole waiting Lease p50 {self.details['handoff']['lease_call']['p50_ms']} ms",
-              flush=True)
+        print(
+            f"handoff: ready->Lease returned p50 "
+            f"{self.details['handoff']['ready_to_return']['p50_ms']} p99 "
+            f"{self.details['handoff']['ready_to_return']['p99_ms']} ms over {len(gaps)}; "
+            f"whole waiting Lease p50 {self.details['handoff']['lease_call']['p50_ms']} ms",
+            flush=True,
+        )
 
     async def idle(self) -> None:
         """10,000 ready instances in 100 pools, no calls: server CPU and statements/s."""
         url = await self.pg.fresh()
         await seed(url, ready_pools=100, per_pool=100, queue_pools=0, queued=0)
         pools = [pool(f"fill-{p:03d}", 100, 100, 5) for p in range(100)]
-        server = ServerProcess(server_config(pools), self.work / "idle", database_url=url,
-                               metrics_port=0, name="idle")
+        server = ServerProcess(
+            server_config(pools), self.work / "idle", database_url=url, metrics_port=0, name="idle"
+        )
         dbname = urllib.parse.urlsplit(url).path.lstrip("/")
         # Measure from another database, so our own queries do not count.
         admin = await asyncpg.connect(with_database(url, "postgres"))
-        query = ("SELECT xact_commit + xact_rollback FROM pg_stat_database "
-                 "WHERE datname = $1")
+        query = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1"
         try:
             server.start()
             await asyncio.sleep(self.s.idle_settle)
@@ -382,7 +484,7 @@ class Bench:
             x0 = await admin.fetchval(query, dbname)
             cpu.start()
             t0 = time.perf_counter()
-            await asyncio.sleep(self.s.idle_window)
+            seen = await sample_statements(admin, dbname, self.s.idle_window)
             cpu_pct = cpu.stop()
             # Backends flush their statistics at most once a second: let them.
             await asyncio.sleep(1.2)
@@ -390,7 +492,8 @@ class Bench:
             x1 = await admin.fetchval(query, dbname)
             elapsed = time.perf_counter() - t0
             counts = await admin.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", dbname)
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", dbname
+            )
         finally:
             await admin.close()
             server.__exit__()
@@ -400,56 +503,93 @@ class Bench:
             "transactions": int(x1 - x0),
             "transactions_per_s": round((x1 - x0) / elapsed, 2),
             "server_connections": int(counts),
+            # Cross-check: distinct (backend, query_start) seen in pg_stat_activity,
+            # sampled every 5 ms: the statements themselves, by text.
+            "sampled_statements_per_s": round(sum(seen.values()) / self.s.idle_window, 2),
+            "sampled_statements": dict(seen.most_common(10)),
             "instances": 10000,
         }
-        print(f"idle: server cpu {cpu_pct}% of a core; {x1 - x0} transactions in "
-              f"{elapsed:.1f}s", flush=True)
+        print(
+            f"idle: server cpu {cpu_pct}% of a core; {x1 - x0} transactions in {elapsed:.1f}s",
+            flush=True,
+        )
 
     def close(self) -> None:
         self.load.close()
 
 
-async def seed(url: str, *, ready_pools: int, per_pool: int, queue_pools: int,
-               queued: int) -> None:
+async def sample_statements(admin: asyncpg.Connection, dbname: str, seconds: float) -> Counter[str]:
+    """Statements run in ``dbname`` during ``seconds``, by their first 60 characters."""
+    seen: set[tuple[int, Any, str]] = set()
+    start = await admin.fetchval("SELECT clock_timestamp()")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for r in await admin.fetch(
+            "SELECT pid, query_start, left(regexp_replace(query, '\\s+', ' ', 'g'), 60) AS q "
+            "FROM pg_stat_activity WHERE datname = $1 AND query_start IS NOT NULL",
+            dbname,
+        ):
+            if r["query_start"] >= start:
+                seen.add((r["pid"], r["query_start"], r["q"].strip()))
+        await asyncio.sleep(0.005)
+    return Counter(q for _, _, q in seen)
+
+
+async def seed(url: str, *, ready_pools: int, per_pool: int, queue_pools: int, queued: int) -> None:
     """Insert ready instances (with their fake VMs) and queued reservations directly."""
     db = await asyncpg.connect(url)
     try:
         async with db.transaction():
             await db.execute(
                 "INSERT INTO pools (name) SELECT format('fill-%s', lpad(p::text, 3, '0')) "
-                "FROM generate_series(0, $1 - 1) p", ready_pools)
+                "FROM generate_series(0, $1 - 1) p",
+                ready_pools,
+            )
             await db.execute(
                 "INSERT INTO pools (name) SELECT format('queue-%s', lpad(p::text, 3, '0')) "
-                "FROM generate_series(0, $1 - 1) p", queue_pools)
-            await db.execute("""
+                "FROM generate_series(0, $1 - 1) p",
+                queue_pools,
+            )
+            await db.execute(
+                """
                 INSERT INTO instances (name, pool, state, zone, created_at, ready_at,
                                        state_changed_at)
                 SELECT format('vmp-seed-%s-%s', p, i), format('fill-%s', lpad(p::text, 3, '0')),
                        'ready', 'fake-zone-a', now() - interval '1 hour',
                        now() - interval '1 hour' + i * interval '1 ms', now()
                 FROM generate_series(0, $1 - 1) p, generate_series(0, $2 - 1) i
-            """, ready_pools, per_pool)
+            """,
+                ready_pools,
+                per_pool,
+            )
             await db.execute("""
                 INSERT INTO fake_vms (name, pool, created_at, ready_at, fails, zone)
                 SELECT name, pool, created_at, ready_at, false, zone FROM instances
             """)
-            await db.execute("""
+            await db.execute(
+                """
                 INSERT INTO reservations (id, pool, service_tag, enqueued_at, expires_at)
                 SELECT gen_random_uuid(), format('queue-%s', lpad(p::text, 3, '0')), 'bench',
                        now(), now() + interval '1 day'
                 FROM generate_series(0, $1 - 1) p, generate_series(0, $2 - 1) i
-            """, queue_pools, queued)
-        await db.execute("ANALYZE")
+            """,
+                queue_pools,
+                queued,
+            )
+        await db.execute("VACUUM ANALYZE")  # or autovacuum would run during the idle window
     finally:
         await db.close()
 
 
-async def machine(pg_url: str) -> dict[str, Any]:
-    model = ""
+def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+async def machine(pg_url: str) -> dict[str, Any]:
+    model = cpu_model()
     db = await asyncpg.connect(pg_url)
     try:
         version = await db.fetchval("SHOW server_version")
@@ -470,7 +610,6 @@ async def machine(pg_url: str) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> int:
     s = Settings(args.quick)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pg = TestPostgres()
     bench: Bench | None = None
@@ -488,7 +627,8 @@ async def run(args: argparse.Namespace) -> int:
                     bench.failures.append(f"{name}: {type(err).__name__}: {err}")
                     print(f"FAILED to measure {name}: {err!r}", flush=True)
                 bench.details.setdefault("scenario_seconds", {})[name] = round(
-                    time.perf_counter() - t0, 1)
+                    time.perf_counter() - t0, 1
+                )
             bench.close()
     finally:
         if bench is not None:
@@ -510,10 +650,15 @@ async def run(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short phases (under 2 minutes)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also py-spy the server under Lease load (profile-lease.*)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also py-spy the server under Lease load (profile-lease.*)",
+    )
     parser.add_argument("--out", default="bench-results", help="output directory")
-    return asyncio.run(run(parser.parse_args()))
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -45,8 +45,12 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
         i = min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))
         return round(ordered[i] * 1000, 3)
 
-    return {"p50_ms": rank(0.50), "p90_ms": rank(0.90), "p99_ms": rank(0.99),
-            "max_ms": round(ordered[-1] * 1000, 3)}
+    return {
+        "p50_ms": rank(0.50),
+        "p90_ms": rank(0.90),
+        "p99_ms": rank(0.99),
+        "max_ms": round(ordered[-1] * 1000, 3),
+    }
 
 
 class Window:
@@ -76,8 +80,11 @@ class Window:
         total = 0
         for kind, lats in self.latencies.items():
             total += len(lats)
-            out[kind] = {"calls": len(lats), "calls_per_s": round(len(lats) / duration, 1),
-                         **percentiles(lats)}
+            out[kind] = {
+                "calls": len(lats),
+                "calls_per_s": round(len(lats) / duration, 1),
+                **percentiles(lats),
+            }
         out["calls_per_s"] = round(total / duration, 1)
         return out
 
@@ -97,8 +104,9 @@ async def _lease_worker(stub: api.VmPoolLeaseServiceStub, w: Window, pool: str) 
     while not w.done():
         t0 = time.perf_counter()
         try:
-            reply = await stub.lease(api.LeaseRequest(pool=pool, service_tag=TAG),
-                                     timeout=CALL_TIMEOUT)
+            reply = await stub.lease(
+                api.LeaseRequest(pool=pool, service_tag=TAG), timeout=CALL_TIMEOUT
+            )
         except GRPCError as err:
             w.error("lease", t0, err)
             await asyncio.sleep(0.005)  # the pool ran dry: do not spin on errors
@@ -117,8 +125,13 @@ async def _lease_worker(stub: api.VmPoolLeaseServiceStub, w: Window, pool: str) 
 
 
 async def _handoff_worker(
-    stub: api.VmPoolLeaseServiceStub, db: Any, pool: str, count: int, wait: str,
-    samples: list[dict[str, Any]], errors: dict[str, int],
+    stub: api.VmPoolLeaseServiceStub,
+    db: Any,
+    pool: str,
+    count: int,
+    wait: str,
+    samples: list[dict[str, Any]],
+    errors: dict[str, int],
 ) -> None:
     for _ in range(count):
         rid = str(uuid.uuid4())
@@ -126,7 +139,8 @@ async def _handoff_worker(
         try:
             reply = await stub.lease(
                 api.LeaseRequest(pool=pool, service_tag=TAG, reservation_id=rid),
-                timeout=CALL_TIMEOUT, metadata={"x-vmpool-wait": wait},
+                timeout=CALL_TIMEOUT,
+                metadata={"x-vmpool-wait": wait},
             )
         except GRPCError as err:
             errors[err.status.name] = errors.get(err.status.name, 0) + 1
@@ -135,13 +149,16 @@ async def _handoff_worker(
         call = time.perf_counter() - t0
         instance = reply.lease.instance
         ready_at = await db.fetchval("SELECT ready_at FROM instances WHERE name = $1", instance)
-        samples.append({
-            "instance": instance,
-            "lease_call_s": call,
-            "ready_to_return_s": (returned - ready_at).total_seconds() if ready_at else None,
-        })
-        await stub.return_(api.ReturnRequest(instance=instance, service_tag=TAG),
-                           timeout=CALL_TIMEOUT)
+        samples.append(
+            {
+                "instance": instance,
+                "lease_call_s": call,
+                "ready_to_return_s": (returned - ready_at).total_seconds() if ready_at else None,
+            }
+        )
+        await stub.return_(
+            api.ReturnRequest(instance=instance, service_tag=TAG), timeout=CALL_TIMEOUT
+        )
 
 
 def _channels(address: str, n: int) -> list[Channel]:
@@ -164,11 +181,20 @@ async def run(cmd: dict[str, Any]) -> dict[str, Any]:
             errors: dict[str, int] = {}
             per = max(1, int(cmd["count"]) // concurrency)
             try:
-                await asyncio.gather(*(
-                    _handoff_worker(stubs[i % len(stubs)], db, cmd["pool"], per,
-                                    cmd.get("wait", "10s"), samples, errors)
-                    for i in range(concurrency)
-                ))
+                await asyncio.gather(
+                    *(
+                        _handoff_worker(
+                            stubs[i % len(stubs)],
+                            db,
+                            cmd["pool"],
+                            per,
+                            cmd.get("wait", "10s"),
+                            samples,
+                            errors,
+                        )
+                        for i in range(concurrency)
+                    )
+                )
             finally:
                 await db.close()
             out: dict[str, Any] = {"samples": samples, "errors": errors}
@@ -177,8 +203,9 @@ async def run(cmd: dict[str, Any]) -> dict[str, Any]:
             if op == "ping":
                 workers = [_ping_worker(stubs[i % len(stubs)], w) for i in range(concurrency)]
             elif op == "lease":
-                workers = [_lease_worker(stubs[i % len(stubs)], w, cmd["pool"])
-                           for i in range(concurrency)]
+                workers = [
+                    _lease_worker(stubs[i % len(stubs)], w, cmd["pool"]) for i in range(concurrency)
+                ]
             else:
                 raise ValueError(f"unknown op {op!r}")
             await asyncio.gather(*workers)

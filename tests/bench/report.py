@@ -9,9 +9,17 @@ from pathlib import Path
 from typing import Any
 
 HEADLINE = (
-    "ping_rps", "lease_calls_per_s", "lease_to_ping_ratio", "ping_p99_ms", "lease_p99_ms",
-    "scale_p50_ratio", "handoff_p99_ms", "refill_1000_s", "idle_cpu_percent",
-    "idle_db_statements_per_s", "two_process_speedup",
+    "ping_rps",
+    "lease_calls_per_s",
+    "lease_to_ping_ratio",
+    "ping_p99_ms",
+    "lease_p99_ms",
+    "scale_p50_ratio",
+    "handoff_p99_ms",
+    "refill_1000_s",
+    "idle_cpu_percent",
+    "idle_db_statements_per_s",
+    "two_process_speedup",
 )
 
 # (name, description, check(result) -> bool | None)
@@ -35,20 +43,41 @@ def _lease_vs_ping(r: dict[str, Any]) -> bool | None:
 
 
 TARGETS: list[Target] = [
-    ("lease_to_ping_ratio >= 0.7", "Lease+Return calls/s vs Ping calls/s at concurrency 64",
-     _cmp("lease_to_ping_ratio", ">=", 0.7)),
-    ("lease_p99_ms <= 1.5 x ping_p99_ms", "Lease p99 vs Ping p99 at concurrency 64",
-     _lease_vs_ping),
-    ("scale_p50_ratio <= 1.2", "Lease p50 beside 10k instances + 10k reservations vs alone",
-     _cmp("scale_p50_ratio", "<=", 1.2)),
-    ("handoff_p99_ms <= 50", "instance ready -> waiting Lease returned, p99",
-     _cmp("handoff_p99_ms", "<=", 50)),
-    ("refill_1000_s <= 10", "1,000 instances ready (boot_seconds 0) after server spawn",
-     _cmp("refill_1000_s", "<=", 10)),
-    ("idle_cpu_percent <= 2", "server CPU, % of one core, 10k instances, no calls",
-     _cmp("idle_cpu_percent", "<=", 2)),
-    ("idle_db_statements_per_s <= 5", "database transactions/s, 10k instances, no calls",
-     _cmp("idle_db_statements_per_s", "<=", 5)),
+    (
+        "lease_to_ping_ratio >= 0.7",
+        "Lease+Return calls/s vs Ping calls/s at concurrency 64",
+        _cmp("lease_to_ping_ratio", ">=", 0.7),
+    ),
+    (
+        "lease_p99_ms <= 1.5 x ping_p99_ms",
+        "Lease p99 vs Ping p99 at concurrency 64",
+        _lease_vs_ping,
+    ),
+    (
+        "scale_p50_ratio <= 1.2",
+        "Lease p50 beside 10k instances + 10k reservations vs alone",
+        _cmp("scale_p50_ratio", "<=", 1.2),
+    ),
+    (
+        "handoff_p99_ms <= 50",
+        "instance ready -> waiting Lease returned, p99",
+        _cmp("handoff_p99_ms", "<=", 50),
+    ),
+    (
+        "refill_1000_s <= 10",
+        "1,000 instances ready (boot_seconds 0) after server spawn",
+        _cmp("refill_1000_s", "<=", 10),
+    ),
+    (
+        "idle_cpu_percent <= 2",
+        "server CPU, % of one core, 10k instances, no calls",
+        _cmp("idle_cpu_percent", "<=", 2),
+    ),
+    (
+        "idle_db_statements_per_s <= 5",
+        "database transactions/s, 10k instances, no calls",
+        _cmp("idle_db_statements_per_s", "<=", 5),
+    ),
 ]
 
 
@@ -66,8 +95,9 @@ def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
     return round(a / b, digits)
 
 
-def headline(details: dict[str, Any], machine: dict[str, Any], quick: bool,
-             failures: list[str]) -> dict[str, Any]:
+def headline(
+    details: dict[str, Any], machine: dict[str, Any], quick: bool, failures: list[str]
+) -> dict[str, Any]:
     ping_rps = _get(details, "ping", "64", "calls_per_s")
     lease_rps = _get(details, "lease", "64", "calls_per_s")
     two = _get(details, "two_process", "calls_per_s")
@@ -77,8 +107,10 @@ def headline(details: dict[str, Any], machine: dict[str, Any], quick: bool,
         "lease_to_ping_ratio": _ratio(lease_rps, ping_rps),
         "ping_p99_ms": _get(details, "ping", "64", "ping", "p99_ms"),
         "lease_p99_ms": _get(details, "lease", "64", "lease", "p99_ms"),
-        "scale_p50_ratio": _ratio(_get(details, "scale", "big", "lease", "p50_ms"),
-                                  _get(details, "scale", "small", "lease", "p50_ms")),
+        "scale_p50_ratio": _ratio(
+            _get(details, "scale", "big", "lease", "p50_ms"),
+            _get(details, "scale", "small", "lease", "p50_ms"),
+        ),
         "handoff_p99_ms": _get(details, "handoff", "ready_to_return", "p99_ms"),
         "refill_1000_s": _get(details, "refill", "seconds_from_spawn"),
         "idle_cpu_percent": _get(details, "idle", "server_cpu_percent"),
@@ -88,14 +120,14 @@ def headline(details: dict[str, Any], machine: dict[str, Any], quick: bool,
         "mode": "quick" if quick else "full",
         "definitions": {
             "concurrency": "ping_rps, lease_calls_per_s, ping_p99_ms, lease_p99_ms are at "
-                           "concurrency 64 (64 workers over 8 HTTP/2 connections)",
+            "concurrency 64 (64 workers over 8 HTTP/2 connections)",
             "lease_calls_per_s": "Lease + Return calls completed per second by workers "
-                                 "looping Lease -> Return (each counts as one call)",
+            "looping Lease -> Return (each counts as one call)",
             "handoff_p99_ms": "instances.ready_at (set by the reconciler) -> the waiting "
-                              "Lease's reply received by the client",
+            "Lease's reply received by the client",
             "idle_db_statements_per_s": "pg_stat_database xact_commit + xact_rollback delta "
-                                        "of the server's database (vmpool runs one statement "
-                                        "per transaction on these paths)",
+            "of the server's database (vmpool runs one statement "
+            "per transaction on these paths)",
         },
         "failures": failures,
         "details": details,
@@ -124,16 +156,25 @@ def top_frames(raw: Path, n: int = 25) -> list[dict[str, Any]]:
             continue
         k = int(count)
         total += k
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
-                  + ")" if " (" in f else f for f in stack.split(";")]
+        frames = [
+            f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
+            if " (" in f
+            else f
+            for f in stack.split(";")
+        ]
         self_count[frames[-1]] += k
         for f in set(frames):
             incl[f] += k
     if not total:
         return []
-    out = [{"function": f, "self_percent": round(100 * c / total, 1),
-            "inclusive_percent": round(100 * incl[f] / total, 1)}
-           for f, c in self_count.most_common(n)]
+    out = [
+        {
+            "function": f,
+            "self_percent": round(100 * c / total, 1),
+            "inclusive_percent": round(100 * incl[f] / total, 1),
+        }
+        for f, c in self_count.most_common(n)
+    ]
     return out
 
 
@@ -177,32 +218,30 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "## Per concurrency",
         "",
-        "| phase | concurrency | calls/s | p50 ms | p99 ms | errors | server CPU % | "
-        "PostgreSQL CPU % | client CPU % | other processes CPU % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| phase | c | calls/s | p50 ms | p99 ms | errors | server CPU % | server CPU ms/call "
+        "| DB xacts/call | PostgreSQL CPU % | client CPU % | other processes CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def row(name: str, c: Any, p: dict[str, Any], kind: str, errors: int) -> str:
+        return (
+            f"| {name} | {c} | {_fmt(_get(p, kind, 'calls_per_s'))} | "
+            f"{_fmt(_get(p, kind, 'p50_ms'))} | {_fmt(_get(p, kind, 'p99_ms'))} | {errors} | "
+            f"{p.get('server_cpu_percent_each') or p['server_cpu_percent']} | "
+            f"{_fmt(p.get('server_cpu_ms_per_call'))} | "
+            f"{_fmt(p.get('db_transactions_per_call'))} | {p['postgres_cpu_percent']} | "
+            f"{p['client_cpu_percent']} | {_fmt(p.get('other_processes_cpu_percent'))} |"
+        )
+
     for c, p in (d.get("ping") or {}).items():
-        lines.append(f"| Ping | {c} | {p['calls_per_s']} | {_get(p, 'ping', 'p50_ms')} | "
-                     f"{_get(p, 'ping', 'p99_ms')} | {sum(p['errors'].values())} | "
-                     f"{p['server_cpu_percent']} | {p['postgres_cpu_percent']} | "
-                     f"{p['client_cpu_percent']} | {p.get('other_processes_cpu_percent')} |")
-    for c, p in (d.get("lease") or {}).items():
+        lines.append(row("Ping", c, p, "ping", sum(p["errors"].values())))
+    runs = [("{} (of Lease->Return)", c, p) for c, p in (d.get("lease") or {}).items()]
+    if d.get("two_process"):
+        runs.append(("{} (of Lease->Return), 2 server processes", 64, d["two_process"]))
+    for label, c, p in runs:
         for kind in ("lease", "return"):
-            lines.append(
-                f"| {kind.capitalize()} (of Lease->Return) | {c} | "
-                f"{_fmt(_get(p, kind, 'calls_per_s'))} | {_fmt(_get(p, kind, 'p50_ms'))} | "
-                f"{_fmt(_get(p, kind, 'p99_ms'))} | "
-                f"{sum(v for k, v in p['errors'].items() if k.startswith(kind))} | "
-                f"{p['server_cpu_percent']} | {p['postgres_cpu_percent']} | "
-                f"{p['client_cpu_percent']} | {p.get('other_processes_cpu_percent')} |")
-    two = d.get("two_process")
-    if two:
-        lines.append(
-            f"| Lease+Return, 2 server processes | 64 | {two['calls_per_s']} | "
-            f"{_fmt(_get(two, 'lease', 'p50_ms'))} | {_fmt(_get(two, 'lease', 'p99_ms'))} | "
-            f"{sum(two['errors'].values())} | {two.get('server_cpu_percent_each')} | "
-            f"{two['postgres_cpu_percent']} | {two['client_cpu_percent']} | "
-            f"{two.get('other_processes_cpu_percent')} |")
+            errors = sum(v for k, v in p["errors"].items() if k.startswith(kind))
+            lines.append(row(label.format(kind.capitalize()), c, p, kind, errors))
     lines += ["", "## Scenarios", ""]
     sc = d.get("scale") or {}
     for label in ("small", "big"):
@@ -212,32 +251,43 @@ def markdown(r: dict[str, Any]) -> str:
                 f"- scale {label}: Lease p50 {_fmt(_get(x, 'lease', 'p50_ms'))} ms, p99 "
                 f"{_fmt(_get(x, 'lease', 'p99_ms'))} ms (concurrency 1, "
                 f"{_fmt(_get(x, 'lease', 'calls'))} calls); instances "
-                f"{x['instances_by_state']}, {x['reservations']} queued reservations")
+                f"{x['instances_by_state']}, {x['reservations']} queued reservations"
+            )
     h = d.get("handoff")
     if h:
         lines.append(
             f"- hand-off ({h['samples']} waiting Leases, one at a time): ready_at -> reply "
             f"p50 {h['ready_to_return']['p50_ms']} ms, p99 {h['ready_to_return']['p99_ms']} "
             f"ms; whole waiting Lease call (enqueue, provision, boot 0 s, set aside, serve) "
-            f"p50 {h['lease_call']['p50_ms']} ms, p99 {h['lease_call']['p99_ms']} ms")
+            f"p50 {h['lease_call']['p50_ms']} ms, p99 {h['lease_call']['p99_ms']} ms"
+        )
     f = d.get("refill")
     if f:
         lines.append(
             f"- refill: 1,000 ready {f['seconds_from_spawn']} s after `vmpool serve` was "
             f"spawned ({f['seconds_to_listen']} s to listen, then "
-            f"{f['seconds_from_listen']} s)")
+            f"{f['seconds_from_listen']} s)"
+        )
     i = d.get("idle")
     if i:
         lines.append(
             f"- idle ({i['window_s']} s window, 10,000 ready instances in 100 pools): server "
             f"CPU {i['server_cpu_percent']}% of one core, {i['transactions']} transactions "
-            f"({i['transactions_per_s']}/s), {i['server_connections']} server connections")
+            f"({i['transactions_per_s']}/s), {i['server_connections']} server connections"
+        )
     prof = d.get("profile")
     if prof and prof.get("top"):
-        lines += ["", "## Profile (py-spy, server under Lease->Return at concurrency 64)", "",
-                  "| function | self % | inclusive % |", "|---|---|---|"]
-        lines += [f"| `{t['function']}` | {t['self_percent']} | {t['inclusive_percent']} |"
-                  for t in prof["top"]]
+        lines += [
+            "",
+            "## Profile (py-spy, server under Lease->Return at concurrency 64)",
+            "",
+            "| function | self % | inclusive % |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| `{t['function']}` | {t['self_percent']} | {t['inclusive_percent']} |"
+            for t in prof["top"]
+        ]
     if r["failures"]:
         lines += ["", "## Not measured", "", *(f"- {x}" for x in r["failures"])]
     lines += ["", f"Scenario wall times (s): {d.get('scenario_seconds')}", ""]
@@ -268,13 +318,20 @@ def chart(r: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
 
     ax = axes[1]
-    for name, path_ in (("Ping", ("ping", "ping")), ("Lease", ("lease", "lease")),
-                        ("Return", ("lease", "return"))):
+    for name, path_ in (
+        ("Ping", ("ping", "ping")),
+        ("Lease", ("lease", "lease")),
+        ("Return", ("lease", "return")),
+    ):
         for q, style in (("p50_ms", "-o"), ("p99_ms", "--o")):
             ys = [_get(d, path_[0], c, path_[1], q) for c in conc]
             if any(y is not None for y in ys):
-                ax.plot([int(c) for c in conc], [y or float("nan") for y in ys], style,
-                        label=f"{name} {q[:3]}")
+                ax.plot(
+                    [int(c) for c in conc],
+                    [y or float("nan") for y in ys],
+                    style,
+                    label=f"{name} {q[:3]}",
+                )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("concurrency")
@@ -305,8 +362,11 @@ def chart(r: dict[str, Any], path: Path) -> None:
     ax.tick_params(axis="y", labelsize=8)
 
     m = r["machine"]
-    fig.suptitle(f"vmpool bench ({r['mode']}): {m['cores']} cores {m['cpu_model']}, "
-                 f"Python {m['python']}, PostgreSQL {m['postgresql']}", fontsize=10)
+    fig.suptitle(
+        f"vmpool bench ({r['mode']}): {m['cores']} cores {m['cpu_model']}, "
+        f"Python {m['python']}, PostgreSQL {m['postgresql']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

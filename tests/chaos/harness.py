@@ -182,7 +182,7 @@ class StormConfig:
     give_up_after: float = 25.0  # a reservation client stops retrying after this
     hold: tuple[float, float] = (0.1, 1.2)  # seconds a lease is held
     extend_share: float = 0.4
-    extend_by: tuple[float, float] = (60.0, 600.0)  # ExtendTo(now + this)
+    extend_by: tuple[float, float] = (5.0, 40.0)  # ExtendTo(now + this)
     abandon_share: float = 0.1  # leases never returned (they expire)
 
 
@@ -241,17 +241,22 @@ class Storm:
         rid = str(uuid.uuid4())
         deadline = time.monotonic() + self.config.give_up_after
         wait_s = float(self.config.wait.rstrip("s"))
+        first = True
         while time.monotonic() < deadline:
-            call = await client.lease(pool, rid=rid, wait=self.config.wait, timeout=wait_s + 3)
+            # The first call asks without x-vmpool-wait, so a queued reservation's
+            # first answer is RESOURCE_EXHAUSTED with its place: the client-side
+            # record of enqueue order. Retries wait server-side.
+            wait = None if first else self.config.wait
+            first = False
+            call = await client.lease(pool, rid=rid, wait=wait, timeout=wait_s + 3)
             if call.code == "OK":
                 return call
             if call.code in ("FAILED_PRECONDITION", "PERMISSION_DENIED", "INVALID_ARGUMENT"):
                 return None
+            if self._stop.is_set():
+                return None  # stopping: give up this reservation (it will expire)
             if call.code != "RESOURCE_EXHAUSTED":
-                await asyncio.sleep(rng.uniform(0.1, 0.3))  # keep retrying even when stopping
-            if self._stop.is_set() and call.code == "RESOURCE_EXHAUSTED":
-                # Stopping: give up this reservation (it will expire).
-                return None
+                await asyncio.sleep(rng.uniform(0.1, 0.3))
         return None
 
     async def _hold(self, client: Client, lease: Call, rng: random.Random) -> None:
@@ -262,7 +267,8 @@ class Storm:
             await client.extend_to(lease.instance, lease.pool, to)
         if rng.random() < cfg.abandon_share:
             return
-        for _ in range(20):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # even when stopping: do not leak leases
             ret = await client.return_(lease.instance, lease.pool)
             if ret.code in ("OK", "NOT_FOUND"):
                 return

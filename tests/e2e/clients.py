@@ -151,6 +151,13 @@ class GrpclibClient(Client):
             raise RpcError(err.status.name, err.message or "") from None
         except (StreamTerminatedError, ConnectionError) as err:
             raise RpcError("UNAVAILABLE", str(err)) from None
+        except AttributeError as err:
+            # grpclib reuses a channel whose connection the server just dropped and
+            # fails with "'Connection' object has no attribute '_transport'"
+            # (vmagamedov/grpclib#110): to a caller, the server went away.
+            if "_transport" not in str(err):
+                raise
+            raise RpcError("UNAVAILABLE", f"connection lost: {err}") from None
 
     @staticmethod
     def _lease(msg: api.Lease) -> Lease:

@@ -56,8 +56,12 @@ class Running:
         return int(rows[0]["n"])
 
     async def wait_ready(self, pool: str, n: int, timeout: float = 10.0) -> None:
-        await eventually(lambda: self.ready_count(pool), lambda got: got >= n, timeout,
-                         f"{n} ready instances in pool {pool}")
+        await eventually(
+            lambda: self.ready_count(pool),
+            lambda got: got >= n,
+            timeout,
+            f"{n} ready instances in pool {pool}",
+        )
 
     def assert_clean_log(self) -> None:
         log = self.proc.log()
@@ -116,7 +120,9 @@ async def start_server(
     ) -> Running:
         url = db_url or await postgres.fresh()
         proc = ServerProcess(
-            server_config(pools, **extra), tmp_path_factory.mktemp(name), database_url=url,
+            server_config(pools, **extra),
+            tmp_path_factory.mktemp(name),
+            database_url=url,
             name=name,
         )
         started.append(proc)

@@ -35,9 +35,20 @@ async def server(start_server: Callable[..., Awaitable[Running]]) -> AsyncIterat
 
 def vmpool(server: Running, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "vmpool", *args, "--server", server.address,
-         "--service-tag", "cli-tour"],
-        capture_output=True, text=True, timeout=30, check=False,
+        [
+            sys.executable,
+            "-m",
+            "vmpool",
+            *args,
+            "--server",
+            server.address,
+            "--service-tag",
+            "cli-tour",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
 
 
@@ -84,9 +95,21 @@ async def test_cli_tour(server: Running) -> None:
     assert noted.returncode == 0 and "not the" in noted.stderr, "the CLI warns like inctl"
 
     intruder = subprocess.run(
-        [sys.executable, "-m", "vmpool", "return", name, "--server", server.address,
-         "--service-tag", "someone-else"],
-        capture_output=True, text=True, timeout=30, check=False,
+        [
+            sys.executable,
+            "-m",
+            "vmpool",
+            "return",
+            name,
+            "--server",
+            server.address,
+            "--service-tag",
+            "someone-else",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert intruder.returncode == 1 and "PERMISSION_DENIED" in intruder.stderr, intruder
 
@@ -95,8 +118,9 @@ async def test_cli_tour(server: Running) -> None:
     gone = vmpool(server, "get", name)
     assert gone.returncode == 1 and "NOT_FOUND" in gone.stderr and name in gone.stderr, gone
 
-    timed = ok_json(vmpool(server, "lease", "--pool", "alpha", "--duration", "1h",
-                           "--output", "json"))
+    timed = ok_json(
+        vmpool(server, "lease", "--pool", "alpha", "--duration", "1h", "--output", "json")
+    )
     assert near(expires(timed), datetime.now(UTC) + timedelta(hours=1))
     assert timed["instance"] != name, "a returned instance is never handed out again"
     assert vmpool(server, "return", timed["instance"]).returncode == 0
@@ -112,9 +136,20 @@ async def test_cli_lease_wait_shows_queue_position_and_gets_the_next_instance(
     await server.wait_ready("solo", 1)
     blocker = await client.lease("solo")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vmpool", "lease", "--pool", "solo", "--wait", "10s",
-        "--output", "json", "--server", server.address,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "vmpool",
+        "lease",
+        "--pool",
+        "solo",
+        "--wait",
+        "10s",
+        "--output",
+        "json",
+        "--server",
+        server.address,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert proc.stderr is not None and proc.stdout is not None

@@ -18,11 +18,22 @@ from tests.e2e.conftest import Running, eventually, lease_when_free
 # Deliberately not in name order: Pools must sort them.
 POOLS = [
     {"name": "short", "min_ready": 1, "max_size": 2, "default_lease": "2s", "max_lease": "1h"},
-    {"name": "beta", "min_ready": 1, "max_size": 2, "zone": "beta-zone",
-     "labels": {"zeta": "last", "arch": "x86", "os": "cirros"}},
+    {
+        "name": "beta",
+        "min_ready": 1,
+        "max_size": 2,
+        "zone": "beta-zone",
+        "labels": {"zeta": "last", "arch": "x86", "os": "cirros"},
+    },
     {"name": "clamp", "min_ready": 1, "max_size": 2, "default_lease": "10m", "max_lease": "1h"},
-    {"name": "capped", "min_ready": 1, "max_size": 2, "default_lease": "10m", "max_lease": "2h",
-     "max_lifetime": "30m"},
+    {
+        "name": "capped",
+        "min_ready": 1,
+        "max_size": 2,
+        "default_lease": "10m",
+        "max_lease": "2h",
+        "max_lifetime": "30m",
+    },
     {"name": "ret", "min_ready": 1, "max_size": 2},
     {"name": "queue", "min_ready": 0, "max_size": 0},
     {"name": "fifo", "min_ready": 2, "max_size": 2, "default_lease": "20m"},
@@ -113,14 +124,10 @@ async def test_extend_to_with_and_without_extend_only(client: Client) -> None:
     shorter = await client.extend_to(lease.instance, now() + timedelta(minutes=5))
     assert near(shorter.expires, now() + timedelta(minutes=5), 1), "shortening is allowed"
 
-    kept = await client.extend_to(
-        lease.instance, now() + timedelta(minutes=3), extend_only=True
-    )
+    kept = await client.extend_to(lease.instance, now() + timedelta(minutes=3), extend_only=True)
     assert kept.expires == shorter.expires, "extend_only never shortens"
 
-    later = await client.extend_to(
-        lease.instance, now() + timedelta(minutes=20), extend_only=True
-    )
+    later = await client.extend_to(lease.instance, now() + timedelta(minutes=20), extend_only=True)
     assert near(later.expires, now() + timedelta(minutes=20), 1)
     assert (await client.get_lease(lease.instance)).expires == later.expires
     await client.return_(lease.instance)
@@ -163,7 +170,7 @@ async def test_return_ends_the_lease_destroys_the_vm_and_the_pool_refills(
 # --- reservations ---------------------------------------------------------------------
 
 QUEUED = re.compile(
-    r'reservation (?P<rid>[0-9a-f-]{36}) is queued at position (?P<p>\d+) of (?P<n>\d+) '
+    r"reservation (?P<rid>[0-9a-f-]{36}) is queued at position (?P<p>\d+) of (?P<n>\d+) "
     r'in pool "(?P<pool>[a-z0-9-]+)"'
 )
 

@@ -76,9 +76,7 @@ async def test_bad_service_tag_is_invalid_argument_on_lease_return_extend(
 ) -> None:
     await expect("INVALID_ARGUMENT", client.lease("alpha", service_tag=tag), "service_tag")
     await expect("INVALID_ARGUMENT", client.return_(NOBODY, tag), "service_tag")
-    await expect(
-        "INVALID_ARGUMENT", client.extend_to(NOBODY, future(), tag), "service_tag"
-    )
+    await expect("INVALID_ARGUMENT", client.extend_to(NOBODY, future(), tag), "service_tag")
 
 
 async def test_service_tag_of_128_printable_chars_is_accepted(client: Client) -> None:
@@ -92,7 +90,13 @@ async def test_service_tag_of_128_printable_chars_is_accepted(client: Client) ->
 
 
 @pytest.mark.parametrize(
-    "rid", ["", "not-a-uuid", "1b4e28ba-2fa1-11d2-883f-0016d3cca42", "1b4e28ba-2fa1-11d2-883f-0016d3cca42g"]
+    "rid",
+    [
+        "",
+        "not-a-uuid",
+        "1b4e28ba-2fa1-11d2-883f-0016d3cca42",
+        "1b4e28ba-2fa1-11d2-883f-0016d3cca42g",
+    ],
 )
 async def test_reservation_id_not_a_uuid_is_invalid_argument(client: Client, rid: str) -> None:
     await expect("INVALID_ARGUMENT", client.lease("alpha", reservation_id=rid), "reservation_id")
@@ -135,9 +139,7 @@ async def test_no_active_lease_is_not_found(client: Client) -> None:
 
 
 async def test_other_service_tag_is_permission_denied(client: Client, leased: Lease) -> None:
-    await expect(
-        "PERMISSION_DENIED", client.return_(leased.instance, "intruder"), "service_tag"
-    )
+    await expect("PERMISSION_DENIED", client.return_(leased.instance, "intruder"), "service_tag")
     await expect(
         "PERMISSION_DENIED",
         client.extend_to(leased.instance, future(60), "intruder"),
@@ -157,8 +159,9 @@ async def test_lease_with_another_tags_reservation_is_permission_denied(client: 
     )
     # A queued (not yet served) reservation is protected the same way.
     queued = str(uuid.uuid4())
-    await expect("RESOURCE_EXHAUSTED", client.lease("empty", service_tag="owner",
-                                                      reservation_id=queued))
+    await expect(
+        "RESOURCE_EXHAUSTED", client.lease("empty", service_tag="owner", reservation_id=queued)
+    )
     await expect(
         "PERMISSION_DENIED",
         client.lease("empty", service_tag="intruder", reservation_id=queued),
@@ -268,3 +271,21 @@ async def test_garbage_request_bytes_are_invalid_argument(
 ) -> None:
     await expect("INVALID_ARGUMENT", client.raw(method, payload))
     assert await client.ping()
+
+
+# --- standard health service ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("service", ["", "intrinsic_proto.vmpoolleaseapi.v1.VMPoolLeaseService"])
+async def test_grpc_health_service_reports_serving(server: Running, service: str) -> None:
+    from grpclib.client import Channel
+    from grpclib.health.v1.health_grpc import HealthStub
+    from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
+    host, _, port = server.address.rpartition(":")
+    channel = Channel(host, int(port))
+    try:
+        reply = await HealthStub(channel).Check(HealthCheckRequest(service=service), timeout=5)
+    finally:
+        channel.close()
+    assert reply.status == HealthCheckResponse.SERVING

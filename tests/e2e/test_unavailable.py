@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -68,7 +69,7 @@ async def test_database_unreachable_is_unavailable_and_the_server_recovers(
 ) -> None:
     await server.wait_ready("alpha", 1)
     held = await lease_when_free(client, "alpha")
-    assert await client.ping() == "pong" or await client.ping()
+    assert await client.ping()
 
     proxy.set_mode(mode)  # type: ignore[arg-type]
     await asyncio.sleep(0.6)  # past the health check's cache of a good answer
@@ -79,8 +80,7 @@ async def test_database_unreachable_is_unavailable_and_the_server_recovers(
     if mode == "refuse":
         calls = {
             "Lease": client.lease("alpha"),
-            "Lease+reservation": client.lease("alpha", reservation_id=
-                                              "1b4e28ba-2fa1-11d2-883f-0016d3cca427"),
+            "Lease+reservation": client.lease("alpha", reservation_id=str(uuid.uuid4())),
             "GetLease": client.get_lease(held.instance),
             "ExtendTo": client.extend_to(held.instance, held.expires),
             "Return": client.return_(held.instance),

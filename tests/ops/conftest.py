@@ -114,12 +114,17 @@ async def start_server(
     started: list[OpsServer] = []
 
     async def start(
-        pools: list[dict[str, Any]], *, db_url: str | None = None, name: str = "server",
+        pools: list[dict[str, Any]],
+        *,
+        db_url: str | None = None,
+        name: str = "server",
         **extra: Any,
     ) -> OpsServer:
         url = db_url or await postgres.fresh()
         proc = OpsServer(
-            server_config(pools, **extra), tmp_path_factory.mktemp(name), database_url=url,
+            server_config(pools, **extra),
+            tmp_path_factory.mktemp(name),
+            database_url=url,
             name=name,
         )
         proc.db_url = url  # type: ignore[attr-defined]
@@ -255,4 +260,3 @@ def cli(*args: str, server: str, timeout: float = 30.0) -> subprocess.CompletedP
         check=False,
         stdin=subprocess.DEVNULL,
     )
-

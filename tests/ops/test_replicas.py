@@ -9,6 +9,8 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
+import asyncpg
+
 from tests.ops.conftest import (
     Client,
     OpsServer,
@@ -47,6 +49,23 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
 ) -> None:
     url = await postgres.fresh()
     sql = Sql(url)
+    # From before the processes start until the pool is full: the most instances
+    # (and VMs) that ever existed at once.
+    peak = {"instances": 0, "fake_vms": 0}
+    filled = asyncio.Event()
+
+    async def watch_fill() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            while not filled.is_set():
+                for table, most in list(peak.items()):
+                    n = await conn.fetchval(f"SELECT count(*) FROM {table}")
+                    peak[table] = max(most, n)
+                await asyncio.sleep(0.01)
+        finally:
+            await conn.close()
+
+    watcher = asyncio.create_task(watch_fill())
     servers = list(
         await asyncio.gather(
             *(start_server(POOLS, db_url=url, name=f"replica{i}") for i in range(3))
@@ -70,8 +89,13 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
 
     # The background work runs once: the pool fills to exactly min_ready, never beyond,
     # and every VM has exactly one row (and the other way round).
-    await eventually(lambda: sql.counts(POOL), lambda c: c == {"ready": MIN_READY}, 10,
-                     f"{MIN_READY} ready")
+    await eventually(
+        lambda: sql.counts(POOL), lambda c: c == {"ready": MIN_READY}, 10, f"{MIN_READY} ready"
+    )
+    await asyncio.sleep(INTERVAL)
+    filled.set()
+    await watcher
+    assert peak == {"instances": MIN_READY, "fake_vms": MIN_READY}, peak
     for _ in range(8):  # a few reconcile intervals of three processes looking at it
         assert await sql.counts(POOL) == {"ready": MIN_READY}
         assert await sql.names("fake_vms", POOL) == await sql.names("instances", POOL)
@@ -89,16 +113,24 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
         assert len({lease.instance for lease in leased}) == 3
         for i, lease in enumerate(leased):
             await clients[(i + 1) % 3].return_(lease.instance)
-        await eventually(lambda: sql.counts(POOL), lambda c: c == {"ready": MIN_READY}, 10,
-                         "pool refilled after three returns")
+        await eventually(
+            lambda: sql.counts(POOL),
+            lambda c: c == {"ready": MIN_READY},
+            10,
+            "pool refilled after three returns",
+        )
         creates = [r["instance"] for s in servers for r in events(s, "create")]
         assert len(creates) == len(set(creates)) == MIN_READY + 3, creates
 
         # Keep one instance leased through a follower, then kill the leader.
         survivor = clients[servers.index(followers[0])]
         held = await lease_when_free(survivor, POOL)
-        await eventually(lambda: sql.counts(POOL), lambda c: c.get("ready") == MIN_READY, 10,
-                         "pool refilled after the lease")
+        await eventually(
+            lambda: sql.counts(POOL),
+            lambda c: c.get("ready") == MIN_READY,
+            10,
+            "pool refilled after the lease",
+        )
         killed_at = time.time()
         start = time.monotonic()
         leader.kill()
@@ -106,8 +138,11 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
         await survivor.return_(held.instance)
 
         gauges = await eventually(
-            lambda: leader_gauges(followers), lambda g: sorted(g) == [0, 1], 5,
-            "a new leader's gauge", interval=0.01,
+            lambda: leader_gauges(followers),
+            lambda g: sorted(g) == [0, 1],
+            5,
+            "a new leader's gauge",
+            interval=0.01,
         )
         by_gauge = time.monotonic() - start
         new_leader = followers[gauges.index(1)]
@@ -127,8 +162,12 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
             return rows == 0 and vms == 0
 
         await eventually(gone, bool, 10, f"{held.instance} destroyed after the takeover")
-        await eventually(lambda: sql.counts(POOL), lambda c: c == {"ready": MIN_READY}, 10,
-                         "pool refilled by the new leader")
+        await eventually(
+            lambda: sql.counts(POOL),
+            lambda c: c == {"ready": MIN_READY},
+            10,
+            "pool refilled by the new leader",
+        )
         assert await sql.names("fake_vms", POOL) == await sql.names("instances", POOL)
         deleted = [r for r in events(new_leader, "delete") if r.get("instance") == held.instance]
         assert len(deleted) == 1, "the new leader deletes the returned VM exactly once"
@@ -137,6 +176,25 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
             if s is not leader:
                 assert await c.ping() == "pong"
         assert sorted(await leader_gauges(followers)) == [0, 1]
+
+        # A rolling restart: SIGTERM the new leader; it exits cleanly, releasing the
+        # lock, and the last process takes over.
+        last = others[0]
+        start = time.monotonic()
+        assert await asyncio.to_thread(new_leader.terminate, 15) == 0
+        await eventually(
+            lambda: leader_gauges([last]),
+            lambda g: g == [1],
+            5,
+            "the last process leading",
+            interval=0.01,
+        )
+        handover = time.monotonic() - start
+        print(f"handover after SIGTERM: {handover:.3f}s")
+        assert handover <= 2 * INTERVAL + 1.0 + TAKEOVER_SLACK  # + the exiting drain
+        held = await lease_when_free(clients[servers.index(last)], POOL)
+        await clients[servers.index(last)].return_(held.instance)
+        await eventually(gone, bool, 10, f"{held.instance} destroyed by the last leader")
     finally:
         for c in clients:
             c.close()

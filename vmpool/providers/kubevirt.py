@@ -352,8 +352,11 @@ class KubevirtProvider:
         phase = VMPhase.PENDING
         reason = ""
         since = self._bad_since.get(name)
+        zone = self._zone(name, pool)
         if status.get("ready") is True:
-            phase = VMPhase.READY
+            # Not ready for us until its node's zone is known: the reconciler
+            # records the zone once, when it marks the instance ready.
+            phase = VMPhase.READY if zone is not None else VMPhase.PENDING
         elif printable == STOPPED and name in self._was_ready and not deleting:
             phase, reason = VMPhase.FAILED, "stopped unexpectedly after it was ready"
         elif since is not None and now - since >= self._failure_grace:
@@ -366,14 +369,15 @@ class KubevirtProvider:
             name=name,
             pool=pool,
             phase=phase,
-            zone=self._zone(name, pool),
+            zone=zone or "",
             reason=reason,
             deleting=deleting,
         )
 
     # -- zones ---------------------------------------------------------------
 
-    def _zone(self, name: str, pool: str) -> str:
+    def _zone(self, name: str, pool: str) -> str | None:
+        """The VM's zone, "" if none or unknown; None while its node is being looked up."""
         config = self._pools.get(pool)
         if config is not None and config.zone:
             return config.zone
@@ -387,7 +391,7 @@ class KubevirtProvider:
         if node not in self._node_fetching and self._node_retry_at.get(node, 0.0) <= self._clock():
             self._node_fetching.add(node)
             self._spawn(self._fetch_node(node), name=f"kubevirt-node-{node}")
-        return ""
+        return None if node in self._node_fetching else ""
 
     async def _fetch_node(self, node: str) -> None:
         _, core = self._apis()
@@ -413,6 +417,9 @@ class KubevirtProvider:
             return
         finally:
             self._node_fetching.discard(node)
+            # VMs on this node were held back until the answer (see _vm_status).
+            # on_change only schedules a pass: the zone below is recorded first.
+            self._on_change()
         if result is None:
             if not self._nodes_forbidden:
                 log.info("kubevirt_nodes_forbidden", detail="zones come only from pool config")
@@ -421,8 +428,6 @@ class KubevirtProvider:
         labels = (result.metadata.labels if result.metadata is not None else None) or {}
         zone = str(labels.get(ZONE_LABEL, ""))
         self._node_zones[node] = zone
-        if zone:
-            self._on_change()
 
 
 def build_kubevirt_provider(

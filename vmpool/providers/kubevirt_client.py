@@ -216,8 +216,14 @@ class ApiCaller:
         if self._metrics is not None:
             self._metrics.provider_errors.labels(operation=operation, kind=error_kind(err)).inc()
         if isinstance(err, RETRYABLE):
-            delay = self._backoff.next_delay(at_least=err.retry_after or 0.0)
-            self._not_before = max(self._not_before, self._clock() + delay)
+            now = self._clock()
+            if now < self._not_before:
+                # Already pausing: a request sent before the pause began failed
+                # too. One episode, one step of the backoff (N concurrent 429s
+                # must not pause for base * 2**N).
+                self._not_before = max(self._not_before, now + (err.retry_after or 0.0))
+            else:
+                self._not_before = now + self._backoff.next_delay(at_least=err.retry_after or 0.0)
             self._last_error = err
 
     async def call(

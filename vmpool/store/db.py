@@ -22,6 +22,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    """Nothing to reset: pool connections carry no session state (no LISTEN, no SET,
+    no session advisory lock; those live on the control connection). asyncpg still
+    rolls back an open transaction before calling this. Its default reset query
+    (pg_advisory_unlock_all, CLOSE ALL, UNLISTEN *, RESET ALL) would cost one more
+    round trip per statement run through the pool (see docs/performance.md)."""
+
+
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
     async with translated():
         pool = await asyncpg.create_pool(
@@ -29,6 +37,7 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> asy
             min_size=min_size,
             max_size=max_size,
             init=_init_connection,
+            reset=_reset_connection,
             command_timeout=10,
             timeout=5,
             server_settings={"application_name": "vmpool"},

@@ -1,0 +1,227 @@
+"""The operator's commands over the admin API: `vmpool status` and `vmpool admin
+leases|reservations|force-return|drain|undrain`, run as the real console command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from tests.ops.conftest import (
+    Client,
+    OpsServer,
+    Outcome,
+    Sql,
+    cli,
+    code_of,
+    eventually,
+    lease_when_free,
+)
+from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
+
+POOLS = [
+    {"name": "adm", "min_ready": 2, "max_size": 4},
+    {"name": "drainme", "min_ready": 2, "max_size": 4},
+    {"name": "full", "min_ready": 0, "max_size": 0},  # reservations stay queued
+]
+
+
+@pytest.fixture(scope="module")
+async def server(start_server: Callable[..., Awaitable[OpsServer]]) -> AsyncIterator[OpsServer]:
+    s = await start_server(POOLS, name="admin")
+    sql = Sql(s.db_url)  # type: ignore[attr-defined]
+    for pool in ("adm", "drainme"):
+        await eventually(
+            lambda p=pool: sql.counts(p), lambda c: c == {"ready": 2}, 10, "pools filled"
+        )
+    yield s
+    s.assert_no_traceback()
+
+
+@pytest.fixture
+def sql(server: OpsServer) -> Sql:
+    return Sql(server.db_url)  # type: ignore[attr-defined]
+
+
+async def run(server: OpsServer, *args: str) -> tuple[int, str, str]:
+    done = await asyncio.to_thread(cli, *args, server=server.address)
+    return done.returncode, done.stdout, done.stderr
+
+
+def table(text: str) -> dict[str, dict[str, str]]:
+    """`vmpool status` output as {pool: {column: value}}."""
+    lines = text.strip().splitlines()
+    heads = lines[0].split()
+    out = {}
+    for line in lines[1:]:
+        cells = line.split()
+        name = cells[0]
+        notes = [c for c in cells[1:] if c.startswith("(")]
+        values = [c for c in cells[1:] if not c.startswith("(")]
+        assert len(values) == len(heads) - 1, line
+        out[name] = dict(zip(heads[1:], values, strict=True)) | {"notes": " ".join(notes)}
+    return out
+
+
+async def test_status_prints_a_table_of_pools(server: OpsServer) -> None:
+    client = Client(server.address)
+    rid = str(uuid.uuid4())
+    try:
+        lease = await lease_when_free(client, "adm")
+        with pytest.raises(Outcome):
+            await client.lease("full", reservation_id=rid)
+        await eventually(
+            lambda: Sql(server.db_url).counts("adm"),  # type: ignore[attr-defined]
+            lambda c: c == {"ready": 2, "leased": 1},
+            10,
+            "adm refilled",
+        )
+        await asyncio.sleep(0.5)  # the status reads the database; no need to wait more
+        (rc, out, err), (rcj, outj, errj) = await asyncio.gather(
+            run(server, "status"), run(server, "status", "--output", "json")
+        )
+        assert rc == 0, err
+        head = out.splitlines()[0].split()
+        assert head[:2] == ["POOL", "READY"] and "LEASED" in head and "QUEUED" in head, out
+        rows = table(out)
+        assert list(rows) == ["adm", "drainme", "full"], out
+        assert rows["adm"]["READY"] == "2" and rows["adm"]["LEASED"] == "1", out
+        assert rows["adm"]["MIN"] == "2" and rows["adm"]["MAX"] == "4", out
+        assert rows["full"]["QUEUED"] == "1" and rows["full"]["READY"] == "0", out
+        assert rcj == 0, errj
+        by_name = {p["name"]: p for p in json.loads(outj)}
+        assert by_name["adm"]["leased"] == 1
+    finally:
+        await client.return_(lease.instance)
+        client.close()
+
+
+async def test_admin_leases_and_reservations(server: OpsServer) -> None:
+    client = Client(server.address)
+    rid = str(uuid.uuid4())
+    try:
+        lease = await lease_when_free(client, "adm")
+        with pytest.raises(Outcome):
+            await client.lease("full", reservation_id=rid, tag="queuer")
+        # Independent commands: run them side by side (each is a Python start-up).
+        (
+            (rc, out, err),
+            (rc2, out2, err2),
+            (rc3, out3, err3),
+            (rc4, out4, err4),
+        ) = await asyncio.gather(
+            run(server, "admin", "leases"),
+            run(server, "admin", "leases", "drainme", "--output", "json"),
+            run(server, "admin", "reservations", "full", "--output", "json"),
+            run(server, "admin", "reservations"),
+        )
+        assert rc == 0, err
+        line = next(x for x in out.splitlines() if f"instance={lease.instance}" in x)
+        # Field names as the admin API's JSON mapping spells them (serviceTag).
+        assert "pool=adm" in line and re.search(r"service_?[tT]ag=ops", line), line
+        assert rc2 == 0, err2
+        assert all(x["pool"] == "drainme" for x in json.loads(out2))
+        assert rc3 == 0, err3
+        queue = json.loads(out3)
+        assert [x["position"] for x in queue] == list(range(1, len(queue) + 1)), queue
+        mine = [x for x in queue if x["id"] == rid]
+        assert len(mine) == 1, out3
+        tag = mine[0].get("serviceTag", mine[0].get("service_tag"))
+        # The newest reservation is last in the queue.
+        assert mine[0]["pool"] == "full" and tag == "queuer", mine
+        assert mine[0]["position"] == len(queue), queue
+        assert rc4 == 0 and f"id={rid}" in out4, (out4, err4)
+    finally:
+        await client.return_(lease.instance)
+        client.close()
+
+
+async def test_force_return_ends_any_lease_and_destroys_the_vm(server: OpsServer, sql: Sql) -> None:
+    client = Client(server.address)
+    try:
+        lease = await lease_when_free(client, "adm")
+        # The CLI's service tag differs from the lease's: an operator's force-return
+        # ignores it.
+        rc, out, err = await run(
+            server, "admin", "force-return", lease.instance, "--reason", "test"
+        )
+        assert rc == 0, err
+        assert await code_of(client.return_(lease.instance)) == "NOT_FOUND"
+
+        async def gone() -> bool:
+            rows = await sql.val("SELECT count(*) FROM instances WHERE name = $1", lease.instance)
+            vms = await sql.val("SELECT count(*) FROM fake_vms WHERE name = $1", lease.instance)
+            return rows == 0 and vms == 0
+
+        await eventually(gone, bool, 10, "the force-returned VM destroyed")
+        reason = await sql.val(
+            "SELECT end_reason FROM lease_history WHERE instance = $1", lease.instance
+        )
+        assert reason.startswith("force-returned"), reason
+        (rc, out, err), (rc2, out2, err2) = await asyncio.gather(
+            run(server, "admin", "force-return", lease.instance),
+            run(server, "admin", "force-return", ""),
+        )
+        assert rc == 1 and "NOT_FOUND" in err, (out, err)
+        assert rc2 == 1 and "INVALID_ARGUMENT" in err2, (out2, err2)
+    finally:
+        client.close()
+
+
+async def test_drain_and_undrain(server: OpsServer, sql: Sql) -> None:
+    client = Client(server.address)
+    try:
+        kept = await lease_when_free(client, "drainme")
+        await eventually(
+            lambda: sql.counts("drainme"),
+            lambda c: c == {"ready": 2, "leased": 1},
+            10,
+            "drainme refilled",
+        )
+        free = await sql.names("instances", "drainme") - {kept.instance}
+
+        rc, out, err = await run(server, "admin", "drain", "drainme")
+        assert rc == 0, err
+        # Free instances destroyed (rows and VMs); the existing lease runs on.
+        await eventually(
+            lambda: sql.counts("drainme"),
+            lambda c: c == {"leased": 1},
+            10,
+            "drainme's free instances destroyed",
+        )
+        assert not free & await sql.names("fake_vms", "drainme")
+        with pytest.raises(Outcome) as refused:
+            await client.lease("drainme")
+        assert refused.value.code == "FAILED_PRECONDITION", refused.value
+        assert "drainme" in refused.value.message
+        with pytest.raises(Outcome) as refused:
+            await client.lease("drainme", reservation_id=str(uuid.uuid4()))
+        assert refused.value.code == "FAILED_PRECONDITION", refused.value
+        reply = await client.stub.get_lease(api.GetLeaseRequest(instance=kept.instance))
+        assert reply.lease.pool == "drainme", "the lease runs on in a drained pool"
+        (rc, out, err), (rc2, out2, err2) = await asyncio.gather(
+            run(server, "status"), run(server, "admin", "drain", "nosuchpool")
+        )
+        assert rc == 0 and "(drained)" in table(out)["drainme"]["notes"], out
+        assert rc2 == 1 and "NOT_FOUND" in err2, (out2, err2)
+        assert await sql.counts("drainme") == {"leased": 1}, "a drained pool stays empty"
+
+        rc, out, err = await run(server, "admin", "undrain", "drainme")
+        assert rc == 0, err
+        await eventually(
+            lambda: sql.counts("drainme"),
+            lambda c: c == {"ready": 2, "leased": 1},
+            10,
+            "drainme refilled after undrain",
+        )
+        again = await client.lease("drainme")
+        await client.return_(again.instance)
+        await client.return_(kept.instance)
+        rc, out, err = await run(server, "status")
+        assert rc == 0 and table(out)["drainme"]["notes"] == "", out
+    finally:
+        client.close()
