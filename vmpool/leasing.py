@@ -52,6 +52,9 @@ def check_service_tag(tag: str) -> str:
 def check_instance(instance: str) -> str:
     if not instance:
         raise InvalidArgument("instance: must not be empty")
+    if "\x00" in instance:
+        # PostgreSQL text cannot hold NUL: the query would fail (INTERNAL).
+        raise InvalidArgument("instance: must not contain NUL characters")
     return instance
 
 

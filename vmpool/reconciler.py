@@ -296,16 +296,19 @@ class Reconciler:
                 )
                 self._action("ready", instance=name, pool=pool_name)
             changed = True
+        pool_of = {r.name: r.pool for r in rows}
+        delays: dict[str, float] = {}  # one backoff step per pool per pass, however many failed
         for reason, names in failed.items():
             for name in await self._inv.mark_destroying(names, reason, now, ("provisioning",)):
-                row = next(r for r in rows if r.name == name)
-                delay = self._pool_backoff.failed(row.pool)
+                pool_name = pool_of[name]
+                if pool_name not in delays:
+                    delays[pool_name] = self._pool_backoff.failed(pool_name)
                 self._action(
                     "boot failed",
                     instance=name,
-                    pool=row.pool,
+                    pool=pool_name,
                     reason=reason,
-                    pool_backoff_s=round(delay, 1),
+                    pool_backoff_s=round(delays[pool_name], 1),
                 )
                 changed = True
         return changed

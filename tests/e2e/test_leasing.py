@@ -206,10 +206,23 @@ async def test_fifo_reservations_are_served_in_enqueue_order(
         assert await queue_place(client, "fifo", rid) == (i + 1, i + 1)
     assert await rpc_code(client.lease("fifo")) == "RESOURCE_EXHAUSTED"
 
-    served: dict[str, object] = {}
+    jumped: list[str] = []
+    hammering = True
+
+    async def hammer() -> None:
+        # Requests without a reservation, as fast as they go: none may take an
+        # instance while reservations wait.
+        while hammering:
+            try:
+                jumped.append((await client.lease("fifo")).instance)
+            except RpcError as err:
+                assert err.code == "RESOURCE_EXHAUSTED", err
+
     for turn, rid in enumerate(rids):
         # Free one instance: the pool (max_size 2) destroys it and provisions another.
         returned = held.pop(0)
+        hammering = True
+        hammers = [asyncio.create_task(hammer()) for _ in range(3)]
         await client.return_(returned.instance)
         deadline = time.monotonic() + 10
         while True:
@@ -218,23 +231,21 @@ async def test_fifo_reservations_are_served_in_enqueue_order(
                 assert await rpc_code(client.lease("fifo", reservation_id=later)) == (
                     "RESOURCE_EXHAUSTED"
                 ), f"reservation {rids.index(later) + 1} jumped the queue"
-            if turn + 1 < len(rids):
-                assert await rpc_code(client.lease("fifo")) == "RESOURCE_EXHAUSTED", (
-                    "a Lease without reservation jumped the queue"
-                )
             try:
                 lease = await client.lease("fifo", reservation_id=rid)
                 break
             except RpcError as err:
                 assert err.code == "RESOURCE_EXHAUSTED", err
                 assert time.monotonic() < deadline, f"reservation {turn + 1} never served"
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.05)
+        hammering = False
+        await asyncio.gather(*hammers)
+        assert not jumped, f"Leases without reservation jumped the queue: {jumped}"
         assert lease.instance != returned.instance
         assert near(lease.expires, now() + timedelta(minutes=20)), "expiry counted from now"
         # An idempotent retry returns the same lease unchanged.
         assert await client.lease("fifo", reservation_id=rid) == lease
         assert await client.lease("fifo", reservation_id=rid.upper()) == lease
-        served[rid] = lease
         held.append(lease)
     assert len({lease.instance for lease in held}) == 2
     for lease in held:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -33,7 +34,7 @@ from hypothesis.stateful import (
 )
 
 from tests.integration.helpers import World, make_world
-from tests.pg import TestPostgres, with_database
+from tests.pg import TestPostgres
 from vmpool import leasing
 from vmpool.store.db import create_pool
 
@@ -58,7 +59,7 @@ CONFIG = {
 TAGS = st.sampled_from(["alpha", "beta"])
 
 PROFILES = {
-    "ci": {"max_examples": 12, "stateful_step_count": 25},
+    "ci": {"max_examples": 25, "stateful_step_count": 30},
     "long": {"max_examples": 300, "stateful_step_count": 60},
 }
 PROFILE = PROFILES[os.environ.get("HYPOTHESIS_PROFILE", "ci")]
@@ -88,7 +89,7 @@ class LeaseMachine(RuleBasedStateMachine):
         self.dbname = ""
         self.leases: dict[str, ModelLease] = {}
         self.used: set[str] = set()  # every instance ever leased
-        self.ended: set[str] = set()
+        self.ended: list[str] = []  # insertion order: draws must not depend on random names
         self.queue: list[Queued] = []
         self.aside: dict[uuid.UUID, str] = {}
         self.served: dict[uuid.UUID, str] = {}  # rid -> instance (rule 1)
@@ -103,7 +104,7 @@ class LeaseMachine(RuleBasedStateMachine):
     def setup(self) -> None:
         assert _postgres is not None
         url = self.run(_postgres.fresh())
-        self.dbname = url.rsplit("/", 1)[-1]
+        self.dbname = urllib.parse.urlsplit(url).path.lstrip("/")
         self.pool = self.run(create_pool(url, min_size=1, max_size=4))
         self.world: World = self.run(make_world(self.pool, CONFIG))
         self.run(self.world.settle())
@@ -248,7 +249,7 @@ class LeaseMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.leases or self.ended)
     @rule(data=st.data(), wrong_tag=st.booleans())
     def return_(self, data: st.DataObject, wrong_tag: bool) -> None:
-        instance = data.draw(st.sampled_from(sorted(self.leases) + sorted(self.ended)))
+        instance = data.draw(st.sampled_from(list(self.leases) + self.ended))
         active = self.leases.get(instance)
         tag = "gamma" if wrong_tag else (active.tag if active else "alpha")
         try:
@@ -263,7 +264,7 @@ class LeaseMachine(RuleBasedStateMachine):
         else:
             assert code == "OK"
             del self.leases[instance]
-            self.ended.add(instance)
+            self.ended.append(instance)
 
     @precondition(lambda self: self.leases)
     @rule(
@@ -272,7 +273,7 @@ class LeaseMachine(RuleBasedStateMachine):
         extend_only=st.booleans(),
     )
     def extend(self, data: st.DataObject, delta: int, extend_only: bool) -> None:
-        instance = data.draw(st.sampled_from(sorted(self.leases)))
+        instance = data.draw(st.sampled_from(list(self.leases)))
         lease = self.leases[instance]
         to = self.now + timedelta(seconds=delta)
         try:
@@ -292,7 +293,7 @@ class LeaseMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.leases)
     @rule(data=st.data())
     def get(self, data: st.DataObject) -> None:
-        instance = data.draw(st.sampled_from(sorted(self.leases)))
+        instance = data.draw(st.sampled_from(list(self.leases)))
         got = self.run(self.world.leaser.get(instance))
         assert got.expires_at == self.leases[instance].expires
 
@@ -308,7 +309,7 @@ class LeaseMachine(RuleBasedStateMachine):
         for instance, lease in list(self.leases.items()):
             if lease.expires <= now:
                 del self.leases[instance]
-                self.ended.add(instance)
+                self.ended.append(instance)
         for q in list(self.queue):
             if q.expires <= now:
                 self.queue.remove(q)
@@ -346,7 +347,7 @@ class LeaseMachine(RuleBasedStateMachine):
         history = self.fetch("SELECT instance FROM lease_history")
         names = [r["instance"] for r in history]
         assert len(names) == len(set(names)), "an instance was leased twice"
-        assert set(names) == self.ended
+        assert set(names) == set(self.ended)
         queued = [r["id"] for r in self.fetch("SELECT id FROM reservations WHERE NOT served ORDER BY seq")]
         assert queued == [q.rid for q in self.queue]
 
@@ -365,5 +366,3 @@ def test_leaser_and_reconciler_follow_the_model(postgres: TestPostgres) -> None:
         ),
     )
 
-
-__all__ = ["LeaseMachine", "with_database"]
