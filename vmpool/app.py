@@ -28,7 +28,7 @@ from vmpool.rpc import Gate, instrument
 from vmpool.service import LeaseService
 from vmpool.store.control import Control
 from vmpool.store.db import create_pool, migrate
-from vmpool.store.errors import StoreUnavailable
+from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
 from vmpool.store.fakecloud import FakeCloud
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
@@ -166,8 +166,11 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
         await provider.close()
         await control.close()
     finally:
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(db.close(), 5)
+        except UNAVAILABLE_ERRORS as err:  # TimeoutError is among them
+            log.warning("database pool did not close cleanly", error=repr(err))
+            db.terminate()
     log.info("stopped")
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from vmpool.store.errors import _UNAVAILABLE
+from vmpool.store.errors import UNAVAILABLE_ERRORS
 
 log = structlog.get_logger("vmpool.control")
 
@@ -61,7 +61,7 @@ class Control:
             try:
                 await self._session(stop)
                 delay = 0.5
-            except _UNAVAILABLE as err:
+            except UNAVAILABLE_ERRORS as err:
                 log.warning("control connection lost", error=f"{type(err).__name__}: {err}")
             finally:
                 self._set_leader(False)
@@ -106,6 +106,6 @@ class Control:
         if self._conn is not None and not self._conn.is_closed():
             try:
                 await asyncio.wait_for(self._conn.close(), 2)
-            except (*_UNAVAILABLE,):
+            except (*UNAVAILABLE_ERRORS,):
                 self._conn.terminate()
         self._conn = None

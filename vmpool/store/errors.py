@@ -21,10 +21,9 @@ class Duplicate(StoreError):
     """A unique constraint rejected the write (e.g. a concurrent retry)."""
 
 
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
-    asyncio.TimeoutError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.PostgresConnectionError,
@@ -43,5 +42,5 @@ async def translated() -> AsyncIterator[None]:
         yield
     except asyncpg.exceptions.UniqueViolationError as err:
         raise Duplicate(str(err)) from err
-    except _UNAVAILABLE as err:
+    except UNAVAILABLE_ERRORS as err:
         raise StoreUnavailable(f"database unavailable: {type(err).__name__}: {err}") from err
