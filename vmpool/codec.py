@@ -75,6 +75,46 @@ def check_wire(data: bytes) -> None:
             raise ValueError("field runs past the end of the message")
 
 
+_wire_types: dict[type, dict[int, tuple[str, frozenset[int]]]] = {}
+
+
+def _expected_wire_types(cls: type) -> dict[int, tuple[str, frozenset[int]]]:
+    """Field number -> (name, wire types allowed) of a betterproto message."""
+    found = _wire_types.get(cls)
+    if found is None:
+        found = {}
+        meta = getattr(cls, "_betterproto", None)
+        if meta is not None:
+            for name, field_meta in meta.meta_by_field_name.items():
+                kind = field_meta.proto_type
+                if kind in betterproto.WIRE_VARINT_TYPES:
+                    wire = {0}
+                elif kind in betterproto.WIRE_FIXED_32_TYPES:
+                    wire = {5}
+                elif kind in betterproto.WIRE_FIXED_64_TYPES:
+                    wire = {1}
+                else:
+                    wire = {_WIRE_LEN_DELIM}
+                if meta.default_gen.get(name) is list:
+                    wire.add(_WIRE_LEN_DELIM)  # packed repeated scalars
+                found[field_meta.number] = (name, frozenset(wire))
+        _wire_types[cls] = found
+    return found
+
+
+def check_wire_types(data: bytes, cls: type) -> None:
+    """betterproto takes a field of the wrong wire type as is (an int for a
+    string field, a list for a bool): refuse it, naming the field."""
+    expected = _expected_wire_types(cls)
+    for parsed in betterproto.parse_fields(data):
+        field = expected.get(parsed.number)
+        if field is not None and parsed.wire_type not in field[1]:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT,
+                f"{field[0]}: wire type {parsed.wire_type} does not match the field's type",
+            )
+
+
 def check_timestamps(data: bytes, cls: type) -> None:
     fields = _timestamp_fields(cls)
     if not fields:
@@ -105,6 +145,7 @@ class SafeProtoCodec(ProtoCodec):
     def decode(self, data: bytes, message_type: Any) -> Any:
         try:
             check_wire(data)
+            check_wire_types(data, message_type)
             check_timestamps(data, message_type)
             return message_type.FromString(data)
         except GRPCError:

@@ -23,7 +23,10 @@ def parse_duration(text: str) -> timedelta:
         pos = match.end()
     if pos != len(s):
         raise ValueError(f"invalid duration {text!r} (use e.g. 90s, 30m, 8h, 1h30m)")
-    return timedelta(seconds=total)
+    try:
+        return timedelta(seconds=total)
+    except OverflowError:  # e.g. 99999999999999999999h: out of timedelta's range
+        raise ValueError(f"duration {text[:32]!r} is too long") from None
 
 
 def format_duration(value: timedelta) -> str:

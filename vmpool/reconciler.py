@@ -100,6 +100,7 @@ class Reconciler:
             elif was_leading:
                 self._metrics.clear_pool_gauges()  # the new leader exports them
                 self._seen.clear()
+                self._last_resync = -1e9  # if we lead again, start from a full view
             was_leading = leading
             if stop.is_set():
                 break
@@ -247,11 +248,11 @@ class Reconciler:
 
     async def _sync_with_provider(self, now: datetime) -> bool:
         """Compare rows with VMs: boots done or failed, deletions confirmed, drift."""
-        vms = await self._provider.observe()
+        full = self._resync_due()
+        vms = await self._provider.observe(full=full)
         if vms is None:
             return False  # the provider's view is not complete yet
         self._provider_changed = False
-        full = self._resync_due()
         # VMs that were there last time and are not now: gone behind our back,
         # or deletions we asked for. Checked at once, not at the next resync.
         disappeared = self._seen - vms.keys()

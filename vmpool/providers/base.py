@@ -52,6 +52,9 @@ class Provider(Protocol):
     async def delete(self, name: str) -> None:
         """Ask for VM ``name`` to be deleted; an absent VM is success."""
 
-    async def observe(self) -> Mapping[str, VMStatus] | None:
+    async def observe(self, *, full: bool = False) -> Mapping[str, VMStatus] | None:
         """Every VM of this deployment by name, or None while the view is not
-        yet complete (e.g. a watch that has not finished its first list)."""
+        yet complete (e.g. a watch that has not finished its first list).
+
+        With ``full``, the caller will treat a VM's absence as the VM being gone
+        (drift checks): a provider that caches must answer from a fresh view."""

@@ -1,7 +1,9 @@
 """Simulated VMs: boot after ``boot_seconds``, fail at ``failure_rate``.
 
 The VMs live in the database (table fake_vms), so like real ones they survive
-a server crash and are shared by every server process.
+a server crash and are shared by every server process. Like a watch cache, the
+provider keeps what it knows in memory and re-reads the table when asked for a
+full view (and every few seconds), so a busy reconciler pass costs no query.
 """
 
 from __future__ import annotations
@@ -9,15 +11,25 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import time
 from collections.abc import Callable, Mapping
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
+from vmpool.batching import MicroBatcher
 from vmpool.clock import Clock, utcnow
 from vmpool.config import FakeProviderConfig, PoolConfig
 from vmpool.providers.base import VMPhase, VMStatus
-from vmpool.store.fakecloud import FakeCloud
+from vmpool.store.fakecloud import FakeCloud, FakeVM
 
 ZONES = ("fake-zone-a", "fake-zone-b", "fake-zone-c")
+RELOAD_EVERY = 10.0  # seconds: re-read the table even when no full view is asked for
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    vm: FakeVM
+    status: VMStatus
 
 
 class FakeProvider:
@@ -35,6 +47,11 @@ class FakeProvider:
         self._random = random.Random(config.seed)
         self.orphan_grace = orphan_grace
         self._on_change: Callable[[], None] = lambda: None
+        self._known: dict[str, _Known] | None = None
+        self._pending: dict[str, datetime] = {}  # booting: name -> ready_at
+        self._loaded_at = -1e9
+        self._creates = MicroBatcher(cloud.create_many)
+        self._deletes = MicroBatcher(cloud.delete_many)
 
     def _fails(self, name: str) -> bool:
         rate = self._config.failure_rate
@@ -56,23 +73,40 @@ class FakeProvider:
         now = self._clock()
         zone = ZONES[int(hashlib.sha256(name.encode()).hexdigest(), 16) % len(ZONES)]
         ready_at = now + timedelta(seconds=self._config.boot_seconds)
-        await self._cloud.create(name, pool.name, now, ready_at, self._fails(name), zone)
+        vm = FakeVM(name, pool.name, now, ready_at, self._fails(name), zone)
+        await self._creates.submit(vm)
+        if self._known is not None and name not in self._known:
+            self._remember(vm, now)
         # Like a watch event: tell the reconciler when the boot is done.
         asyncio.get_running_loop().call_later(self._config.boot_seconds, self._on_change)
 
     async def delete(self, name: str) -> None:
-        await self._cloud.delete(name)
+        await self._deletes.submit(name)
+        if self._known is not None:
+            self._known.pop(name, None)
+            self._pending.pop(name, None)
 
-    async def observe(self) -> Mapping[str, VMStatus]:
+    async def observe(self, *, full: bool = False) -> Mapping[str, VMStatus]:
         now = self._clock()
-        out: dict[str, VMStatus] = {}
-        for vm in await self._cloud.list():
-            if vm["ready_at"] > now:
-                phase = VMPhase.PENDING
-            elif vm["fails"]:
-                phase = VMPhase.FAILED
-            else:
-                phase = VMPhase.READY
-            reason = "simulated boot failure" if phase is VMPhase.FAILED else ""
-            out[vm["name"]] = VMStatus(vm["name"], vm["pool"], phase, vm["zone"], reason)
-        return out
+        if full or self._known is None or time.monotonic() - self._loaded_at >= RELOAD_EVERY:
+            vms = await self._cloud.list()
+            self._loaded_at = time.monotonic()
+            self._known, self._pending = {}, {}
+            for vm in vms:
+                self._remember(vm, now)
+        for name in [n for n, at in self._pending.items() if at <= now]:
+            del self._pending[name]
+            self._remember(self._known[name].vm, now)
+        return {name: known.status for name, known in self._known.items()}
+
+    def _remember(self, vm: FakeVM, now: datetime) -> None:
+        assert self._known is not None
+        if vm.ready_at > now:
+            phase = VMPhase.PENDING
+            self._pending[vm.name] = vm.ready_at
+        elif vm.fails:
+            phase = VMPhase.FAILED
+        else:
+            phase = VMPhase.READY
+        reason = "simulated boot failure" if phase is VMPhase.FAILED else ""
+        self._known[vm.name] = _Known(vm, VMStatus(vm.name, vm.pool, phase, vm.zone, reason))

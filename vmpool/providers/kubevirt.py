@@ -334,7 +334,8 @@ class KubevirtProvider:
         if timer is not None:
             timer.cancel()
 
-    async def observe(self) -> Mapping[str, VMStatus] | None:
+    async def observe(self, *, full: bool = False) -> Mapping[str, VMStatus] | None:
+        # The watch cache is the fresh view: `full` asks for nothing more.
         if self._broken is not None:
             raise errors.ProviderError(f"KubeVirt watch stopped: {self._broken!r}")
         if self.vms is None or self.vmis is None or not (self.vms.synced and self.vmis.synced):

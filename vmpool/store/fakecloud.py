@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 
@@ -11,20 +11,37 @@ from vmpool.store import sql
 from vmpool.store.errors import translated
 
 
+@dataclass(frozen=True, slots=True)
+class FakeVM:
+    name: str
+    pool: str
+    created_at: datetime
+    ready_at: datetime
+    fails: bool
+    zone: str
+
+
 class FakeCloud:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def create(
-        self, name: str, pool: str, now: datetime, ready_at: datetime, fails: bool, zone: str
-    ) -> None:
+    async def create_many(self, vms: list[FakeVM]) -> None:
+        """Create VMs; one that exists already is left as it is (idempotent by name)."""
         async with translated():
-            await self._pool.execute(sql.FAKE_CREATE, name, pool, now, ready_at, fails, zone)
+            await self._pool.execute(
+                sql.FAKE_CREATE,
+                [v.name for v in vms],
+                [v.pool for v in vms],
+                [v.created_at for v in vms],
+                [v.ready_at for v in vms],
+                [v.fails for v in vms],
+                [v.zone for v in vms],
+            )
 
-    async def delete(self, name: str) -> None:
+    async def delete_many(self, names: list[str]) -> None:
         async with translated():
-            await self._pool.execute(sql.FAKE_DELETE, name)
+            await self._pool.execute(sql.FAKE_DELETE, names)
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> list[FakeVM]:
         async with translated():
-            return [dict(r) for r in await self._pool.fetch(sql.FAKE_LIST)]
+            return [FakeVM(*r) for r in await self._pool.fetch(sql.FAKE_LIST)]

@@ -345,8 +345,9 @@ SELECT pool, leased_at, pg_notify('vmpool_wake', 'return') FROM ended
 
 FAKE_CREATE = """
 INSERT INTO fake_vms (name, pool, created_at, ready_at, fails, zone)
-VALUES ($1, $2, $3, $4, $5, $6)
+SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                     $5::boolean[], $6::text[])
 ON CONFLICT (name) DO NOTHING
 """
-FAKE_DELETE = "DELETE FROM fake_vms WHERE name = $1"
+FAKE_DELETE = "DELETE FROM fake_vms WHERE name = ANY ($1::text[])"
 FAKE_LIST = "SELECT name, pool, created_at, ready_at, fails, zone FROM fake_vms"
