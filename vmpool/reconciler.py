@@ -35,7 +35,7 @@ _ALPHABET = string.ascii_lowercase + string.digits
 RESYNC = 30.0  # seconds between full comparisons of rows and VMs (drift)
 RECREATE_AFTER = 30.0  # a provisioning row with no VM this long after create: create again
 BUSY_PAUSE = 0.05  # between passes while there is work
-MIN_GAP = 0.05  # at least this between pass starts: under a storm, batch, don't spin
+MIN_GAP = 0.1  # at least this between pass starts: under a storm, batch, don't spin
 
 
 def new_instance_name(pool: str) -> str:
@@ -150,10 +150,12 @@ class Reconciler:
         changed |= await self._recycle(summary, now)
         if self._needs_provider(summary):
             changed |= await self._sync_with_provider(now)
-        changed |= await self._set_aside(summary, now)
         if changed:
             summary = await self._inv.summary()
             self._export(summary)
+        # Setting aside moves as many instances out of `ready` as reservations
+        # out of `waiting`: the refill's arithmetic holds with this summary.
+        changed |= await self._set_aside(summary, now)
         changed |= await self._refill(summary, now)
         return changed
 
@@ -373,7 +375,10 @@ class Reconciler:
     async def _set_aside(self, summary: Summary, now: datetime) -> bool:
         changed = False
         for name, pool in summary.pools.items():
-            if not pool.waiting or self._open(name, pool.drained) is None:
+            if (
+                not (pool.waiting and pool.counts["ready"])
+                or self._open(name, pool.drained) is None
+            ):
                 continue
             for rid, instance in await self._inv.set_aside(name, now, limit=pool.waiting):
                 self._waiters.wake(rid)

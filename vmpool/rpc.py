@@ -113,6 +113,9 @@ def _wrap(
         message = ""
         try:
             await func(stream)
+        except asyncio.CancelledError:
+            code = Status.CANCELLED  # the caller went away, or shutdown cut the call
+            raise
         except Exception as err:
             mapped = to_grpc_error(err)
             if mapped is None:

@@ -299,6 +299,7 @@ def chart(r: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     d = r["details"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -357,6 +358,7 @@ def chart(r: dict[str, Any], path: Path) -> None:
     ax.barh(names, values, color=colors)
     ax.axvline(1.0, color="black", lw=1)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("share of target (<= 1 passes)")
     ax.set_title("Targets")
     ax.tick_params(axis="y", labelsize=8)

@@ -231,6 +231,7 @@ async def test_fifo_reservations_are_served_in_enqueue_order(
                 assert await rpc_code(client.lease("fifo", reservation_id=later)) == (
                     "RESOURCE_EXHAUSTED"
                 ), f"reservation {rids.index(later) + 1} jumped the queue"
+            assert not jumped, f"Leases without reservation jumped the queue: {jumped}"
             try:
                 lease = await client.lease("fifo", reservation_id=rid)
                 break

@@ -94,6 +94,13 @@ def valid(method: str, rng: random.Random) -> bytes:
     if method in ("Ping", "Pools"):
         return b""
     if method == "Lease":
+        if rng.random() < 0.3:  # a good request: reaches the lease rules and the database
+            rid = str(uuid.uuid4()) if rng.random() < 0.5 else None
+            return bytes(
+                api.LeaseRequest(
+                    pool=rng.choice(["alpha", ""]), service_tag="fuzz", reservation_id=rid
+                )
+            )
         msg = api.LeaseRequest(pool=text(rng), service_tag=text(rng))
         if rng.random() < 0.6:
             msg.reservation_id = text(rng)

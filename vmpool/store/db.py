@@ -38,7 +38,7 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> asy
             max_size=max_size,
             init=_init_connection,
             reset=_reset_connection,
-            command_timeout=10,
+            command_timeout=5,
             timeout=5,
             server_settings={"application_name": "vmpool"},
         )
