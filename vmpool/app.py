@@ -53,12 +53,12 @@ def build_provider(config: Config, db: asyncpg.Pool, metrics: Metrics) -> Provid
     return FakeProvider(FakeCloud(db), config.provider.fake)
 
 
-async def connect(url: str) -> asyncpg.Pool:
+async def connect(url: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
     deadline = time.monotonic() + CONNECT_FOR
     delay = 0.5
     while True:
         try:
-            return await create_pool(url)
+            return await create_pool(url, min_size=min_size, max_size=max_size)
         except StoreUnavailable as err:
             if time.monotonic() > deadline:
                 raise
@@ -101,6 +101,9 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
     metrics = Metrics()
     try:
         db = await connect(url)
+        # The background work has connections of its own: a storm of RPCs never
+        # starves the reconciler of connections, nor the reverse.
+        background_db = await connect(url, min_size=1, max_size=4)
     except StoreUnavailable as err:
         raise StartupError(f"database_url: {err}") from None
     try:
@@ -110,8 +113,10 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
         await inventory.sync_pools([(p.name, p.labels) for p in config.pools])
         leases = LeaseStore(db)
         waiters = Waiters()
-        provider = build_provider(config, db, metrics)
-        reconciler = Reconciler(inventory, provider, config, utcnow, metrics, waiters)
+        provider = build_provider(config, background_db, metrics)
+        reconciler = Reconciler(
+            Inventory(background_db), provider, config, utcnow, metrics, waiters
+        )
         leaser = Leaser(leases, config, utcnow, waiters, metrics, on_change=reconciler.wake)
         control = Control(
             url,
@@ -166,11 +171,12 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
         await provider.close()
         await control.close()
     finally:
-        try:
-            await asyncio.wait_for(db.close(), 5)
-        except UNAVAILABLE_ERRORS as err:  # TimeoutError is among them
-            log.warning("database pool did not close cleanly", error=repr(err))
-            db.terminate()
+        for pool in (background_db, db):
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except UNAVAILABLE_ERRORS as err:  # TimeoutError is among them
+                log.warning("database pool did not close cleanly", error=repr(err))
+                pool.terminate()
     log.info("stopped")
 
 

@@ -73,9 +73,7 @@ async def main_async(args: argparse.Namespace) -> int:
     print()
     print(table(outcomes))
     print(f"\ntotal {total:.0f}s (mode {mode.name})")
-    failed = [
-        (o.scenario, k) for o in outcomes for k, r in o.results.items() if r.ok is False
-    ]
+    failed = [(o.scenario, k) for o in outcomes for k, r in o.results.items() if r.ok is False]
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -109,10 +107,12 @@ async def main_async(args: argparse.Namespace) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__)
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                       help="short storms (CI)")
-    group.add_argument("--long", dest="mode", action="store_const", const="long",
-                       help="long storms")
+    group.add_argument(
+        "--quick", dest="mode", action="store_const", const="quick", help="short storms (CI)"
+    )
+    group.add_argument(
+        "--long", dest="mode", action="store_const", const="long", help="long storms"
+    )
     parser.set_defaults(mode="default")
     parser.add_argument("--only", default="", help="comma-separated scenario names")
     parser.add_argument("--json", default="", help="write the results here as JSON")

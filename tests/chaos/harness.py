@@ -118,7 +118,7 @@ class Client:
         except GRPCError as err:
             call.code = err.status.name
             call.message = err.message or ""
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             call.code = "DEADLINE_EXCEEDED"
         except Exception as err:  # transport: the server died, refused, reset
             call.code = "UNAVAILABLE"
@@ -141,7 +141,9 @@ class Client:
         call = self._new("Lease", pool=pool, rid=rid)
         metadata = {"x-vmpool-wait": wait} if wait else None
         request = api.LeaseRequest(pool=pool, service_tag=TAG, reservation_id=rid)
-        reply = await self._call(call, self._stub.lease(request, timeout=timeout, metadata=metadata))
+        reply = await self._call(
+            call, self._stub.lease(request, timeout=timeout, metadata=metadata)
+        )
         if reply is not None:
             call.instance = reply.lease.instance
             call.expires = reply.lease.expires

@@ -4,6 +4,7 @@ False, or None when it does not apply) and a one-line detail."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ async def db_leases(db_url: str) -> list[dict[str, Any]]:
 def _overlaps(intervals: list[tuple[float, float, str]]) -> list[str]:
     found = []
     ordered = sorted(intervals)
-    for (s1, e1, w1), (s2, e2, w2) in zip(ordered, ordered[1:], strict=False):
+    for (s1, e1, w1), (s2, e2, w2) in itertools.pairwise(ordered):
         if s2 < e1:
             found.append(f"{w1} [{s1:.3f},{e1:.3f}) overlaps {w2} [{s2:.3f},{e2:.3f})")
     return found
@@ -125,7 +126,9 @@ def ok_accounted(log: Log, leases: list[dict[str, Any]]) -> Result:
             continue
         n += 1
         key = (c.instance, c.rid) if c.rid else None
-        if (key is not None and key not in index) or (key is None and c.instance not in by_instance):
+        if (key is not None and key not in index) or (
+            key is None and c.instance not in by_instance
+        ):
             missing.append(f"{c.instance} rid={c.rid}")
     bad_reasons = [r for r in reasons if not r]
     detail = f"{n} OK answers; ended: {reasons or 'none'}; active: {len(leases) - len(ended)}"
@@ -154,15 +157,13 @@ def fifo(log: Log, leases: list[dict[str, Any]], slack: float = FIFO_SLACK) -> R
                 entry["pos"] = pos
         elif c.code == "OK" and entry is not None:
             entry["ok"] = True
-    served = [
-        (rid, e) for rid, e in queued.items() if e["ok"] and rid in leased_at
-    ]
+    served = [(rid, e) for rid, e in queued.items() if e["ok"] and rid in leased_at]
     pairs = violations = 0
     examples = []
     for pool in {e["pool"] for _, e in served}:
         items = sorted(((e["t1"], e["t0"], rid) for rid, e in served if e["pool"] == pool))
         for i, (a_t1, _, a) in enumerate(items):
-            for b_t1, b_t0, b in items[i + 1 :]:
+            for _, b_t0, b in items[i + 1 :]:
                 if not a_t1 < b_t0:
                     continue
                 pairs += 1
@@ -201,9 +202,7 @@ def no_internal(log: Log) -> Result:
 Snapshot = tuple[set[str], dict[str, str]]  # VM names, row name -> state
 
 
-async def converged(
-    snapshot: Callable[[], Awaitable[Snapshot]], timeout: float
-) -> Result:
+async def converged(snapshot: Callable[[], Awaitable[Snapshot]], timeout: float) -> Result:
     """Wait (bounded) until every VM has a row, every live row (ready, reserved,
     leased) has a VM, and nothing is left in destroying."""
     deadline = time.monotonic() + timeout

@@ -100,7 +100,9 @@ def server_config(pools: list[dict[str, Any]], provider: dict[str, Any]) -> dict
 
 async def fake_snapshot(ctx: Context) -> inv.Snapshot:
     vms = {r["name"] for r in await sql(ctx.db_url, "SELECT name FROM fake_vms")}
-    rows = {r["name"]: r["state"] for r in await sql(ctx.db_url, "SELECT name, state FROM instances")}
+    rows = {
+        r["name"]: r["state"] for r in await sql(ctx.db_url, "SELECT name, state FROM instances")
+    }
     return vms, rows
 
 
@@ -171,7 +173,9 @@ async def still_serving(ctx: Context, since: float, timeout: float = 30.0) -> in
             if call.code == "OK":
                 await client.return_(call.instance, "alpha")
                 storm_ok = sum(
-                    1 for c in ctx.log.calls if c.kind == "Lease" and c.code == "OK" and c.t0 > since
+                    1
+                    for c in ctx.log.calls
+                    if c.kind == "Lease" and c.code == "OK" and c.t0 > since
                 )
                 return inv.Result(
                     True,
@@ -204,7 +208,10 @@ async def run(
     outcome = Outcome(name)
     db_url = await pg.fresh()
     server = ServerProcess(
-        server_config(pools, provider), workdir / name, database_url=db_url, metrics_port=0,
+        server_config(pools, provider),
+        workdir / name,
+        database_url=db_url,
+        metrics_port=0,
         name="server",
     )
     ctx = Context(server, pg, db_url, Log(), mode, random.Random(seed), outcome.notes)
@@ -226,7 +233,9 @@ async def run(
         finally:
             await the_storm.stop()
         save_calls(ctx.log, server.workdir / "calls.jsonl")
-        last_fault = max([end for _, end in ctx.log.disturbed] or [time.time() - mode.storm_seconds])
+        last_fault = max(
+            [end for _, end in ctx.log.disturbed] or [time.time() - mode.storm_seconds]
+        )
         recovered = ctx.recovered or await still_serving(ctx, last_fault)
         conv = await inv.converged(lambda: snapshot(ctx), mode.converge_seconds)
         await sampler.sample_once()
@@ -282,7 +291,10 @@ async def inject_kills(ctx: Context, seconds: float) -> None:
 
 async def sigkill(pg: ChaosPostgres, mode: Mode, workdir: Path) -> Outcome:
     return await run(
-        "a-sigkill", pg, mode, workdir,
+        "a-sigkill",
+        pg,
+        mode,
+        workdir,
         provider={"kind": "fake", "fake": {"boot_seconds": 0.3}},
         inject=inject_kills,
     )
@@ -320,7 +332,11 @@ async def inject_pg_outage(ctx: Context, seconds: float) -> None:
     ctx.notes.append(f"storm answers during the outage: {sorted(storm_codes)}")
     result = await still_serving(ctx, back, timeout=40)
     client.close()
-    same = ctx.server.proc is not None and ctx.server.proc.pid == pid and ctx.server.proc.poll() is None
+    same = (
+        ctx.server.proc is not None
+        and ctx.server.proc.pid == pid
+        and ctx.server.proc.poll() is None
+    )
     problems = []
     if not pings or len(unavailable) != len(pings):
         problems.append(f"Ping answers during the outage: {sorted({p[0] for p in pings})}")
@@ -336,7 +352,10 @@ async def inject_pg_outage(ctx: Context, seconds: float) -> None:
 
 async def postgres_outage(pg: ChaosPostgres, mode: Mode, workdir: Path) -> Outcome:
     return await run(
-        "b-postgres", pg, mode, workdir,
+        "b-postgres",
+        pg,
+        mode,
+        workdir,
         provider={"kind": "fake", "fake": {"boot_seconds": 0.3}},
         inject=inject_pg_outage,
     )
@@ -351,7 +370,10 @@ async def just_storm(ctx: Context, seconds: float) -> None:
 
 async def provider_failures(pg: ChaosPostgres, mode: Mode, workdir: Path) -> Outcome:
     return await run(
-        "c-provider", pg, mode, workdir,
+        "c-provider",
+        pg,
+        mode,
+        workdir,
         provider={"kind": "fake", "fake": {"boot_seconds": 0.3, "failure_rate": 0.3}},
         inject=just_storm,
     )
@@ -386,7 +408,9 @@ async def kube_snapshot(ctx: Context) -> inv.Snapshot:
     from tests.fakekube import VMS
 
     vms = {o["metadata"]["name"] for o in ctx.extra["fake"].objects(VMS, NAMESPACE)}
-    rows = {r["name"]: r["state"] for r in await sql(ctx.db_url, "SELECT name, state FROM instances")}
+    rows = {
+        r["name"]: r["state"] for r in await sql(ctx.db_url, "SELECT name, state FROM instances")
+    }
     return vms, rows
 
 
@@ -415,7 +439,10 @@ async def inject_kube_faults(ctx: Context, seconds: float) -> None:
 
 async def kube_faults(pg: ChaosPostgres, mode: Mode, workdir: Path) -> Outcome:
     return await run(
-        "d-kube", pg, mode, workdir,
+        "d-kube",
+        pg,
+        mode,
+        workdir,
         provider={
             "kind": "kubevirt",
             "kubevirt": {
@@ -444,7 +471,10 @@ def expiring_pools() -> list[dict[str, Any]]:
 async def expiry_storm(pg: ChaosPostgres, mode: Mode, workdir: Path) -> Outcome:
     pools = expiring_pools()
     return await run(
-        "e-expiry", pg, mode, workdir,
+        "e-expiry",
+        pg,
+        mode,
+        workdir,
         provider={"kind": "fake", "fake": {"boot_seconds": 0.3}},
         inject=just_storm,
         pools=pools,

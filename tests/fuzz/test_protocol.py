@@ -37,10 +37,45 @@ CALL_TIMEOUT = 3.0
 FORBIDDEN = {"UNKNOWN", "INTERNAL"}
 
 WAIT_GARBAGE = [
-    "", " ", "abc", "-1s", "-0s", "0", "0s", "5", "1.5s", "0.1s", "2s", "60s", "61s", "1h",
-    "99999999999999999999h", "1e309s", "nan", "NaNs", "inf", "infs", "1s1s", "1m30s",
-    " 2s", "2s ", "PT1S", "1ms", "1us", "1ns", "0x10s", "1_000s", "+1s", "1.s", ".5s",
-    "9" * 200, "s", "h", "--", "%s", "\\x00",
+    "",
+    " ",
+    "abc",
+    "-1s",
+    "-0s",
+    "0",
+    "0s",
+    "5",
+    "1.5s",
+    "0.1s",
+    "2s",
+    "60s",
+    "61s",
+    "1h",
+    "99999999999999999999h",
+    "1e309s",
+    "nan",
+    "NaNs",
+    "inf",
+    "infs",
+    "1s1s",
+    "1m30s",
+    " 2s",
+    "2s ",
+    "PT1S",
+    "1ms",
+    "1us",
+    "1ns",
+    "0x10s",
+    "1_000s",
+    "+1s",
+    "1.s",
+    ".5s",
+    "9" * 200,
+    "s",
+    "h",
+    "--",
+    "%s",
+    "\\x00",
 ]
 
 
@@ -70,8 +105,17 @@ def varint(n: int) -> bytes:
 
 def timestamp(rng: random.Random) -> bytes:
     seconds = rng.choice(
-        [0, -62135596800, -62135596801, 253402300799, 253402300800, 2**63 - 1, -(2**63),
-         int(time.time()) + rng.randint(-10**6, 10**7), rng.getrandbits(64)]
+        [
+            0,
+            -62135596800,
+            -62135596801,
+            253402300799,
+            253402300800,
+            2**63 - 1,
+            -(2**63),
+            int(time.time()) + rng.randint(-(10**6), 10**7),
+            rng.getrandbits(64),
+        ]
     )
     nanos = rng.choice([0, 1, 999_999_999, 1_000_000_000, -1, 2**31 - 1, rng.getrandbits(32)])
     body = b"\x08" + varint(seconds) + b"\x10" + varint(nanos)
@@ -82,8 +126,19 @@ def timestamp(rng: random.Random) -> bytes:
 
 def text(rng: random.Random) -> str:
     choices = [
-        "", "alpha", "nope", "e2e", "inctl", "vmp-3f30-x9t7q72u", str(uuid.uuid4()),
-        str(uuid.uuid4()).upper(), "a" * 129, "tab\there", "ünïcödé", "\x00\x01", "💥" * 10,
+        "",
+        "alpha",
+        "nope",
+        "e2e",
+        "inctl",
+        "vmp-3f30-x9t7q72u",
+        str(uuid.uuid4()),
+        str(uuid.uuid4()).upper(),
+        "a" * 129,
+        "tab\there",
+        "ünïcödé",
+        "\x00\x01",
+        "💥" * 10,
         "".join(rng.choice(string.printable) for _ in range(rng.randrange(40))),
     ]
     return rng.choice(choices)
@@ -179,7 +234,9 @@ def metadata(rng: random.Random) -> dict[str, str | bytes]:
     md: dict[str, str | bytes] = {}
     if rng.random() < 0.5:
         md["x-vmpool-wait"] = sendable(
-            rng.choice([*WAIT_GARBAGE, "".join(rng.choice(string.printable[:94]) for _ in range(8))])
+            rng.choice(
+                [*WAIT_GARBAGE, "".join(rng.choice(string.printable[:94]) for _ in range(8))]
+            )
         )
     if rng.random() < 0.2:
         key = "x-fuzz-" + "".join(rng.choice(string.ascii_lowercase) for _ in range(4))
@@ -207,9 +264,7 @@ async def server(postgres: TestPostgres, tmp_path: Path) -> AsyncIterator[Server
     await asyncio.to_thread(proc.__exit__)
 
 
-async def send(
-    channel: Channel, method: str, data: bytes, md: dict[str, str | bytes]
-) -> str:
+async def send(channel: Channel, method: str, data: bytes, md: dict[str, str | bytes]) -> str:
     try:
         async with channel.request(
             f"{SERVICE}/{method}",

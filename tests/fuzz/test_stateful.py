@@ -64,7 +64,7 @@ PROFILES = {
 }
 PROFILE = PROFILES[os.environ.get("HYPOTHESIS_PROFILE", "ci")]
 
-_postgres: TestPostgres | None = None
+_postgres: list[TestPostgres] = []  # the session's server, for the state machine
 
 
 @dataclass
@@ -102,8 +102,7 @@ class LeaseMachine(RuleBasedStateMachine):
 
     @initialize()
     def setup(self) -> None:
-        assert _postgres is not None
-        url = self.run(_postgres.fresh())
+        url = self.run(_postgres[0].fresh())
         self.dbname = urllib.parse.urlsplit(url).path.lstrip("/")
         self.pool = self.run(create_pool(url, min_size=1, max_size=4))
         self.world: World = self.run(make_world(self.pool, CONFIG))
@@ -115,8 +114,8 @@ class LeaseMachine(RuleBasedStateMachine):
             if self.pool is not None:
                 await self.world.reconciler.drain_calls()
                 await self.pool.close()
-            if self.dbname and _postgres is not None:
-                admin = await asyncpg.connect(_postgres.url)
+            if self.dbname and _postgres:
+                admin = await asyncpg.connect(_postgres[0].url)
                 try:
                     await admin.execute(f"DROP DATABASE IF EXISTS {self.dbname} WITH (FORCE)")
                 finally:
@@ -138,7 +137,9 @@ class LeaseMachine(RuleBasedStateMachine):
     def ready(self) -> set[str]:
         return {
             r["name"]
-            for r in self.fetch("SELECT name FROM instances WHERE pool = $1 AND state = 'ready'", POOL)
+            for r in self.fetch(
+                "SELECT name FROM instances WHERE pool = $1 AND state = 'ready'", POOL
+            )
         }
 
     def waiting(self) -> bool:
@@ -348,14 +349,15 @@ class LeaseMachine(RuleBasedStateMachine):
         names = [r["instance"] for r in history]
         assert len(names) == len(set(names)), "an instance was leased twice"
         assert set(names) == set(self.ended)
-        queued = [r["id"] for r in self.fetch("SELECT id FROM reservations WHERE NOT served ORDER BY seq")]
+        queued = [
+            r["id"] for r in self.fetch("SELECT id FROM reservations WHERE NOT served ORDER BY seq")
+        ]
         assert queued == [q.rid for q in self.queue]
 
 
 @pytest.mark.timeout(600 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 120)
 def test_leaser_and_reconciler_follow_the_model(postgres: TestPostgres) -> None:
-    global _postgres
-    _postgres = postgres
+    _postgres[:] = [postgres]
     run_state_machine_as_test(
         LeaseMachine,
         settings=settings(
@@ -365,4 +367,3 @@ def test_leaser_and_reconciler_follow_the_model(postgres: TestPostgres) -> None:
             **PROFILE,
         ),
     )
-
