@@ -117,13 +117,21 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
         reconciler = Reconciler(
             Inventory(background_db), provider, config, utcnow, metrics, waiters
         )
-        leaser = Leaser(leases, config, utcnow, waiters, metrics, on_change=reconciler.wake)
         control = Control(
             url,
             config.reconcile_interval.total_seconds(),
             on_wake=reconciler.wake,
             on_assigned=waiters.wake,
             on_leadership=lambda _leading: reconciler.wake(),
+        )
+        leaser = Leaser(
+            leases,
+            config,
+            utcnow,
+            waiters,
+            metrics,
+            on_change=reconciler.wake,
+            reconciles_here=control.is_leader,
         )
         gate = Gate()
         serving = ServiceStatus()

@@ -46,6 +46,7 @@ class Leaser:
         waiters: Waiters,
         metrics: Metrics,
         on_change: Callable[[], None] = lambda: None,
+        reconciles_here: Callable[[], bool] = lambda: False,
     ) -> None:
         self._store = store
         self._config = config
@@ -53,6 +54,7 @@ class Leaser:
         self._waiters = waiters
         self._metrics = metrics
         self._on_change = on_change
+        self._reconciles_here = reconciles_here  # then on_change suffices, no NOTIFY
         self._stopping = False
 
     def stopping(self) -> None:
@@ -203,7 +205,9 @@ class Leaser:
         leasing.check_service_tag(tag)
         structlog.contextvars.bind_contextvars(instance=instance)
         try:
-            ended = await self._store.return_lease(instance, tag, self._clock())
+            ended = await self._store.return_lease(
+                instance, tag, self._clock(), notify=not self._reconciles_here()
+            )
         except NotLeased:
             raise NotFound(f'instance: no active lease for "{instance}"') from None
         except WrongTag:

@@ -106,11 +106,14 @@ class LeaseStore:
         return int(row["position"]), int(row["length"])
 
     async def return_lease(
-        self, instance: str, tag: str, now: datetime, reason: str = "returned"
+        self, instance: str, tag: str, now: datetime, *, notify: bool = True
     ) -> EndedLease:
-        """End the lease and mark the VM for destruction, in one statement."""
+        """End the lease and mark the VM for destruction, in one statement;
+        ``notify`` wakes the reconciler of another process (NOTIFY)."""
         async with translated():
-            row = await self._pool.fetchrow(sql.RETURN_LEASE, instance, tag, now, reason)
+            row = await self._pool.fetchrow(
+                sql.RETURN_LEASE, instance, tag, now, "returned", notify
+            )
             if row is None:
                 owner = await self._pool.fetchval(sql.LEASE_OWNER, instance)
                 if owner is None:

@@ -118,7 +118,8 @@ WITH ended AS (
     UPDATE instances i SET state = 'destroying', destroy_reason = $4, state_changed_at = $3
     FROM ended WHERE i.name = ended.instance
 )
-SELECT pool, leased_at, pg_notify('vmpool_wake', 'return') FROM ended
+SELECT pool, leased_at, (SELECT pg_notify('vmpool_wake', 'return') WHERE $5) AS notified
+FROM ended
 """
 
 # Used only after a tag-checked write found nothing: which error is it?
