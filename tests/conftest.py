@@ -3,10 +3,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
-import asyncpg
 import pytest
 
 from tests.pg import TestPostgres
+from vmpool.store.db import Database
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ async def db_url(postgres: TestPostgres) -> str:
 
 
 @pytest.fixture
-async def db(db_url: str) -> AsyncIterator[asyncpg.Pool]:
+async def db(db_url: str) -> AsyncIterator[Database]:
     from vmpool.store.db import create_pool
 
     pool = await create_pool(db_url, min_size=1, max_size=60)

@@ -8,7 +8,6 @@ import os
 import signal
 import time
 
-import asyncpg
 import structlog
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
@@ -27,7 +26,7 @@ from vmpool.reconciler import Reconciler
 from vmpool.rpc import Gate, instrument
 from vmpool.service import LeaseService
 from vmpool.store.control import Control
-from vmpool.store.db import create_pool, migrate
+from vmpool.store.db import Database, create_pool, migrate
 from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
 from vmpool.store.fakecloud import FakeCloud
 from vmpool.store.inventory import Inventory
@@ -43,7 +42,7 @@ class StartupError(Exception):
     """The server cannot start; the message says why, in one line."""
 
 
-def build_provider(config: Config, db: asyncpg.Pool, metrics: Metrics) -> Provider:
+def build_provider(config: Config, db: Database, metrics: Metrics) -> Provider:
     if config.provider.kind == "kubevirt":
         from vmpool.providers.kubevirt import build_kubevirt_provider
 
@@ -53,7 +52,7 @@ def build_provider(config: Config, db: asyncpg.Pool, metrics: Metrics) -> Provid
     return FakeProvider(FakeCloud(db), config.provider.fake)
 
 
-async def connect(url: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+async def connect(url: str, *, min_size: int = 2, max_size: int = 10) -> Database:
     deadline = time.monotonic() + CONNECT_FOR
     delay = 0.5
     while True:

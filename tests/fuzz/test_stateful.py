@@ -36,7 +36,7 @@ from hypothesis.stateful import (
 from tests.integration.helpers import World, make_world
 from tests.pg import TestPostgres
 from vmpool import leasing
-from vmpool.store.db import create_pool
+from vmpool.store.db import Database, create_pool
 
 POOL = "p"
 MIN_READY, MAX_SIZE = 1, 3
@@ -85,7 +85,7 @@ class LeaseMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.pool: asyncpg.Pool | None = None
+        self.pool: Database | None = None
         self.dbname = ""
         self.leases: dict[str, ModelLease] = {}
         self.used: set[str] = set()  # every instance ever leased

@@ -6,13 +6,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
-
 from vmpool.config import Config, parse_config
 from vmpool.leaser import Leaser
 from vmpool.metrics import Metrics
 from vmpool.providers.fake import FakeProvider
 from vmpool.reconciler import Reconciler
+from vmpool.store.db import Database
 from vmpool.store.fakecloud import FakeCloud
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
@@ -34,7 +33,7 @@ class Clock:
 class World:
     config: Config
     clock: Clock
-    db: asyncpg.Pool
+    db: Database
     store: LeaseStore
     inventory: Inventory
     provider: FakeProvider
@@ -66,7 +65,7 @@ class World:
         return {r["name"] for r in await self.db.fetch("SELECT name FROM instances")}
 
 
-async def make_world(db: asyncpg.Pool, config: dict[str, Any]) -> World:
+async def make_world(db: Database, config: dict[str, Any]) -> World:
     cfg = parse_config({"provider": {"kind": "fake", "fake": {"boot_seconds": 0}}, **config})
     clock = Clock()
     metrics = Metrics()

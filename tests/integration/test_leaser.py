@@ -6,11 +6,11 @@ import asyncio
 import uuid
 from datetime import timedelta
 
-import asyncpg
 import pytest
 
 from tests.integration.helpers import World, make_world
 from vmpool import leasing
+from vmpool.store.db import Database
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 
@@ -23,7 +23,7 @@ POOLS = {
 
 
 @pytest.fixture
-async def world(db: asyncpg.Pool) -> World:
+async def world(db: Database) -> World:
     w = await make_world(db, POOLS)
     await w.settle()
     return w
@@ -90,7 +90,7 @@ async def test_reservation_queue_position_and_fifo(world: World) -> None:
         await world.leaser.lease("alpha", None, "t", rids[1])
 
 
-async def test_queued_reservations_are_demand(db: asyncpg.Pool) -> None:
+async def test_queued_reservations_are_demand(db: Database) -> None:
     w = await make_world(db, {"pools": [{"name": "p", "min_ready": 0, "max_size": 5}]})
     await w.settle()
     assert await w.counts("p") == {}

@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 
-import asyncpg
 import pytest
 
 from tests.integration.helpers import make_world
 from vmpool import reconciler as reconciler_module
 from vmpool.store.control import Control
+from vmpool.store.db import Database
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 
 
-async def test_fills_pools_within_limits(db: asyncpg.Pool) -> None:
+async def test_fills_pools_within_limits(db: Database) -> None:
     w = await make_world(
         db, {"pools": [{"name": "p", "min_ready": 6, "max_size": 10, "max_provisioning": 4}]}
     )
@@ -28,7 +28,7 @@ async def test_fills_pools_within_limits(db: asyncpg.Pool) -> None:
     assert all(name.startswith("vmp-") for name in await w.rows())
 
 
-async def test_expired_lease_destroys_the_vm_and_refills(db: asyncpg.Pool) -> None:
+async def test_expired_lease_destroys_the_vm_and_refills(db: Database) -> None:
     w = await make_world(db, {"pools": [{"name": "p", "min_ready": 1, "max_size": 2}]})
     await w.settle()
     lease = await w.leaser.lease("p", None, "t", None)
@@ -43,7 +43,7 @@ async def test_expired_lease_destroys_the_vm_and_refills(db: asyncpg.Pool) -> No
     assert reason == "expired"
 
 
-async def test_boot_failures_are_replaced_with_backoff(db: asyncpg.Pool) -> None:
+async def test_boot_failures_are_replaced_with_backoff(db: Database) -> None:
     w = await make_world(
         db,
         {
@@ -64,7 +64,7 @@ async def test_boot_failures_are_replaced_with_backoff(db: asyncpg.Pool) -> None
     assert (await w.counts("p")).get("ready", 0) == 0
 
 
-async def test_boot_timeout(db: asyncpg.Pool) -> None:
+async def test_boot_timeout(db: Database) -> None:
     w = await make_world(
         db,
         {
@@ -82,7 +82,7 @@ async def test_boot_timeout(db: asyncpg.Pool) -> None:
     assert w.metrics.reconcile_actions.labels("boot failed")._value.get() == 1
 
 
-async def test_vm_deleted_behind_our_back(db: asyncpg.Pool) -> None:
+async def test_vm_deleted_behind_our_back(db: Database) -> None:
     w = await make_world(db, {"pools": [{"name": "p", "min_ready": 2, "max_size": 3}]})
     await w.settle()
     lease = await w.leaser.lease("p", None, "t", None)
@@ -100,7 +100,7 @@ async def test_vm_deleted_behind_our_back(db: asyncpg.Pool) -> None:
     assert await w.vms() == await w.rows()
 
 
-async def test_orphans_are_deleted_after_the_grace(db: asyncpg.Pool) -> None:
+async def test_orphans_are_deleted_after_the_grace(db: Database) -> None:
     w = await make_world(db, {"pools": [{"name": "p", "min_ready": 1, "max_size": 1}]})
     await w.settle()
     await db.execute(
@@ -118,7 +118,7 @@ async def test_orphans_are_deleted_after_the_grace(db: asyncpg.Pool) -> None:
     assert await w.vms() == await w.rows()
 
 
-async def test_removing_a_pool_drains_it(db: asyncpg.Pool) -> None:
+async def test_removing_a_pool_drains_it(db: Database) -> None:
     w = await make_world(
         db,
         {
@@ -140,7 +140,7 @@ async def test_removing_a_pool_drains_it(db: asyncpg.Pool) -> None:
     assert lease.instance not in await w2.vms()
 
 
-async def test_ready_instances_are_recycled_after_max_ready_age(db: asyncpg.Pool) -> None:
+async def test_ready_instances_are_recycled_after_max_ready_age(db: Database) -> None:
     w = await make_world(
         db, {"pools": [{"name": "p", "min_ready": 2, "max_size": 2, "max_ready_age": "1h"}]}
     )

@@ -12,7 +12,7 @@ import pytest
 
 from tests.pg import TestPostgres
 from vmpool.store import sql
-from vmpool.store.db import migrate, migrations
+from vmpool.store.db import Database, migrate, migrations
 from vmpool.store.errors import Duplicate
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
 
-async def seed(db: asyncpg.Pool, pool: str, ready: int, *, start: int = 0) -> list[str]:
+async def seed(db: Database, pool: str, ready: int, *, start: int = 0) -> list[str]:
     await db.execute("INSERT INTO pools (name) VALUES ($1) ON CONFLICT DO NOTHING", pool)
     names = [f"vmp-{pool}-{i:06d}" for i in range(start, start + ready)]
     await db.execute(
@@ -55,7 +55,7 @@ async def test_migrations_apply_to_an_empty_database_once(postgres: TestPostgres
             await c.close()
 
 
-async def test_fifty_concurrent_claimers_never_share_an_instance(db: asyncpg.Pool) -> None:
+async def test_fifty_concurrent_claimers_never_share_an_instance(db: Database) -> None:
     await seed(db, "p", 30)
     store = LeaseStore(db)
     expires = NOW + timedelta(hours=1)
@@ -71,7 +71,7 @@ async def test_fifty_concurrent_claimers_never_share_an_instance(db: asyncpg.Poo
 
 @pytest.mark.parametrize("free", [5, 0])
 async def test_a_reservation_is_used_once_even_when_retried_concurrently(
-    db: asyncpg.Pool, free: int
+    db: Database, free: int
 ) -> None:
     await db.execute("INSERT INTO pools (name) VALUES ('p')")
     await seed(db, "p", free)
@@ -96,7 +96,7 @@ async def test_a_reservation_is_used_once_even_when_retried_concurrently(
         assert (leases, queued) == (0, 1)
 
 
-async def test_fifty_queued_reservations_are_served_strictly_fifo(db: asyncpg.Pool) -> None:
+async def test_fifty_queued_reservations_are_served_strictly_fifo(db: Database) -> None:
     await db.execute("INSERT INTO pools (name) VALUES ('p')")
     store = LeaseStore(db)
     inv = Inventory(db)
@@ -125,7 +125,7 @@ async def test_fifty_queued_reservations_are_served_strictly_fifo(db: asyncpg.Po
     assert len(set(instances)) == 50
 
 
-async def test_free_instances_are_not_claimable_while_reservations_wait(db: asyncpg.Pool) -> None:
+async def test_free_instances_are_not_claimable_while_reservations_wait(db: Database) -> None:
     await db.execute("INSERT INTO pools (name) VALUES ('p')")
     store = LeaseStore(db)
     later = NOW + timedelta(minutes=5)
@@ -137,7 +137,7 @@ async def test_free_instances_are_not_claimable_while_reservations_wait(db: asyn
     assert await store.claim_free("p", "other", None, NOW, NOW + timedelta(hours=1)) is not None
 
 
-async def _plan(db: asyncpg.Pool, query: str, *args: object) -> str:
+async def _plan(db: Database, query: str, *args: object) -> str:
     rows = await db.fetch(f"EXPLAIN (FORMAT JSON) {query}", *args)
     return json.dumps(json.loads(rows[0][0]))
 
@@ -157,7 +157,7 @@ def _seq_scanned(plan: object) -> set[str]:
 
 
 @pytest.mark.parametrize("statement", ["claim", "claim_or_enqueue", "set_aside"])
-async def test_hot_statements_use_the_partial_indexes(db: asyncpg.Pool, statement: str) -> None:
+async def test_hot_statements_use_the_partial_indexes(db: Database, statement: str) -> None:
     # Realistic volume: 100 pools x 100 ready instances, a long queue elsewhere.
     for p in range(100):
         await seed(db, f"pool{p}", 100)

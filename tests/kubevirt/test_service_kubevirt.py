@@ -44,6 +44,7 @@ from vmpool.providers.kubevirt_manifest import (
     POOL_LABEL,
     PREVIEW_NAME,
 )
+from vmpool.store.db import Database
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -116,7 +117,7 @@ class Svc:
     pools: list[dict[str, Any]]
     orphan_grace: str = "10m"
     server: Serve | None = None
-    db: asyncpg.Pool | None = None
+    db: Database | None = None
     channel: Channel | None = None
     stub: api.VmPoolLeaseServiceStub | None = None
     servers: list[Serve] = field(default_factory=list)

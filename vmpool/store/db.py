@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,51 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
     round trip per statement run through the pool (see docs/performance.md)."""
 
 
-async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+class Database:
+    """An asyncpg pool whose connections are handed out first come, first served.
+
+    asyncpg's own queue lets a newcomer take a just-released connection ahead
+    of calls already waiting (asyncio.Queue re-queues a woken getter at the
+    back), which under load turns into multi-second tails. A fair semaphore
+    with one permit per connection sits in front of it.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, size: int) -> None:
+        self.pool = pool
+        self._turns = asyncio.Semaphore(size)
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._turns, self.pool.acquire() as conn:
+            yield conn
+
+    async def execute(self, query: str, *args: Any) -> str:
+        async with self.acquire() as conn:
+            result: str = await conn.execute(query, *args)
+            return result
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            return rows
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        async with self.acquire() as conn:
+            row: asyncpg.Record | None = await conn.fetchrow(query, *args)
+            return row
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self.acquire() as conn:
+            return await conn.fetchval(query, *args)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    def terminate(self) -> None:
+        self.pool.terminate()
+
+
+async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> Database:
     async with translated():
         pool = await asyncpg.create_pool(
             url,
@@ -43,7 +90,7 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> asy
             server_settings={"application_name": "vmpool"},
         )
     assert pool is not None
-    return pool
+    return Database(pool, max_size)
 
 
 def migrations() -> list[tuple[int, str, str]]:

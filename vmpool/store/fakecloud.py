@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-import asyncpg
-
 from vmpool.store import sql
+from vmpool.store.db import Database
 from vmpool.store.errors import translated
 
 
@@ -22,7 +21,7 @@ class FakeVM:
 
 
 class FakeCloud:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: Database) -> None:
         self._pool = pool
 
     async def create_many(self, vms: list[FakeVM]) -> None:

@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import asyncpg
-
 from vmpool.store import sql
+from vmpool.store.db import Database
 from vmpool.store.errors import translated
 from vmpool.store.records import EndedLease, LeaseRow
 
@@ -67,7 +66,7 @@ def _min(a: datetime | None, b: datetime | None) -> datetime | None:
 
 
 class Inventory:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: Database) -> None:
         self._pool = pool
 
     async def sync_pools(self, pools: Sequence[tuple[str, dict[str, str]]]) -> None:

@@ -7,9 +7,8 @@ from collections.abc import Callable
 from datetime import datetime
 from uuid import UUID
 
-import asyncpg
-
 from vmpool.store import sql
+from vmpool.store.db import Database
 from vmpool.store.errors import StoreUnavailable, translated
 from vmpool.store.records import EndedLease, FirstUse, LeaseRow, Queued, ReservationState
 
@@ -27,7 +26,7 @@ class WrongTag(Exception):
 
 
 class LeaseStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: Database) -> None:
         self._pool = pool
 
     async def ping(self, timeout: float) -> None:
@@ -103,6 +102,7 @@ class LeaseStore:
     async def position(self, pool: str, seq: int) -> tuple[int, int]:
         async with translated():
             row = await self._pool.fetchrow(sql.QUEUE_POSITION, pool, seq)
+        assert row is not None  # an aggregate always has a row
         return int(row["position"]), int(row["length"])
 
     async def return_lease(
