@@ -111,7 +111,7 @@ class Leaser:
             structlog.contextvars.bind_contextvars(pool=pool.name)
             now = self._clock()
             lease = await self._store.claim_free(
-                pool.name, tag, None, now, leasing.lease_expiry(expires, now, pool)
+                pool.name, tag, now, leasing.lease_expiry(expires, now, pool)
             )
             if lease is None:
                 await self._refuse_if_drained(pool.name)

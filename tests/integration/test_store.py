@@ -57,16 +57,43 @@ async def test_migrations_apply_to_an_empty_database_once(postgres: TestPostgres
 
 async def test_fifty_concurrent_claimers_never_share_an_instance(db: Database) -> None:
     await seed(db, "p", 30)
-    store = LeaseStore(db)
+    # Ten stores (as if ten processes), five claims each: claims batch within a
+    # store and contend across stores (FOR UPDATE SKIP LOCKED).
+    stores = [LeaseStore(db) for _ in range(10)]
     expires = NOW + timedelta(hours=1)
     results = await asyncio.gather(
-        *(store.claim_free("p", f"tag{i}", None, NOW, expires) for i in range(50))
+        *(stores[i % 10].claim_free("p", f"tag{i}", NOW, expires) for i in range(50))
     )
     granted = [r.instance for r in results if r is not None]
     assert len(granted) == 30
     assert len(set(granted)) == 30
-    assert await db.fetchval("SELECT count(*) FROM leases") == 30
+    rows = await db.fetch("SELECT instance, service_tag FROM leases")
+    assert {r["instance"]: r["service_tag"] for r in rows} == {
+        r.instance: r.service_tag for r in results if r is not None
+    }
     assert await db.fetchval("SELECT count(*) FROM instances WHERE state='ready'") == 0
+
+
+async def test_batched_returns_check_each_tag(db: Database) -> None:
+    await seed(db, "p", 3)
+    store = LeaseStore(db)
+    hour = NOW + timedelta(hours=1)
+    a, b, c = [await store.claim_free("p", tag, NOW, hour) for tag in ("ta", "tb", "tc")]
+    assert a and b and c
+    outcomes = await asyncio.gather(
+        store.return_lease(a.instance, "ta", NOW),
+        store.return_lease(a.instance, "ta", NOW),  # the same return twice
+        store.return_lease(c.instance, "wrong", NOW),
+        store.return_lease(b.instance, "tb", NOW),
+        store.return_lease("vmp-none", "tc", NOW),
+        return_exceptions=True,
+    )
+    kinds = [type(o).__name__ for o in outcomes]
+    assert sorted(kinds[:2]) == ["EndedLease", "NotLeased"]
+    assert kinds[2:] == ["WrongTag", "EndedLease", "NotLeased"]
+    left = {r["instance"] for r in await db.fetch("SELECT instance FROM leases")}
+    assert left == {c.instance}
+    assert await db.fetchval("SELECT count(*) FROM instances WHERE state = 'destroying'") == 2
 
 
 @pytest.mark.parametrize("free", [5, 0])
@@ -131,10 +158,10 @@ async def test_free_instances_are_not_claimable_while_reservations_wait(db: Data
     later = NOW + timedelta(minutes=5)
     await store.claim_or_enqueue("p", "t", uuid.uuid4(), NOW, later, later)
     await seed(db, "p", 1)
-    assert await store.claim_free("p", "other", None, NOW, NOW + timedelta(hours=1)) is None
+    assert await store.claim_free("p", "other", NOW, NOW + timedelta(hours=1)) is None
     assert await Inventory(db).set_aside("p", NOW, 5) != []
     await seed(db, "p", 1, start=1)
-    assert await store.claim_free("p", "other", None, NOW, NOW + timedelta(hours=1)) is not None
+    assert await store.claim_free("p", "other", NOW, NOW + timedelta(hours=1)) is not None
 
 
 async def _plan(db: Database, query: str, *args: object) -> str:
@@ -170,7 +197,7 @@ async def test_hot_statements_use_the_partial_indexes(db: Database, statement: s
     )
     await db.execute("ANALYZE")
     if statement == "claim":
-        plan = await _plan(db, sql.CLAIM_FREE, "pool0", "t", None, NOW, NOW)
+        plan = await _plan(db, sql.CLAIM_FREE, "pool0", 3, ["a", "b", "c"], [NOW] * 3, NOW)
     elif statement == "claim_or_enqueue":
         plan = await _plan(db, sql.CLAIM_OR_ENQUEUE, "pool0", "t", uuid.uuid4(), NOW, NOW, NOW)
     else:

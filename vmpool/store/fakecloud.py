@@ -24,7 +24,7 @@ class FakeCloud:
     def __init__(self, pool: Database) -> None:
         self._pool = pool
 
-    async def create_many(self, vms: list[FakeVM]) -> None:
+    async def create_many(self, vms: list[FakeVM]) -> list[None]:
         """Create VMs; one that exists already is left as it is (idempotent by name)."""
         async with translated():
             await self._pool.execute(
@@ -36,10 +36,12 @@ class FakeCloud:
                 [v.fails for v in vms],
                 [v.zone for v in vms],
             )
+        return [None] * len(vms)
 
-    async def delete_many(self, names: list[str]) -> None:
+    async def delete_many(self, names: list[str]) -> list[None]:
         async with translated():
             await self._pool.execute(sql.FAKE_DELETE, names)
+        return [None] * len(names)
 
     async def list(self) -> list[FakeVM]:
         async with translated():

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from uuid import UUID
 
+from vmpool.batching import MicroBatcher
 from vmpool.store import sql
 from vmpool.store.db import Database
 from vmpool.store.errors import StoreUnavailable, translated
@@ -28,6 +30,10 @@ class WrongTag(Exception):
 class LeaseStore:
     def __init__(self, pool: Database) -> None:
         self._pool = pool
+        self._claims: dict[str, MicroBatcher[tuple[str, datetime, datetime], LeaseRow | None]] = {}
+        self._returns: MicroBatcher[tuple[str, str, datetime, bool], EndedLease | None] = (
+            MicroBatcher(self._return_batch)
+        )
 
     async def ping(self, timeout: float) -> None:
         try:
@@ -37,13 +43,32 @@ class LeaseStore:
             raise StoreUnavailable("database did not answer in time") from err
 
     async def claim_free(
-        self, pool: str, tag: str, reservation: UUID | None, now: datetime, expires: datetime
+        self, pool: str, tag: str, now: datetime, expires: datetime
     ) -> LeaseRow | None:
         """Lease the oldest free instance of ``pool``; None when none is free.
-        Raises Duplicate when ``reservation`` was served concurrently."""
+        Concurrent claims on one pool go to the database as one statement."""
+        batcher = self._claims.get(pool)
+        if batcher is None:
+            batcher = self._claims[pool] = MicroBatcher(partial(self._claim_batch, pool))
+        return await batcher.submit((tag, now, expires))
+
+    async def _claim_batch(
+        self, pool: str, items: list[tuple[str, datetime, datetime]]
+    ) -> list[LeaseRow | None]:
+        now = max(item[1] for item in items)
         async with translated():
-            row = await self._pool.fetchrow(sql.CLAIM_FREE, pool, tag, reservation, now, expires)
-        return LeaseRow.of(row) if row else None
+            rows = await self._pool.fetch(
+                sql.CLAIM_FREE,
+                pool,
+                len(items),
+                [item[0] for item in items],
+                [item[2] for item in items],
+                now,
+            )
+        out: list[LeaseRow | None] = [None] * len(items)
+        for row in rows:
+            out[row["n"] - 1] = LeaseRow.of(row)
+        return out
 
     async def serve_reserved(
         self, reservation: UUID, now: datetime, expires: datetime
@@ -108,18 +133,35 @@ class LeaseStore:
     async def return_lease(
         self, instance: str, tag: str, now: datetime, *, notify: bool = True
     ) -> EndedLease:
-        """End the lease and mark the VM for destruction, in one statement;
-        ``notify`` wakes the reconciler of another process (NOTIFY)."""
+        """End the lease and mark the VM for destruction. Concurrent returns go
+        to the database as one statement; ``notify`` wakes the reconciler of
+        another process (NOTIFY)."""
+        ended = await self._returns.submit((instance, tag, now, notify))
+        if ended is not None:
+            return ended
         async with translated():
-            row = await self._pool.fetchrow(
-                sql.RETURN_LEASE, instance, tag, now, "returned", notify
+            owner = await self._pool.fetchval(sql.LEASE_OWNER, instance)
+        if owner is None:
+            raise NotLeased(instance)
+        raise WrongTag(owner)
+
+    async def _return_batch(
+        self, items: list[tuple[str, str, datetime, bool]]
+    ) -> list[EndedLease | None]:
+        async with translated():
+            rows = await self._pool.fetch(
+                sql.RETURN_LEASES,
+                [item[0] for item in items],
+                [item[1] for item in items],
+                max(item[2] for item in items),
+                any(item[3] for item in items),
             )
-            if row is None:
-                owner = await self._pool.fetchval(sql.LEASE_OWNER, instance)
-                if owner is None:
-                    raise NotLeased(instance)
-                raise WrongTag(owner)
-        return EndedLease(instance, row["pool"], tag, row["leased_at"])
+        ended = {(r["instance"], r["service_tag"]): r for r in rows}
+        out: list[EndedLease | None] = []
+        for instance, tag, _, _ in items:
+            row = ended.pop((instance, tag), None)  # a duplicate request finds nothing
+            out.append(EndedLease(instance, row["pool"], tag, row["leased_at"]) if row else None)
+        return out
 
     async def force_return(self, instance: str, now: datetime, reason: str) -> EndedLease:
         async with translated():

@@ -2,27 +2,36 @@
 
 # --- leasing (the RPC hot path) ---------------------------------------------
 
-# Lease the oldest free instance of a pool in one statement. Nobody jumps the
-# queue: while a reservation of this pool waits with nothing set aside, free
-# instances are for the reconciler to set aside, not for this claim.
+# Lease the oldest free instances of a pool to a batch of requests, in one
+# statement ($2 = how many; request i gets the i-th claimed instance). Nobody
+# jumps the queue: while a reservation of this pool waits with nothing set
+# aside, free instances are for the reconciler to set aside, not for this claim.
 CLAIM_FREE = """
-WITH pick AS (
+WITH pick AS MATERIALIZED (
     SELECT name FROM instances
     WHERE pool = $1 AND state = 'ready'
       AND NOT EXISTS (
           SELECT 1 FROM reservations WHERE pool = $1 AND instance IS NULL AND NOT served)
       AND NOT EXISTS (SELECT 1 FROM pools WHERE name = $1 AND drained)
     ORDER BY ready_at, name
-    LIMIT 1
+    LIMIT $2
     FOR UPDATE SKIP LOCKED
+), numbered AS (
+    SELECT name, row_number() OVER (ORDER BY name) AS n FROM pick
+), req AS (
+    SELECT * FROM unnest($3::text[], $4::timestamptz[]) WITH ORDINALITY AS r(tag, expires, n)
 ), claimed AS (
-    UPDATE instances i SET state = 'leased', state_changed_at = $4
-    FROM pick WHERE i.name = pick.name
-    RETURNING i.name, i.pool, i.zone
+    UPDATE instances i SET state = 'leased', state_changed_at = $5
+    FROM numbered p WHERE i.name = p.name
+    RETURNING i.name, i.pool, i.zone, p.n
+), leased AS (
+    INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone)
+    SELECT c.name, c.pool, r.tag, NULL, $5, r.expires, c.zone
+    FROM claimed c JOIN req r USING (n)
 )
-INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone)
-SELECT name, pool, $2, $3, $4, $5, zone FROM claimed
-RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone
+SELECT r.n, c.name AS instance, c.pool, r.tag AS service_tag, NULL::uuid AS reservation_id,
+       $5::timestamptz AS leased_at, r.expires AS expires_at, c.zone
+FROM claimed c JOIN req r USING (n)
 """
 
 # First use of a reservation id: lease a free instance now, or join the queue,
@@ -105,20 +114,28 @@ SELECT count(*) FILTER (WHERE seq <= $2) AS position, count(*) AS length
 FROM reservations WHERE pool = $1 AND NOT served
 """
 
-RETURN_LEASE = """
-WITH ended AS (
-    DELETE FROM leases WHERE instance = $1 AND service_tag = $2
-    RETURNING *
+# End a batch of leases ($1 instances, $2 their service_tags) and mark their
+# VMs for destruction. A request whose tag does not match ends nothing.
+RETURN_LEASES = """
+WITH req AS (
+    SELECT * FROM unnest($1::text[], $2::text[]) AS r(instance, tag)
+), ended AS (
+    DELETE FROM leases l USING req r
+    WHERE l.instance = r.instance AND l.service_tag = r.tag
+    RETURNING l.*
 ), hist AS (
     INSERT INTO lease_history (instance, pool, service_tag, reservation_id, leased_at,
                                expires_at, ended_at, end_reason, zone)
-    SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, $3, $4, zone
+    SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, $3,
+           'returned', zone
     FROM ended
 ), gone AS (
-    UPDATE instances i SET state = 'destroying', destroy_reason = $4, state_changed_at = $3
+    UPDATE instances i SET state = 'destroying', destroy_reason = 'returned',
+                           state_changed_at = $3
     FROM ended WHERE i.name = ended.instance
 )
-SELECT pool, leased_at, (SELECT pg_notify('vmpool_wake', 'return') WHERE $5) AS notified
+SELECT instance, service_tag, pool, leased_at,
+       (SELECT pg_notify('vmpool_wake', 'return') WHERE $4) AS notified
 FROM ended
 """
 
