@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import time
 
 import structlog
 from grpclib.health.check import ServiceStatus
@@ -14,56 +13,24 @@ from grpclib.health.service import OVERALL, Health
 from grpclib.server import Server
 
 from vmpool.admin import AdminService
+from vmpool.background import Background, StartupError
 from vmpool.clock import utcnow
 from vmpool.codec import SafeProtoCodec
 from vmpool.config import Config
 from vmpool.dbhealth import DatabaseHealth
 from vmpool.leaser import Leaser
 from vmpool.metrics import Metrics
-from vmpool.providers.base import Provider
-from vmpool.providers.errors import ProviderError
-from vmpool.reconciler import Reconciler
 from vmpool.rpc import Gate, instrument
 from vmpool.service import LeaseService
-from vmpool.store.control import Control
-from vmpool.store.db import Database, create_pool, migrate
+from vmpool.store.db import connect, migrate
 from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
-from vmpool.store.fakecloud import FakeCloud
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
 from vmpool.waiters import Waiters
 
 log = structlog.get_logger("vmpool")
 
-CONNECT_FOR = 60.0  # seconds to keep trying the database at start
-
-
-class StartupError(Exception):
-    """The server cannot start; the message says why, in one line."""
-
-
-def build_provider(config: Config, db: Database, metrics: Metrics) -> Provider:
-    if config.provider.kind == "kubevirt":
-        from vmpool.providers.kubevirt import build_kubevirt_provider
-
-        return build_kubevirt_provider(config.provider.kubevirt, config.pools, metrics)
-    from vmpool.providers.fake import FakeProvider
-
-    return FakeProvider(FakeCloud(db), config.provider.fake)
-
-
-async def connect(url: str, *, min_size: int = 2, max_size: int = 10) -> Database:
-    deadline = time.monotonic() + CONNECT_FOR
-    delay = 0.5
-    while True:
-        try:
-            return await create_pool(url, min_size=min_size, max_size=max_size)
-        except StoreUnavailable as err:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("database not reachable yet", error=str(err), retry_in_s=delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+__all__ = ["StartupError", "serve"]
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -100,9 +67,6 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
     metrics = Metrics()
     try:
         db = await connect(url)
-        # The background work has connections of its own: a storm of RPCs never
-        # starves the reconciler of connections, nor the reverse.
-        background_db = await connect(url, min_size=1, max_size=4)
     except StoreUnavailable as err:
         raise StartupError(f"database_url: {err}") from None
     try:
@@ -112,16 +76,20 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
         await inventory.sync_pools([(p.name, p.labels) for p in config.pools])
         leases = LeaseStore(db)
         waiters = Waiters()
-        provider = build_provider(config, background_db, metrics)
-        reconciler = Reconciler(
-            Inventory(background_db), provider, config, utcnow, metrics, waiters
-        )
-        control = Control(
+
+        # Called from the background thread.
+        def fatal(reason: str) -> None:
+            loop.call_soon_threadsafe(stop.set)
+
+        def assigned(reservation: str) -> None:
+            loop.call_soon_threadsafe(waiters.wake, reservation)
+
+        background = Background(
+            config,
             url,
-            config.reconcile_interval.total_seconds(),
-            on_wake=reconciler.wake,
-            on_assigned=waiters.wake,
-            on_leadership=lambda _leading: reconciler.wake(),
+            metrics,
+            on_assigned=assigned,
+            on_fatal=fatal,
         )
         leaser = Leaser(
             leases,
@@ -129,19 +97,24 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
             utcnow,
             waiters,
             metrics,
-            on_change=reconciler.wake,
-            reconciles_here=control.is_leader,
+            on_change=background.wake,
+            reconciles_here=background.is_leader,
         )
         gate = Gate()
         serving = ServiceStatus()
         lease_service = LeaseService(leaser, config, DatabaseHealth(leases))
-        admin = AdminService(inventory, leases, config, utcnow, metrics, reconciler.wake)
+        admin = AdminService(inventory, leases, config, utcnow, metrics, background.wake)
         health = Health({OVERALL: [serving], lease_service: [serving]})
         server = Server(
             [*instrument([lease_service, admin], metrics, gate), health], codec=SafeProtoCodec()
         )
         host, port = _split(listen or config.listen)
         await server.start(host, port, reuse_port=True)
+        try:
+            await background.start()
+        except StartupError:
+            server.close()
+            raise
         serving.set(True)
         start_metrics(config, metrics)
         log.info(
@@ -151,45 +124,23 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
             provider=config.provider.kind,
             metrics=config.metrics_listen or None,
         )
-        try:
-            await provider.start(reconciler.provider_changed)
-        except ProviderError as err:
-            server.close()
-            raise StartupError(f"provider {config.provider.kind}: {err}") from None
-        async with asyncio.TaskGroup() as tasks:
-            background = [
-                tasks.create_task(control.run(stop), name="control"),
-                tasks.create_task(reconciler.run(stop, control.is_leader), name="reconciler"),
-            ]
-            for task in background:
-                task.add_done_callback(lambda t: _stop_if_died(t, stop))
-            await stop.wait()
-            # Shutdown order: not serving, stop accepting, drain calls, stop the
-            # background work, close the pool.
-            serving.set(False)
-            waiters.wake_all()
-            leaser.stopping()
-            drained = await gate.drain(config.shutdown_grace.total_seconds())
-            if not drained:
-                log.warning("calls still running at shutdown_grace; cancelling them")
-            server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), 5)
-        await provider.close()
-        await control.close()
+        await stop.wait()
+        # Shutdown order: not serving, stop taking calls, drain those in flight,
+        # close the port, stop the background work, close the pool.
+        serving.set(False)
+        waiters.wake_all()
+        leaser.stopping()
+        drained = await gate.drain(config.shutdown_grace.total_seconds())
+        if not drained:
+            log.warning("calls still running at shutdown_grace; cancelling them")
+        server.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), 5)
+        await background.stop()
     finally:
-        for pool in (background_db, db):
-            try:
-                await asyncio.wait_for(pool.close(), 5)
-            except UNAVAILABLE_ERRORS as err:  # TimeoutError is among them
-                log.warning("database pool did not close cleanly", error=repr(err))
-                pool.terminate()
+        try:
+            await asyncio.wait_for(db.close(), 5)
+        except UNAVAILABLE_ERRORS as err:  # TimeoutError is among them
+            log.warning("database pool did not close cleanly", error=repr(err))
+            db.terminate()
     log.info("stopped")
-
-
-def _stop_if_died(task: asyncio.Task[None], stop: asyncio.Event) -> None:
-    if not stop.is_set() and not task.cancelled():
-        log.error(
-            "background task ended unexpectedly", task=task.get_name(), error=repr(task.exception())
-        )
-        stop.set()

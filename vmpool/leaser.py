@@ -84,6 +84,7 @@ class Leaser:
             raise FailedPrecondition(f'pool: "{pool}" is drained by an operator')
 
     def _granted(self, lease: LeaseRow, enqueued_at: datetime | None = None) -> LeaseRow:
+        self._on_change()  # one free instance fewer: the pool may need refilling
         self._metrics.leases_granted.labels(lease.pool).inc()
         if enqueued_at is not None:
             wait = (lease.leased_at - enqueued_at).total_seconds()

@@ -27,7 +27,6 @@ from vmpool.providers.base import Provider, VMPhase, VMStatus
 from vmpool.providers.errors import Invalid, ProviderError
 from vmpool.store.errors import StoreUnavailable
 from vmpool.store.inventory import INSTANCE_STATES, InstanceRow, Inventory, Summary
-from vmpool.waiters import Waiters
 
 log = structlog.get_logger("vmpool.reconciler")
 
@@ -52,7 +51,7 @@ class Reconciler:
         config: Config,
         clock: Clock,
         metrics: Metrics,
-        waiters: Waiters,
+        on_assigned: Callable[[str], None],
         *,
         concurrency: int = 32,
     ) -> None:
@@ -61,7 +60,7 @@ class Reconciler:
         self._config = config
         self._clock = clock
         self._metrics = metrics
-        self._waiters = waiters
+        self._on_assigned = on_assigned  # an instance was set aside for this reservation
         self._wake = asyncio.Event()
         self._calls = asyncio.Semaphore(concurrency)
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -381,7 +380,7 @@ class Reconciler:
             ):
                 continue
             for rid, instance in await self._inv.set_aside(name, now, limit=pool.waiting):
-                self._waiters.wake(rid)
+                self._on_assigned(rid)
                 self._action("set aside", instance=instance, pool=name, reservation=rid)
                 changed = True
         return changed

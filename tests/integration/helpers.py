@@ -76,6 +76,6 @@ async def make_world(db: Database, config: dict[str, Any]) -> World:
     provider = FakeProvider(
         FakeCloud(db), cfg.provider.fake, clock=clock, orphan_grace=timedelta(minutes=10)
     )
-    reconciler = Reconciler(inventory, provider, cfg, clock, metrics, waiters)
+    reconciler = Reconciler(inventory, provider, cfg, clock, metrics, waiters.wake)
     leaser = Leaser(store, cfg, clock, waiters, metrics)
     return World(cfg, clock, db, store, inventory, provider, reconciler, leaser, waiters, metrics)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from vmpool.store.errors import translated
+from vmpool.store.errors import StoreUnavailable, translated
 
 log = structlog.get_logger("vmpool.store")
 
@@ -91,6 +92,24 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> Dat
         )
     assert pool is not None
     return Database(pool, max_size)
+
+
+async def connect(
+    url: str, *, min_size: int = 2, max_size: int = 10, patience: float = 60.0
+) -> Database:
+    """create_pool, retried with backoff for ``patience`` seconds (the database
+    may start after us); then StoreUnavailable."""
+    deadline = time.monotonic() + patience
+    delay = 0.5
+    while True:
+        try:
+            return await create_pool(url, min_size=min_size, max_size=max_size)
+        except StoreUnavailable as err:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("database not reachable yet", error=str(err), retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def migrations() -> list[tuple[int, str, str]]:
