@@ -68,6 +68,7 @@ class Background:
         self._stop: asyncio.Event | None = None
         self._reconciler: Reconciler | None = None
         self._control: Control | None = None
+        self._wake_pending = False
 
     async def start(self) -> None:
         """Connect, start the provider, begin; StartupError if that fails."""
@@ -75,11 +76,18 @@ class Background:
         await asyncio.wrap_future(self._ready)
 
     def wake(self) -> None:
-        """Ask the reconciler for a pass soon (any thread)."""
+        """Ask the reconciler for a pass soon (any thread). Wakes coalesce: waking
+        another loop costs a syscall, and one pending wake is as good as many."""
         loop, reconciler = self._loop, self._reconciler
-        if loop is not None and reconciler is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # closed meanwhile: shutting down
-                loop.call_soon_threadsafe(reconciler.wake)
+        if self._wake_pending or loop is None or reconciler is None or loop.is_closed():
+            return
+        self._wake_pending = True
+        with contextlib.suppress(RuntimeError):  # closed meanwhile: shutting down
+            loop.call_soon_threadsafe(self._woken, reconciler)
+
+    def _woken(self, reconciler: Reconciler) -> None:
+        self._wake_pending = False  # cleared first: a wake from now on schedules anew
+        reconciler.wake()
 
     def is_leader(self) -> bool:
         return self._control is not None and self._control.is_leader()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import random
 import secrets
 import string
 import time
@@ -37,10 +39,17 @@ BUSY_PAUSE = 0.05  # between passes while there is work
 MIN_GAP = 0.1  # at least this between pass starts: under a storm, batch, don't spin
 
 
+_names = random.Random(secrets.randbits(128))  # unique enough; no syscall per name
+
+
+@functools.cache
+def _pool_tag(pool: str) -> str:
+    return sha256(pool.encode()).hexdigest()[:4]
+
+
 def new_instance_name(pool: str) -> str:
     """``vmp-<pool hash>-<random>``, a DNS label clients recognise by its prefix."""
-    tag = sha256(pool.encode()).hexdigest()[:4]
-    return f"vmp-{tag}-{''.join(secrets.choice(_ALPHABET) for _ in range(8))}"
+    return f"vmp-{_pool_tag(pool)}-{''.join(_names.choices(_ALPHABET, k=8))}"
 
 
 class Reconciler:
