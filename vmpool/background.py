@@ -69,15 +69,18 @@ class Background:
         self._reconciler: Reconciler | None = None
         self._control: Control | None = None
         self._wake_pending = False
+        self._dirty: set[str | None] = set()
 
     async def start(self) -> None:
         """Connect, start the provider, begin; StartupError if that fails."""
         self._thread.start()
         await asyncio.wrap_future(self._ready)
 
-    def wake(self) -> None:
-        """Ask the reconciler for a pass soon (any thread). Wakes coalesce: waking
-        another loop costs a syscall, and one pending wake is as good as many."""
+    def wake(self, pool: str | None = None) -> None:
+        """Ask the reconciler for a pass soon over ``pool`` (None: every pool), from
+        any thread. Wakes coalesce: waking another loop costs a syscall, and one
+        pending wake is as good as many."""
+        self._dirty.add(pool)
         loop, reconciler = self._loop, self._reconciler
         if self._wake_pending or loop is None or reconciler is None or loop.is_closed():
             return
@@ -87,7 +90,11 @@ class Background:
 
     def _woken(self, reconciler: Reconciler) -> None:
         self._wake_pending = False  # cleared first: a wake from now on schedules anew
-        reconciler.wake()
+        dirty, self._dirty = self._dirty, set()
+        if None in dirty:
+            reconciler.wake()
+        else:
+            reconciler.wake_pools(p for p in dirty if p is not None)
 
     def is_leader(self) -> bool:
         return self._control is not None and self._control.is_leader()

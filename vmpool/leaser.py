@@ -45,7 +45,7 @@ class Leaser:
         clock: Clock,
         waiters: Waiters,
         metrics: Metrics,
-        on_change: Callable[[], None] = lambda: None,
+        on_change: Callable[[str], None] = lambda _pool: None,
         reconciles_here: Callable[[], bool] = lambda: False,
     ) -> None:
         self._store = store
@@ -84,7 +84,7 @@ class Leaser:
             raise FailedPrecondition(f'pool: "{pool}" is drained by an operator')
 
     def _granted(self, lease: LeaseRow, enqueued_at: datetime | None = None) -> LeaseRow:
-        self._on_change()  # one free instance fewer: the pool may need refilling
+        self._on_change(lease.pool)  # one free instance fewer: the pool may need refilling
         self._metrics.leases_granted.labels(lease.pool).inc()
         if enqueued_at is not None:
             wait = (lease.leased_at - enqueued_at).total_seconds()
@@ -155,7 +155,7 @@ class Leaser:
                 if first.lease is not None:
                     return self._granted(first.lease)
                 assert first.seq is not None
-                self._on_change()
+                self._on_change(pool.name)  # queued demand: provision for it
                 position, length = await self._store.position(pool.name, first.seq)
                 return QueuePlace(rid, pool.name, position, length)
             structlog.contextvars.bind_contextvars(pool=state.pool)
@@ -218,7 +218,7 @@ class Leaser:
         structlog.contextvars.bind_contextvars(pool=ended.pool)
         held = (self._clock() - ended.leased_at).total_seconds()
         self._metrics.lease_duration.labels(ended.pool, "returned").observe(max(held, 0.0))
-        self._on_change()
+        self._on_change(ended.pool)  # its VM is to be destroyed
 
     async def extend_to(
         self, instance: str, to: datetime | None, tag: str, extend_only: bool

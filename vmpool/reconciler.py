@@ -14,7 +14,7 @@ import random
 import secrets
 import string
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from datetime import datetime, timedelta
 from hashlib import sha256
 from typing import Any
@@ -80,11 +80,24 @@ class Reconciler:
         self._last_resync = -1e9
         self._provider_changed = True
         self._seen: set[str] = set()  # VM names in the previous observation
+        # Event-driven passes look at the pools something happened in; a full
+        # pass over every pool runs at least every reconcile_interval.
+        self._dirty: set[str] = set()
+        self._touched: set[str] = set()
+        self._full_due = True
+        self._last_full = -1e9
+        self._work_pending = True  # rows may be provisioning or destroying
 
     # --- driving ------------------------------------------------------------------
 
     def wake(self) -> None:
-        """Ask for a pass soon (cheap, sync; safe from callbacks)."""
+        """Ask for a pass soon, over every pool (cheap, sync; safe from callbacks)."""
+        self._full_due = True
+        self._wake.set()
+
+    def wake_pools(self, pools: Iterable[str]) -> None:
+        """Ask for a pass soon over these pools (a lease or return there)."""
+        self._dirty.update(pools)
         self._wake.set()
 
     def provider_changed(self) -> None:
@@ -146,7 +159,15 @@ class Reconciler:
     async def pass_once(self) -> bool:
         """One reconcile pass; True if it changed anything (another pass soon)."""
         now = self._clock()
-        summary = await self._inv.summary()
+        interval = self._config.reconcile_interval.total_seconds()
+        full = self._full_due or time.monotonic() - self._last_full >= interval
+        scope = None if full else sorted(self._dirty)
+        self._dirty.clear()
+        self._touched.clear()
+        if full:
+            self._full_due = False
+            self._last_full = time.monotonic()
+        summary = await self._inv.summary(scope)
         self._export(summary)
         changed = False
         if summary.next_lease_expiry is not None and summary.next_lease_expiry <= now:
@@ -159,7 +180,8 @@ class Reconciler:
         if self._needs_provider(summary):
             changed |= await self._sync_with_provider(now)
         if changed:
-            summary = await self._inv.summary()
+            rescope = None if scope is None else sorted({*scope, *self._touched})
+            summary = await self._inv.summary(rescope)
             self._export(summary)
         # Setting aside moves as many instances out of `ready` as reservations
         # out of `waiting`: the refill's arithmetic holds with this summary.
@@ -176,12 +198,22 @@ class Reconciler:
             age = (now - pool.oldest_enqueued).total_seconds() if pool.oldest_enqueued else 0.0
             self._metrics.reservation_oldest_age.labels(name).set(max(age, 0.0))
 
+    async def _mark_destroying(
+        self, names: list[str], reason: str, now: datetime, from_states: tuple[str, ...]
+    ) -> list[str]:
+        done = await self._inv.mark_destroying(names, reason, now, from_states)
+        self._work_pending |= bool(done)
+        return done
+
     def _action(self, action: str, **fields: Any) -> None:
+        if "pool" in fields:
+            self._touched.add(fields["pool"])
         self._metrics.reconcile_actions.labels(action).inc()
         log.info(action, **fields)
 
     async def _expire_leases(self, now: datetime) -> bool:
         ended = await self._inv.expire_leases(now)
+        self._work_pending |= bool(ended)
         for lease in ended:
             held = (now - lease.leased_at).total_seconds()
             self._metrics.lease_duration.labels(lease.pool, "expired").observe(max(held, 0.0))
@@ -221,7 +253,7 @@ class Reconciler:
                 changed = True
             if pool.counts["ready"] or pool.counts["provisioning"] or pool.counts["reserved"]:
                 victims = await self._inv.free_of_pool(name)
-                done = await self._inv.mark_destroying(
+                done = await self._mark_destroying(
                     victims, "pool drained", now, ("ready", "provisioning")
                 )
                 for instance in done:
@@ -239,7 +271,7 @@ class Reconciler:
             if pool.oldest_ready > cutoff:
                 continue
             old = await self._inv.ready_older_than(name, cutoff)
-            done = await self._inv.mark_destroying(old, "max_ready_age", now, ("ready",))
+            done = await self._mark_destroying(old, "max_ready_age", now, ("ready",))
             for instance in done:
                 self._action("destroy", instance=instance, pool=name, reason="max_ready_age")
             changed |= bool(done)
@@ -251,7 +283,7 @@ class Reconciler:
         return time.monotonic() - self._last_resync >= every
 
     def _needs_provider(self, summary: Summary) -> bool:
-        busy = any(
+        busy = self._work_pending or any(
             p.counts["provisioning"] or p.counts["destroying"] for p in summary.pools.values()
         )
         return busy or self._resync_due() or self._provider_changed
@@ -268,6 +300,7 @@ class Reconciler:
         disappeared = self._seen - vms.keys()
         self._seen = set(vms)
         rows = await self._inv.work_rows(everything=full)
+        self._work_pending = any(r.state in ("provisioning", "destroying") for r in rows)
         if full:
             self._last_resync = time.monotonic()
         elif disappeared:
@@ -310,7 +343,7 @@ class Reconciler:
         pool_of = {r.name: r.pool for r in rows}
         delays: dict[str, float] = {}  # one backoff step per pool per pass, however many failed
         for reason, names in failed.items():
-            for name in await self._inv.mark_destroying(names, reason, now, ("provisioning",)):
+            for name in await self._mark_destroying(names, reason, now, ("provisioning",)):
                 pool_name = pool_of[name]
                 if pool_name not in delays:
                     delays[pool_name] = self._pool_backoff.failed(pool_name)
@@ -397,6 +430,8 @@ class Reconciler:
     async def _refill(self, summary: Summary, now: datetime) -> bool:
         changed = False
         for cfg in self._config.pools:
+            if not summary.complete and cfg.name not in summary.pools:
+                continue  # not looked at in this pass
             pool = summary.pool(cfg.name)
             if pool.drained or self._pool_backoff.blocked(cfg.name):
                 continue
@@ -407,6 +442,7 @@ class Reconciler:
                 continue
             names = [new_instance_name(cfg.name) for _ in range(n)]
             await self._inv.add_instances(cfg.name, names, now)
+            self._work_pending = True
             for name in names:
                 self._maybe_create(name, cfg)
             self._action("provision", pool=cfg.name, count=n, reason="refill")
@@ -444,7 +480,7 @@ class Reconciler:
                 await self._provider.create(name, pool)
             except Invalid as err:
                 delay = self._pool_backoff.failed(pool.name)
-                await self._inv.mark_destroying(
+                await self._mark_destroying(
                     [name], f"create rejected: {str(err)[:200]}", self._clock(), ("provisioning",)
                 )
                 self._action(

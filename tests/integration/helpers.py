@@ -42,12 +42,16 @@ class World:
     waiters: Waiters
     metrics: Metrics
 
+    async def full_pass(self) -> bool:
+        self.reconciler.wake()  # over every pool, as the periodic pass is
+        return await self.reconciler.pass_once()
+
     async def settle(self, passes: int = 20) -> None:
-        """Run reconcile passes until nothing changes."""
+        """Run full reconcile passes until nothing changes."""
         for _ in range(passes):
-            if not await self.reconciler.pass_once():
+            if not await self.full_pass():
                 await self.reconciler.drain_calls()
-                if not await self.reconciler.pass_once():
+                if not await self.full_pass():
                     return
             await self.reconciler.drain_calls()
         raise AssertionError("reconciler did not settle")

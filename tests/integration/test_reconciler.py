@@ -19,7 +19,7 @@ async def test_fills_pools_within_limits(db: Database) -> None:
     w = await make_world(
         db, {"pools": [{"name": "p", "min_ready": 6, "max_size": 10, "max_provisioning": 4}]}
     )
-    await w.reconciler.pass_once()
+    await w.full_pass()
     await w.reconciler.drain_calls()
     assert await w.counts("p") == {"provisioning": 4}
     await w.settle()
@@ -53,7 +53,7 @@ async def test_boot_failures_are_replaced_with_backoff(db: Database) -> None:
     )
     creates = 0
     for _ in range(30):
-        await w.reconciler.pass_once()
+        await w.full_pass()
         await w.reconciler.drain_calls()
         creates = await db.fetchval("SELECT count(*) FROM lease_history") or 0
     # Backoff holds after the first failures: no hot loop creating VMs.
@@ -182,3 +182,28 @@ def test_instance_names_look_like_inctl_expects() -> None:
     assert len(name) == len("vmp-3f30-x9t7q72u")
     assert name == name.lower()
     assert name != reconciler_module.new_instance_name("small")
+
+
+async def test_event_driven_pass_refills_the_pool_it_was_woken_for(db: Database) -> None:
+    w = await make_world(
+        db,
+        {
+            "reconcile_interval": "1h",  # no periodic full pass during the test
+            "pools": [
+                {"name": "a", "min_ready": 1, "max_size": 2},
+                {"name": "b", "min_ready": 1, "max_size": 2},
+            ],
+        },
+    )
+    await w.settle()
+    lease_a = await w.leaser.lease("a", None, "t", None)
+    lease_b = await w.leaser.lease("b", None, "t", None)
+    w.reconciler.wake_pools(["a"])  # what the server does after a lease in "a"
+    await w.reconciler.pass_once()
+    await w.reconciler.drain_calls()
+    assert (await w.counts("a")).get("provisioning", 0) == 1
+    assert (await w.counts("b")).get("provisioning", 0) == 0  # not looked at: not woken
+    await w.settle()
+    assert await w.counts("a") == {"leased": 1, "ready": 1}
+    assert await w.counts("b") == {"leased": 1, "ready": 1}
+    assert lease_a.instance != lease_b.instance

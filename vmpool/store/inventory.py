@@ -41,8 +41,8 @@ class PoolSummary:
 @dataclass
 class Summary:
     pools: dict[str, PoolSummary]
-    leases: int
     next_lease_expiry: datetime | None
+    complete: bool = True  # every pool, or only some
 
     def pool(self, name: str) -> PoolSummary:
         return self.pools.setdefault(name, PoolSummary(name))
@@ -77,14 +77,17 @@ class Inventory:
         async with translated():
             return await self._pool.fetchval(sql.SET_DRAINED, pool, drained) is not None
 
-    async def summary(self) -> Summary:
+    async def summary(self, pools: Sequence[str] | None = None) -> Summary:
+        """Counts of every pool, or of ``pools`` only (``complete`` says which)."""
         async with translated():
-            rows = await self._pool.fetch(sql.SUMMARY)
-        out = Summary(pools={}, leases=0, next_lease_expiry=None)
+            if pools is None:
+                rows = await self._pool.fetch(sql.SUMMARY)
+            else:
+                rows = await self._pool.fetch(sql.SUMMARY_OF, list(pools))
+        out = Summary(pools={}, next_lease_expiry=None, complete=pools is None)
         for r in rows:
             kind = r["kind"]
             if kind == "leases":
-                out.leases = int(r["n"])
                 out.next_lease_expiry = r["due"]
                 continue
             p = out.pool(r["pool"])

@@ -182,22 +182,27 @@ SET_DRAINED = "UPDATE pools SET drained = $2, updated_at = now() WHERE name = $1
 # --- the reconciler ----------------------------------------------------------
 
 # One cheap statement a pass: per pool and state, how many and the oldest
-# timestamps; per pool, the queue; and what is already due.
-SUMMARY = """
+# timestamps; per pool, the queue; and the next lease expiry (an index probe).
+_SUMMARY = """
 SELECT 'instances' AS kind, pool, state, count(*) AS n,
        min(created_at) AS oldest_created, min(ready_at) AS oldest_ready, NULL::timestamptz AS due
-FROM instances GROUP BY pool, state
+FROM instances {where_pool} GROUP BY pool, state
 UNION ALL
 SELECT 'queue', pool,
        CASE WHEN served THEN 'served' WHEN instance IS NULL THEN 'waiting' ELSE 'set_aside' END,
        count(*), min(enqueued_at), NULL, min(expires_at)
-FROM reservations GROUP BY 1, 2, 3
+FROM reservations {where_pool} GROUP BY 1, 2, 3
 UNION ALL
-SELECT 'leases', '', '', count(*), NULL, NULL, min(expires_at) FROM leases
+SELECT 'leases', '', '', 0, NULL, NULL, (SELECT min(expires_at) FROM leases)
 UNION ALL
 SELECT 'pools', name, CASE WHEN drained THEN 'drained' ELSE 'open' END,
-       CASE WHEN configured THEN 1 ELSE 0 END, NULL, NULL, NULL FROM pools
+       CASE WHEN configured THEN 1 ELSE 0 END, NULL, NULL, NULL FROM pools {where_name}
 """
+SUMMARY = _SUMMARY.format(where_pool="", where_name="")
+# The same for some pools only ($1): what an event-driven pass looks at.
+SUMMARY_OF = _SUMMARY.format(
+    where_pool="WHERE pool = ANY ($1::text[])", where_name="WHERE name = ANY ($1::text[])"
+)
 
 EXPIRE_LEASES = """
 WITH ended AS (

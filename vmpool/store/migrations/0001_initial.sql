@@ -24,6 +24,8 @@ CREATE TABLE instances (
 );
 -- The lease hot path: the oldest free instance of a pool.
 CREATE INDEX instances_free ON instances (pool, ready_at, name) WHERE state = 'ready';
+-- Per-pool counts for the reconciler's event-driven passes.
+CREATE INDEX instances_pool_state ON instances (pool, state);
 -- The reconciler's work lists.
 CREATE INDEX instances_busy ON instances (state, created_at)
     WHERE state IN ('provisioning', 'destroying');
