@@ -33,5 +33,24 @@ def setup(level: str = "info", *, json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
-    # Libraries that use stdlib logging (asyncpg, pgserver, aiohttp) go to stderr.
-    logging.basicConfig(level=max(LEVELS[level], logging.WARNING), stream=sys.stderr)
+    # Libraries that log through the standard library (asyncpg, aiohttp,
+    # kubernetes-asyncio) come out as the same one-line JSON records, with any
+    # traceback inside the record rather than spread over lines.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(LEVELS[level], logging.WARNING))
