@@ -108,8 +108,9 @@ async def fake_snapshot(ctx: Context) -> inv.Snapshot:
 
 def count_tracebacks(log: str) -> tuple[int, dict[str, int]]:
     """Tracebacks in a server log: vmpool's own (JSON lines carrying one, or bare
-    ones), and those a library's stdlib logger prints after its plain-text
-    warning (e.g. asyncpg's pool refilling its connection floor)."""
+    ones), and those a library's stdlib logger records (a JSON line naming its
+    logger, or plain text after its warning; e.g. asyncpg's pool refilling its
+    connection floor)."""
     own = 0
     foreign: dict[str, int] = {}
     block = ""  # the plain-text logger line whose traceback we are in
@@ -118,7 +119,12 @@ def count_tracebacks(log: str) -> tuple[int, dict[str, int]]:
         if line.startswith("{"):
             block = ""
             if '"exception"' in line and "Traceback" in line:
-                own += 1
+                logger = str(json.loads(line).get("logger", ""))
+                if logger and not logger.startswith("vmpool"):
+                    key = f"{logger}: {json.loads(line).get('event', '')[:60]}"
+                    foreign[key] = foreign.get(key, 0) + 1
+                else:
+                    own += 1
         elif len(head) == 3 and head[0] in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             block = f"{head[1]}: {head[2][:60]}"
         elif line.startswith("Traceback"):
