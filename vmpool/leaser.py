@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from uuid import UUID
@@ -24,6 +25,19 @@ log = structlog.get_logger("vmpool.leaser")
 
 _RACE_RETRIES = 5
 _POLL = 1.0  # a waiting Lease re-checks at least this often (NOTIFY is only a hint)
+
+
+@contextmanager
+def _owned_lease(instance: str) -> Iterator[None]:
+    """The store's answers about someone's lease, as the client's errors."""
+    try:
+        yield
+    except NotLeased:
+        raise NotFound(f'instance: no active lease for "{instance}"') from None
+    except WrongTag:
+        raise PermissionDenied(
+            f'service_tag: instance "{instance}" is leased by another service_tag'
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,16 +219,10 @@ class Leaser:
         leasing.check_instance(instance)
         leasing.check_service_tag(tag)
         structlog.contextvars.bind_contextvars(instance=instance)
-        try:
+        with _owned_lease(instance):
             ended = await self._store.return_lease(
                 instance, tag, self._clock(), notify=not self._reconciles_here()
             )
-        except NotLeased:
-            raise NotFound(f'instance: no active lease for "{instance}"') from None
-        except WrongTag:
-            raise PermissionDenied(
-                f'service_tag: instance "{instance}" is leased by another service_tag'
-            ) from None
         structlog.contextvars.bind_contextvars(pool=ended.pool)
         held = (self._clock() - ended.leased_at).total_seconds()
         self._metrics.lease_duration.labels(ended.pool, "returned").observe(max(held, 0.0))
@@ -238,14 +246,8 @@ class Leaser:
                 extend_only,
             )
 
-        try:
+        with _owned_lease(instance):
             lease = await self._store.extend(instance, tag, decide)
-        except NotLeased:
-            raise NotFound(f'instance: no active lease for "{instance}"') from None
-        except WrongTag:
-            raise PermissionDenied(
-                f'service_tag: instance "{instance}" is leased by another service_tag'
-            ) from None
         structlog.contextvars.bind_contextvars(pool=lease.pool)
         return lease
 
