@@ -7,6 +7,7 @@ import nox
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
+
 @nox.session
 def protos(session: nox.Session) -> None:
     """Regenerate the betterproto code under vmpool/proto from api/ (vmpool/protogen.py)."""
@@ -23,7 +24,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.6")
+    session.install("ruff==0.17.6")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
