@@ -110,7 +110,14 @@ class Background:
             log.warning("background work did not stop in time")
 
     def _main(self) -> None:
-        asyncio.run(self._run())
+        try:
+            asyncio.run(self._run())
+        except Exception as err:  # a bug: say so, and stop the server rather than run headless
+            log.exception("background work crashed")
+            if not self._ready.done():
+                self._ready.set_exception(StartupError(f"background work crashed: {err!r}"))
+            else:
+                self._on_fatal(repr(err))
 
     async def _run(self) -> None:
         self._loop = asyncio.get_running_loop()
