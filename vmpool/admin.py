@@ -63,7 +63,7 @@ class AdminService(adm.VmPoolAdminServiceBase):
         return adm.PoolStatsResponse(pools=out)
 
     async def list_leases(self, request: adm.ListLeasesRequest) -> adm.ListLeasesResponse:
-        rows = await self._inv.list_leases(request.pool)
+        rows = await self._inv.list_leases(leasing.check_text("pool", request.pool))
         return adm.ListLeasesResponse(
             leases=[
                 adm.LeaseInfo(
@@ -82,7 +82,7 @@ class AdminService(adm.VmPoolAdminServiceBase):
     async def list_reservations(
         self, request: adm.ListReservationsRequest
     ) -> adm.ListReservationsResponse:
-        rows = await self._inv.list_reservations(request.pool)
+        rows = await self._inv.list_reservations(leasing.check_text("pool", request.pool))
         return adm.ListReservationsResponse(
             reservations=[
                 adm.ReservationInfo(
@@ -100,6 +100,7 @@ class AdminService(adm.VmPoolAdminServiceBase):
 
     async def force_return(self, request: adm.ForceReturnRequest) -> adm.ForceReturnResponse:
         leasing.check_instance(request.instance)
+        leasing.check_text("reason", request.reason)
         reason = f"force-returned: {request.reason}" if request.reason else "force-returned"
         try:
             ended = await self._leases.force_return(request.instance, self._clock(), reason[:200])
@@ -122,6 +123,7 @@ class AdminService(adm.VmPoolAdminServiceBase):
     async def _set_drained(self, pool: str, drained: bool) -> None:
         if not pool:
             raise leasing.InvalidArgument("pool: must not be empty")
+        leasing.check_text("pool", pool)
         if not await self._inv.set_drained(pool, drained):
             raise leasing.NotFound(f'pool: no pool named "{pool}"')
         log.info("pool drained" if drained else "pool undrained", pool=pool)

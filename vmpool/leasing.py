@@ -39,6 +39,10 @@ class FailedPrecondition(ClientError):
     pass
 
 
+class Unavailable(ClientError):
+    """Not the client's fault: retrying is the right answer."""
+
+
 def check_service_tag(tag: str) -> str:
     if not tag:
         raise InvalidArgument("service_tag: must not be empty")
@@ -49,13 +53,17 @@ def check_service_tag(tag: str) -> str:
     return tag
 
 
+def check_text(field: str, value: str) -> str:
+    """Any text that reaches the database: PostgreSQL text cannot hold NUL."""
+    if "\x00" in value:
+        raise InvalidArgument(f"{field}: must not contain NUL characters")
+    return value
+
+
 def check_instance(instance: str) -> str:
     if not instance:
         raise InvalidArgument("instance: must not be empty")
-    if "\x00" in instance:
-        # PostgreSQL text cannot hold NUL: the query would fail (INTERNAL).
-        raise InvalidArgument("instance: must not contain NUL characters")
-    return instance
+    return check_text("instance", instance)
 
 
 def parse_reservation_id(value: str) -> uuid.UUID:
@@ -122,7 +130,3 @@ def queued_message(reservation: uuid.UUID, position: int, length: int, pool: str
     return (
         f'reservation {reservation} is queued at position {position} of {length} in pool "{pool}"'
     )
-
-
-class Unavailable(ClientError):
-    """Not the client's fault: retrying is the right answer."""

@@ -28,9 +28,25 @@ from grpclib.exceptions import GRPCError
 from tests.pg import TestPostgres
 from tests.server import ServerProcess
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
+from vmpool.proto.vmpool.admin import v1 as adm
 
 SERVICE = "/intrinsic_proto.vmpoolleaseapi.v1.VMPoolLeaseService"
-METHODS = ["Ping", "Lease", "Return", "ExtendTo", "Pools", "GetLease"]
+ADMIN = "/vmpool.admin.v1.VMPoolAdminService"
+PATHS = {
+    **{m: SERVICE for m in ["Ping", "Lease", "Return", "ExtendTo", "Pools", "GetLease"]},
+    **{
+        m: ADMIN
+        for m in [
+            "PoolStats",
+            "ListLeases",
+            "ListReservations",
+            "ForceReturn",
+            "DrainPool",
+            "UndrainPool",
+        ]
+    },
+}
+METHODS = list(PATHS)
 MESSAGES = int(os.environ.get("FUZZ_MESSAGES", "2000"))
 CONCURRENCY = 32
 CALL_TIMEOUT = 3.0
@@ -146,8 +162,15 @@ def text(rng: random.Random) -> str:
 
 def valid(method: str, rng: random.Random) -> bytes:
     """A well-formed request with random, often wrong, field values."""
-    if method in ("Ping", "Pools"):
+    if method in ("Ping", "Pools", "PoolStats"):
         return b""
+    if method in ("ListLeases", "ListReservations"):
+        return bytes(adm.ListLeasesRequest(pool=text(rng)))
+    if method == "ForceReturn":
+        return bytes(adm.ForceReturnRequest(instance=text(rng), reason=text(rng)))
+    if method in ("DrainPool", "UndrainPool"):
+        pool = text(rng)
+        return bytes(adm.DrainPoolRequest(pool=pool if pool != "alpha" else "beta"))
     if method == "Lease":
         if rng.random() < 0.3:  # a good request: reaches the lease rules and the database
             rid = str(uuid.uuid4()) if rng.random() < 0.5 else None
@@ -267,7 +290,7 @@ async def server(postgres: TestPostgres, tmp_path: Path) -> AsyncIterator[Server
 async def send(channel: Channel, method: str, data: bytes, md: dict[str, str | bytes]) -> str:
     try:
         async with channel.request(
-            f"{SERVICE}/{method}",
+            f"{PATHS[method]}/{method}",
             Cardinality.UNARY_UNARY,
             bytes,
             bytes,

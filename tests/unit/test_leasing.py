@@ -91,3 +91,11 @@ def test_queue_message_matches_the_spec() -> None:
         leasing.queued_message(rid, 2, 5, "alpha")
         == 'reservation 1b4e28ba-2fa1-11d2-883f-0016d3cca427 is queued at position 2 of 5 in pool "alpha"'
     )
+
+
+def test_text_with_nul_never_reaches_the_database() -> None:
+    with pytest.raises(leasing.InvalidArgument, match="instance: must not contain NUL"):
+        leasing.check_instance("vmp-\x00")
+    with pytest.raises(leasing.InvalidArgument, match="pool"):
+        leasing.check_text("pool", "a\x00b")
+    assert leasing.check_text("pool", "alpha") == "alpha"
