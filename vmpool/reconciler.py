@@ -87,6 +87,7 @@ class Reconciler:
         self._full_due = True
         self._last_full = -1e9
         self._work_pending = True  # rows may be provisioning or destroying
+        self._exported: dict[str, tuple[float, ...]] = {}  # pool -> gauge values last set
 
     # --- driving ------------------------------------------------------------------
 
@@ -120,6 +121,7 @@ class Reconciler:
                         await asyncio.wait_for(stop.wait(), gap)
             elif was_leading:
                 self._metrics.clear_pool_gauges()  # the new leader exports them
+                self._exported.clear()
                 self._seen.clear()
                 self._last_resync = -1e9  # if we lead again, start from a full view
             was_leading = leading
@@ -192,10 +194,14 @@ class Reconciler:
     def _export(self, summary: Summary) -> None:
         now = self._clock()
         for name, pool in summary.pools.items():
+            age = (now - pool.oldest_enqueued).total_seconds() if pool.oldest_enqueued else 0.0
+            values = (*(pool.counts.get(s, 0) for s in INSTANCE_STATES), pool.queued, age)
+            if self._exported.get(name) == values:
+                continue  # unchanged: with many pools, setting gauges is most of a pass
+            self._exported[name] = values
             for state in INSTANCE_STATES:
                 self._metrics.instances.labels(name, state).set(pool.counts.get(state, 0))
             self._metrics.reservations_queued.labels(name).set(pool.queued)
-            age = (now - pool.oldest_enqueued).total_seconds() if pool.oldest_enqueued else 0.0
             self._metrics.reservation_oldest_age.labels(name).set(max(age, 0.0))
 
     async def _mark_destroying(

@@ -13,8 +13,8 @@ import hashlib
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import datetime, timedelta
+from types import MappingProxyType
 
 from vmpool.batching import MicroBatcher
 from vmpool.clock import Clock, utcnow
@@ -24,12 +24,6 @@ from vmpool.store.fakecloud import FakeCloud, FakeVM
 
 ZONES = ("fake-zone-a", "fake-zone-b", "fake-zone-c")
 RELOAD_EVERY = 10.0  # seconds: re-read the table even when no full view is asked for
-
-
-@dataclass(frozen=True, slots=True)
-class _Known:
-    vm: FakeVM
-    status: VMStatus
 
 
 class FakeProvider:
@@ -47,7 +41,8 @@ class FakeProvider:
         self._random = random.Random(config.seed)
         self.orphan_grace = orphan_grace
         self._on_change: Callable[[], None] = lambda: None
-        self._known: dict[str, _Known] | None = None
+        self._vms: dict[str, FakeVM] | None = None  # None: not loaded yet
+        self._status: dict[str, VMStatus] = {}
         self._pending: dict[str, datetime] = {}  # booting: name -> ready_at
         self._loaded_at = -1e9
         self._creates = MicroBatcher(cloud.create_many)
@@ -75,32 +70,34 @@ class FakeProvider:
         ready_at = now + timedelta(seconds=self._config.boot_seconds)
         vm = FakeVM(name, pool.name, now, ready_at, self._fails(name), zone)
         await self._creates.submit(vm)
-        if self._known is not None and name not in self._known:
+        if self._vms is not None and name not in self._vms:
             self._remember(vm, now)
         # Like a watch event: tell the reconciler when the boot is done.
         asyncio.get_running_loop().call_later(self._config.boot_seconds, self._on_change)
 
     async def delete(self, name: str) -> None:
         await self._deletes.submit(name)
-        if self._known is not None:
-            self._known.pop(name, None)
+        if self._vms is not None:
+            self._vms.pop(name, None)
+            self._status.pop(name, None)
             self._pending.pop(name, None)
 
     async def observe(self, *, full: bool = False) -> Mapping[str, VMStatus]:
         now = self._clock()
-        if full or self._known is None or time.monotonic() - self._loaded_at >= RELOAD_EVERY:
+        if full or self._vms is None or time.monotonic() - self._loaded_at >= RELOAD_EVERY:
             vms = await self._cloud.list()
             self._loaded_at = time.monotonic()
-            self._known, self._pending = {}, {}
+            self._vms, self._status, self._pending = {}, {}, {}
             for vm in vms:
                 self._remember(vm, now)
         for name in [n for n, at in self._pending.items() if at <= now]:
             del self._pending[name]
-            self._remember(self._known[name].vm, now)
-        return {name: known.status for name, known in self._known.items()}
+            self._remember(self._vms[name], now)
+        # A live read-only view, like a watch cache: no copy of every VM per pass.
+        return MappingProxyType(self._status)
 
     def _remember(self, vm: FakeVM, now: datetime) -> None:
-        assert self._known is not None
+        assert self._vms is not None
         if vm.ready_at > now:
             phase = VMPhase.PENDING
             self._pending[vm.name] = vm.ready_at
@@ -109,4 +106,5 @@ class FakeProvider:
         else:
             phase = VMPhase.READY
         reason = "simulated boot failure" if phase is VMPhase.FAILED else ""
-        self._known[vm.name] = _Known(vm, VMStatus(vm.name, vm.pool, phase, vm.zone, reason))
+        self._vms[vm.name] = vm
+        self._status[vm.name] = VMStatus(vm.name, vm.pool, phase, vm.zone, reason)
