@@ -20,6 +20,8 @@ from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
+from vmpool.fastwire import ENCODERS
+
 MIN_SECONDS = -62135596800  # 0001-01-01T00:00:00Z
 MAX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
@@ -133,6 +135,12 @@ def check(data: bytes, cls: type) -> None:
 
 
 class SafeProtoCodec(ProtoCodec):
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        fast = ENCODERS.get(message_type)
+        if fast is not None and type(message) is message_type:
+            return fast(message)
+        return super().encode(message, message_type)
+
     def decode(self, data: bytes, message_type: Any) -> Any:
         try:
             check(data, message_type)
