@@ -20,7 +20,7 @@ from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
-from vmpool.fastwire import ENCODERS
+from vmpool.fastwire import ENCODERS, decoder
 
 MIN_SECONDS = -62135596800  # 0001-01-01T00:00:00Z
 MAX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
@@ -35,6 +35,8 @@ class _Field:
 
 
 _layouts: dict[type, dict[int, _Field]] = {}
+_decoders: dict[type, Any] = {}
+_UNSET = object()
 
 
 def _layout(cls: type) -> dict[int, _Field]:
@@ -117,11 +119,13 @@ def _check_timestamp(name: str, raw: bytes) -> None:
         raise GRPCError(Status.INVALID_ARGUMENT, f"{name}: nanos {ts.nanos} outside [0, 1e9)")
 
 
-def check(data: bytes, cls: type) -> None:
+def check(data: bytes, cls: type) -> list[tuple[int, int, int, int]]:
     """Well-formed bytes, each known field of its declared wire type, and
-    Timestamps within 0001-01-01..9999-12-31 with nanos in [0, 1e9)."""
+    Timestamps within 0001-01-01..9999-12-31 with nanos in [0, 1e9). Returns
+    the fields as ``scan`` found them."""
     layout = _layout(cls)
-    for number, wire_type, start, end in scan(data):
+    fields = scan(data)
+    for number, wire_type, start, end in fields:
         field = layout.get(number)
         if field is None:
             continue  # unknown fields are allowed (newer clients)
@@ -132,6 +136,7 @@ def check(data: bytes, cls: type) -> None:
             )
         if field.timestamp:
             _check_timestamp(field.name, data[start:end])
+    return fields
 
 
 class SafeProtoCodec(ProtoCodec):
@@ -143,7 +148,12 @@ class SafeProtoCodec(ProtoCodec):
 
     def decode(self, data: bytes, message_type: Any) -> Any:
         try:
-            check(data, message_type)
+            fields = check(data, message_type)
+            fast = _decoders.get(message_type, _UNSET)
+            if fast is _UNSET:
+                fast = _decoders[message_type] = decoder(message_type)
+            if fast is not None:
+                return fast(data, fields)
             return message_type.FromString(data)
         except GRPCError:
             raise
