@@ -11,6 +11,7 @@ from vmpool import leasing
 from vmpool.config import Config
 from vmpool.dbhealth import DatabaseHealth
 from vmpool.durations import parse_duration
+from vmpool.fastwire import built
 from vmpool.leaser import Leaser
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 from vmpool.rpc import current_stream
@@ -20,9 +21,14 @@ WAIT_HEADER = "x-vmpool-wait"
 
 
 def to_proto(lease: LeaseRow) -> api.Lease:
-    return api.Lease(
-        instance=lease.instance, pool=lease.pool, expires=lease.expires_at, zone=lease.zone
+    message: api.Lease = built(
+        api.Lease,
+        instance=lease.instance,
+        pool=lease.pool,
+        expires=lease.expires_at,
+        zone=lease.zone,
     )
+    return message
 
 
 def requested_wait() -> timedelta:
@@ -65,19 +71,22 @@ class LeaseService(api.VmPoolLeaseServiceBase):
         lease = await self._leaser.lease(
             request.pool, request.expires, request.service_tag, reservation, wait
         )
-        return api.LeaseResponse(lease=to_proto(lease))
+        response: api.LeaseResponse = built(api.LeaseResponse, lease=to_proto(lease))
+        return response
 
     async def return_(self, request: api.ReturnRequest) -> api.ReturnResponse:
         structlog.contextvars.bind_contextvars(service_tag=request.service_tag[:128])
         await self._leaser.return_(request.instance, request.service_tag)
-        return api.ReturnResponse()
+        response: api.ReturnResponse = built(api.ReturnResponse)
+        return response
 
     async def extend_to(self, request: api.ExtendToRequest) -> api.ExtendToResponse:
         structlog.contextvars.bind_contextvars(service_tag=request.service_tag[:128])
         lease = await self._leaser.extend_to(
             request.instance, request.to, request.service_tag, request.extend_only
         )
-        return api.ExtendToResponse(lease=to_proto(lease))
+        response: api.ExtendToResponse = built(api.ExtendToResponse, lease=to_proto(lease))
+        return response
 
     async def pools(self, request: api.PoolsRequest) -> api.PoolsResponse:
         return api.PoolsResponse(
@@ -91,4 +100,6 @@ class LeaseService(api.VmPoolLeaseServiceBase):
         )
 
     async def get_lease(self, request: api.GetLeaseRequest) -> api.GetLeaseResponse:
-        return api.GetLeaseResponse(lease=to_proto(await self._leaser.get(request.instance)))
+        lease = await self._leaser.get(request.instance)
+        response: api.GetLeaseResponse = built(api.GetLeaseResponse, lease=to_proto(lease))
+        return response

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmpool.codec import SafeProtoCodec
-from vmpool.fastwire import ENCODERS
+from vmpool.fastwire import ENCODERS, built
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 
 timestamps = st.datetimes(
@@ -34,7 +34,12 @@ def test_same_bytes_as_betterproto(
 
 
 def test_anything_unusual_takes_the_general_path() -> None:
-    assert set(ENCODERS) == {api.LeaseResponse, api.ExtendToResponse, api.GetLeaseResponse}
+    assert set(ENCODERS) == {
+        api.LeaseResponse,
+        api.ExtendToResponse,
+        api.GetLeaseResponse,
+        api.ReturnResponse,
+    }
     empty = api.LeaseResponse()
     assert SafeProtoCodec().encode(empty, api.LeaseResponse) == bytes(empty)
 
@@ -82,3 +87,16 @@ def test_absent_fields_decode_as_betterproto_leaves_them() -> None:
     codec = SafeProtoCodec()
     for kind in (api.LeaseRequest, api.ReturnRequest, api.ExtendToRequest, api.GetLeaseRequest):
         assert _fields(codec.decode(b"", kind)) == _fields(kind().parse(b""))
+
+
+def test_built_messages_are_ordinary_betterproto_messages() -> None:
+    expires = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    fast = built(
+        api.LeaseResponse,
+        lease=built(api.Lease, instance="vmp-1", pool="p", expires=expires, zone="z"),
+    )
+    slow = api.LeaseResponse(lease=api.Lease(instance="vmp-1", pool="p", expires=expires, zone="z"))
+    assert fast == slow
+    assert bytes(fast) == bytes(slow) == SafeProtoCodec().encode(fast, api.LeaseResponse)
+    assert fast.lease.expires == expires
+    assert SafeProtoCodec().encode(built(api.ReturnResponse), api.ReturnResponse) == b""
