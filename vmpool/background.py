@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -22,7 +23,7 @@ from vmpool.config import Config
 from vmpool.metrics import Metrics
 from vmpool.providers.base import Provider
 from vmpool.providers.errors import ProviderError
-from vmpool.reconciler import Reconciler
+from vmpool.reconciler import Inbox, Reconciler
 from vmpool.store.control import Control
 from vmpool.store.db import Database, connect
 from vmpool.store.errors import StoreUnavailable
@@ -30,6 +31,8 @@ from vmpool.store.fakecloud import FakeCloud
 from vmpool.store.inventory import Inventory
 
 log = structlog.get_logger("vmpool")
+
+WAKE_EVERY = 0.01  # seconds: at most this often, one cross-thread wake-up
 
 
 class StartupError(Exception):
@@ -69,7 +72,8 @@ class Background:
         self._reconciler: Reconciler | None = None
         self._control: Control | None = None
         self._wake_pending = False
-        self._dirty: set[str | None] = set()
+        self._last_wake = -1e9
+        self._inbox = Inbox()
 
     async def start(self) -> None:
         """Connect, start the provider, begin; StartupError if that fails."""
@@ -78,23 +82,25 @@ class Background:
 
     def wake(self, pool: str | None = None) -> None:
         """Ask the reconciler for a pass soon over ``pool`` (None: every pool), from
-        any thread. Wakes coalesce: waking another loop costs a syscall, and one
-        pending wake is as good as many."""
-        self._dirty.add(pool)
-        loop, reconciler = self._loop, self._reconciler
-        if self._wake_pending or loop is None or reconciler is None or loop.is_closed():
+        any thread. The news goes to the reconciler's inbox; waking its loop costs
+        a system call, so that is done at most every WAKE_EVERY seconds (a busy
+        reconciler reads its inbox after each pass anyway)."""
+        self._inbox.put(pool)
+        loop = self._loop
+        now = time.monotonic()
+        if self._wake_pending or now - self._last_wake < WAKE_EVERY:
+            return
+        if loop is None or self._reconciler is None or loop.is_closed():
             return
         self._wake_pending = True
+        self._last_wake = now
         with contextlib.suppress(RuntimeError):  # closed meanwhile: shutting down
-            loop.call_soon_threadsafe(self._woken, reconciler)
+            loop.call_soon_threadsafe(self._woken)
 
-    def _woken(self, reconciler: Reconciler) -> None:
-        self._wake_pending = False  # cleared first: a wake from now on schedules anew
-        dirty, self._dirty = self._dirty, set()
-        if None in dirty:
-            reconciler.wake()
-        else:
-            reconciler.wake_pools(p for p in dirty if p is not None)
+    def _woken(self) -> None:
+        self._wake_pending = False
+        if self._reconciler is not None:
+            self._reconciler.wake_pools(())  # the news is in its inbox
 
     def is_leader(self) -> bool:
         return self._control is not None and self._control.is_leader()
@@ -131,7 +137,13 @@ class Background:
         try:
             provider = build_provider(config, db, self._metrics)
             reconciler = Reconciler(
-                Inventory(db), provider, config, utcnow, self._metrics, self._on_assigned
+                Inventory(db),
+                provider,
+                config,
+                utcnow,
+                self._metrics,
+                self._on_assigned,
+                inbox=self._inbox,
             )
             control = Control(
                 self._url,

@@ -13,6 +13,7 @@ import functools
 import random
 import secrets
 import string
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from datetime import datetime, timedelta
@@ -52,6 +53,27 @@ def new_instance_name(pool: str) -> str:
     return f"vmp-{_pool_tag(pool)}-{''.join(_names.choices(_ALPHABET, k=8))}"
 
 
+class Inbox:
+    """Pools with news for the reconciler (None: every pool), put from any thread
+    and taken by the reconciler's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: set[str | None] = set()
+
+    def put(self, pool: str | None) -> None:
+        with self._lock:
+            self._items.add(pool)
+
+    def take(self) -> set[str | None]:
+        with self._lock:
+            items, self._items = self._items, set()
+        return items
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+
 class Reconciler:
     def __init__(
         self,
@@ -62,6 +84,7 @@ class Reconciler:
         metrics: Metrics,
         on_assigned: Callable[[str], None],
         *,
+        inbox: Inbox | None = None,
         concurrency: int = 32,
     ) -> None:
         self._inv = inventory
@@ -71,6 +94,7 @@ class Reconciler:
         self._metrics = metrics
         self._on_assigned = on_assigned  # an instance was set aside for this reservation
         self._wake = asyncio.Event()
+        self._inbox = inbox or Inbox()  # pools with news, from any thread
         self._calls = asyncio.Semaphore(concurrency)
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._attempts = Backoff(base=2.0, cap=60.0)  # per VM name
@@ -93,13 +117,21 @@ class Reconciler:
 
     def wake(self) -> None:
         """Ask for a pass soon, over every pool (cheap, sync; safe from callbacks)."""
-        self._full_due = True
+        self._inbox.put(None)
         self._wake.set()
 
     def wake_pools(self, pools: Iterable[str]) -> None:
         """Ask for a pass soon over these pools (a lease or return there)."""
-        self._dirty.update(pools)
+        for pool in pools:
+            self._inbox.put(pool)
         self._wake.set()
+
+    def _read_inbox(self) -> None:
+        for pool in self._inbox.take():
+            if pool is None:
+                self._full_due = True
+            else:
+                self._dirty.add(pool)
 
     def provider_changed(self) -> None:
         self._provider_changed = True
@@ -127,6 +159,7 @@ class Reconciler:
             was_leading = leading
             if stop.is_set():
                 break
+            busy = busy or bool(self._inbox)  # news that came in during the pass
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), BUSY_PAUSE if busy else interval)
             self._wake.clear()
@@ -161,6 +194,7 @@ class Reconciler:
     async def pass_once(self) -> bool:
         """One reconcile pass; True if it changed anything (another pass soon)."""
         now = self._clock()
+        self._read_inbox()
         interval = self._config.reconcile_interval.total_seconds()
         full = self._full_due or time.monotonic() - self._last_full >= interval
         scope = None if full else sorted(self._dirty)
