@@ -94,7 +94,7 @@ class Reconciler:
         self._metrics = metrics
         self._on_assigned = on_assigned  # an instance was set aside for this reservation
         self._wake = asyncio.Event()
-        self._inbox = inbox or Inbox()  # pools with news, from any thread
+        self._inbox = inbox if inbox is not None else Inbox()  # news, from any thread
         self._calls = asyncio.Semaphore(concurrency)
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._attempts = Backoff(base=2.0, cap=60.0)  # per VM name
@@ -159,7 +159,10 @@ class Reconciler:
             was_leading = leading
             if stop.is_set():
                 break
-            busy = busy or bool(self._inbox)  # news that came in during the pass
+            if leading:
+                busy = busy or bool(self._inbox)  # news that came in during the pass
+            else:
+                self._inbox.take()  # the leader handles the news
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), BUSY_PAUSE if busy else interval)
             self._wake.clear()

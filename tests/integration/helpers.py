@@ -10,7 +10,7 @@ from vmpool.config import Config, parse_config
 from vmpool.leaser import Leaser
 from vmpool.metrics import Metrics
 from vmpool.providers.fake import FakeProvider
-from vmpool.reconciler import Reconciler
+from vmpool.reconciler import Inbox, Reconciler
 from vmpool.store.db import Database
 from vmpool.store.fakecloud import FakeCloud
 from vmpool.store.inventory import Inventory
@@ -41,6 +41,7 @@ class World:
     leaser: Leaser
     waiters: Waiters
     metrics: Metrics
+    inbox: Inbox  # what the serving thread tells the reconciler
 
     async def full_pass(self) -> bool:
         self.reconciler.wake()  # over every pool, as the periodic pass is
@@ -80,6 +81,9 @@ async def make_world(db: Database, config: dict[str, Any]) -> World:
     provider = FakeProvider(
         FakeCloud(db), cfg.provider.fake, clock=clock, orphan_grace=timedelta(minutes=10)
     )
-    reconciler = Reconciler(inventory, provider, cfg, clock, metrics, waiters.wake)
+    inbox = Inbox()
+    reconciler = Reconciler(inventory, provider, cfg, clock, metrics, waiters.wake, inbox=inbox)
     leaser = Leaser(store, cfg, clock, waiters, metrics)
-    return World(cfg, clock, db, store, inventory, provider, reconciler, leaser, waiters, metrics)
+    return World(
+        cfg, clock, db, store, inventory, provider, reconciler, leaser, waiters, metrics, inbox
+    )

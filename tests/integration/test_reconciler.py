@@ -198,7 +198,7 @@ async def test_event_driven_pass_refills_the_pool_it_was_woken_for(db: Database)
     await w.settle()
     lease_a = await w.leaser.lease("a", None, "t", None)
     lease_b = await w.leaser.lease("b", None, "t", None)
-    w.reconciler.wake_pools(["a"])  # what the server does after a lease in "a"
+    w.inbox.put("a")  # what the serving thread does after a lease in "a"
     await w.reconciler.pass_once()
     await w.reconciler.drain_calls()
     assert (await w.counts("a")).get("provisioning", 0) == 1
