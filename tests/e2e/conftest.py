@@ -15,6 +15,7 @@ import pytest
 from tests.e2e.clients import Client, RpcError, make_client
 from tests.e2e.grpcio_stack import GrpcioModules, compile_lease_api
 from tests.pg import TestPostgres
+from tests.polling import eventually
 from tests.server import ServerProcess
 
 CLIENT_KINDS = ["grpclib", "grpcio"]
@@ -66,24 +67,6 @@ class Running:
     def assert_clean_log(self) -> None:
         log = self.proc.log()
         assert "Traceback" not in log, log[-4000:]
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]],
-    ok: Callable[[T], bool],
-    timeout: float,
-    what: str,
-    interval: float = 0.1,
-) -> T:
-    """Poll ``probe`` until ``ok(result)``; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await probe()
-        if ok(got):
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {got!r}")
-        await asyncio.sleep(interval)
 
 
 async def lease_when_free(client: Client, pool: str, timeout: float = 10.0, **kw: Any) -> Any:

@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from tests.e2e.clients import Client, RpcError
-from tests.e2e.conftest import Running, eventually
+from tests.e2e.conftest import Running
+from tests.polling import eventually
 
 POOLS = [
     {"name": "crash", "min_ready": 5, "max_size": 10},

@@ -13,7 +13,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.e2e.clients import Client, RpcError
-from tests.e2e.conftest import Running, eventually, lease_when_free
+from tests.e2e.conftest import Running, lease_when_free
+from tests.polling import eventually
 
 # Deliberately not in name order: Pools must sort them.
 POOLS = [

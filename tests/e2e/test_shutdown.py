@@ -11,7 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tests.e2e.clients import Client, RpcError
-from tests.e2e.conftest import Running, eventually
+from tests.e2e.conftest import Running
+from tests.polling import eventually
 
 POOLS = [
     {"name": "busy", "min_ready": 2, "max_size": 3},

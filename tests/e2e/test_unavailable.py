@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from tests.e2e.clients import Client, RpcError
-from tests.e2e.conftest import Running, eventually, lease_when_free
+from tests.e2e.conftest import Running, lease_when_free
 from tests.e2e.pgproxy import PgProxy
 from tests.pg import TestPostgres
+from tests.polling import eventually
 
 POOLS = [{"name": "alpha", "min_ready": 1, "max_size": 2}]
 

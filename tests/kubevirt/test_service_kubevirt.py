@@ -35,6 +35,7 @@ from grpclib.exceptions import GRPCError
 from tests.fakekube import NODES, VMIS, VMS, FakeKube
 from tests.fakekube.schema import CIRROS_EXAMPLE, vm_errors
 from tests.pg import TestPostgres
+from tests.polling import eventually
 from tests.server import ServerProcess
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 from vmpool.providers.kubevirt_manifest import (
@@ -63,24 +64,6 @@ def cirros_template(image: str | None = None) -> dict[str, Any]:
 
 def pool(name: str, **settings: Any) -> dict[str, Any]:
     return {"name": name, "template": cirros_template(), **settings}
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]],
-    ok: Callable[[T], bool],
-    *,
-    timeout: float,
-    what: str,
-    interval: float = 0.05,
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await probe()
-        if ok(got):
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {got!r}")
-        await asyncio.sleep(interval)
 
 
 # --- the server process -----------------------------------------------------------------

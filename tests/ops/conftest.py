@@ -233,23 +233,6 @@ async def lease_when_free(client: Client, pool: str, timeout: float = 10.0) -> a
         await asyncio.sleep(0.05)
 
 
-async def eventually(
-    probe: Callable[[], Awaitable[T]],
-    ok: Callable[[T], bool],
-    timeout: float,
-    what: str,
-    interval: float = 0.05,
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await probe()
-        if ok(got):
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {got!r}")
-        await asyncio.sleep(interval)
-
-
 def cli(*args: str, server: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run the `vmpool` console command (as `python -m vmpool`)."""
     return subprocess.run(

@@ -18,9 +18,9 @@ from tests.ops.conftest import (
     Sql,
     cli,
     code_of,
-    eventually,
     lease_when_free,
 )
+from tests.polling import eventually
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 
 POOLS = [

@@ -20,10 +20,10 @@ from tests.ops.conftest import (
     Outcome,
     Sql,
     ascrape,
-    eventually,
     lease_when_free,
     sample,
 )
+from tests.polling import eventually
 
 BOOT = 0.2  # fake boot_seconds: boot durations are not zero
 POOLS = [

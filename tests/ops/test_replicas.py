@@ -16,11 +16,11 @@ from tests.ops.conftest import (
     OpsServer,
     Sql,
     ascrape,
-    eventually,
     lease_when_free,
     sample,
 )
 from tests.pg import TestPostgres
+from tests.polling import eventually
 
 POOL = "rep"
 MIN_READY = 3

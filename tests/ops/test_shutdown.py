@@ -23,7 +23,8 @@ from grpclib.client import Channel
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
-from tests.ops.conftest import Client, OpsServer, Outcome, Sql, eventually
+from tests.ops.conftest import Client, OpsServer, Outcome, Sql
+from tests.polling import eventually
 
 LEASE_SERVICE = "intrinsic_proto.vmpoolleaseapi.v1.VMPoolLeaseService"
 POOLS = [
