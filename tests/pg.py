@@ -55,20 +55,17 @@ class TestPostgres:
 
     async def fresh(self) -> str:
         """A new database with the schema applied; returns its URL."""
-        name = f"vmpool_t{os.getpid()}_{next(_counter)}"
-        admin = await asyncpg.connect(self.url)
-        try:
-            await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-        finally:
-            await admin.close()
-        return with_database(self.url, name)
+        return await self._create(f"vmpool_t{os.getpid()}_{next(_counter)}", TEMPLATE)
 
     async def empty(self) -> str:
         """A new database without the schema."""
-        name = f"vmpool_e{os.getpid()}_{next(_counter)}"
+        return await self._create(f"vmpool_e{os.getpid()}_{next(_counter)}", None)
+
+    async def _create(self, name: str, template: str | None) -> str:
         admin = await asyncpg.connect(self.url)
         try:
-            await admin.execute(f"CREATE DATABASE {name}")
+            clause = f" TEMPLATE {template}" if template else ""
+            await admin.execute(f"CREATE DATABASE {name}{clause}")
         finally:
             await admin.close()
         return with_database(self.url, name)

@@ -20,7 +20,7 @@ from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
-from vmpool.fastwire import ENCODERS, decoder
+from vmpool.fastwire import ENCODERS, decoder, read_varint
 
 MIN_SECONDS = -62135596800  # 0001-01-01T00:00:00Z
 MAX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
@@ -64,36 +64,23 @@ def _layout(cls: type) -> dict[int, _Field]:
     return found
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ValueError("truncated or overlong varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
-
-
 def scan(data: bytes) -> list[tuple[int, int, int, int]]:
     """(number, wire type, start, end) of each top-level field; ValueError if the
     bytes are not a well-formed protobuf message."""
     fields = []
     pos = 0
     while pos < len(data):
-        key, pos = _varint(data, pos)
+        key, pos = read_varint(data, pos)
         wire_type, number = key & 7, key >> 3
         if number == 0:
             raise ValueError("field number 0")
         start = pos
         if wire_type == _VARINT:
-            _, pos = _varint(data, pos)
+            _, pos = read_varint(data, pos)
         elif wire_type == _FIXED64:
             pos += 8
         elif wire_type == _LEN:
-            length, start = _varint(data, pos)
+            length, start = read_varint(data, pos)
             pos = start + length
         elif wire_type == _FIXED32:
             pos += 4

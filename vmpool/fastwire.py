@@ -124,9 +124,12 @@ _REQUESTS: dict[type, tuple[dict[int, tuple[str, str]], dict[str, Any]]] = {
 }
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, next position) of the varint at ``pos``; ValueError if malformed."""
     value = shift = 0
     while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated or overlong varint")
         byte = data[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -139,8 +142,8 @@ def _to_datetime(raw: bytes) -> datetime:
     seconds = nanos = 0
     pos = 0
     while pos < len(raw):
-        key, pos = _read_varint(raw, pos)
-        value, pos = _read_varint(raw, pos)
+        key, pos = read_varint(raw, pos)
+        value, pos = read_varint(raw, pos)
         if key == 0x08:
             seconds = value - (1 << 64) if value >> 63 else value  # int64
         elif key == 0x10:
@@ -167,7 +170,7 @@ def decoder(message_type: type) -> Callable[[bytes, list[tuple[int, int, int, in
             if kind in (_STRING, _OPTIONAL_STRING):
                 values[name] = data[start:end].decode()
             elif kind == _BOOL:
-                values[name] = _read_varint(data, start)[0] > 0
+                values[name] = read_varint(data, start)[0] > 0
             else:
                 values[name] = _to_datetime(data[start:end])
         return built(message_type, **values)
