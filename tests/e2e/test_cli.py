@@ -111,12 +111,12 @@ async def test_cli_tour(server: Running) -> None:
         timeout=30,
         check=False,
     )
-    assert intruder.returncode == 1 and "PERMISSION_DENIED" in intruder.stderr, intruder
+    assert intruder.returncode == 5 and "PERMISSION_DENIED" in intruder.stderr, intruder
 
     returned = vmpool(server, "return", name, "--output", "json")
     assert returned.returncode == 0, returned.stderr
     gone = vmpool(server, "get", name)
-    assert gone.returncode == 1 and "NOT_FOUND" in gone.stderr and name in gone.stderr, gone
+    assert gone.returncode == 4 and "NOT_FOUND" in gone.stderr and name in gone.stderr, gone
 
     timed = ok_json(
         vmpool(server, "lease", "--pool", "alpha", "--duration", "1h", "--output", "json")
@@ -126,7 +126,7 @@ async def test_cli_tour(server: Running) -> None:
     assert vmpool(server, "return", timed["instance"]).returncode == 0
 
     missing = vmpool(server, "lease", "--pool", "nope")
-    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "nope" in missing.stderr
+    assert missing.returncode == 4 and "NOT_FOUND" in missing.stderr and "nope" in missing.stderr
 
 
 async def test_cli_lease_wait_shows_queue_position_and_gets_the_next_instance(

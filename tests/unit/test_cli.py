@@ -1,0 +1,92 @@
+"""The CLI framework: help for every command and flag, --version, common flags on
+either side of the subcommand, usage errors and their exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from vmpool import cli_errors
+from vmpool.cli import build_parser, main
+from vmpool.cli_base import package_version
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser({}).parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("no subcommands")
+
+
+def test_every_command_has_a_description_and_an_example() -> None:
+    for name, p in subcommands().items():
+        assert p.description, name
+        assert p.epilog and "examples:" in p.epilog and f"vmpool {name}" in p.epilog, name
+
+
+def test_every_flag_is_described_with_its_default() -> None:
+    for name, p in subcommands().items():
+        text = p.format_help()
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.dest}: no help"
+            if action.option_strings and not isinstance(action, argparse._StoreTrueAction):
+                helped = p._get_formatter()._get_help_string(action)  # type: ignore[attr-defined]
+                assert helped and ("default" in helped or action.required), (
+                    f"{name} {action.option_strings}: no default shown"
+                )
+        assert "--help" in text
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"vmpool {package_version()}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--server", "h:1", "--service-tag", "t", "-o", "json", "ping"],
+        ["ping", "--server", "h:1", "--service-tag", "t", "--output", "json"],
+        ["--server", "h:1", "ping", "--service-tag", "t", "-o", "json"],
+    ],
+)
+def test_common_flags_before_or_after_the_subcommand(argv: list[str]) -> None:
+    args = build_parser({}).parser.parse_args(argv)
+    assert (args.server, args.service_tag, args.output) == ("h:1", "t", "json")
+
+
+def test_environment_gives_the_defaults() -> None:
+    env = {"VMPOOL_SERVER": "far:7", "VMPOOL_SERVICE_TAG": "ci"}
+    args = build_parser(env).parser.parse_args(["pools"])
+    assert (args.server, args.service_tag, args.output) == ("far:7", "ci", "text")
+
+
+def test_usage_error_is_exit_2_and_json_with_output_json(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["lease", "--no-such-flag", "--output", "json"])
+    assert stop.value.code == cli_errors.USAGE
+    err = json.loads(capsys.readouterr().err)
+    assert err["code"] == "USAGE" and "--no-such-flag" in err["message"]
+
+
+def test_bad_server_address_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["ping", "--server", "nocolon"])
+    assert stop.value.code == cli_errors.USAGE
+    assert "--server" in capsys.readouterr().err
+
+
+def test_unreachable_server_is_exit_6(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["ping", "--server", "127.0.0.1:1", "-o", "json"])
+    assert stop.value.code == cli_errors.UNAVAILABLE
+    assert json.loads(capsys.readouterr().err)["code"] == "UNAVAILABLE"

@@ -1,0 +1,134 @@
+"""Operator commands over the admin API: `vmpool status` and `vmpool admin ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from vmpool.cli_base import Registry
+from vmpool.cli_connection import Connection
+from vmpool.cli_lease import snake
+from vmpool.proto.vmpool.admin import v1 as adm
+
+# Column heads use the words of the JSON keys and the metrics' state labels.
+STATUS_COLUMNS = [
+    ("POOL", "name"),
+    ("READY", "ready"),
+    ("PROVISIONING", "provisioning"),
+    ("RESERVED", "reserved"),
+    ("LEASED", "leased"),
+    ("DESTROYING", "destroying"),
+    ("QUEUED", "queued"),
+    ("OLDEST-QUEUED", "oldest_queued_seconds"),
+    ("MIN-READY", "min_ready"),
+    ("MAX-SIZE", "max_size"),
+]
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def status_table(pools: Sequence[adm.PoolStats]) -> str:
+    rows: list[list[str]] = [[head for head, _ in STATUS_COLUMNS]]
+    for p in pools:
+        note = "" if p.configured else " (removed)"
+        note += " (drained)" if p.drained else ""
+        row = [p.name + note]
+        for _, key in STATUS_COLUMNS[1:]:
+            value = getattr(p, key)
+            row.append(f"{value:.0f}s" if isinstance(value, float) else str(value))
+        rows.append(row)
+    return table(rows)
+
+
+async def status(args: argparse.Namespace, conn: Connection) -> None:
+    reply = await conn.admin.pool_stats(
+        adm.PoolStatsRequest(), timeout=conn.timeout, metadata=conn.call_metadata()
+    )
+    if args.output == "json":
+        print(json.dumps([snake(p) for p in reply.pools]))
+        return
+    print(status_table(reply.pools))
+
+
+def _records(items: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    if not items:
+        return "(none)"
+    rows = [[c.upper().replace("_", "-") for c in columns]]
+    rows += [[str(item.get(c, "")) or "-" for c in columns] for item in items]
+    return table(rows)
+
+
+async def admin(args: argparse.Namespace, conn: Connection) -> None:
+    stub, t, md = conn.admin, conn.timeout, conn.call_metadata()
+    text: str
+    out: Any
+    if args.action == "leases":
+        reply = await stub.list_leases(
+            adm.ListLeasesRequest(pool=args.target), timeout=t, metadata=md
+        )
+        out = [snake(x) for x in reply.leases]
+        text = _records(out, ["instance", "pool", "service_tag", "leased_at", "expires", "zone"])
+    elif args.action == "reservations":
+        res = await stub.list_reservations(
+            adm.ListReservationsRequest(pool=args.target), timeout=t, metadata=md
+        )
+        out = [snake(x) for x in res.reservations]
+        text = _records(
+            out, ["id", "pool", "service_tag", "position", "enqueued_at", "expires", "instance"]
+        )
+    elif args.action == "force-return":
+        await stub.force_return(
+            adm.ForceReturnRequest(instance=args.target, reason=args.reason),
+            timeout=t,
+            metadata=md,
+        )
+        out = {"force_returned": args.target}
+        text = f"force-returned {args.target}; its VM is being destroyed"
+    elif args.action == "drain":
+        await stub.drain_pool(adm.DrainPoolRequest(pool=args.target), timeout=t, metadata=md)
+        out = {"drained": args.target}
+        text = f"pool {args.target} drained: no new leases; its free VMs are destroyed"
+    else:
+        await stub.undrain_pool(adm.UndrainPoolRequest(pool=args.target), timeout=t, metadata=md)
+        out = {"undrained": args.target}
+        text = f"pool {args.target} undrained: leasing again"
+    print(json.dumps(out, default=str) if args.output == "json" else text)
+
+
+def register(reg: Registry) -> None:
+    reg.client(
+        "status",
+        status,
+        help="pools as a table: VMs per state, queue, sizing (admin API)",
+        examples=["vmpool status", "vmpool status --output json"],
+    )
+    p = reg.client(
+        "admin",
+        admin,
+        help="operator commands (admin API)",
+        examples=[
+            "vmpool admin leases small",
+            "vmpool admin reservations",
+            "vmpool admin force-return vmp-3f30-x9t7q72u --reason 'stuck test'",
+            "vmpool admin drain small",
+        ],
+    )
+    p.add_argument(
+        "action",
+        choices=["leases", "reservations", "force-return", "drain", "undrain"],
+        help="what to do",
+    )
+    p.add_argument(
+        "target",
+        nargs="?",
+        default="",
+        help="pool (leases, reservations: optional; drain, undrain) or instance (force-return)",
+    )
+    p.add_argument("--reason", default="", help="force-return: why, for the logs (default: none)")

@@ -1,0 +1,142 @@
+"""`vmpool serve`, `vmpool migrate`, `vmpool render`: the commands that run locally."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Any
+
+from vmpool import cli_errors
+from vmpool.cli_base import Registry
+from vmpool.config import ConfigError
+
+
+def _fail(message: str, code: int = cli_errors.USAGE) -> int:
+    print(f"vmpool: {message}", file=sys.stderr)
+    return code
+
+
+def _config_or_exit(path: str | None) -> Any:
+    from vmpool.config import load_config
+
+    try:
+        return load_config(path, dict(os.environ))
+    except ConfigError as err:
+        raise SystemExit(_fail(f"bad config: {err}")) from None
+
+
+def _database_url(config: Any) -> tuple[str, Any]:
+    """The configured database, or an embedded one under data_dir."""
+    if config.database_url:
+        return config.database_url, None
+    from vmpool.store.db import EmbeddedPostgres
+
+    embedded = EmbeddedPostgres(config.data_dir)
+    return embedded.start(), embedded
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config_or_exit(args.config)
+    if args.listen:
+        from vmpool.config import parse_config
+
+        try:
+            parse_config({"listen": args.listen})
+        except ConfigError as err:
+            return _fail(f"--listen: {str(err).split(': ', 2)[-1]}")
+    from vmpool import logs
+    from vmpool.app import StartupError, serve
+
+    logs.setup(config.log_level)
+    if args.config is None:
+        print(
+            "vmpool: no --config given: running the demo (embedded PostgreSQL under "
+            f"{config.data_dir}, fake provider, pool 'small')",
+            file=sys.stderr,
+        )
+    url, embedded = _database_url(config)
+    try:
+        asyncio.run(serve(config, url, listen=args.listen))
+    except StartupError as err:
+        return _fail(f"cannot start: {err}", cli_errors.FAILURE)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config = _config_or_exit(args.config)
+    from vmpool.store.db import create_pool, migrate
+    from vmpool.store.errors import StoreError
+
+    url, embedded = _database_url(config)
+
+    async def run() -> list[str]:
+        pool = await create_pool(url, min_size=1, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                return await migrate(conn)
+        finally:
+            await pool.close()
+
+    try:
+        applied = asyncio.run(run())
+    except StoreError as err:
+        return _fail(f"cannot migrate: database_url: {err}", cli_errors.UNAVAILABLE)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    config = _config_or_exit(args.config)
+    from vmpool.providers.kubevirt_manifest import render_pool_preview
+
+    if config.pool(args.pool) is None:
+        return _fail(f'--pool: no pool named "{args.pool}" in {args.config}')
+    print(render_pool_preview(config, args.pool), end="")
+    return 0
+
+
+def register(reg: Registry) -> None:
+    config_help = "YAML config file (default: none, which runs the demo)"
+    p = reg.local(
+        "serve",
+        cmd_serve,
+        help="run the server",
+        description="Run the gRPC server, its metrics endpoint and the background "
+        "reconciler. With no --config: the demo (embedded PostgreSQL, fake provider, "
+        "one pool 'small').",
+        examples=["vmpool serve", "vmpool serve --config /etc/vmpool/config.yaml"],
+    )
+    p.add_argument("--config", metavar="FILE", help=config_help)
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address for gRPC, overriding the config's listen (default: the config's, "
+        "0.0.0.0:50051)",
+    )
+
+    p = reg.local(
+        "migrate",
+        cmd_migrate,
+        help="apply database migrations and exit",
+        description="Apply pending database migrations and exit. The server applies "
+        "them at start too; this is for a separate migration step (the chart's Job).",
+        examples=["vmpool migrate --config /etc/vmpool/config.yaml"],
+    )
+    p.add_argument("--config", metavar="FILE", help=config_help)
+
+    p = reg.local(
+        "render",
+        cmd_render,
+        help="print the VirtualMachine a pool would create",
+        examples=["vmpool render --config config.yaml --pool small"],
+    )
+    p.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
+    p.add_argument("--pool", metavar="NAME", required=True, help="a pool of that file")
