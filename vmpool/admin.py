@@ -18,6 +18,10 @@ log = structlog.get_logger("vmpool.admin")
 
 
 class AdminService(adm.VmPoolAdminServiceBase):
+    # Every call needs the admin role (with auth.mode none: a loopback caller,
+    # unless auth.allow_anonymous_admin); rpc.instrument checks it.
+    required_role = "admin"
+
     def __init__(
         self,
         inventory: Inventory,
@@ -74,6 +78,7 @@ class AdminService(adm.VmPoolAdminServiceBase):
                     leased_at=r.leased_at,
                     expires=r.expires_at,
                     zone=r.zone,
+                    principal=r.principal,
                 )
                 for r in rows
             ]
@@ -93,6 +98,7 @@ class AdminService(adm.VmPoolAdminServiceBase):
                     enqueued_at=r["enqueued_at"],
                     expires=r["expires_at"],
                     instance=r["instance"] or "",
+                    principal=r["principal"],
                 )
                 for r in rows
             ]

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from typing import Any
 
 import structlog
 from grpclib.health.check import ServiceStatus
@@ -13,6 +14,7 @@ from grpclib.health.service import OVERALL, Health
 from grpclib.server import Server
 
 from vmpool.admin import AdminService
+from vmpool.auth.setup import build_authenticator, startup_warnings
 from vmpool.background import Background, StartupError
 from vmpool.clock import utcnow
 from vmpool.codec import SafeProtoCodec
@@ -26,6 +28,7 @@ from vmpool.store.db import connect, migrate
 from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
+from vmpool.tls import ReloadingContext, TlsError
 from vmpool.waiters import Waiters
 
 log = structlog.get_logger("vmpool")
@@ -47,7 +50,31 @@ def start_metrics(config: Config, metrics: Metrics) -> None:
     start_http_server(port, addr=host, registry=metrics.registry)
 
 
+def tls_context(config: Config) -> ReloadingContext | None:
+    if not config.tls.enabled:
+        return None
+    try:
+        return ReloadingContext(config.tls)
+    except TlsError as err:
+        raise StartupError(str(err)) from None
+
+
 async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
+    tls = tls_context(config)
+    exits = contextlib.AsyncExitStack()
+    try:
+        auth = await build_authenticator(config, exits)
+    except ValueError as err:
+        raise StartupError(str(err)) from None
+    try:
+        await _serve(config, url, listen or config.listen, tls, auth)
+    finally:
+        await exits.aclose()
+
+
+async def _serve(
+    config: Config, url: str, listen: str, tls: ReloadingContext | None, auth: Any
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -105,21 +132,41 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
         lease_service = LeaseService(leaser, config, DatabaseHealth(leases))
         admin = AdminService(inventory, leases, config, utcnow, metrics, background.wake)
         health = Health({OVERALL: [serving], lease_service: [serving]})
+        # Services for operators (the admin API; VMPoolService joins them): on the
+        # lease port, and alone on admin_listen when that is set.
+        operator_services: list[Any] = [admin]
         server = Server(
-            [*instrument([lease_service, admin], metrics, gate), health], codec=SafeProtoCodec()
+            [*instrument([lease_service, *operator_services], metrics, gate, auth), health],
+            codec=SafeProtoCodec(),
         )
-        host, port = _split(listen or config.listen)
-        await server.start(host, port, reuse_port=True)
+        ssl = tls.context if tls is not None else None
+        host, port = _split(listen)
+        await server.start(host, port, reuse_port=True, ssl=ssl)
+        servers = [server]
+        if config.admin_listen:
+            admin_server = Server(
+                [*instrument(operator_services, metrics, gate, auth), health],
+                codec=SafeProtoCodec(),
+            )
+            admin_host, admin_port = _split(config.admin_listen)
+            await admin_server.start(admin_host, admin_port, reuse_port=True, ssl=ssl)
+            servers.append(admin_server)
+        for warning in startup_warnings(config, [listen, config.admin_listen]):
+            log.warning("insecure configuration", risk=warning)
         try:
             await background.start()
         except StartupError:
-            server.close()
+            for s in servers:
+                s.close()
             raise
         serving.set(True)
         start_metrics(config, metrics)
         log.info(
             "serving",
             listen=f"{host}:{port}",
+            admin_listen=config.admin_listen or None,
+            tls=tls is not None,
+            auth=config.auth.mode,
             pools=[p.name for p in config.pools],
             provider=config.provider.kind,
             metrics=config.metrics_listen or None,
@@ -133,9 +180,11 @@ async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
         drained = await gate.drain(config.shutdown_grace.total_seconds())
         if not drained:
             log.warning("calls still running at shutdown_grace; cancelling them")
-        server.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), 5)
+        for s in servers:
+            s.close()
+        for s in servers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(s.wait_closed(), 5)
         await background.stop()
     finally:
         try:

@@ -21,6 +21,8 @@ from pydantic import (
 from vmpool.durations import parse_duration
 
 POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+MAX_DURATION = timedelta(days=3650)  # 10 years: anything longer is a typo, and overflows dates
+MAX_POOL_SIZE = 10_000
 
 
 def _duration(value: Any) -> timedelta:
@@ -33,13 +35,20 @@ def _duration(value: Any) -> timedelta:
     return parse_duration(value)
 
 
+def _bounded_duration(value: Any) -> timedelta:
+    out = _duration(value)
+    if abs(out) > MAX_DURATION:
+        raise ValueError("must be at most 10 years")
+    return out
+
+
 def _optional_duration(value: Any) -> timedelta | None:
     if value is None or value == "":
         return None
-    return _duration(value)
+    return _bounded_duration(value)
 
 
-Duration = Annotated[timedelta, BeforeValidator(_duration)]
+Duration = Annotated[timedelta, BeforeValidator(_bounded_duration)]
 OptionalDuration = Annotated[timedelta | None, BeforeValidator(_optional_duration)]
 
 
@@ -72,9 +81,9 @@ class PoolConfig(_Strict):
     name: str
     labels: dict[str, str] = {}
     zone: str = ""
-    min_ready: int = Field(default=2, ge=0)
-    max_size: int = Field(default=10, ge=0)
-    max_provisioning: int = Field(default=5, ge=1)
+    min_ready: int = Field(default=2, ge=0, le=MAX_POOL_SIZE)
+    max_size: int = Field(default=10, ge=0, le=MAX_POOL_SIZE)
+    max_provisioning: int = Field(default=5, ge=1, le=MAX_POOL_SIZE)
     default_lease: Duration = timedelta(minutes=30)
     max_lease: Duration = timedelta(hours=24)
     max_lifetime: OptionalDuration = None
@@ -111,6 +120,89 @@ class PoolConfig(_Strict):
         return self
 
 
+# --- identity (identity.md): TLS, authentication, policy, quotas -------------
+
+MAX_QUOTA = 1_000_000
+
+
+class TlsConfig(_Strict):
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+    require_client_cert: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TlsConfig:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+        if (self.client_ca_file or self.require_client_cert) and not self.cert_file:
+            raise ValueError("client certificates need cert_file and key_file")
+        if self.require_client_cert and not self.client_ca_file:
+            raise ValueError("require_client_cert needs client_ca_file")
+        return self
+
+
+class KubernetesAuthConfig(_Strict):
+    kubeconfig: str = ""
+    audiences: list[str] = ["vmpool"]
+    cache_ttl: Duration = timedelta(seconds=60)
+
+
+class JwtAuthConfig(_Strict):
+    issuer: str = ""
+    audiences: list[str] = []
+    jwks_url: str = ""
+    jwks_file: str = ""
+    username_claim: str = Field(default="sub", min_length=1)
+    groups_claim: str = "groups"
+
+
+Role = Literal["lease", "pools", "admin"]
+
+
+class PolicyDefault(_Strict):
+    roles: list[Role] = ["lease"]
+    service_tags: list[str] = ["*"]
+    pools: list[str] = ["*"]
+    max_active_leases: int | None = Field(default=None, ge=0, le=MAX_QUOTA)
+    max_queued_reservations: int | None = Field(default=None, ge=0, le=MAX_QUOTA)
+
+
+class PolicyEntry(PolicyDefault):
+    subject: str = Field(min_length=1)
+
+
+class AuthConfig(_Strict):
+    mode: Literal["none", "kubernetes", "jwt", "mtls"] = "none"
+    kubernetes: KubernetesAuthConfig = KubernetesAuthConfig()
+    jwt: JwtAuthConfig = JwtAuthConfig()
+    mtls: dict[str, Any] = {}
+    policy: list[PolicyEntry] = []
+    default: PolicyDefault = PolicyDefault()
+    allow_anonymous_admin: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AuthConfig:
+        if self.mtls:
+            raise ValueError("mtls: takes no keys (use {})")
+        if self.mode == "jwt":
+            if not self.jwt.issuer:
+                raise ValueError("jwt.issuer: required with auth.mode jwt")
+            if bool(self.jwt.jwks_url) == bool(self.jwt.jwks_file):
+                raise ValueError("jwt: set exactly one of jwks_url and jwks_file")
+        return self
+
+
+class LimitsConfig(_Strict):
+    # Quotas per owner, counted in the database (identity.md section 5).
+    max_queued_reservations: int = Field(default=100, ge=0, le=MAX_QUOTA)
+    max_active_leases: int = Field(default=0, ge=0, le=MAX_QUOTA)
+
+
 class Config(_Strict):
     listen: str = "0.0.0.0:50051"
     metrics_listen: str = "0.0.0.0:9090"
@@ -122,11 +214,15 @@ class Config(_Strict):
     default_pool: str = ""
     provider: ProviderConfig = ProviderConfig()
     pools: list[PoolConfig] = []
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
+    admin_listen: str = ""
+    limits: LimitsConfig = LimitsConfig()
 
-    @field_validator("listen", "metrics_listen")
+    @field_validator("listen", "metrics_listen", "admin_listen")
     @classmethod
     def _address(cls, value: str, info: Any) -> str:
-        if value == "" and info.field_name == "metrics_listen":
+        if value == "" and info.field_name in ("metrics_listen", "admin_listen"):
             return value
         _, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -148,6 +244,16 @@ class Config(_Strict):
                 raise ValueError(f"pools: duplicate pool name {name!r}")
         if self.default_pool and self.default_pool not in names:
             raise ValueError(f"default_pool: no pool named {self.default_pool!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _identity(self) -> Config:
+        if self.auth.mode == "mtls" and not self.tls.client_ca_file:
+            raise ValueError(
+                "auth.mode mtls: needs tls.client_ca_file to verify client certificates"
+            )
+        if self.admin_listen and self.admin_listen == self.listen:
+            raise ValueError("admin_listen: must differ from listen")
         return self
 
     def pool(self, name: str) -> PoolConfig | None:
@@ -184,11 +290,37 @@ def _explain(err: ValidationError) -> str:
     return f"{where}: {msg}"
 
 
+_NUL_MARK = "\ufdd0NUL\ufdd0"  # a noncharacter: stands for a NUL while YAML parses
+
+
+def _nul_key(data: Any, where: str = "") -> str | None:
+    """The key path of the first NUL (or stand-in for one) in parsed config data."""
+    if isinstance(data, str):
+        return where if ("\x00" in data or _NUL_MARK in data) else None
+    if isinstance(data, dict):
+        for key, value in data.items():
+            path = f"{where}.{key}" if where else str(key)
+            if _nul_key(key, path) is not None:
+                return path
+            found = _nul_key(value, path)
+            if found is not None:
+                return found
+    if isinstance(data, list):
+        for i, value in enumerate(data):
+            found = _nul_key(value, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
 def parse_config(data: Any, *, source: str = "config") -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    nul = _nul_key(data)
+    if nul is not None:
+        raise ConfigError(f"{source}: {nul}: contains a NUL character")
     try:
         return Config.model_validate(data)
     except ValidationError as err:
@@ -206,6 +338,8 @@ def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> C
             text = Path(path).read_text()
         except OSError as err:
             raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+        if "\x00" in text:  # YAML refuses it without naming a key; find the key ourselves
+            text = text.replace("\x00", _NUL_MARK)
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:

@@ -12,13 +12,14 @@ from uuid import UUID
 import structlog
 
 from vmpool import leasing
+from vmpool.auth.policy import glob_allows
 from vmpool.clock import Clock
 from vmpool.config import Config, PoolConfig
 from vmpool.leasing import Exhausted, FailedPrecondition, NotFound, PermissionDenied
 from vmpool.metrics import Metrics
-from vmpool.store.errors import Duplicate
-from vmpool.store.leases import LeaseStore, NotLeased, WrongTag
-from vmpool.store.records import LeaseRow
+from vmpool.store.errors import Duplicate, QuotaExceeded
+from vmpool.store.leases import LeaseStore, NotLeased, WrongPrincipal, WrongTag
+from vmpool.store.records import LeaseRow, Owner
 from vmpool.waiters import Waiters
 
 log = structlog.get_logger("vmpool.leaser")
@@ -34,10 +35,26 @@ def _owned_lease(instance: str) -> Iterator[None]:
         yield
     except NotLeased:
         raise NotFound(f'instance: no active lease for "{instance}"') from None
+    except WrongPrincipal:
+        raise PermissionDenied(f'instance: "{instance}" is leased by another principal') from None
     except WrongTag:
         raise PermissionDenied(
             f'service_tag: instance "{instance}" is leased by another service_tag'
         ) from None
+
+
+@contextmanager
+def _quota() -> Iterator[None]:
+    try:
+        yield
+    except QuotaExceeded as err:
+        raise Exhausted(str(err)[:300]) from None
+
+
+def _allowed(pool: str, allowed: tuple[str, ...]) -> str:
+    if not glob_allows(allowed, pool):
+        raise PermissionDenied(f'pool: "{pool[:64]}" is not among the pools this caller may use')
+    return pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,14 +98,14 @@ class Leaser:
             raise NotFound(f'pool: no pool named "{name}"')
         return pool
 
-    async def _resolve_pool(self, name: str) -> PoolConfig:
+    async def _resolve_pool(self, name: str, allowed: tuple[str, ...] = ("*",)) -> PoolConfig:
         if name:
-            return self._pool(name)
+            return self._pool(_allowed(name, allowed))
         if self._config.default_pool:
-            return self._pool(self._config.default_pool)
-        names = [p.name for p in self._config.pools]
+            return self._pool(_allowed(self._config.default_pool, allowed))
+        names = [p.name for p in self._config.pools if glob_allows(allowed, p.name)]
         if not names:
-            raise NotFound("pool: no pools are configured")
+            raise NotFound("pool: no pools are configured that this caller may use")
         chosen = leasing.choose_pool(await self._store.free_counts(), names)
         assert chosen is not None
         return self._pool(chosen)
@@ -113,8 +130,13 @@ class Leaser:
         tag: str,
         reservation: UUID | None,
         wait: timedelta = timedelta(0),
+        owner: Owner | None = None,
+        pools: tuple[str, ...] = ("*",),
     ) -> LeaseRow:
+        """``owner``: who asks (default: anonymous with ``tag``); ``pools``: the
+        pool globs the caller's policy allows."""
         leasing.check_service_tag(tag)
+        who = owner or Owner.anonymous(tag)
         if leasing.given(expires):
             assert expires is not None
             if expires <= self._clock():
@@ -122,19 +144,20 @@ class Leaser:
                     f"expires: {expires.isoformat()} is not in the future"
                 )
         if reservation is None:
-            pool = await self._resolve_pool(pool_name)
+            pool = await self._resolve_pool(pool_name, pools)
             structlog.contextvars.bind_contextvars(pool=pool.name)
             now = self._clock()
-            lease = await self._store.claim_free(
-                pool.name, tag, now, leasing.lease_expiry(expires, now, pool)
-            )
+            with _quota():
+                lease = await self._store.claim_free(
+                    pool.name, tag, now, leasing.lease_expiry(expires, now, pool), who
+                )
             if lease is None:
                 await self._refuse_if_drained(pool.name)
                 raise Exhausted(f'pool "{pool.name}": no free instance')
             return self._granted(lease)
         deadline = time.monotonic() + min(wait, leasing.MAX_WAIT).total_seconds()
         while True:
-            outcome = await self._lease_reserved(pool_name, expires, tag, reservation)
+            outcome = await self._lease_reserved(pool_name, expires, who, reservation, pools)
             if isinstance(outcome, LeaseRow):
                 return outcome
             remaining = deadline - time.monotonic()
@@ -143,24 +166,32 @@ class Leaser:
             await self._waiters.wait(str(reservation), min(remaining, _POLL))
 
     async def _lease_reserved(
-        self, pool_name: str, expires: datetime | None, tag: str, rid: UUID
+        self,
+        pool_name: str,
+        expires: datetime | None,
+        who: Owner,
+        rid: UUID,
+        pools: tuple[str, ...],
     ) -> LeaseRow | QueuePlace:
         structlog.contextvars.bind_contextvars(reservation=str(rid))
+        tag = who.service_tag
         for _ in range(_RACE_RETRIES):
             state = await self._store.lookup_reservation(rid)
             if state is None:
-                pool = await self._resolve_pool(pool_name)
+                pool = await self._resolve_pool(pool_name, pools)
                 structlog.contextvars.bind_contextvars(pool=pool.name)
                 now = self._clock()
                 try:
-                    first = await self._store.claim_or_enqueue(
-                        pool.name,
-                        tag,
-                        rid,
-                        now,
-                        leasing.lease_expiry(expires, now, pool),
-                        now + pool.reservation_ttl,
-                    )
+                    with _quota():
+                        first = await self._store.claim_or_enqueue(
+                            pool.name,
+                            tag,
+                            rid,
+                            now,
+                            leasing.lease_expiry(expires, now, pool),
+                            now + pool.reservation_ttl,
+                            who,
+                        )
                 except Duplicate:
                     continue  # the same id was used concurrently: look again
                 if first is None:
@@ -173,6 +204,10 @@ class Leaser:
                 position, length = await self._store.position(pool.name, first.seq)
                 return QueuePlace(rid, pool.name, position, length)
             structlog.contextvars.bind_contextvars(pool=state.pool)
+            if state.principal is not None and state.principal != who.principal:
+                raise PermissionDenied(
+                    f"reservation_id: reservation {rid} belongs to another principal"
+                )
             if state.service_tag != tag:
                 raise PermissionDenied(
                     f"service_tag: reservation {rid} belongs to another service_tag"
@@ -193,6 +228,7 @@ class Leaser:
                     state.leased_at,
                     state.expires_at,
                     state.zone or "",
+                    who.principal,
                 )
             if state.kind == "ended":
                 raise FailedPrecondition(
@@ -215,13 +251,17 @@ class Leaser:
                 return self._granted(*served)
         raise leasing.Unavailable("reservation_id: too much contention, retry")
 
-    async def return_(self, instance: str, tag: str) -> None:
+    async def return_(self, instance: str, tag: str, principal: str = "anonymous") -> None:
         leasing.check_instance(instance)
         leasing.check_service_tag(tag)
         structlog.contextvars.bind_contextvars(instance=instance)
         with _owned_lease(instance):
             ended = await self._store.return_lease(
-                instance, tag, self._clock(), notify=not self._reconciles_here()
+                instance,
+                tag,
+                self._clock(),
+                notify=not self._reconciles_here(),
+                principal=principal,
             )
         structlog.contextvars.bind_contextvars(pool=ended.pool)
         held = (self._clock() - ended.leased_at).total_seconds()
@@ -229,7 +269,12 @@ class Leaser:
         self._on_change(ended.pool)  # its VM is to be destroyed
 
     async def extend_to(
-        self, instance: str, to: datetime | None, tag: str, extend_only: bool
+        self,
+        instance: str,
+        to: datetime | None,
+        tag: str,
+        extend_only: bool,
+        principal: str = "anonymous",
     ) -> LeaseRow:
         leasing.check_instance(instance)
         leasing.check_service_tag(tag)
@@ -247,7 +292,7 @@ class Leaser:
             )
 
         with _owned_lease(instance):
-            lease = await self._store.extend(instance, tag, decide)
+            lease = await self._store.extend(instance, tag, decide, principal)
         structlog.contextvars.bind_contextvars(pool=lease.pool)
         return lease
 

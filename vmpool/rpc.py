@@ -15,6 +15,9 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from vmpool import leasing
+from vmpool.auth.authenticator import Authenticator
+from vmpool.auth.caller import current_caller, require_role
+from vmpool.auth.principal import AuthUnavailable, Unauthenticated
 from vmpool.metrics import Metrics
 from vmpool.store.errors import StoreUnavailable
 
@@ -37,6 +40,10 @@ def to_grpc_error(err: Exception) -> GRPCError | None:
         return err
     if isinstance(err, leasing.ClientError):
         return GRPCError(_STATUS[type(err)], str(err))
+    if isinstance(err, Unauthenticated):
+        return GRPCError(Status.UNAUTHENTICATED, str(err))
+    if isinstance(err, AuthUnavailable):
+        return GRPCError(Status.UNAVAILABLE, str(err))
     if isinstance(err, StoreUnavailable):
         return GRPCError(Status.UNAVAILABLE, "database unavailable, retry later")
     return None
@@ -73,21 +80,25 @@ class Gate:
         return True
 
 
-def instrument(services: list[Any], metrics: Metrics, gate: Gate) -> list[Any]:
-    """Wrap every handler of ``services`` with context, error mapping, logs and metrics."""
-    return [_Instrumented(s, metrics, gate) for s in services]
+def instrument(services: list[Any], metrics: Metrics, gate: Gate, auth: Authenticator) -> list[Any]:
+    """Wrap every handler of ``services`` with authentication, context, error
+    mapping, logs and metrics. A service's ``required_role`` attribute (e.g.
+    "admin") is checked before any of its handlers runs."""
+    return [_Instrumented(s, metrics, gate, auth) for s in services]
 
 
 class _Instrumented:
-    def __init__(self, service: Any, metrics: Metrics, gate: Gate) -> None:
+    def __init__(self, service: Any, metrics: Metrics, gate: Gate, auth: Authenticator) -> None:
         self._service = service
         self._metrics = metrics
         self._gate = gate
+        self._auth = auth
+        self._role: str | None = getattr(service, "required_role", None)
 
     def __mapping__(self) -> dict[str, Handler]:
         out = {}
         for path, handler in self._service.__mapping__().items():
-            wrapped = _wrap(path, handler.func, self._metrics, self._gate)
+            wrapped = _wrap(path, handler.func, self._metrics, self._gate, self._auth, self._role)
             out[path] = Handler(
                 wrapped, handler.cardinality, handler.request_type, handler.reply_type
             )
@@ -99,6 +110,8 @@ def _wrap(
     func: Callable[[Stream[Any, Any]], Awaitable[None]],
     metrics: Metrics,
     gate: Gate,
+    auth: Authenticator,
+    role: str | None,
 ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
     method = path.rsplit("/", 1)[-1]
     counter = metrics.rpc_requests
@@ -112,6 +125,15 @@ def _wrap(
         code = Status.OK
         message = ""
         try:
+            caller = await auth.authenticate(
+                stream.metadata.items() if stream.metadata else (),
+                stream.peer.addr() if stream.peer else None,
+                stream.peer.cert() if auth.needs_cert and stream.peer else None,
+            )
+            current_caller.set(caller)
+            structlog.contextvars.bind_contextvars(principal=caller.principal.name[:128])
+            if role is not None:
+                require_role(role)
             await func(stream)
         except asyncio.CancelledError:
             code = Status.CANCELLED  # the caller went away, or shutdown cut the call

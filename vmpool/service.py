@@ -8,6 +8,7 @@ import structlog
 from betterproto.lib.google.protobuf import Empty
 
 from vmpool import leasing
+from vmpool.auth.caller import caller, check_service_tag_allowed
 from vmpool.config import Config
 from vmpool.dbhealth import DatabaseHealth
 from vmpool.durations import parse_duration
@@ -15,7 +16,7 @@ from vmpool.fastwire import built
 from vmpool.leaser import Leaser
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 from vmpool.rpc import current_stream
-from vmpool.store.records import LeaseRow
+from vmpool.store.records import LeaseRow, Owner
 
 WAIT_HEADER = "x-vmpool-wait"
 
@@ -29,6 +30,19 @@ def to_proto(lease: LeaseRow) -> api.Lease:
         zone=lease.zone,
     )
     return message
+
+
+def owner_of(tag: str) -> Owner:
+    """The calling principal with ``tag``, after checking the policy allows the tag."""
+    check_service_tag_allowed(tag)
+    who = caller()
+    return Owner(
+        who.principal.name,
+        tag,
+        who.owner(tag),
+        max_queued=who.grant.max_queued_reservations,
+        max_active=who.grant.max_active_leases,
+    )
 
 
 def requested_wait() -> timedelta:
@@ -68,22 +82,35 @@ class LeaseService(api.VmPoolLeaseServiceBase):
         if request.reservation_id is not None:
             reservation = leasing.parse_reservation_id(request.reservation_id)
         wait = requested_wait() if reservation is not None else timedelta(0)
+        owner = owner_of(request.service_tag)
         lease = await self._leaser.lease(
-            request.pool, request.expires, request.service_tag, reservation, wait
+            request.pool,
+            request.expires,
+            request.service_tag,
+            reservation,
+            wait,
+            owner=owner,
+            pools=caller().grant.pools,
         )
         response: api.LeaseResponse = built(api.LeaseResponse, lease=to_proto(lease))
         return response
 
     async def return_(self, request: api.ReturnRequest) -> api.ReturnResponse:
         structlog.contextvars.bind_contextvars(service_tag=request.service_tag[:128])
-        await self._leaser.return_(request.instance, request.service_tag)
+        owner = owner_of(request.service_tag)
+        await self._leaser.return_(request.instance, request.service_tag, owner.principal)
         response: api.ReturnResponse = built(api.ReturnResponse)
         return response
 
     async def extend_to(self, request: api.ExtendToRequest) -> api.ExtendToResponse:
         structlog.contextvars.bind_contextvars(service_tag=request.service_tag[:128])
+        owner = owner_of(request.service_tag)
         lease = await self._leaser.extend_to(
-            request.instance, request.to, request.service_tag, request.extend_only
+            request.instance,
+            request.to,
+            request.service_tag,
+            request.extend_only,
+            owner.principal,
         )
         response: api.ExtendToResponse = built(api.ExtendToResponse, lease=to_proto(lease))
         return response

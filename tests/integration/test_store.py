@@ -197,9 +197,33 @@ async def test_hot_statements_use_the_partial_indexes(db: Database, statement: s
     )
     await db.execute("ANALYZE")
     if statement == "claim":
-        plan = await _plan(db, sql.CLAIM_FREE, "pool0", 3, ["a", "b", "c"], [NOW] * 3, NOW)
+        plan = await _plan(
+            db,
+            sql.CLAIM_FREE,
+            "pool0",
+            3,
+            ["a", "b", "c"],
+            [NOW] * 3,
+            NOW,
+            ["anonymous"] * 3,
+            ["a", "b", "c"],
+            [0] * 3,
+        )
     elif statement == "claim_or_enqueue":
-        plan = await _plan(db, sql.CLAIM_OR_ENQUEUE, "pool0", "t", uuid.uuid4(), NOW, NOW, NOW)
+        plan = await _plan(
+            db,
+            sql.CLAIM_OR_ENQUEUE,
+            "pool0",
+            "t",
+            uuid.uuid4(),
+            NOW,
+            NOW,
+            NOW,
+            "anonymous",
+            "t",
+            100,
+            0,
+        )
     else:
         plan = await _plan(db, sql.SET_ASIDE, "pool5", NOW)
     # `pools` holds one row per pool: scanning it is the right plan.

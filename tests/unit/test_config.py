@@ -109,3 +109,27 @@ def test_unparseable_yaml_is_one_message(tmp_path: Path) -> None:
 def test_labels_become_strings() -> None:
     config = parse_config({"pools": [{"name": "a", "labels": {"size": 2, "gpu": True}}]})
     assert config.pools[0].labels == {"size": "2", "gpu": "True"}
+
+
+def test_identity_keys_are_checked() -> None:
+    bad = [
+        ({"auth": {"mode": "jwt"}}, "jwt.issuer"),
+        ({"auth": {"mode": "jwt", "jwt": {"issuer": "i"}}}, "jwks_url"),
+        ({"auth": {"mode": "mtls"}}, "client_ca_file"),
+        ({"tls": {"cert_file": "c"}}, "key_file"),
+        ({"auth": {"policy": [{"subject": "x", "roles": ["root"]}]}}, "auth.policy[0].roles"),
+        ({"limits": {"max_queued_reservations": -1}}, "limits.max_queued_reservations"),
+        ({"pools": [{"name": "a", "max_size": 10001}]}, "pools[0].max_size"),
+        ({"pools": [{"name": "a", "reservation_ttl": "3651d"}]}, "10 years"),
+        ({"pools": [{"name": "a", "labels": {"k": "v\x00"}}]}, "pools[0].labels.k: contains a NUL"),
+    ]
+    for data, needle in bad:
+        with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            parse_config(data)
+
+
+def test_nul_in_the_file_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"pools:\n- name: a\n  zone: z\x00z\n")
+    with pytest.raises(ConfigError, match=r"pools\[0\]\.zone: contains a NUL"):
+        load_config(path)

@@ -20,6 +20,13 @@ class Duplicate(StoreError):
     """A unique constraint rejected the write (e.g. a concurrent retry)."""
 
 
+class QuotaExceeded(StoreError):
+    """A quota trigger refused the write; the message names the owner and the limit."""
+
+
+# SQLSTATEs raised by the quota triggers (migration 0030).
+QUOTA_STATES = {"VPQ01", "VPQ02"}
+
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -41,5 +48,9 @@ async def translated() -> AsyncIterator[None]:
         yield
     except asyncpg.exceptions.UniqueViolationError as err:
         raise Duplicate(str(err)) from err
+    except asyncpg.exceptions.PostgresError as err:
+        if getattr(err, "sqlstate", None) in QUOTA_STATES:
+            raise QuotaExceeded(str(err)) from None
+        raise
     except UNAVAILABLE_ERRORS as err:
         raise StoreUnavailable(f"database unavailable: {type(err).__name__}: {err}") from err

@@ -12,7 +12,7 @@ from vmpool.batching import MicroBatcher
 from vmpool.store import sql
 from vmpool.store.db import Database
 from vmpool.store.errors import StoreUnavailable, translated
-from vmpool.store.records import EndedLease, FirstUse, LeaseRow, Queued, ReservationState
+from vmpool.store.records import EndedLease, FirstUse, LeaseRow, Owner, Queued, ReservationState
 
 
 class NotLeased(Exception):
@@ -27,11 +27,18 @@ class WrongTag(Exception):
         self.owner = owner
 
 
+class WrongPrincipal(Exception):
+    """The lease was made by another principal."""
+
+
+_Claim = tuple[str, datetime, datetime, Owner]
+
+
 class LeaseStore:
     def __init__(self, pool: Database) -> None:
         self._pool = pool
-        self._claims: dict[str, MicroBatcher[tuple[str, datetime, datetime], LeaseRow | None]] = {}
-        self._returns: MicroBatcher[tuple[str, str, datetime, bool], EndedLease | None] = (
+        self._claims: dict[str, MicroBatcher[_Claim, LeaseRow | None]] = {}
+        self._returns: MicroBatcher[tuple[str, str, datetime, bool, str], EndedLease | None] = (
             MicroBatcher(self._return_batch)
         )
 
@@ -43,18 +50,21 @@ class LeaseStore:
             raise StoreUnavailable("database did not answer in time") from err
 
     async def claim_free(
-        self, pool: str, tag: str, now: datetime, expires: datetime
+        self, pool: str, tag: str, now: datetime, expires: datetime, owner: Owner | None = None
     ) -> LeaseRow | None:
         """Lease the oldest free instance of ``pool``; None when none is free.
-        Concurrent claims on one pool go to the database as one statement."""
+        Concurrent claims on one pool go to the database as one statement; a
+        claim under a lease quota goes alone (a refusal must not fail others).
+        Raises QuotaExceeded."""
+        item = (tag, now, expires, owner or Owner.anonymous(tag))
+        if item[3].max_active > 0:
+            return (await self._claim_batch(pool, [item]))[0]
         batcher = self._claims.get(pool)
         if batcher is None:
             batcher = self._claims[pool] = MicroBatcher(partial(self._claim_batch, pool))
-        return await batcher.submit((tag, now, expires))
+        return await batcher.submit(item)
 
-    async def _claim_batch(
-        self, pool: str, items: list[tuple[str, datetime, datetime]]
-    ) -> list[LeaseRow | None]:
+    async def _claim_batch(self, pool: str, items: list[_Claim]) -> list[LeaseRow | None]:
         now = max(item[1] for item in items)
         async with translated():
             rows = await self._pool.fetch(
@@ -64,6 +74,9 @@ class LeaseStore:
                 [item[0] for item in items],
                 [item[2] for item in items],
                 now,
+                [item[3].principal for item in items],
+                [item[3].key for item in items],
+                [item[3].max_active for item in items],
             )
         out: list[LeaseRow | None] = [None] * len(items)
         for row in rows:
@@ -95,6 +108,7 @@ class LeaseStore:
             zone=row["zone"],
             leased_at=row["leased_at"],
             seq=row["seq"],
+            principal=row["principal"],
         )
 
     async def claim_or_enqueue(
@@ -105,13 +119,25 @@ class LeaseStore:
         now: datetime,
         lease_expires: datetime,
         queue_expires: datetime,
+        owner: Owner | None = None,
     ) -> FirstUse | None:
         """First use of ``reservation``: a lease if an instance is free, else a
         queue place; None if the pool is drained. Raises Duplicate when the same
-        id was used concurrently (look it up again)."""
+        id was used concurrently (look it up again), QuotaExceeded over a quota."""
+        who = owner or Owner.anonymous(tag)
         async with translated():
             row = await self._pool.fetchrow(
-                sql.CLAIM_OR_ENQUEUE, pool, tag, reservation, now, lease_expires, queue_expires
+                sql.CLAIM_OR_ENQUEUE,
+                pool,
+                tag,
+                reservation,
+                now,
+                lease_expires,
+                queue_expires,
+                who.principal,
+                who.key,
+                who.max_queued,
+                who.max_active,
             )
         if row is None:
             return None
@@ -131,22 +157,30 @@ class LeaseStore:
         return int(row["position"]), int(row["length"])
 
     async def return_lease(
-        self, instance: str, tag: str, now: datetime, *, notify: bool = True
+        self,
+        instance: str,
+        tag: str,
+        now: datetime,
+        *,
+        notify: bool = True,
+        principal: str = "anonymous",
     ) -> EndedLease:
         """End the lease and mark the VM for destruction. Concurrent returns go
         to the database as one statement; ``notify`` wakes the reconciler of
         another process (NOTIFY)."""
-        ended = await self._returns.submit((instance, tag, now, notify))
+        ended = await self._returns.submit((instance, tag, now, notify, principal))
         if ended is not None:
             return ended
         async with translated():
-            owner = await self._pool.fetchval(sql.LEASE_OWNER, instance)
+            owner = await self._pool.fetchrow(sql.LEASE_OWNER, instance)
         if owner is None:
             raise NotLeased(instance)
-        raise WrongTag(owner)
+        if owner["principal"] != principal:
+            raise WrongPrincipal(owner["principal"])
+        raise WrongTag(owner["service_tag"])
 
     async def _return_batch(
-        self, items: list[tuple[str, str, datetime, bool]]
+        self, items: list[tuple[str, str, datetime, bool, str]]
     ) -> list[EndedLease | None]:
         async with translated():
             rows = await self._pool.fetch(
@@ -155,12 +189,16 @@ class LeaseStore:
                 [item[1] for item in items],
                 max(item[2] for item in items),
                 any(item[3] for item in items),
+                [item[4] for item in items],
             )
-        ended = {(r["instance"], r["service_tag"]): r for r in rows}
+        ended = {(r["instance"], r["service_tag"], r["principal"]): r for r in rows}
         out: list[EndedLease | None] = []
-        for instance, tag, _, _ in items:
-            row = ended.pop((instance, tag), None)  # a duplicate request finds nothing
-            out.append(EndedLease(instance, row["pool"], tag, row["leased_at"]) if row else None)
+        for instance, tag, _, _, principal in items:
+            # A duplicate request finds nothing.
+            row = ended.pop((instance, tag, principal), None)
+            out.append(
+                EndedLease(instance, row["pool"], tag, row["leased_at"], principal) if row else None
+            )
         return out
 
     async def force_return(self, instance: str, now: datetime, reason: str) -> EndedLease:
@@ -168,7 +206,9 @@ class LeaseStore:
             row = await self._pool.fetchrow(sql.FORCE_RETURN, instance, now, reason)
         if row is None:
             raise NotLeased(instance)
-        return EndedLease(instance, row["pool"], "", row["leased_at"])
+        return EndedLease(
+            instance, row["pool"], row["service_tag"], row["leased_at"], row["principal"]
+        )
 
     async def get_lease(self, instance: str) -> LeaseRow | None:
         async with translated():
@@ -176,7 +216,11 @@ class LeaseStore:
         return LeaseRow.of(row) if row else None
 
     async def extend(
-        self, instance: str, tag: str, decide: Callable[[LeaseRow], datetime | None]
+        self,
+        instance: str,
+        tag: str,
+        decide: Callable[[LeaseRow], datetime | None],
+        principal: str = "anonymous",
     ) -> LeaseRow:
         """Lock the lease, let ``decide`` pick the new expiry (None: unchanged), write it."""
         async with translated(), self._pool.acquire() as conn, conn.transaction():
@@ -184,6 +228,8 @@ class LeaseStore:
             if row is None:
                 raise NotLeased(instance)
             lease = LeaseRow.of(row)
+            if lease.principal != principal:
+                raise WrongPrincipal(lease.principal)
             if lease.service_tag != tag:
                 raise WrongTag(lease.service_tag)
             new = decide(lease)

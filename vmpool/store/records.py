@@ -9,6 +9,22 @@ from uuid import UUID
 
 
 @dataclass(frozen=True, slots=True)
+class Owner:
+    """Who makes a lease or reservation: the principal and the service_tag must
+    both match to act on it; ``key`` is what quotas count (0: no limit)."""
+
+    principal: str
+    service_tag: str
+    key: str
+    max_queued: int = 0
+    max_active: int = 0
+
+    @classmethod
+    def anonymous(cls, service_tag: str) -> Owner:
+        return cls("anonymous", service_tag, service_tag)
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseRow:
     instance: str
     pool: str
@@ -17,6 +33,7 @@ class LeaseRow:
     leased_at: datetime
     expires_at: datetime
     zone: str
+    principal: str = "anonymous"
 
     @classmethod
     def of(cls, row: Any) -> LeaseRow:
@@ -28,6 +45,7 @@ class LeaseRow:
             leased_at=row["leased_at"],
             expires_at=row["expires_at"],
             zone=row["zone"],
+            principal=row.get("principal") or "anonymous",
         )
 
 
@@ -43,6 +61,7 @@ class ReservationState:
     zone: str | None
     leased_at: datetime | None
     seq: int | None
+    principal: str | None = "anonymous"  # None: not recorded (old history)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +79,7 @@ class EndedLease:
     pool: str
     service_tag: str
     leased_at: datetime
+    principal: str = "anonymous"
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,18 +19,20 @@ WITH pick AS MATERIALIZED (
 ), numbered AS (
     SELECT name, row_number() OVER (ORDER BY name) AS n FROM pick
 ), req AS (
-    SELECT * FROM unnest($3::text[], $4::timestamptz[]) WITH ORDINALITY AS r(tag, expires, n)
+    SELECT * FROM unnest($3::text[], $4::timestamptz[], $6::text[], $7::text[], $8::int[])
+        WITH ORDINALITY AS r(tag, expires, principal, owner, lease_limit, n)
 ), claimed AS (
     UPDATE instances i SET state = 'leased', state_changed_at = $5
     FROM numbered p WHERE i.name = p.name
     RETURNING i.name, i.pool, i.zone, p.n
 ), leased AS (
-    INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone)
-    SELECT c.name, c.pool, r.tag, NULL, $5, r.expires, c.zone
+    INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone,
+                        principal, owner, lease_limit)
+    SELECT c.name, c.pool, r.tag, NULL, $5, r.expires, c.zone, r.principal, r.owner, r.lease_limit
     FROM claimed c JOIN req r USING (n)
 )
 SELECT r.n, c.name AS instance, c.pool, r.tag AS service_tag, NULL::uuid AS reservation_id,
-       $5::timestamptz AS leased_at, r.expires AS expires_at, c.zone
+       $5::timestamptz AS leased_at, r.expires AS expires_at, c.zone, r.principal
 FROM claimed c JOIN req r USING (n)
 """
 
@@ -38,7 +40,8 @@ FROM claimed c JOIN req r USING (n)
 # in one statement. The reservation row is inserted either way (served, or
 # queued), so two concurrent first uses of one id collide on its primary key
 # and one of them fails whole: never two VMs, never a lease plus a queue entry.
-# Nothing happens in a drained pool. $6 is the queue entry's expiry.
+# Nothing happens in a drained pool. $6 is the queue entry's expiry; $7-$10 the
+# owner (principal, quota key, queue limit, lease limit: triggers check them).
 CLAIM_OR_ENQUEUE = """
 WITH open AS (
     SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM pools WHERE name = $1 AND drained)
@@ -55,19 +58,21 @@ WITH open AS (
     FROM pick WHERE i.name = pick.name
     RETURNING i.name, i.pool, i.zone
 ), lease AS (
-    INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone)
-    SELECT name, pool, $2, $3, $4, $5, zone FROM claimed
-    RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone
+    INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone,
+                        principal, owner, lease_limit)
+    SELECT name, pool, $2, $3, $4, $5, zone, $7, $8, $10 FROM claimed
+    RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone, principal
 ), res AS (
-    INSERT INTO reservations (id, pool, service_tag, enqueued_at, expires_at, served)
+    INSERT INTO reservations (id, pool, service_tag, enqueued_at, expires_at, served,
+                              principal, owner, queue_limit)
     SELECT $3, $1, $2, $4,
            CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN $4 ELSE $6 END,
-           EXISTS (SELECT 1 FROM claimed)
+           EXISTS (SELECT 1 FROM claimed), $7, $8, $9
     FROM open
     RETURNING seq, served
 )
 SELECT r.seq, r.served, l.instance, l.pool, l.service_tag, l.reservation_id, l.leased_at,
-       l.expires_at, l.zone,
+       l.expires_at, l.zone, l.principal,
        (SELECT pg_notify('vmpool_wake', 'enqueue') WHERE NOT r.served) AS notified
 FROM res r LEFT JOIN lease l ON true
 """
@@ -77,28 +82,29 @@ SERVE_RESERVED = """
 WITH r AS (
     DELETE FROM reservations r USING instances i
     WHERE r.id = $1 AND NOT r.served AND i.name = r.instance AND i.state = 'reserved'
-    RETURNING r.instance, r.pool, r.service_tag, r.enqueued_at
+    RETURNING r.instance, r.pool, r.service_tag, r.enqueued_at, r.principal, r.owner
 ), claimed AS (
     UPDATE instances i SET state = 'leased', reservation_id = NULL, state_changed_at = $2
     FROM r WHERE i.name = r.instance
-    RETURNING i.name, i.pool, i.zone, r.service_tag
+    RETURNING i.name, i.pool, i.zone, r.service_tag, r.principal, r.owner
 )
-INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone)
-SELECT name, pool, service_tag, $1, $2, $3, zone FROM claimed
-RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone,
+INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone,
+                    principal, owner)
+SELECT name, pool, service_tag, $1, $2, $3, zone, principal, owner FROM claimed
+RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone, principal,
           (SELECT enqueued_at FROM r) AS enqueued_at
 """
 
 # Everything known about a reservation id, in one round trip.
 RESERVATION_LOOKUP = """
 SELECT 'lease' AS kind, instance, pool, service_tag, expires_at, zone,
-       leased_at, NULL::bigint AS seq
+       leased_at, NULL::bigint AS seq, principal
 FROM leases WHERE reservation_id = $1
 UNION ALL
-SELECT 'queued', instance, pool, service_tag, expires_at, NULL, NULL, seq
+SELECT 'queued', instance, pool, service_tag, expires_at, NULL, NULL, seq, principal
 FROM reservations WHERE id = $1 AND NOT served
 UNION ALL
-(SELECT 'ended', instance, pool, service_tag, ended_at, zone, leased_at, NULL
+(SELECT 'ended', instance, pool, service_tag, ended_at, zone, leased_at, NULL, principal
  FROM lease_history WHERE reservation_id = $1 ORDER BY ended_at DESC LIMIT 1)
 """
 
@@ -114,36 +120,37 @@ SELECT count(*) FILTER (WHERE seq <= $2) AS position, count(*) AS length
 FROM reservations WHERE pool = $1 AND NOT served
 """
 
-# End a batch of leases ($1 instances, $2 their service_tags) and mark their
-# VMs for destruction. A request whose tag does not match ends nothing.
+# End a batch of leases ($1 instances, $2 their service_tags, $5 principals)
+# and mark their VMs for destruction. A request whose owner does not match
+# ends nothing.
 RETURN_LEASES = """
 WITH req AS (
-    SELECT * FROM unnest($1::text[], $2::text[]) AS r(instance, tag)
+    SELECT * FROM unnest($1::text[], $2::text[], $5::text[]) AS r(instance, tag, principal)
 ), ended AS (
     DELETE FROM leases l USING req r
-    WHERE l.instance = r.instance AND l.service_tag = r.tag
+    WHERE l.instance = r.instance AND l.service_tag = r.tag AND l.principal = r.principal
     RETURNING l.*
 ), hist AS (
     INSERT INTO lease_history (instance, pool, service_tag, reservation_id, leased_at,
-                               expires_at, ended_at, end_reason, zone)
+                               expires_at, ended_at, end_reason, zone, principal)
     SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, $3,
-           'returned', zone
+           'returned', zone, principal
     FROM ended
 ), gone AS (
     UPDATE instances i SET state = 'destroying', destroy_reason = 'returned',
                            state_changed_at = $3
     FROM ended WHERE i.name = ended.instance
 )
-SELECT instance, service_tag, pool, leased_at,
+SELECT instance, service_tag, principal, pool, leased_at,
        (SELECT pg_notify('vmpool_wake', 'return') WHERE $4) AS notified
 FROM ended
 """
 
 # Used only after a tag-checked write found nothing: which error is it?
-LEASE_OWNER = "SELECT service_tag FROM leases WHERE instance = $1"
+LEASE_OWNER = "SELECT service_tag, principal FROM leases WHERE instance = $1"
 
 GET_LEASE = """
-SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, zone
+SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, zone, principal
 FROM leases WHERE instance = $1
 """
 
@@ -151,7 +158,7 @@ LOCK_LEASE = GET_LEASE + " FOR UPDATE"
 
 SET_EXPIRY = """
 UPDATE leases SET expires_at = $2 WHERE instance = $1
-RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone
+RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone, principal
 """
 
 FREE_COUNTS = """
@@ -338,12 +345,12 @@ FROM rows r LEFT JOIN ended e ON e.instance = r.name
 # --- admin ---------------------------------------------------------------------
 
 LIST_LEASES = """
-SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, zone
+SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, zone, principal
 FROM leases WHERE ($1 = '' OR pool = $1) ORDER BY pool, leased_at, instance
 """
 
 LIST_RESERVATIONS = """
-SELECT id, pool, service_tag, enqueued_at, expires_at, instance,
+SELECT id, pool, service_tag, enqueued_at, expires_at, instance, principal,
        row_number() OVER (PARTITION BY pool ORDER BY seq) AS position
 FROM reservations WHERE ($1 = '' OR pool = $1) AND NOT served ORDER BY pool, seq
 """
@@ -354,14 +361,15 @@ WITH ended AS (
     RETURNING *
 ), hist AS (
     INSERT INTO lease_history (instance, pool, service_tag, reservation_id, leased_at,
-                               expires_at, ended_at, end_reason, zone)
-    SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, $2, $3, zone
+                               expires_at, ended_at, end_reason, zone, principal)
+    SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, $2, $3, zone,
+           principal
     FROM ended
 ), gone AS (
     UPDATE instances i SET state = 'destroying', destroy_reason = $3, state_changed_at = $2
     FROM ended WHERE i.name = ended.instance
 )
-SELECT pool, leased_at, pg_notify('vmpool_wake', 'return') FROM ended
+SELECT pool, leased_at, service_tag, principal, pg_notify('vmpool_wake', 'return') FROM ended
 """
 
 # --- the fake provider's cloud --------------------------------------------------

@@ -62,6 +62,10 @@ class LeaseInfo(betterproto.Message):
     leased_at: datetime = betterproto.message_field(5)
     expires: datetime = betterproto.message_field(6)
     zone: str = betterproto.string_field(7)
+    principal: str = betterproto.string_field(8)
+    """
+    Who leased it (identity.md section 3); the admin API is for admins only.
+    """
 
 
 @dataclass(eq=False, repr=False)
@@ -83,6 +87,7 @@ class ReservationInfo(betterproto.Message):
     enqueued_at: datetime = betterproto.message_field(5)
     expires: datetime = betterproto.message_field(6)
     instance: str = betterproto.string_field(7)
+    principal: str = betterproto.string_field(8)
 
 
 @dataclass(eq=False, repr=False)

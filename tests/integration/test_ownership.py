@@ -1,0 +1,89 @@
+"""Ownership and quotas in the database (identity.md sections 3 and 5): the
+principal and the tag must both match, and a quota holds inside the statement
+that would exceed it, across processes (several stores on one database)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import pytest
+
+from tests.integration.test_store import NOW, seed
+from vmpool.store.db import Database
+from vmpool.store.errors import QuotaExceeded
+from vmpool.store.leases import LeaseStore, WrongPrincipal, WrongTag
+from vmpool.store.records import Owner
+
+pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
+HOUR = NOW + timedelta(hours=1)
+
+
+def alice(tag: str = "ci", **kw: int) -> Owner:
+    return Owner("alice", tag, "alice", **kw)
+
+
+async def test_return_and_extend_need_the_same_principal_and_tag(db: Database) -> None:
+    await seed(db, "p", 2)
+    store = LeaseStore(db)
+    lease = await store.claim_free("p", "ci", NOW, HOUR, alice())
+    assert lease is not None and lease.principal == "alice"
+    with pytest.raises(WrongPrincipal):
+        await store.return_lease(lease.instance, "ci", NOW, principal="mallory")
+    with pytest.raises(WrongTag):
+        await store.return_lease(lease.instance, "other", NOW, principal="alice")
+    with pytest.raises(WrongPrincipal):
+        await store.extend(lease.instance, "ci", lambda _: HOUR, "mallory")
+    ended = await store.return_lease(lease.instance, "ci", NOW, principal="alice")
+    assert ended.principal == "alice"
+    history = await db.fetch("SELECT principal FROM lease_history")
+    assert [r["principal"] for r in history] == ["alice"]
+
+
+async def test_a_reservation_records_its_principal(db: Database) -> None:
+    await db.execute("INSERT INTO pools (name) VALUES ('p')")
+    store = LeaseStore(db)
+    rid = uuid.uuid4()
+    await store.claim_or_enqueue("p", "ci", rid, NOW, HOUR, HOUR, alice(max_queued=5))
+    state = await store.lookup_reservation(rid)
+    assert state is not None and state.principal == "alice" and state.kind == "queued"
+
+
+async def test_queue_quota_holds_across_concurrent_processes(db: Database) -> None:
+    await db.execute("INSERT INTO pools (name) VALUES ('p')")
+    stores = [LeaseStore(db) for _ in range(5)]
+
+    async def enqueue(i: int, owner: Owner) -> str:
+        try:
+            await stores[i % 5].claim_or_enqueue(
+                "p", owner.service_tag, uuid.uuid4(), NOW, HOUR, HOUR, owner
+            )
+        except QuotaExceeded as err:
+            return str(err)
+        return "queued"
+
+    results = await asyncio.gather(*(enqueue(i, alice(max_queued=7)) for i in range(30)))
+    assert results.count("queued") == 7
+    refused = [r for r in results if r != "queued"]
+    assert refused[0] == 'owner "alice" has 7 queued reservations in pool "p", the limit'
+    # Another owner is not affected; nothing was written for the refused ones.
+    assert await enqueue(0, Owner("bob", "ci", "bob", max_queued=7)) == "queued"
+    counts = await db.fetch("SELECT owner, count(*) AS n FROM reservations GROUP BY owner")
+    assert {r["owner"]: r["n"] for r in counts} == {"alice": 7, "bob": 1}
+
+
+async def test_active_lease_quota_refuses_and_changes_nothing(db: Database) -> None:
+    await seed(db, "p", 5)
+    store = LeaseStore(db)
+    owner = alice(max_active=2)
+    got = await asyncio.gather(
+        *(store.claim_free("p", "ci", NOW, HOUR, owner) for _ in range(4)),
+        return_exceptions=True,
+    )
+    assert sum(1 for g in got if not isinstance(g, BaseException)) == 2
+    assert sum(1 for g in got if isinstance(g, QuotaExceeded)) == 2
+    ready = await db.fetchval("SELECT count(*) FROM instances WHERE state = 'ready'")
+    assert ready == 3  # refused claims took no instance
+    # Unlimited callers still share the batched path.
+    assert await store.claim_free("p", "x", NOW, HOUR) is not None

@@ -1,0 +1,65 @@
+"""One call's credentials -> its Caller, for the configured auth.mode."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from vmpool.auth.caller import Caller
+from vmpool.auth.mtls import identity_of
+from vmpool.auth.policy import grant_for
+from vmpool.auth.principal import ANONYMOUS, Principal, Unauthenticated
+from vmpool.auth.tokens import bearer_token
+from vmpool.config import Config
+
+
+class TokenVerifier(Protocol):
+    async def authenticate(self, token: str) -> Principal: ...
+
+
+def is_loopback(peer: Any) -> bool:
+    """Whether a peer address (host, port, ...) is a loopback address."""
+    if not isinstance(peer, tuple) or not peer:
+        return False
+    try:
+        return ipaddress.ip_address(str(peer[0]).split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class Authenticator:
+    def __init__(self, config: Config, verifier: TokenVerifier | None = None) -> None:
+        self._config = config
+        self._mode = config.auth.mode
+        self._verifier = verifier
+        if self._mode in ("kubernetes", "jwt") and verifier is None:
+            raise ValueError(f"auth.mode {self._mode} needs a token verifier")
+
+    @property
+    def needs_cert(self) -> bool:
+        return self._mode == "mtls"
+
+    async def principal(
+        self, headers: Iterable[tuple[str, Any]], cert: dict[str, Any] | None
+    ) -> Principal:
+        if self._mode == "none":
+            return ANONYMOUS
+        if self._mode == "mtls":
+            return identity_of(cert)
+        token = bearer_token(headers)
+        if token is None:
+            raise Unauthenticated(
+                "authorization: a Bearer token is required (or the auth-proxy cookie)"
+            )
+        assert self._verifier is not None
+        return await self._verifier.authenticate(token)
+
+    async def authenticate(
+        self, headers: Iterable[tuple[str, Any]], peer: Any, cert: dict[str, Any] | None
+    ) -> Caller:
+        principal = await self.principal(headers, cert)
+        grant = grant_for(
+            principal, self._config.auth, self._config.limits, loopback=is_loopback(peer)
+        )
+        return Caller(principal, grant)
