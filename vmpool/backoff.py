@@ -1,10 +1,28 @@
-"""Exponential backoff with jitter, per key (a pool, a VM name)."""
+"""Exponential backoff with jitter: the one module for it.
+
+``Backoff`` keeps one failure count per key (a pool, a VM name) and says until
+when a key is blocked; ``Retry`` is a single sequence for one retrying loop (a
+watch, an API client). Both take times from an injected monotonic clock and
+draw delays the same way: between half and all of min(cap, base * 2**n), so a
+dead API is never hammered and many clients do not retry in step.
+"""
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+Monotonic = Callable[[], float]
+
+
+def backoff_delay(
+    failures: int, base: float, cap: float, rng: Callable[[], float] = random.random
+) -> float:
+    """The wait after the ``failures``-th failure in a row (1 = the first)."""
+    ceiling = min(cap, base * 2.0 ** max(failures - 1, 0))
+    return ceiling / 2 + float(rng()) * ceiling / 2
 
 
 @dataclass
@@ -14,35 +32,64 @@ class _State:
 
 
 class Backoff:
-    def __init__(self, base: float = 2.0, cap: float = 300.0, jitter: float = 0.2) -> None:
+    """Per-key backoff: ``failed`` records a failure and blocks the key for a while."""
+
+    def __init__(
+        self,
+        base: float = 2.0,
+        cap: float = 300.0,
+        *,
+        clock: Monotonic = time.monotonic,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
         self.base = base
         self.cap = cap
-        self.jitter = jitter
+        self._clock = clock
+        self._rng = rng
         self._states: dict[str, _State] = {}
 
-    def failed(self, key: str, now: float | None = None, at_least: float = 0.0) -> float:
+    def failed(self, key: str, at_least: float = 0.0) -> float:
         """Record a failure; returns the delay before the next try."""
-        now = time.monotonic() if now is None else now
         state = self._states.setdefault(key, _State())
         state.failures += 1
-        delay: float = min(self.cap, self.base * 2.0 ** (state.failures - 1))
-        delay *= 1 + random.uniform(-self.jitter, self.jitter)
-        delay = max(delay, at_least)
-        state.until = now + delay
+        delay = max(backoff_delay(state.failures, self.base, self.cap, self._rng), at_least)
+        state.until = self._clock() + delay
         return delay
 
     def succeeded(self, key: str) -> None:
         self._states.pop(key, None)
 
-    def blocked(self, key: str, now: float | None = None) -> bool:
+    forget = succeeded
+
+    def blocked(self, key: str) -> bool:
         state = self._states.get(key)
-        if state is None:
-            return False
-        return (time.monotonic() if now is None else now) < state.until
+        return state is not None and self._clock() < state.until
+
+    def until(self, key: str) -> float | None:
+        """Monotonic time before which ``key`` is blocked, if it has failed."""
+        state = self._states.get(key)
+        return None if state is None else state.until
 
     def failures(self, key: str) -> int:
         state = self._states.get(key)
         return state.failures if state else 0
 
-    def forget(self, key: str) -> None:
-        self._states.pop(key, None)
+
+class Retry:
+    """One retrying loop's backoff: try n waits ``backoff_delay(n + 1, ...)``."""
+
+    def __init__(
+        self, base: float, cap: float, *, rng: Callable[[], float] = random.random
+    ) -> None:
+        self.base = base
+        self.cap = cap
+        self._rng = rng
+        self.attempt = 0
+
+    def next_delay(self, at_least: float = 0.0) -> float:
+        """The wait before the next try; ``at_least`` honours a server's Retry-After."""
+        self.attempt += 1
+        return max(backoff_delay(self.attempt, self.base, self.cap, self._rng), at_least)
+
+    def reset(self) -> None:
+        self.attempt = 0

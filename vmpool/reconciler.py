@@ -16,20 +16,47 @@ import string
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from hashlib import sha256
 from typing import Any
 
 import structlog
 
-from vmpool.backoff import Backoff
+from vmpool.backoff import Backoff, Monotonic
 from vmpool.clock import Clock
 from vmpool.config import Config, PoolConfig
 from vmpool.metrics import Metrics
-from vmpool.providers.base import Provider, VMPhase, VMStatus
+from vmpool.planner import (
+    VM,
+    Action,
+    BootFailed,
+    Create,
+    CreateVM,
+    DeleteVM,
+    DestroyFree,
+    DropQueue,
+    ExpireLeases,
+    ExpireReservations,
+    Forget,
+    MarkReady,
+    Observed,
+    PoolObserved,
+    PoolTarget,
+    Recycle,
+    ReplaceStale,
+    Row,
+    RowAction,
+    SetAside,
+    Vanished,
+    orphans_seen,
+    plan_pools,
+    plan_rows,
+    target_from_config,
+)
+from vmpool.providers.base import Provider, VMPhase
 from vmpool.providers.errors import Invalid, ProviderError
 from vmpool.store.errors import StoreUnavailable
-from vmpool.store.inventory import INSTANCE_STATES, InstanceRow, Inventory, Summary
+from vmpool.store.inventory import INSTANCE_STATES, Inventory, Summary
 
 log = structlog.get_logger("vmpool.reconciler")
 
@@ -86,19 +113,22 @@ class Reconciler:
         *,
         inbox: Inbox | None = None,
         concurrency: int = 32,
+        monotonic: Monotonic = time.monotonic,
     ) -> None:
         self._inv = inventory
         self._provider = provider
         self._config = config
         self._clock = clock
+        self._mono = monotonic  # cadence, backoff and timers
         self._metrics = metrics
         self._on_assigned = on_assigned  # an instance was set aside for this reservation
         self._wake = asyncio.Event()
         self._inbox = inbox if inbox is not None else Inbox()  # news, from any thread
         self._calls = asyncio.Semaphore(concurrency)
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._attempts = Backoff(base=2.0, cap=60.0)  # per VM name
-        self._pool_backoff = Backoff(base=5.0, cap=300.0)  # per pool, on boot failures
+        self._attempts = Backoff(base=2.0, cap=60.0, clock=monotonic)  # per VM name
+        self._pool_backoff = Backoff(base=5.0, cap=300.0, clock=monotonic)  # per pool: boots fail
+        self._targets: dict[str, PoolTarget] = {}  # as of the last plan
         self._created_at: dict[str, float] = {}  # name -> monotonic of a successful create
         self._orphans: dict[str, datetime] = {}  # name -> first seen without a row
         self._last_resync = -1e9
@@ -145,9 +175,9 @@ class Reconciler:
             leading = is_leader()
             self._metrics.leader.set(1 if leading else 0)
             if leading:
-                started = time.monotonic()
+                started = self._mono()
                 busy = await self._guarded_pass()
-                gap = MIN_GAP - (time.monotonic() - started)
+                gap = MIN_GAP - (self._mono() - started)
                 if gap > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), gap)
@@ -194,39 +224,142 @@ class Reconciler:
 
     # --- one pass -------------------------------------------------------------------
 
+    def targets(self, summary: Summary) -> dict[str, PoolTarget]:
+        """What every configured pool should be (a pool not here is drained)."""
+        out = {}
+        for cfg in self._config.pools:
+            seen = summary.pools.get(cfg.name)
+            out[cfg.name] = target_from_config(cfg, drained=seen is not None and seen.drained)
+        return out
+
+    def _observed(self, summary: Summary, targets: Mapping[str, PoolTarget]) -> Observed:
+        pools = {}
+        for name, p in summary.pools.items():
+            current = targets[name].spec_hash if name in targets else None
+            pools[name] = PoolObserved(
+                name,
+                ready=p.counts["ready"],
+                ready_current=p.by_hash.get(("ready", current), 0) if current is not None else 0,
+                provisioning=p.counts["provisioning"],
+                provisioning_current=p.by_hash.get(("provisioning", current), 0)
+                if current is not None
+                else 0,
+                reserved=p.counts["reserved"],
+                leased=p.counts["leased"],
+                destroying=p.counts["destroying"],
+                waiting=p.waiting,
+                set_aside=p.set_aside,
+                oldest_ready=p.oldest_ready,
+                next_reservation_expiry=p.next_reservation_expiry,
+            )
+        backoff = {}
+        for name in targets:
+            until = self._pool_backoff.until(name)
+            if until is not None:
+                backoff[name] = until
+        return Observed(pools, summary.next_lease_expiry, summary.complete, backoff)
+
+    def _plan(self, summary: Summary, now: datetime) -> list[Action]:
+        targets = self.targets(summary)
+        self._targets = targets
+        return plan_pools(self._observed(summary, targets), targets, now, self._mono())
+
     async def pass_once(self) -> bool:
         """One reconcile pass; True if it changed anything (another pass soon)."""
         now = self._clock()
         self._read_inbox()
         interval = self._config.reconcile_interval.total_seconds()
-        full = self._full_due or time.monotonic() - self._last_full >= interval
+        full = self._full_due or self._mono() - self._last_full >= interval
         scope = None if full else sorted(self._dirty)
         self._dirty.clear()
         self._touched.clear()
         if full:
             self._full_due = False
-            self._last_full = time.monotonic()
+            self._last_full = self._mono()
         summary = await self._inv.summary(scope)
         self._export(summary)
-        changed = False
-        if summary.next_lease_expiry is not None and summary.next_lease_expiry <= now:
-            changed |= await self._expire_leases(now)
-        due = [p.next_reservation_expiry for p in summary.pools.values()]
-        if any(d is not None and d <= now for d in due):
-            changed |= await self._expire_reservations(now)
-        changed |= await self._drain(summary, now)
-        changed |= await self._recycle(summary, now)
+        actions = self._plan(summary, now)
+        # First what ends or destroys, then the provider's news; sizing is
+        # planned again from fresh counts if any of that changed something.
+        changed = await self._apply(
+            [a for a in actions if not isinstance(a, SetAside | Create)], now
+        )
         if self._needs_provider(summary):
             changed |= await self._sync_with_provider(now)
+        sizing: tuple[type, ...] = (SetAside, Create)
         if changed:
             rescope = None if scope is None else sorted({*scope, *self._touched})
             summary = await self._inv.summary(rescope)
             self._export(summary)
-        # Setting aside moves as many instances out of `ready` as reservations
-        # out of `waiting`: the refill's arithmetic holds with this summary.
-        changed |= await self._set_aside(summary, now)
-        changed |= await self._refill(summary, now)
+            actions = self._plan(summary, now)
+            sizing = (ReplaceStale, SetAside, Create)
+        changed |= await self._apply([a for a in actions if isinstance(a, sizing)], now)
         return changed
+
+    async def _apply(self, actions: list[Action], now: datetime) -> bool:
+        """The executor of pool-level actions: True if any changed something."""
+        changed = False
+        for action in actions:
+            match action:
+                case ExpireLeases():
+                    changed |= await self._expire_leases(now)
+                case ExpireReservations():
+                    changed |= await self._expire_reservations(now)
+                case DropQueue(pool=pool):
+                    await self._inv.drop_queue(pool, now)
+                    self._touched.add(pool)
+                    changed = True
+                case DestroyFree(pool=pool, reason=reason):
+                    victims = await self._inv.free_of_pool(pool)
+                    changed |= await self._destroy(
+                        pool, victims, reason, now, ("ready", "provisioning")
+                    )
+                case Recycle(pool=pool, cutoff=cutoff, reason=reason):
+                    old = await self._inv.ready_older_than(pool, cutoff)
+                    changed |= await self._destroy(pool, old, reason, now, ("ready",))
+                case ReplaceStale(pool=pool, spec_hash=current, state=state, limit=limit):
+                    stale = await self._inv.stale_of_pool(pool, current, state, limit)
+                    changed |= await self._destroy(pool, stale, action.reason, now, (state,))
+                case SetAside(pool=pool, limit=limit):
+                    for rid, instance in await self._inv.set_aside(pool, now, limit):
+                        self._on_assigned(rid)
+                        self._action("set aside", instance=instance, pool=pool, reservation=rid)
+                        changed = True
+                case Create():
+                    changed |= await self._create_rows(action, now)
+        return changed
+
+    async def _destroy(
+        self, pool: str, names: list[str], reason: str, now: datetime, states: tuple[str, ...]
+    ) -> bool:
+        done = await self._mark_destroying(names, reason, now, states)
+        for instance in done:
+            self._action("destroy", instance=instance, pool=pool, reason=reason)
+        return bool(done)
+
+    async def _create_rows(self, action: Create, now: datetime) -> bool:
+        names = [new_instance_name(action.pool) for _ in range(action.count)]
+        written = await self._inv.add_instances(
+            action.pool, names, now, action.spec_hash, action.max_size
+        )
+        if len(written) < len(names):
+            # Another leader's rows (an overlap during a handover): the
+            # database's max_size guard refused ours.
+            log.warning(
+                "max_size guard refused new instances",
+                pool=action.pool,
+                asked=len(names),
+                written=len(written),
+            )
+        if not written:
+            return False
+        self._work_pending = True
+        cfg = self._config.pool(action.pool)
+        for name in written:
+            if cfg is not None:
+                self._maybe_create(name, cfg)
+        self._action("provision", pool=action.pool, count=len(written), reason="refill")
+        return True
 
     def _export(self, summary: Summary) -> None:
         now = self._clock()
@@ -244,6 +377,8 @@ class Reconciler:
     async def _mark_destroying(
         self, names: list[str], reason: str, now: datetime, from_states: tuple[str, ...]
     ) -> list[str]:
+        if not names:
+            return []
         done = await self._inv.mark_destroying(names, reason, now, from_states)
         self._work_pending |= bool(done)
         return done
@@ -281,49 +416,15 @@ class Reconciler:
             )
         return bool(gone)
 
-    def _open(self, name: str, drained: bool) -> PoolConfig | None:
-        pool = self._config.pool(name)
-        return None if pool is None or drained else pool
-
-    async def _drain(self, summary: Summary, now: datetime) -> bool:
-        """Pools removed from the config or drained: no queue, no free instances."""
-        changed = False
-        for name, pool in summary.pools.items():
-            if self._open(name, pool.drained) is not None:
-                continue
-            if pool.queued:
-                await self._inv.drop_queue(name, now)
-                changed = True
-            if pool.counts["ready"] or pool.counts["provisioning"] or pool.counts["reserved"]:
-                victims = await self._inv.free_of_pool(name)
-                done = await self._mark_destroying(
-                    victims, "pool drained", now, ("ready", "provisioning")
-                )
-                for instance in done:
-                    self._action("destroy", instance=instance, pool=name, reason="pool drained")
-                changed |= bool(done)
-        return changed
-
-    async def _recycle(self, summary: Summary, now: datetime) -> bool:
-        changed = False
-        for name, pool in summary.pools.items():
-            cfg = self._config.pool(name)
-            if cfg is None or cfg.max_ready_age is None or pool.oldest_ready is None:
-                continue
-            cutoff = now - cfg.max_ready_age
-            if pool.oldest_ready > cutoff:
-                continue
-            old = await self._inv.ready_older_than(name, cutoff)
-            done = await self._mark_destroying(old, "max_ready_age", now, ("ready",))
-            for instance in done:
-                self._action("destroy", instance=instance, pool=name, reason="max_ready_age")
-            changed |= bool(done)
-        return changed
-
     def _resync_due(self) -> bool:
         # Orphans are deleted after orphan_grace: compare often enough for that.
         every = min(RESYNC, max(1.0, self._provider.orphan_grace.total_seconds() / 2))
-        return time.monotonic() - self._last_resync >= every
+        return self._mono() - self._last_resync >= every
+
+    def resync_soon(self) -> None:
+        """Compare every row with every VM on the next pass (drift, orphans)."""
+        self._last_resync = -1e18
+        self._wake.set()
 
     def _needs_provider(self, summary: Summary) -> bool:
         busy = self._work_pending or any(
@@ -334,10 +435,21 @@ class Reconciler:
     async def _sync_with_provider(self, now: datetime) -> bool:
         """Compare rows with VMs: boots done or failed, deletions confirmed, drift."""
         full = self._resync_due()
-        vms = await self._provider.observe(full=full)
-        if vms is None:
+        statuses = await self._provider.observe(full=full)
+        if statuses is None:
             return False  # the provider's view is not complete yet
         self._provider_changed = False
+        vms = {
+            name: VM(
+                name,
+                ready=vm.phase is VMPhase.READY,
+                failed=vm.phase is VMPhase.FAILED,
+                deleting=vm.deleting,
+                zone=vm.zone,
+                reason=vm.reason,
+            )
+            for name, vm in statuses.items()
+        }
         # VMs that were there last time and are not now: gone behind our back,
         # or deletions we asked for. Checked at once, not at the next resync.
         disappeared = self._seen - vms.keys()
@@ -345,36 +457,54 @@ class Reconciler:
         rows = await self._inv.work_rows(everything=full)
         self._work_pending = any(r.state in ("provisioning", "destroying") for r in rows)
         if full:
-            self._last_resync = time.monotonic()
+            self._last_resync = self._mono()
+            self._orphans = orphans_seen((r.name for r in rows), vms, self._orphans, now)
         elif disappeared:
             rows += await self._inv.rows_named(sorted(disappeared))
-        changed = await self._boots(rows, vms, now)
-        changed |= await self._deletions(rows, vms)
-        changed |= await self._drift(rows, vms, now, orphans=full)
-        return changed
+        pool_of = {r.name: r.pool for r in rows}
+        actions = plan_rows(
+            [
+                Row(r.name, r.pool, r.state, r.created_at, r.spec_hash, r.destroy_reason)
+                for r in rows
+            ],
+            vms,
+            self._targets,
+            now,
+            busy=frozenset(self._inflight),
+            orphans_since=self._orphans if full else None,
+            orphan_grace=self._provider.orphan_grace,
+        )
+        return await self._apply_rows(actions, pool_of, now)
 
-    async def _boots(
-        self, rows: list[InstanceRow], vms: Mapping[str, VMStatus], now: datetime
+    async def _apply_rows(
+        self, actions: list[RowAction], pool_of: Mapping[str, str], now: datetime
     ) -> bool:
+        """The executor of row-level actions."""
         ready: list[tuple[str, str]] = []
         failed: dict[str, list[str]] = {}
-        for row in rows:
-            if row.state != "provisioning":
-                continue
-            pool = self._config.pool(row.pool)
-            vm = vms.get(row.name)
-            if vm is not None and vm.phase is VMPhase.READY and not vm.deleting:
-                zone = pool.zone if pool is not None and pool.zone else vm.zone
-                ready.append((row.name, zone))
-                continue
-            timeout = pool.boot_timeout if pool is not None else timedelta(minutes=10)
-            if vm is not None and vm.phase is VMPhase.FAILED:
-                failed.setdefault(vm.reason or "boot failed", []).append(row.name)
-            elif row.created_at + timeout <= now:
-                failed.setdefault("boot_timeout", []).append(row.name)
-            elif vm is None and pool is not None:
-                self._maybe_create(row.name, pool)
         changed = False
+        for action in actions:
+            match action:
+                case MarkReady(name=name, zone=zone):
+                    ready.append((name, zone))
+                case BootFailed(name=name, reason=reason):
+                    failed.setdefault(reason, []).append(name)
+                case CreateVM(name=name, pool=pool):
+                    cfg = self._config.pool(pool)
+                    if cfg is not None:
+                        self._maybe_create(name, cfg)
+                case DeleteVM(name=name, reason=reason):
+                    self._orphans.pop(name, None)
+                    self._spawn(name, self._delete(name, reason))
+                case Forget(names=names):
+                    await self._inv.forget(list(names))
+                    for name in names:
+                        self._created_at.pop(name, None)
+                        self._attempts.forget(name)
+                        log.debug("vm gone", instance=name)
+                    changed = True
+                case Vanished(names=names):
+                    changed |= await self._vanished(list(names), now)
         if ready:
             for name, pool_name, created in await self._inv.mark_ready(ready, now):
                 self._pool_backoff.succeeded(pool_name)
@@ -383,10 +513,9 @@ class Reconciler:
                 )
                 self._action("ready", instance=name, pool=pool_name)
             changed = True
-        pool_of = {r.name: r.pool for r in rows}
         delays: dict[str, float] = {}  # one backoff step per pool per pass, however many failed
-        for reason, names in failed.items():
-            for name in await self._mark_destroying(names, reason, now, ("provisioning",)):
+        for reason, victims in failed.items():
+            for name in await self._mark_destroying(victims, reason, now, ("provisioning",)):
                 pool_name = pool_of[name]
                 if pool_name not in delays:
                     delays[pool_name] = self._pool_backoff.failed(pool_name)
@@ -400,97 +529,19 @@ class Reconciler:
                 changed = True
         return changed
 
-    async def _deletions(self, rows: list[InstanceRow], vms: Mapping[str, VMStatus]) -> bool:
-        gone: list[str] = []
-        for row in rows:
-            if row.state != "destroying" or row.name in self._inflight:
-                continue
-            vm = vms.get(row.name)
-            if vm is None:
-                gone.append(row.name)
-            elif not vm.deleting:
-                self._spawn(row.name, self._delete(row.name, row.destroy_reason or ""))
-        if gone:
-            await self._inv.forget(gone)
-            for name in gone:
-                self._created_at.pop(name, None)
-                self._attempts.forget(name)
-                log.debug("vm gone", instance=name)
-        return bool(gone)
-
-    async def _drift(
-        self, rows: list[InstanceRow], vms: Mapping[str, VMStatus], now: datetime, *, orphans: bool
-    ) -> bool:
-        """Rows whose VM vanished (in ``rows``), and, with ``orphans``, VMs with no row
-        (then ``rows`` must be every row)."""
-        names = {r.name for r in rows}
-        lost = [
-            r.name for r in rows if r.state in ("ready", "reserved", "leased") and r.name not in vms
-        ]
-        changed = False
-        if lost:
-            for name, pool, state, tag in await self._inv.vanished(lost, now):
-                self._action(
-                    "vm vanished",
-                    instance=name,
-                    pool=pool,
-                    state=state,
-                    service_tag=tag or None,
-                    reason="lease ended: VM deleted outside vmpool"
-                    if state == "leased"
-                    else "VM deleted outside vmpool; will be replaced",
-                )
-            changed = True
-        if not orphans:
-            return changed
-        grace = self._provider.orphan_grace
-        for name in list(self._orphans):
-            if name in names or name not in vms:
-                del self._orphans[name]
-        for name, vm in vms.items():
-            if name in names or name in self._inflight or vm.deleting:
-                continue
-            first = self._orphans.setdefault(name, now)
-            if now - first >= grace:
-                self._spawn(name, self._delete(name, "orphan"))
-                del self._orphans[name]
-        return changed
-
-    async def _set_aside(self, summary: Summary, now: datetime) -> bool:
-        changed = False
-        for name, pool in summary.pools.items():
-            if (
-                not (pool.waiting and pool.counts["ready"])
-                or self._open(name, pool.drained) is None
-            ):
-                continue
-            for rid, instance in await self._inv.set_aside(name, now, limit=pool.waiting):
-                self._on_assigned(rid)
-                self._action("set aside", instance=instance, pool=name, reservation=rid)
-                changed = True
-        return changed
-
-    async def _refill(self, summary: Summary, now: datetime) -> bool:
-        changed = False
-        for cfg in self._config.pools:
-            if not summary.complete and cfg.name not in summary.pools:
-                continue  # not looked at in this pass
-            pool = summary.pool(cfg.name)
-            if pool.drained or self._pool_backoff.blocked(cfg.name):
-                continue
-            prov = pool.counts["provisioning"]
-            want = cfg.min_ready + pool.waiting - pool.counts["ready"] - prov
-            n = min(want, cfg.max_size - pool.total, cfg.max_provisioning - prov)
-            if n <= 0:
-                continue
-            names = [new_instance_name(cfg.name) for _ in range(n)]
-            await self._inv.add_instances(cfg.name, names, now)
-            self._work_pending = True
-            for name in names:
-                self._maybe_create(name, cfg)
-            self._action("provision", pool=cfg.name, count=n, reason="refill")
-            changed = True
-        return changed
+    async def _vanished(self, names: list[str], now: datetime) -> bool:
+        for name, pool, state, tag in await self._inv.vanished(names, now):
+            self._action(
+                "vm vanished",
+                instance=name,
+                pool=pool,
+                state=state,
+                service_tag=tag or None,
+                reason="lease ended: VM deleted outside vmpool"
+                if state == "leased"
+                else "VM deleted outside vmpool; will be replaced",
+            )
+        return True
 
     # --- provider calls, owned and bounded -----------------------------------------------
 
@@ -513,7 +564,7 @@ class Reconciler:
         if name in self._inflight or self._attempts.blocked(name):
             return
         created = self._created_at.get(name)
-        if created is not None and time.monotonic() - created < RECREATE_AFTER:
+        if created is not None and self._mono() - created < RECREATE_AFTER:
             return  # the backend may just not show it yet
         self._spawn(name, self._create(name, pool))
 
@@ -545,7 +596,7 @@ class Reconciler:
                 )
                 return
             self._attempts.succeeded(name)
-            self._created_at[name] = time.monotonic()
+            self._created_at[name] = self._mono()
             self._action("create", instance=name, pool=pool.name)
 
     async def _delete(self, name: str, reason: str) -> None:

@@ -27,6 +27,7 @@ import psutil
 from tests.bench import report
 from tests.pg import TestPostgres, with_database
 from tests.server import ServerProcess
+from vmpool.spec_hash import spec_hash
 
 CONCURRENCY = (1, 16, 64)
 CHANNELS = 8  # HTTP/2 connections per load phase (workers share them round-robin)
@@ -553,14 +554,15 @@ async def seed(url: str, *, ready_pools: int, per_pool: int, queue_pools: int, q
             await db.execute(
                 """
                 INSERT INTO instances (name, pool, state, zone, created_at, ready_at,
-                                       state_changed_at)
+                                       state_changed_at, spec_hash)
                 SELECT format('vmp-seed-%s-%s', p, i), format('fill-%s', lpad(p::text, 3, '0')),
                        'ready', 'fake-zone-a', now() - interval '1 hour',
-                       now() - interval '1 hour' + i * interval '1 ms', now()
+                       now() - interval '1 hour' + i * interval '1 ms', now(), $3
                 FROM generate_series(0, $1 - 1) p, generate_series(0, $2 - 1) i
             """,
                 ready_pools,
                 per_pool,
+                spec_hash({"template": {}}),  # as the pools' (empty) templates: current
             )
             await db.execute("""
                 INSERT INTO fake_vms (name, pool, created_at, ready_at, fails, zone)

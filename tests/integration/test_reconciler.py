@@ -9,6 +9,7 @@ import pytest
 
 from tests.integration.helpers import make_world
 from vmpool import reconciler as reconciler_module
+from vmpool.spec_hash import pool_spec_hash
 from vmpool.store.control import Control
 from vmpool.store.db import Database
 
@@ -207,3 +208,42 @@ async def test_event_driven_pass_refills_the_pool_it_was_woken_for(db: Database)
     assert await w.counts("a") == {"leased": 1, "ready": 1}
     assert await w.counts("b") == {"leased": 1, "ready": 1}
     assert lease_a.instance != lease_b.instance
+
+
+async def test_a_changed_template_replaces_free_instances_new_first(db: Database) -> None:
+    base = {"name": "p", "min_ready": 2, "max_size": 5, "max_provisioning": 2}
+    w = await make_world(db, {"pools": [base]})
+    await w.settle()
+    lease = await w.leaser.lease("p", None, "t", None)
+    await w.settle()
+    old_free = await w.rows() - {lease.instance}
+    w2 = await make_world(db, {"pools": [{**base, "template": {"spec": {"v": 2}}}]})
+    new_hash = pool_spec_hash(w2.config.pools[0])
+    await w2.full_pass()
+    await w2.reconciler.drain_calls()
+    # New first: the old free VMs stay free while their replacements boot.
+    assert await w2.counts("p") == {"ready": 2, "provisioning": 2, "leased": 1}
+    await w2.settle()
+    assert await w2.counts("p") == {"ready": 2, "leased": 1}
+    free = await db.fetch("SELECT name, spec_hash FROM instances WHERE state = 'ready'")
+    assert {r["spec_hash"] for r in free} == {new_hash}
+    assert old_free.isdisjoint({r["name"] for r in free})
+    assert old_free.isdisjoint(await w2.vms())
+    # The old leased VM is not reused: its Return destroys it, as always.
+    await w2.leaser.return_(lease.instance, "t")
+    await w2.settle()
+    assert lease.instance not in await w2.vms()
+    assert await w2.counts("p") == {"ready": 2}
+
+
+async def test_the_database_refuses_rows_beyond_max_size(db: Database) -> None:
+    # Two leaders that overlap both decide to fill the same pool: the insert
+    # counts the pool's rows in the same statement, under a per-pool lock.
+    w = await make_world(db, {"pools": [{"name": "p", "min_ready": 3, "max_size": 3}]})
+    now = w.clock()
+    names = [[f"vmp-test-{i}{j}" for j in range(3)] for i in range(4)]
+    written = await asyncio.gather(
+        *(w.inventory.add_instances("p", n, now, "h", max_size=3) for n in names)
+    )
+    assert sum(len(x) for x in written) == 3
+    assert await w.counts("p") == {"provisioning": 3}

@@ -19,9 +19,10 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
+from vmpool.backoff import Retry
 from vmpool.metrics import Metrics
 from vmpool.providers import errors
-from vmpool.providers.ratelimit import Backoff, TokenBucket
+from vmpool.providers.ratelimit import TokenBucket
 
 log = structlog.get_logger(__name__)
 
@@ -178,7 +179,7 @@ class ApiCaller:
     ) -> None:
         self.bucket = TokenBucket(qps, burst, clock=clock)
         self._metrics = metrics
-        self._backoff = Backoff(backoff_base, backoff_cap)
+        self._backoff = Retry(backoff_base, backoff_cap)
         self._max_wait = max_wait
         self._attempts = attempts
         self._clock = clock

@@ -18,9 +18,9 @@ import structlog
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from vmpool.backoff import Retry
 from vmpool.providers import errors
 from vmpool.providers.kubevirt_client import CONNECTION_ERRORS, ApiCaller, translate
-from vmpool.providers.ratelimit import Backoff
 
 log = structlog.get_logger(__name__)
 
@@ -66,7 +66,7 @@ class Informer:
         self._on_change = on_change
         self._resync_interval = resync_interval
         self._watch_timeout = watch_timeout
-        self._backoff = Backoff(backoff_base, backoff_cap)
+        self._backoff = Retry(backoff_base, backoff_cap)
         self._request_timeout = request_timeout
         self._clock = clock
         self.objects: dict[str, dict[str, Any]] = {}

@@ -1,9 +1,8 @@
-"""Client-side pacing for a remote API: a token bucket and an exponential backoff."""
+"""Client-side pacing for a remote API: a token bucket (backoff: vmpool.backoff)."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable
 
@@ -39,26 +38,3 @@ class TokenBucket:
         delay = self.reserve()
         if delay > 0:
             await asyncio.sleep(delay)
-
-
-class Backoff:
-    """Exponential backoff with jitter: try n waits between half and all of min(cap, base*2**n)."""
-
-    def __init__(
-        self, base: float, cap: float, *, rng: Callable[[], float] = random.random
-    ) -> None:
-        self.base = base
-        self.cap = cap
-        self._rng = rng
-        self.attempt = 0
-
-    def next_delay(self, at_least: float = 0.0) -> float:
-        """The wait before the next try; ``at_least`` honours a server's Retry-After."""
-        ceiling = min(self.cap, self.base * 2.0**self.attempt)
-        self.attempt += 1
-        # Half fixed, half random: never zero, so a dead API is not hammered.
-        delay = ceiling / 2 + float(self._rng()) * ceiling / 2
-        return max(delay, at_least)
-
-    def reset(self) -> None:
-        self.attempt = 0

@@ -19,6 +19,7 @@ INSTANCE_STATES = ("provisioning", "ready", "reserved", "leased", "destroying")
 class PoolSummary:
     name: str
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(INSTANCE_STATES, 0))
+    by_hash: dict[tuple[str, str], int] = field(default_factory=dict)  # (state, spec_hash) -> n
     oldest_provisioning: datetime | None = None
     oldest_ready: datetime | None = None
     waiting: int = 0  # queued with nothing set aside
@@ -55,6 +56,7 @@ class InstanceRow:
     state: str
     created_at: datetime
     destroy_reason: str | None
+    spec_hash: str = ""
 
 
 def _min(a: datetime | None, b: datetime | None) -> datetime | None:
@@ -92,11 +94,12 @@ class Inventory:
                 continue
             p = out.pool(r["pool"])
             if kind == "instances":
-                p.counts[r["state"]] = int(r["n"])
+                p.counts[r["state"]] += int(r["n"])
+                p.by_hash[(r["state"], r["spec_hash"])] = int(r["n"])
                 if r["state"] == "provisioning":
-                    p.oldest_provisioning = r["oldest_created"]
+                    p.oldest_provisioning = _min(p.oldest_provisioning, r["oldest_created"])
                 elif r["state"] == "ready":
-                    p.oldest_ready = r["oldest_ready"]
+                    p.oldest_ready = _min(p.oldest_ready, r["oldest_ready"])
             elif kind == "queue":
                 p.next_reservation_expiry = _min(p.next_reservation_expiry, r["due"])
                 if r["state"] == "served":
@@ -135,9 +138,21 @@ class Inventory:
                 out.append((str(row["id"]), row["instance"]))
         return out
 
-    async def add_instances(self, pool: str, names: list[str], now: datetime) -> None:
+    async def add_instances(
+        self, pool: str, names: list[str], now: datetime, spec_hash: str, max_size: int
+    ) -> list[str]:
+        """Write rows for ``names`` (made from ``spec_hash``); those written, which
+        are fewer if the pool would exceed ``max_size`` rows that are not destroying."""
+        async with translated(), self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(sql.LOCK_POOL_ROW, pool)
+            rows = await conn.fetch(sql.ADD_INSTANCES, names, pool, now, spec_hash, max_size)
+        return [r["name"] for r in rows]
+
+    async def stale_of_pool(self, pool: str, spec_hash: str, state: str, limit: int) -> list[str]:
+        """Up to ``limit`` instances of ``pool`` in ``state`` not made from ``spec_hash``."""
         async with translated():
-            await self._pool.execute(sql.ADD_INSTANCES, names, pool, now)
+            rows = await self._pool.fetch(sql.STALE_OF_POOL, pool, spec_hash, state, limit)
+        return [r["name"] for r in rows]
 
     async def work_rows(self, *, everything: bool = False) -> list[InstanceRow]:
         async with translated():

@@ -191,18 +191,18 @@ SET_DRAINED = "UPDATE pools SET drained = $2, updated_at = now() WHERE name = $1
 # One cheap statement a pass: per pool and state, how many and the oldest
 # timestamps; per pool, the queue; and the next lease expiry (an index probe).
 _SUMMARY = """
-SELECT 'instances' AS kind, pool, state, count(*) AS n,
+SELECT 'instances' AS kind, pool, state, spec_hash, count(*) AS n,
        min(created_at) AS oldest_created, min(ready_at) AS oldest_ready, NULL::timestamptz AS due
-FROM instances {where_pool} GROUP BY pool, state
+FROM instances {where_pool} GROUP BY pool, state, spec_hash
 UNION ALL
 SELECT 'queue', pool,
        CASE WHEN served THEN 'served' WHEN instance IS NULL THEN 'waiting' ELSE 'set_aside' END,
-       count(*), min(enqueued_at), NULL, min(expires_at)
+       '', count(*), min(enqueued_at), NULL, min(expires_at)
 FROM reservations {where_pool} GROUP BY 1, 2, 3
 UNION ALL
-SELECT 'leases', '', '', 0, NULL, NULL, (SELECT min(expires_at) FROM leases)
+SELECT 'leases', '', '', '', 0, NULL, NULL, (SELECT min(expires_at) FROM leases)
 UNION ALL
-SELECT 'pools', name, CASE WHEN drained THEN 'drained' ELSE 'open' END,
+SELECT 'pools', name, CASE WHEN drained THEN 'drained' ELSE 'open' END, '',
        CASE WHEN configured THEN 1 ELSE 0 END, NULL, NULL, NULL FROM pools {where_name}
 """
 SUMMARY = _SUMMARY.format(where_pool="", where_name="")
@@ -271,20 +271,41 @@ WITH r AS (
 SELECT id, instance, pg_notify('vmpool_assigned', id::text) FROM ur
 """
 
+# New instance rows ($1 names) of pool $2 made from spec $4, but never more than
+# $5 (max_size) rows of the pool that are not destroying: the count is taken in
+# this statement, after LOCK_POOL_ROW (same transaction) made inserts into the
+# pool take turns, so two leaders that overlap cannot overfill it.
+LOCK_POOL_ROW = "SELECT 1 FROM pools WHERE name = $1 FOR NO KEY UPDATE"
+
 ADD_INSTANCES = """
-INSERT INTO instances (name, pool, state, created_at, state_changed_at)
-SELECT n, $2, 'provisioning', $3, $3 FROM unnest($1::text[]) AS n
+WITH room AS (
+    SELECT $5::int - count(*) AS n FROM instances WHERE pool = $2 AND state <> 'destroying'
+)
+INSERT INTO instances (name, pool, state, created_at, state_changed_at, spec_hash)
+SELECT u.name, $2, 'provisioning', $3, $3, $4
+FROM unnest($1::text[]) WITH ORDINALITY AS u(name, i), room
+WHERE u.i <= room.n
+RETURNING name
+"""
+
+# Free instances of pool $1 in state $3 not made from spec $2, oldest first, at
+# most $4: the ones a template rollout replaces.
+STALE_OF_POOL = """
+SELECT name FROM instances
+WHERE pool = $1 AND state = $3 AND spec_hash <> $2
+ORDER BY ready_at NULLS FIRST, created_at, name
+LIMIT $4
 """
 
 WORK_ROWS = """
-SELECT name, pool, state, created_at, destroy_reason FROM instances
+SELECT name, pool, state, created_at, destroy_reason, spec_hash FROM instances
 WHERE state IN ('provisioning', 'destroying')
 """
 
-ALL_ROWS = "SELECT name, pool, state, created_at, destroy_reason FROM instances"
+ALL_ROWS = "SELECT name, pool, state, created_at, destroy_reason, spec_hash FROM instances"
 
 ROWS_NAMED = """
-SELECT name, pool, state, created_at, destroy_reason FROM instances
+SELECT name, pool, state, created_at, destroy_reason, spec_hash FROM instances
 WHERE name = ANY ($1::text[]) AND state NOT IN ('provisioning', 'destroying')
 """
 
