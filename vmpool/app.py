@@ -20,6 +20,7 @@ from vmpool.clock import utcnow
 from vmpool.codec import SafeProtoCodec
 from vmpool.config import Config
 from vmpool.dbhealth import DatabaseHealth
+from vmpool.extension import ExtensionService
 from vmpool.leaser import Leaser
 from vmpool.metrics import Metrics
 from vmpool.rpc import Gate, instrument
@@ -131,12 +132,16 @@ async def _serve(
         serving = ServiceStatus()
         lease_service = LeaseService(leaser, config, DatabaseHealth(leases))
         admin = AdminService(inventory, leases, config, utcnow, metrics, background.wake)
+        extension = ExtensionService(leaser, leases, utcnow, background.wake)
         health = Health({OVERALL: [serving], lease_service: [serving]})
         # Services for operators (the admin API; VMPoolService joins them): on the
         # lease port, and alone on admin_listen when that is set.
         operator_services: list[Any] = [admin]
         server = Server(
-            [*instrument([lease_service, *operator_services], metrics, gate, auth), health],
+            [
+                *instrument([lease_service, extension, *operator_services], metrics, gate, auth),
+                health,
+            ],
             codec=SafeProtoCodec(),
         )
         ssl = tls.context if tls is not None else None

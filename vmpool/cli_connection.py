@@ -86,6 +86,10 @@ class Connection:
     def admin(self) -> adm.VmPoolAdminServiceStub:
         return adm.VmPoolAdminServiceStub(self.channel)
 
+    @property
+    def extension(self) -> adm.VmPoolExtensionServiceStub:
+        return adm.VmPoolExtensionServiceStub(self.channel)
+
     def call_metadata(self, extra: Mapping[str, str] | None = None) -> dict[str, str] | None:
         out = {**self.metadata, **(extra or {})}
         return out or None

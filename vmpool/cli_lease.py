@@ -99,6 +99,7 @@ async def lease(args: argparse.Namespace, conn: Connection) -> None:
         reservation_id=rid,
         wait=wait,
         progress=sys.stderr,
+        progress_json=args.output == "json",
     )
     print_lease(args, got)
 

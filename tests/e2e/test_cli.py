@@ -154,8 +154,11 @@ async def test_cli_lease_wait_shows_queue_position_and_gets_the_next_instance(
     try:
         assert proc.stderr is not None and proc.stdout is not None
         start = time.monotonic()
-        line = (await asyncio.wait_for(proc.stderr.readline(), 5)).decode()
-        assert re.search(r'queued at position 1 of 1 in pool "solo"', line), line
+        line = json.loads(await asyncio.wait_for(proc.stderr.readline(), 5))
+        assert line["event"] == "waiting", line
+        assert "position" in line, line
+        assert (line["position"], line["length"], line["pool"]) == (1, 1, "solo"), line
+        assert re.search(r'queued at position 1 of 1 in pool "solo"', line["state"]), line
         assert time.monotonic() - start < 5
         await client.return_(blocker.instance)
         out, err = await asyncio.wait_for(proc.communicate(), 9)

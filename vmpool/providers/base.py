@@ -29,6 +29,15 @@ class VMStatus:
     deleting: bool = False  # a delete is under way
 
 
+@dataclass(frozen=True, slots=True)
+class VMDetails:
+    """What the backend knows of a VM for someone connecting to it."""
+
+    addresses: tuple[str, ...] = ()  # interface IPs
+    node: str = ""  # where it runs
+    phase: str = ""  # the backend's own word (KubeVirt: the VMI's status.phase)
+
+
 class Provider(Protocol):
     """A VM backend. Every call is idempotent by VM name.
 
@@ -58,3 +67,14 @@ class Provider(Protocol):
 
         With ``full``, the caller will treat a VM's absence as the VM being gone
         (drift checks): a provider that caches must answer from a fresh view."""
+
+
+class Describer(Protocol):
+    """Answers DescribeInstance for the serving side (its own connection to the
+    backend, so the serving thread never waits on the reconciler's)."""
+
+    async def describe(self, name: str) -> VMDetails | None:
+        """Connection details of VM ``name``; None if the backend does not know it."""
+
+    async def close(self) -> None:
+        """Release connections."""

@@ -245,3 +245,14 @@ class LeaseStore:
     async def pool_drained(self, pool: str) -> bool:
         async with translated():
             return bool(await self._pool.fetchval(sql.POOL_DRAINED, pool))
+
+    async def cancel_reservation(
+        self, reservation: UUID, tag: str, principal: str, now: datetime
+    ) -> tuple[str, str | None] | None:
+        """Withdraw a queued reservation of ``tag`` and ``principal``: (pool,
+        set-aside instance), or None when they have no queued reservation by this id."""
+        async with translated():
+            row = await self._pool.fetchrow(
+                sql.CANCEL_RESERVATION, reservation, tag, now, principal
+            )
+        return (row["pool"], row["instance"]) if row else None

@@ -403,3 +403,20 @@ ON CONFLICT (name) DO NOTHING
 """
 FAKE_DELETE = "DELETE FROM fake_vms WHERE name = ANY ($1::text[])"
 FAKE_LIST = "SELECT name, pool, created_at, ready_at, fails, zone FROM fake_vms"
+
+# --- extension API (CancelReservation, DescribeInstance) ------------------------
+
+# Withdraw a queued reservation of this service_tag ($2) and principal ($4); the instance set aside
+# for it (if any) is free again, first in line (its ready_at is kept), and the
+# reconciler is woken to hand it to the next reservation.
+CANCEL_RESERVATION = """
+WITH gone AS (
+    DELETE FROM reservations
+    WHERE id = $1 AND NOT served AND service_tag = $2 AND principal = $4
+    RETURNING pool, instance
+), freed AS (
+    UPDATE instances i SET state = 'ready', reservation_id = NULL, state_changed_at = $3
+    FROM gone WHERE i.name = gone.instance AND i.state = 'reserved'
+)
+SELECT pool, instance, pg_notify('vmpool_wake', 'cancel') FROM gone
+"""

@@ -126,6 +126,61 @@ class UndrainPoolResponse(betterproto.Message):
     pass
 
 
+@dataclass(eq=False, repr=False)
+class CancelReservationRequest(betterproto.Message):
+    reservation_id: str = betterproto.string_field(1)
+    service_tag: str = betterproto.string_field(2)
+    """Must be the reservation's service_tag."""
+
+    release_lease: bool = betterproto.bool_field(3)
+
+
+@dataclass(eq=False, repr=False)
+class CancelReservationResponse(betterproto.Message):
+    pool: str = betterproto.string_field(1)
+    outcome: str = betterproto.string_field(2)
+    """
+    "cancelled": it was queued and is gone; "released": its lease was ended.
+    """
+
+    instance: str = betterproto.string_field(3)
+    """
+    The instance set aside for it, or the one whose lease was ended ("" if none).
+    """
+
+
+@dataclass(eq=False, repr=False)
+class DescribeInstanceRequest(betterproto.Message):
+    instance: str = betterproto.string_field(1)
+
+
+@dataclass(eq=False, repr=False)
+class InstanceDetails(betterproto.Message):
+    instance: str = betterproto.string_field(1)
+    pool: str = betterproto.string_field(2)
+    zone: str = betterproto.string_field(3)
+    addresses: List[str] = betterproto.string_field(4)
+    """IP addresses of the VM's interfaces, as the provider reports them."""
+
+    node: str = betterproto.string_field(5)
+    """The node the VM runs on ("" if unknown)."""
+
+    phase: str = betterproto.string_field(6)
+    """The provider's phase of the VM (KubeVirt: the VMI's status.phase)."""
+
+    leased_at: datetime = betterproto.message_field(7)
+    expires: datetime = betterproto.message_field(8)
+    owner: str = betterproto.string_field(9)
+    """Who holds the lease: its service_tag."""
+
+    reservation_id: str = betterproto.string_field(10)
+
+
+@dataclass(eq=False, repr=False)
+class DescribeInstanceResponse(betterproto.Message):
+    instance: "InstanceDetails" = betterproto.message_field(1)
+
+
 class VmPoolAdminServiceStub(betterproto.ServiceStub):
     async def pool_stats(
         self,
@@ -224,6 +279,42 @@ class VmPoolAdminServiceStub(betterproto.ServiceStub):
             "/vmpool.admin.v1.VMPoolAdminService/UndrainPool",
             undrain_pool_request,
             UndrainPoolResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+
+class VmPoolExtensionServiceStub(betterproto.ServiceStub):
+    async def cancel_reservation(
+        self,
+        cancel_reservation_request: "CancelReservationRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "CancelReservationResponse":
+        return await self._unary_unary(
+            "/vmpool.admin.v1.VMPoolExtensionService/CancelReservation",
+            cancel_reservation_request,
+            CancelReservationResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def describe_instance(
+        self,
+        describe_instance_request: "DescribeInstanceRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "DescribeInstanceResponse":
+        return await self._unary_unary(
+            "/vmpool.admin.v1.VMPoolExtensionService/DescribeInstance",
+            describe_instance_request,
+            DescribeInstanceResponse,
             timeout=timeout,
             deadline=deadline,
             metadata=metadata,
@@ -342,5 +433,50 @@ class VmPoolAdminServiceBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 UndrainPoolRequest,
                 UndrainPoolResponse,
+            ),
+        }
+
+
+class VmPoolExtensionServiceBase(ServiceBase):
+
+    async def cancel_reservation(
+        self, cancel_reservation_request: "CancelReservationRequest"
+    ) -> "CancelReservationResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def describe_instance(
+        self, describe_instance_request: "DescribeInstanceRequest"
+    ) -> "DescribeInstanceResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def __rpc_cancel_reservation(
+        self,
+        stream: "grpclib.server.Stream[CancelReservationRequest, CancelReservationResponse]",
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.cancel_reservation(request)
+        await stream.send_message(response)
+
+    async def __rpc_describe_instance(
+        self,
+        stream: "grpclib.server.Stream[DescribeInstanceRequest, DescribeInstanceResponse]",
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.describe_instance(request)
+        await stream.send_message(response)
+
+    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
+        return {
+            "/vmpool.admin.v1.VMPoolExtensionService/CancelReservation": grpclib.const.Handler(
+                self.__rpc_cancel_reservation,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                CancelReservationRequest,
+                CancelReservationResponse,
+            ),
+            "/vmpool.admin.v1.VMPoolExtensionService/DescribeInstance": grpclib.const.Handler(
+                self.__rpc_describe_instance,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                DescribeInstanceRequest,
+                DescribeInstanceResponse,
             ),
         }
