@@ -11,6 +11,7 @@ from pathlib import Path
 API = Path(__file__).resolve().parent.parent / "api"
 PROTOS = [
     "intrinsic_proto/vmpoolleaseapi/v1/vmpoolleaseapi.proto",
+    "intrinsic_proto/vmpoolapi/v1/vmpool_api.proto",
     "vmpool/admin/v1/admin.proto",
 ]
 
