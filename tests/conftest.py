@@ -5,8 +5,15 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from tests.e2e.grpcio_stack import GrpcioModules, compile_lease_api
 from tests.pg import TestPostgres
 from vmpool.store.db import Database
+
+
+@pytest.fixture(scope="session")
+def grpcio_modules(tmp_path_factory: pytest.TempPathFactory) -> GrpcioModules:
+    """The lease API compiled with grpcio-tools: protobuf's own (upb) messages."""
+    return compile_lease_api(tmp_path_factory.mktemp("grpcio-gen"))
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,17 @@ from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
-from vmpool.fastwire import ENCODERS, decoder, read_varint
+from vmpool.fastwire import (
+    BadField,
+    LeaseReply,
+    WireError,
+    decoder,
+    encode_lease_reply,
+    read_varint,
+)
+from vmpool.instant import MAX_SECONDS, MIN_SECONDS
+from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 
-MIN_SECONDS = -62135596800  # 0001-01-01T00:00:00Z
-MAX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
 
 
@@ -73,7 +80,7 @@ def scan(data: bytes) -> list[tuple[int, int, int, int]]:
         key, pos = read_varint(data, pos)
         wire_type, number = key & 7, key >> 3
         if number == 0:
-            raise ValueError("field number 0")
+            raise WireError("field number 0")
         start = pos
         if wire_type == _VARINT:
             _, pos = read_varint(data, pos)
@@ -85,9 +92,9 @@ def scan(data: bytes) -> list[tuple[int, int, int, int]]:
         elif wire_type == _FIXED32:
             pos += 4
         else:
-            raise ValueError(f"unsupported wire type {wire_type}")
+            raise WireError(f"unsupported wire type {wire_type}")
         if pos > len(data):
-            raise ValueError("field runs past the end of the message")
+            raise WireError("field runs past the end of the message")
         fields.append((number, wire_type, start, pos))
     return fields
 
@@ -95,7 +102,7 @@ def scan(data: bytes) -> list[tuple[int, int, int, int]]:
 def _check_timestamp(name: str, raw: bytes) -> None:
     try:
         scan(raw)
-    except ValueError as err:
+    except WireError as err:
         raise GRPCError(Status.INVALID_ARGUMENT, f"{name}: malformed Timestamp: {err}") from None
     ts = Timestamp().parse(raw)
     if not MIN_SECONDS <= ts.seconds <= MAX_SECONDS:
@@ -127,25 +134,35 @@ def check(data: bytes, cls: type) -> list[tuple[int, int, int, int]]:
 
 
 class SafeProtoCodec(ProtoCodec):
+    """The lease requests and replies go through vmpool.fastwire (nanosecond
+    Timestamps, and fast); every other message through betterproto, checked first."""
+
     def encode(self, message: Any, message_type: Any) -> bytes:
-        fast = ENCODERS.get(message_type)
-        if fast is not None and type(message) is message_type:
-            return fast(message)
+        if isinstance(message, LeaseReply):
+            return encode_lease_reply(message)
+        if message_type is api.ReturnResponse:
+            return b""  # no fields
         return super().encode(message, message_type)
 
     def decode(self, data: bytes, message_type: Any) -> Any:
+        name = getattr(message_type, "__name__", "request")
+        fast = _decoders.get(message_type, _UNSET)
+        if fast is _UNSET:
+            fast = _decoders[message_type] = decoder(message_type)
         try:
-            fields = check(data, message_type)
-            fast = _decoders.get(message_type, _UNSET)
-            if fast is _UNSET:
-                fast = _decoders[message_type] = decoder(message_type)
             if fast is not None:
-                return fast(data, fields)
+                return fast(data)
+            check(data, message_type)
             return message_type.FromString(data)
         except GRPCError:
             raise
+        except BadField as err:
+            raise GRPCError(Status.INVALID_ARGUMENT, str(err)) from None
+        except WireError as err:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT, f"request: cannot decode {name}: {err}"
+            ) from None
         except Exception as err:  # any decoding failure is the client's bytes
-            name = getattr(message_type, "__name__", "request")
             raise GRPCError(
                 Status.INVALID_ARGUMENT, f"request: cannot decode {name}: {type(err).__name__}"
             ) from err

@@ -15,6 +15,7 @@ from vmpool import leasing
 from vmpool.auth.policy import glob_allows
 from vmpool.clock import Clock
 from vmpool.config import Config, PoolConfig
+from vmpool.instant import Instant
 from vmpool.leasing import Exhausted, FailedPrecondition, NotFound, PermissionDenied
 from vmpool.metrics import Metrics
 from vmpool.store.errors import Duplicate, QuotaExceeded
@@ -126,7 +127,7 @@ class Leaser:
     async def lease(
         self,
         pool_name: str,
-        expires: datetime | None,
+        expires: Instant | None,
         tag: str,
         reservation: UUID | None,
         wait: timedelta = timedelta(0),
@@ -137,12 +138,8 @@ class Leaser:
         pool globs the caller's policy allows."""
         leasing.check_service_tag(tag)
         who = owner or Owner.anonymous(tag)
-        if leasing.given(expires):
-            assert expires is not None
-            if expires <= self._clock():
-                raise leasing.InvalidArgument(
-                    f"expires: {expires.isoformat()} is not in the future"
-                )
+        if leasing.given(expires) and expires <= Instant.from_datetime(self._clock()):
+            raise leasing.InvalidArgument(f"expires: {expires.isoformat()} is not in the future")
         if reservation is None:
             pool = await self._resolve_pool(pool_name, pools)
             structlog.contextvars.bind_contextvars(pool=pool.name)
@@ -168,7 +165,7 @@ class Leaser:
     async def _lease_reserved(
         self,
         pool_name: str,
-        expires: datetime | None,
+        expires: Instant | None,
         who: Owner,
         rid: UUID,
         pools: tuple[str, ...],
@@ -271,7 +268,7 @@ class Leaser:
     async def extend_to(
         self,
         instance: str,
-        to: datetime | None,
+        to: Instant | None,
         tag: str,
         extend_only: bool,
         principal: str = "anonymous",
@@ -281,7 +278,7 @@ class Leaser:
         structlog.contextvars.bind_contextvars(instance=instance)
         target = leasing.check_extend_target(to, self._clock(), extend_only)
 
-        def decide(lease: LeaseRow) -> datetime | None:
+        def decide(lease: LeaseRow) -> Instant | None:
             return leasing.extended_expiry(
                 target,
                 self._clock(),

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from typing import TypeGuard
 
 from vmpool.config import PoolConfig
+from vmpool.instant import GO_ZERO_TIME, UNIX_EPOCH, Instant
 
 MAX_TAG = 128
-# "Not given" for a Timestamp: betterproto's decoding of an absent field, and
-# Go's zero time as sent by inctl.
-UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-GO_ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)
 MAX_WAIT = timedelta(seconds=60)
 
 
@@ -44,8 +42,8 @@ class Unavailable(ClientError):
 
 
 def check_service_tag(tag: str) -> str:
-    if not tag:
-        raise InvalidArgument("service_tag: must not be empty")
+    """Any short printable tag; the empty tag is a tag like any other (today's
+    public inctl sends it, older builds send "inctl": two different tags)."""
     if len(tag) > MAX_TAG:
         raise InvalidArgument(f"service_tag: longer than {MAX_TAG} characters ({len(tag)})")
     if not all(" " <= c <= "~" for c in tag):
@@ -73,45 +71,45 @@ def parse_reservation_id(value: str) -> uuid.UUID:
         raise InvalidArgument(f"reservation_id: {value[:64]!r} is not a UUID") from None
 
 
-def given(ts: datetime | None) -> bool:
-    """Whether a decoded Timestamp carries a value (see UNIX_EPOCH / GO_ZERO_TIME)."""
+def given(ts: Instant | None) -> TypeGuard[Instant]:
+    """Whether a Timestamp carries a value: not absent, not the Unix epoch (what
+    betterproto makes of an absent field), not Go's zero time (inctl's "none")."""
     return ts is not None and ts not in (UNIX_EPOCH, GO_ZERO_TIME)
 
 
-def _cap(pool: PoolConfig, now: datetime, leased_at: datetime) -> datetime:
+def _cap(pool: PoolConfig, now: datetime, leased_at: datetime) -> Instant:
     cap = now + pool.max_lease
     if pool.max_lifetime is not None:
         cap = min(cap, leased_at + pool.max_lifetime)
-    return cap
+    return Instant.from_datetime(cap)
 
 
-def lease_expiry(requested: datetime | None, now: datetime, pool: PoolConfig) -> datetime:
-    """Expiry of a lease starting now: the request, or the default, capped."""
-    if not given(requested):
-        return min(now + pool.default_lease, _cap(pool, now, now))
-    assert requested is not None
-    if requested <= now:
+def lease_expiry(requested: Instant | None, now: datetime, pool: PoolConfig) -> Instant:
+    """Expiry of a lease starting now: the request (to the nanosecond), or the
+    default, capped."""
+    if requested is None or not given(requested):
+        return min(Instant.from_datetime(now + pool.default_lease), _cap(pool, now, now))
+    if requested <= Instant.from_datetime(now):
         raise InvalidArgument(f"expires: {requested.isoformat()} is not in the future")
     return min(requested, _cap(pool, now, now))
 
 
-def check_extend_target(to: datetime | None, now: datetime, extend_only: bool) -> datetime:
-    if not given(to):
+def check_extend_target(to: Instant | None, now: datetime, extend_only: bool) -> Instant:
+    if to is None or not given(to):
         raise InvalidArgument("to: required")
-    assert to is not None
-    if to <= now and not extend_only:
+    if to <= Instant.from_datetime(now) and not extend_only:
         raise InvalidArgument(f"to: {to.isoformat()} is not in the future")
     return to
 
 
 def extended_expiry(
-    to: datetime,
+    to: Instant,
     now: datetime,
     leased_at: datetime,
-    current: datetime,
+    current: Instant,
     pool: PoolConfig | None,
     extend_only: bool,
-) -> datetime | None:
+) -> Instant | None:
     """The new expiry for ExtendTo, or None to leave the lease unchanged."""
     new = to if pool is None else min(to, _cap(pool, now, leased_at))
     if extend_only and new <= current:

@@ -1,35 +1,48 @@
-"""The VMPoolLeaseService handlers: read the request, call the Leaser, build the reply."""
+"""The VMPoolLeaseService handlers: read the request, call the Leaser, build the reply.
+
+The hot requests and replies are vmpool.fastwire's plain records, not
+betterproto messages: they keep Timestamps to the nanosecond (see the codec)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 import structlog
 from betterproto.lib.google.protobuf import Empty
+from grpclib.const import Cardinality, Handler
+from grpclib.server import Stream
 
 from vmpool import leasing
 from vmpool.auth.caller import caller, check_service_tag_allowed
 from vmpool.config import Config
 from vmpool.dbhealth import DatabaseHealth
 from vmpool.durations import parse_duration
-from vmpool.fastwire import built
+from vmpool.fastwire import ExtendCall, GetLeaseCall, LeaseCall, LeaseReply, ReturnCall
 from vmpool.leaser import Leaser
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 from vmpool.rpc import current_stream
 from vmpool.store.records import LeaseRow, Owner
 
 WAIT_HEADER = "x-vmpool-wait"
+SERVICE = "/intrinsic_proto.vmpoolleaseapi.v1.VMPoolLeaseService/"
+_RETURNED = api.ReturnResponse()
 
 
-def to_proto(lease: LeaseRow) -> api.Lease:
-    message: api.Lease = built(
-        api.Lease,
-        instance=lease.instance,
-        pool=lease.pool,
-        expires=lease.expires_at,
-        zone=lease.zone,
-    )
-    return message
+def to_reply(lease: LeaseRow) -> LeaseReply:
+    """Every OK Lease, ExtendTo and GetLease answer: the lease, expiry to the nanosecond."""
+    return LeaseReply(lease.instance, lease.pool, lease.expires_at, lease.zone)
+
+
+def _unary(
+    handler: Callable[[Any], Awaitable[Any]],
+) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
+    async def rpc(stream: Stream[Any, Any]) -> None:
+        request = await stream.recv_message()
+        await stream.send_message(await handler(request))
+
+    return rpc
 
 
 def owner_of(tag: str) -> Owner:
@@ -66,17 +79,38 @@ def requested_wait() -> timedelta:
     return wait
 
 
-class LeaseService(api.VmPoolLeaseServiceBase):
+class LeaseService:
     def __init__(self, leaser: Leaser, config: Config, db_health: DatabaseHealth) -> None:
         self._leaser = leaser
         self._config = config
         self._db_health = db_health
 
+    def __mapping__(self) -> dict[str, Handler]:
+        unary = Cardinality.UNARY_UNARY
+        return {
+            SERVICE + "Ping": Handler(_unary(self.ping), unary, Empty, api.PingResponse),
+            SERVICE + "Lease": Handler(
+                _unary(self.lease), unary, api.LeaseRequest, api.LeaseResponse
+            ),
+            SERVICE + "Return": Handler(
+                _unary(self.return_), unary, api.ReturnRequest, api.ReturnResponse
+            ),
+            SERVICE + "ExtendTo": Handler(
+                _unary(self.extend_to), unary, api.ExtendToRequest, api.ExtendToResponse
+            ),
+            SERVICE + "Pools": Handler(
+                _unary(self.pools), unary, api.PoolsRequest, api.PoolsResponse
+            ),
+            SERVICE + "GetLease": Handler(
+                _unary(self.get_lease), unary, api.GetLeaseRequest, api.GetLeaseResponse
+            ),
+        }
+
     async def ping(self, empty: Empty) -> api.PingResponse:
         await self._db_health.check()
         return api.PingResponse(msg="pong")
 
-    async def lease(self, request: api.LeaseRequest) -> api.LeaseResponse:
+    async def lease(self, request: LeaseCall) -> LeaseReply:
         structlog.contextvars.bind_contextvars(service_tag=request.service_tag[:128])
         reservation = None
         if request.reservation_id is not None:
@@ -92,17 +126,15 @@ class LeaseService(api.VmPoolLeaseServiceBase):
             owner=owner,
             pools=caller().grant.pools,
         )
-        response: api.LeaseResponse = built(api.LeaseResponse, lease=to_proto(lease))
-        return response
+        return to_reply(lease)
 
-    async def return_(self, request: api.ReturnRequest) -> api.ReturnResponse:
+    async def return_(self, request: ReturnCall) -> api.ReturnResponse:
         structlog.contextvars.bind_contextvars(service_tag=request.service_tag[:128])
         owner = owner_of(request.service_tag)
         await self._leaser.return_(request.instance, request.service_tag, owner.principal)
-        response: api.ReturnResponse = built(api.ReturnResponse)
-        return response
+        return _RETURNED
 
-    async def extend_to(self, request: api.ExtendToRequest) -> api.ExtendToResponse:
+    async def extend_to(self, request: ExtendCall) -> LeaseReply:
         structlog.contextvars.bind_contextvars(service_tag=request.service_tag[:128])
         owner = owner_of(request.service_tag)
         lease = await self._leaser.extend_to(
@@ -112,8 +144,7 @@ class LeaseService(api.VmPoolLeaseServiceBase):
             request.extend_only,
             owner.principal,
         )
-        response: api.ExtendToResponse = built(api.ExtendToResponse, lease=to_proto(lease))
-        return response
+        return to_reply(lease)
 
     async def pools(self, request: api.PoolsRequest) -> api.PoolsResponse:
         return api.PoolsResponse(
@@ -126,7 +157,5 @@ class LeaseService(api.VmPoolLeaseServiceBase):
             ]
         )
 
-    async def get_lease(self, request: api.GetLeaseRequest) -> api.GetLeaseResponse:
-        lease = await self._leaser.get(request.instance)
-        response: api.GetLeaseResponse = built(api.GetLeaseResponse, lease=to_proto(lease))
-        return response
+    async def get_lease(self, request: GetLeaseCall) -> LeaseReply:
+        return to_reply(await self._leaser.get(request.instance))

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from tests.e2e.clients import Client, RpcError, make_client
-from tests.e2e.grpcio_stack import GrpcioModules, compile_lease_api
+from tests.e2e.grpcio_stack import GrpcioModules
 from tests.pg import TestPostgres
 from tests.polling import eventually
 from tests.server import ServerProcess
@@ -79,11 +79,6 @@ async def lease_when_free(client: Client, pool: str, timeout: float = 10.0, **kw
             if err.code != "RESOURCE_EXHAUSTED" or time.monotonic() > deadline:
                 raise
         await asyncio.sleep(0.1)
-
-
-@pytest.fixture(scope="session")
-def grpcio_modules(tmp_path_factory: pytest.TempPathFactory) -> GrpcioModules:
-    return compile_lease_api(tmp_path_factory.mktemp("grpcio-gen"))
 
 
 @pytest.fixture(scope="module")

@@ -170,3 +170,24 @@ async def test_cli_lease_wait_shows_queue_position_and_gets_the_next_instance(
     lease = json.loads(out.decode())
     assert lease["pool"] == "solo" and lease["instance"] != blocker.instance
     await client.return_(lease["instance"], "vmpool-cli")
+
+
+def tagged(server: Running, tag: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmpool", *args, "--server", server.address, "--service-tag", tag],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_cli_with_the_empty_service_tag(server: Running) -> None:
+    """`--service-tag ""` is today's public inctl's tag: a tag like any other."""
+    lease = ok_json(tagged(server, "", "lease", "--pool", "alpha", "--output", "json"))
+    name = lease["instance"]
+    other = tagged(server, "inctl", "return", name)
+    assert other.returncode != 0 and "PERMISSION_DENIED" in other.stderr, other
+    extended = tagged(server, "", "extend", name, "1h", "--output", "json")
+    assert extended.returncode == 0, extended.stderr
+    assert tagged(server, "", "return", name).returncode == 0

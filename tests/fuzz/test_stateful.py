@@ -36,7 +36,9 @@ from hypothesis.stateful import (
 from tests.integration.helpers import World, make_world
 from tests.pg import TestPostgres
 from vmpool import leasing
+from vmpool.instant import Instant
 from vmpool.store.db import Database, create_pool
+from vmpool.store.records import expiry_of
 
 POOL = "p"
 MIN_READY, MAX_SIZE = 1, 3
@@ -56,7 +58,7 @@ CONFIG = {
         }
     ]
 }
-TAGS = st.sampled_from(["alpha", "beta"])
+TAGS = st.sampled_from(["alpha", "beta", ""])  # "" is a tag like any other
 
 PROFILES = {
     "ci": {"max_examples": 25, "stateful_step_count": 30},
@@ -71,7 +73,7 @@ _postgres: list[TestPostgres] = []  # the session's server, for the state machin
 class ModelLease:
     tag: str
     rid: uuid.UUID | None
-    expires: datetime
+    expires: Instant
 
 
 @dataclass
@@ -159,7 +161,7 @@ class LeaseMachine(RuleBasedStateMachine):
     def granted(self, lease: Any, tag: str, rid: uuid.UUID | None, ready: set[str]) -> None:
         assert lease.instance not in self.used, f"{lease.instance} leased a second time"
         assert lease.instance in ready, f"{lease.instance} was not free"
-        assert lease.expires_at == self.now + DEFAULT_LEASE
+        assert lease.expires_at == Instant.from_datetime(self.now + DEFAULT_LEASE)
         assert lease.leased_at == self.now
         self.used.add(lease.instance)
         self.leases[lease.instance] = ModelLease(tag, rid, lease.expires_at)
@@ -271,22 +273,23 @@ class LeaseMachine(RuleBasedStateMachine):
     @rule(
         data=st.data(),
         delta=st.integers(min_value=-600, max_value=3 * 3600),
+        nanos=st.integers(min_value=0, max_value=999_999_999),
         extend_only=st.booleans(),
     )
-    def extend(self, data: st.DataObject, delta: int, extend_only: bool) -> None:
+    def extend(self, data: st.DataObject, delta: int, nanos: int, extend_only: bool) -> None:
         instance = data.draw(st.sampled_from(list(self.leases)))
         lease = self.leases[instance]
-        to = self.now + timedelta(seconds=delta)
+        to = Instant(Instant.from_datetime(self.now + timedelta(seconds=delta)).ns + nanos)
         try:
             got = self.run(self.world.leaser.extend_to(instance, to, lease.tag, extend_only))
             code = "OK"
         except leasing.ClientError as err:
             code, got = type(err).__name__, err
-        if to <= self.now and not extend_only:
+        if to <= Instant.from_datetime(self.now) and not extend_only:
             assert code == "InvalidArgument", got
             return
         assert code == "OK", got
-        new = min(to, self.now + MAX_LEASE)
+        new = min(to, Instant.from_datetime(self.now + MAX_LEASE))
         expected = lease.expires if extend_only and new <= lease.expires else new
         assert got.expires_at == expected
         lease.expires = expected
@@ -308,7 +311,7 @@ class LeaseMachine(RuleBasedStateMachine):
         self.run(self.world.settle())
         now = self.now
         for instance, lease in list(self.leases.items()):
-            if lease.expires <= now:
+            if lease.expires <= Instant.from_datetime(now):
                 del self.leases[instance]
                 self.ended.append(instance)
         for q in list(self.queue):
@@ -341,8 +344,10 @@ class LeaseMachine(RuleBasedStateMachine):
     def database_matches_model(self) -> None:
         if self.pool is None:
             return
-        rows = self.fetch("SELECT instance, expires_at, service_tag, reservation_id FROM leases")
-        db = {r["instance"]: (r["expires_at"], r["service_tag"], r["reservation_id"]) for r in rows}
+        rows = self.fetch(
+            "SELECT instance, expires_at, expires_round_ns, service_tag, reservation_id FROM leases"
+        )
+        db = {r["instance"]: (expiry_of(r), r["service_tag"], r["reservation_id"]) for r in rows}
         model = {i: (m.expires, m.tag, m.rid) for i, m in self.leases.items()}
         assert db == model
         history = self.fetch("SELECT instance FROM lease_history")

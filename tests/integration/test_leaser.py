@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration.helpers import World, make_world
 from vmpool import leasing
+from vmpool.instant import Instant
 from vmpool.store.db import Database
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
@@ -20,6 +21,11 @@ POOLS = {
         {"name": "beta", "min_ready": 1, "max_size": 3, "labels": {"b": "1"}},
     ]
 }
+
+
+def at(world: World, offset: timedelta, nanos: int = 0) -> Instant:
+    """The world's now + offset, plus some nanoseconds."""
+    return Instant(Instant.from_datetime(world.clock.now + offset).ns + nanos)
 
 
 @pytest.fixture
@@ -33,7 +39,7 @@ async def test_lease_without_reservation_and_exhaustion(world: World) -> None:
     a = await world.leaser.lease("alpha", None, "t", None)
     b = await world.leaser.lease("alpha", None, "t", None)
     assert a.instance != b.instance
-    assert a.expires_at == world.clock.now + timedelta(minutes=30)
+    assert a.expires_at == Instant.from_datetime(world.clock.now + timedelta(minutes=30))
     with pytest.raises(leasing.Exhausted, match='pool "alpha"'):
         await world.leaser.lease("alpha", None, "t", None)
     # Nothing was remembered: no queue entry.
@@ -164,21 +170,17 @@ async def test_return_and_extend_rules(world: World) -> None:
     with pytest.raises(leasing.PermissionDenied):
         await world.leaser.return_(lease.instance, "other")
     with pytest.raises(leasing.PermissionDenied):
-        await world.leaser.extend_to(
-            lease.instance, world.clock.now + timedelta(hours=1), "x", False
-        )
-    later = world.clock.now + timedelta(hours=3)
+        await world.leaser.extend_to(lease.instance, at(world, timedelta(hours=1)), "x", False)
+    later = at(world, timedelta(hours=3), nanos=789)
     extended = await world.leaser.extend_to(lease.instance, later, "t", False)
     assert extended.expires_at == later
-    sooner = world.clock.now + timedelta(minutes=5)
+    sooner = at(world, timedelta(minutes=5), nanos=1)
     same = await world.leaser.extend_to(lease.instance, sooner, "t", True)
     assert same.expires_at == later
     shorter = await world.leaser.extend_to(lease.instance, sooner, "t", False)
     assert shorter.expires_at == sooner
-    capped = await world.leaser.extend_to(
-        lease.instance, world.clock.now + timedelta(days=30), "t", False
-    )
-    assert capped.expires_at == world.clock.now + timedelta(hours=24)
+    capped = await world.leaser.extend_to(lease.instance, at(world, timedelta(days=30)), "t", False)
+    assert capped.expires_at == at(world, timedelta(hours=24))
     assert (await world.leaser.get(lease.instance)).expires_at == capped.expires_at
     await world.leaser.return_(lease.instance, "t")
     with pytest.raises(leasing.NotFound):
@@ -202,3 +204,63 @@ async def test_drained_pool_refuses_leases(world: World) -> None:
     await world.inventory.set_drained("beta", False)
     await world.settle()
     assert (await world.leaser.lease("beta", None, "t", None)).pool == "beta"
+
+
+async def test_the_empty_service_tag_is_a_tag_like_any_other(world: World) -> None:
+    lease = await world.leaser.lease("alpha", None, "", None)
+    assert lease.service_tag == ""
+    with pytest.raises(leasing.PermissionDenied, match="service_tag"):
+        await world.leaser.return_(lease.instance, "inctl")
+    extended = await world.leaser.extend_to(
+        lease.instance, at(world, timedelta(hours=1)), "", False
+    )
+    assert extended.instance == lease.instance
+    await world.leaser.return_(lease.instance, "")
+
+    rid = uuid.uuid4()
+    first = await world.leaser.lease("alpha", None, "", rid)
+    assert await world.leaser.lease("alpha", None, "", rid) == first
+    with pytest.raises(leasing.PermissionDenied, match="service_tag"):
+        await world.leaser.lease("alpha", None, "inctl", rid)
+    tagged = await world.leaser.lease("beta", None, "inctl", None)
+    with pytest.raises(leasing.PermissionDenied, match="service_tag"):
+        await world.leaser.extend_to(tagged.instance, at(world, timedelta(hours=1)), "", False)
+
+
+async def test_expiry_as_asked_is_kept_to_the_nanosecond_on_every_path(world: World) -> None:
+    asked = at(world, timedelta(hours=1), nanos=999)
+    plain = await world.leaser.lease("alpha", asked, "t", None)
+    assert plain.expires_at == asked
+    assert (await world.leaser.get(plain.instance)).expires_at == asked
+
+    # A new reservation id served at once, then retried (rule 1: the same lease).
+    rid = uuid.uuid4()
+    reserved = await world.leaser.lease("alpha", at(world, timedelta(hours=2), 1), "t", rid)
+    assert reserved.expires_at == at(world, timedelta(hours=2), 1)
+    world.clock.advance(seconds=20)
+    again = await world.leaser.lease("alpha", at(world, timedelta(hours=2), 5), "t", rid)
+    assert again == reserved
+
+    # Queued, an instance set aside, then served (rule 2).
+    queued = uuid.uuid4()
+    with pytest.raises(leasing.Exhausted):
+        await world.leaser.lease("alpha", None, "t", queued)
+    await world.leaser.return_(plain.instance, "t")
+    await world.settle()
+    wanted = at(world, timedelta(minutes=45), nanos=123_456_789 % 1000)
+    served = await world.leaser.lease("alpha", wanted, "t", queued)
+    assert served.expires_at == wanted
+
+    # ExtendTo as asked, and extend_only compares to the nanosecond.
+    target = at(world, timedelta(hours=3), nanos=1)
+    assert (await world.leaser.extend_to(served.instance, target, "t", False)).expires_at == target
+    later = Instant(target.ns + 1)
+    assert (await world.leaser.extend_to(served.instance, later, "t", True)).expires_at == later
+    assert (await world.leaser.extend_to(served.instance, target, "t", True)).expires_at == later
+    assert (await world.leaser.get(served.instance)).expires_at == later
+
+    # A capped value is the cap (max_lease 24h by default).
+    capped = await world.leaser.extend_to(
+        served.instance, at(world, timedelta(days=3), 7), "t", False
+    )
+    assert capped.expires_at == at(world, timedelta(hours=24))

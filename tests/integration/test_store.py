@@ -11,14 +11,16 @@ import asyncpg
 import pytest
 
 from tests.pg import TestPostgres
+from vmpool.instant import Instant
 from vmpool.store import sql
-from vmpool.store.db import Database, migrate, migrations
+from vmpool.store.db import Database, create_pool, migrate, migrations
 from vmpool.store.errors import Duplicate
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
+HOUR_ON = Instant.from_datetime(NOW + timedelta(hours=1))
 
 
 async def seed(db: Database, pool: str, ready: int, *, start: int = 0) -> list[str]:
@@ -55,12 +57,86 @@ async def test_migrations_apply_to_an_empty_database_once(postgres: TestPostgres
             await c.close()
 
 
+async def test_leases_of_before_the_nanosecond_column_keep_their_expiry(
+    postgres: TestPostgres,
+) -> None:
+    """0010 adds expires_round_ns: rows written before it were to the microsecond."""
+    url = await postgres.empty()
+    conn = await asyncpg.connect(url)
+    try:
+        for version, _, text in migrations():
+            if version < 10:
+                await conn.execute(text)
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version int PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        await conn.executemany(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            [(v, name) for v, name, _ in migrations() if v < 10],
+        )
+        await conn.execute("INSERT INTO pools (name) VALUES ('p')")
+        await conn.execute(
+            "INSERT INTO instances (name, pool, state, created_at, state_changed_at)"
+            " VALUES ('vmp-old', 'p', 'leased', $1, $1)",
+            NOW,
+        )
+        expires = NOW + timedelta(hours=1, microseconds=7)
+        await conn.execute(
+            "INSERT INTO leases (instance, pool, service_tag, leased_at, expires_at)"
+            " VALUES ('vmp-old', 'p', '', $1, $2)",
+            NOW,
+            expires,
+        )
+        assert "0010_expiry_nanoseconds.sql" in await migrate(conn)
+    finally:
+        await conn.close()
+    db = await create_pool(url, min_size=1, max_size=2)
+    try:
+        lease = await LeaseStore(db).get_lease("vmp-old")
+        assert lease is not None
+        assert lease.expires_at == Instant.from_datetime(expires)
+        assert lease.service_tag == ""
+    finally:
+        await db.close()
+
+
+async def test_expiries_keep_their_nanoseconds_in_the_database(db: Database) -> None:
+    await seed(db, "p", 2)
+    store = LeaseStore(db)
+    asked = Instant(HOUR_ON.ns + 123_456_789)
+    lease = await store.claim_free("p", "", NOW, asked)
+    assert lease is not None and lease.expires_at == asked
+    row = await db.fetchrow(
+        "SELECT expires_at, expires_round_ns FROM leases WHERE instance = $1", lease.instance
+    )
+    assert row is not None
+    # Rounded up to the microsecond, so `expires_at <= now` is exact for a
+    # microsecond clock; the nanoseconds below it are kept beside it.
+    assert row["expires_at"] == NOW + timedelta(hours=1, microseconds=123_457)
+    assert row["expires_round_ns"] == 211
+    fetched = await store.get_lease(lease.instance)
+    assert fetched is not None and fetched.expires_at == asked
+    listed = await Inventory(db).list_leases("p")
+    assert [r.expires_at for r in listed] == [asked]
+    later = Instant(asked.ns + 3_600_000_000_001)
+    extended = await store.extend(lease.instance, "", lambda _lease: later)
+    assert extended.expires_at == later
+    fetched = await store.get_lease(lease.instance)
+    assert fetched is not None and fetched.expires_at == later
+
+    # The reconciler's expiry (`expires_at <= now`) never ends a lease early.
+    inv = Inventory(db)
+    assert await inv.expire_leases(later.floor()) == []
+    assert [e.instance for e in await inv.expire_leases(later.ceil())] == [lease.instance]
+
+
 async def test_fifty_concurrent_claimers_never_share_an_instance(db: Database) -> None:
     await seed(db, "p", 30)
     # Ten stores (as if ten processes), five claims each: claims batch within a
     # store and contend across stores (FOR UPDATE SKIP LOCKED).
     stores = [LeaseStore(db) for _ in range(10)]
-    expires = NOW + timedelta(hours=1)
+    expires = HOUR_ON
     results = await asyncio.gather(
         *(stores[i % 10].claim_free("p", f"tag{i}", NOW, expires) for i in range(50))
     )
@@ -77,7 +153,7 @@ async def test_fifty_concurrent_claimers_never_share_an_instance(db: Database) -
 async def test_batched_returns_check_each_tag(db: Database) -> None:
     await seed(db, "p", 3)
     store = LeaseStore(db)
-    hour = NOW + timedelta(hours=1)
+    hour = HOUR_ON
     a, b, c = [await store.claim_free("p", tag, NOW, hour) for tag in ("ta", "tb", "tc")]
     assert a and b and c
     outcomes = await asyncio.gather(
@@ -106,7 +182,7 @@ async def test_a_reservation_is_used_once_even_when_retried_concurrently(
     rid = uuid.uuid4()
     hour = NOW + timedelta(hours=1)
     outcomes = await asyncio.gather(
-        *(store.claim_or_enqueue("p", "t", rid, NOW, hour, hour) for _ in range(10)),
+        *(store.claim_or_enqueue("p", "t", rid, NOW, HOUR_ON, hour) for _ in range(10)),
         return_exceptions=True,
     )
     firsts = [o for o in outcomes if not isinstance(o, BaseException)]
@@ -130,7 +206,9 @@ async def test_fifty_queued_reservations_are_served_strictly_fifo(db: Database) 
     rids = [uuid.uuid4() for _ in range(50)]
     later = NOW + timedelta(minutes=5)
     for rid in rids:  # enqueue order is the queue order
-        first = await store.claim_or_enqueue("p", "t", rid, NOW, later, later)
+        first = await store.claim_or_enqueue(
+            "p", "t", rid, NOW, Instant.from_datetime(later), later
+        )
         assert first is not None and first.seq is not None
     # Instances become free in dribs and drabs while several workers set aside;
     # after each batch, those served must be exactly the head of the queue.
@@ -145,9 +223,7 @@ async def test_fifty_queued_reservations_are_served_strictly_fifo(db: Database) 
             served |= {rid for rid, _ in more}
         assert served == {str(r) for r in rids[: (batch + 1) * 5]}
     # Each is then served from its own instance.
-    leased = await asyncio.gather(
-        *(store.serve_reserved(r, NOW, NOW + timedelta(hours=1)) for r in rids)
-    )
+    leased = await asyncio.gather(*(store.serve_reserved(r, NOW, HOUR_ON) for r in rids))
     instances = [x[0].instance for x in leased if x is not None]
     assert len(set(instances)) == 50
 
@@ -156,12 +232,12 @@ async def test_free_instances_are_not_claimable_while_reservations_wait(db: Data
     await db.execute("INSERT INTO pools (name) VALUES ('p')")
     store = LeaseStore(db)
     later = NOW + timedelta(minutes=5)
-    await store.claim_or_enqueue("p", "t", uuid.uuid4(), NOW, later, later)
+    await store.claim_or_enqueue("p", "t", uuid.uuid4(), NOW, Instant.from_datetime(later), later)
     await seed(db, "p", 1)
-    assert await store.claim_free("p", "other", NOW, NOW + timedelta(hours=1)) is None
+    assert await store.claim_free("p", "other", NOW, HOUR_ON) is None
     assert await Inventory(db).set_aside("p", NOW, 5) != []
     await seed(db, "p", 1, start=1)
-    assert await store.claim_free("p", "other", NOW, NOW + timedelta(hours=1)) is not None
+    assert await store.claim_free("p", "other", NOW, HOUR_ON) is not None
 
 
 async def _plan(db: Database, query: str, *args: object) -> str:
@@ -208,6 +284,7 @@ async def test_hot_statements_use_the_partial_indexes(db: Database, statement: s
             ["anonymous"] * 3,
             ["a", "b", "c"],
             [0] * 3,
+            [0] * 3,
         )
     elif statement == "claim_or_enqueue":
         plan = await _plan(
@@ -222,6 +299,7 @@ async def test_hot_statements_use_the_partial_indexes(db: Database, statement: s
             "anonymous",
             "t",
             100,
+            0,
             0,
         )
     else:

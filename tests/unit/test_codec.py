@@ -6,6 +6,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from vmpool.codec import SafeProtoCodec
+from vmpool.instant import GO_ZERO_TIME
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 
 codec = SafeProtoCodec()
@@ -31,7 +32,7 @@ def test_out_of_range_timestamps_are_invalid_argument(seconds: int, nanos: int) 
 
 def test_go_zero_time_decodes() -> None:
     msg = codec.decode(_lease_request_with(Timestamp(seconds=-62135596800)), api.LeaseRequest)
-    assert msg.expires.year == 1
+    assert msg.expires == GO_ZERO_TIME
     assert msg.service_tag == "t"
 
 

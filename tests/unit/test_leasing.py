@@ -7,18 +7,25 @@ import pytest
 
 from vmpool import leasing
 from vmpool.config import PoolConfig
+from vmpool.instant import GO_ZERO_TIME, UNIX_EPOCH, Instant
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 POOL = PoolConfig(name="p", default_lease=timedelta(minutes=30), max_lease=timedelta(hours=2))
 
 
-@pytest.mark.parametrize("tag", ["", "x" * 129, "tab\there", "caf\u00e9", "nul\x00"])
+def at(offset: timedelta, nanos: int = 0) -> Instant:
+    """NOW + offset, plus some nanoseconds."""
+    return Instant(Instant.from_datetime(NOW + offset).ns + nanos)
+
+
+@pytest.mark.parametrize("tag", ["x" * 129, "tab\there", "caf\u00e9", "nul\x00"])
 def test_bad_service_tags_name_the_field(tag: str) -> None:
     with pytest.raises(leasing.InvalidArgument, match="service_tag"):
         leasing.check_service_tag(tag)
 
 
 def test_good_service_tags() -> None:
+    assert leasing.check_service_tag("") == ""  # today's public inctl sends no tag
     assert leasing.check_service_tag("inctl") == "inctl"
     assert leasing.check_service_tag("x" * 128) == "x" * 128
     assert leasing.check_service_tag("a b~!") == "a b~!"
@@ -32,49 +39,57 @@ def test_reservation_ids_are_uuids_of_any_version_any_case() -> None:
         leasing.parse_reservation_id("not-a-uuid")
 
 
-@pytest.mark.parametrize("ts", [None, leasing.UNIX_EPOCH, leasing.GO_ZERO_TIME])
-def test_timestamps_not_given(ts: datetime | None) -> None:
+@pytest.mark.parametrize("ts", [None, UNIX_EPOCH, GO_ZERO_TIME])
+def test_timestamps_not_given(ts: Instant | None) -> None:
     assert not leasing.given(ts)
-    assert leasing.lease_expiry(ts, NOW, POOL) == NOW + timedelta(minutes=30)
+    assert leasing.lease_expiry(ts, NOW, POOL) == at(timedelta(minutes=30))
 
 
-def test_expiry_is_capped_at_max_lease() -> None:
-    assert leasing.lease_expiry(NOW + timedelta(days=3), NOW, POOL) == NOW + timedelta(hours=2)
-    assert leasing.lease_expiry(NOW + timedelta(hours=1), NOW, POOL) == NOW + timedelta(hours=1)
+def test_expiry_is_kept_to_the_nanosecond_or_capped_at_max_lease() -> None:
+    assert leasing.lease_expiry(at(timedelta(days=3)), NOW, POOL) == at(timedelta(hours=2))
+    asked = at(timedelta(hours=1), nanos=123)
+    assert leasing.lease_expiry(asked, NOW, POOL) == asked
+    assert leasing.lease_expiry(at(timedelta(0), 1), NOW, POOL) == at(timedelta(0), 1)
 
 
 def test_expiry_in_the_past_is_refused() -> None:
     with pytest.raises(leasing.InvalidArgument, match="expires"):
-        leasing.lease_expiry(NOW - timedelta(seconds=1), NOW, POOL)
+        leasing.lease_expiry(at(-timedelta(seconds=1)), NOW, POOL)
     with pytest.raises(leasing.InvalidArgument, match="expires"):
-        leasing.lease_expiry(NOW, NOW, POOL)
+        leasing.lease_expiry(at(timedelta(0)), NOW, POOL)
+    with pytest.raises(leasing.InvalidArgument, match="expires"):
+        leasing.lease_expiry(Instant(1), NOW, POOL)  # the epoch plus 1 ns is given
 
 
 def test_max_lifetime_caps_leases_and_extensions() -> None:
     pool = POOL.model_copy(update={"max_lifetime": timedelta(hours=1)})
-    assert leasing.lease_expiry(NOW + timedelta(hours=2), NOW, pool) == NOW + timedelta(hours=1)
+    assert leasing.lease_expiry(at(timedelta(hours=2)), NOW, pool) == at(timedelta(hours=1))
     leased_at = NOW - timedelta(minutes=50)
     new = leasing.extended_expiry(
-        NOW + timedelta(hours=2), NOW, leased_at, NOW, pool, extend_only=False
+        at(timedelta(hours=2)), NOW, leased_at, at(timedelta(0)), pool, extend_only=False
     )
-    assert new == leased_at + timedelta(hours=1)
+    assert new == Instant.from_datetime(leased_at + timedelta(hours=1))
 
 
-def test_extend_only_never_shortens() -> None:
-    current = NOW + timedelta(hours=1)
-    earlier = NOW + timedelta(minutes=10)
+def test_extend_only_never_shortens_to_the_nanosecond() -> None:
+    current = at(timedelta(hours=1), nanos=500)
+    earlier = at(timedelta(minutes=10))
     assert leasing.extended_expiry(earlier, NOW, NOW, current, POOL, extend_only=True) is None
     assert leasing.extended_expiry(earlier, NOW, NOW, current, POOL, extend_only=False) == earlier
-    later = NOW + timedelta(hours=1, minutes=30)
+    later = at(timedelta(hours=1), nanos=501)
     assert leasing.extended_expiry(later, NOW, NOW, current, POOL, extend_only=True) == later
+    same = at(timedelta(hours=1), nanos=500)
+    assert leasing.extended_expiry(same, NOW, NOW, current, POOL, extend_only=True) is None
 
 
 def test_extend_target_rules() -> None:
     with pytest.raises(leasing.InvalidArgument, match="to"):
-        leasing.check_extend_target(leasing.GO_ZERO_TIME, NOW, extend_only=True)
+        leasing.check_extend_target(GO_ZERO_TIME, NOW, extend_only=True)
     with pytest.raises(leasing.InvalidArgument, match="to"):
-        leasing.check_extend_target(NOW - timedelta(1), NOW, extend_only=False)
-    past = NOW - timedelta(minutes=1)
+        leasing.check_extend_target(None, NOW, extend_only=True)
+    with pytest.raises(leasing.InvalidArgument, match="to"):
+        leasing.check_extend_target(at(-timedelta(1)), NOW, extend_only=False)
+    past = at(-timedelta(minutes=1))
     assert leasing.check_extend_target(past, NOW, extend_only=True) == past
 
 

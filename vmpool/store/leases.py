@@ -9,10 +9,20 @@ from functools import partial
 from uuid import UUID
 
 from vmpool.batching import MicroBatcher
+from vmpool.instant import Instant
 from vmpool.store import sql
 from vmpool.store.db import Database
 from vmpool.store.errors import StoreUnavailable, translated
-from vmpool.store.records import EndedLease, FirstUse, LeaseRow, Owner, Queued, ReservationState
+from vmpool.store.records import (
+    EndedLease,
+    FirstUse,
+    LeaseRow,
+    Owner,
+    Queued,
+    ReservationState,
+    expiry_columns,
+    expiry_of,
+)
 
 
 class NotLeased(Exception):
@@ -31,7 +41,7 @@ class WrongPrincipal(Exception):
     """The lease was made by another principal."""
 
 
-_Claim = tuple[str, datetime, datetime, Owner]
+_Claim = tuple[str, datetime, Instant, Owner]
 
 
 class LeaseStore:
@@ -50,7 +60,7 @@ class LeaseStore:
             raise StoreUnavailable("database did not answer in time") from err
 
     async def claim_free(
-        self, pool: str, tag: str, now: datetime, expires: datetime, owner: Owner | None = None
+        self, pool: str, tag: str, now: datetime, expires: Instant, owner: Owner | None = None
     ) -> LeaseRow | None:
         """Lease the oldest free instance of ``pool``; None when none is free.
         Concurrent claims on one pool go to the database as one statement; a
@@ -66,17 +76,19 @@ class LeaseStore:
 
     async def _claim_batch(self, pool: str, items: list[_Claim]) -> list[LeaseRow | None]:
         now = max(item[1] for item in items)
+        expiries = [expiry_columns(item[2]) for item in items]
         async with translated():
             rows = await self._pool.fetch(
                 sql.CLAIM_FREE,
                 pool,
                 len(items),
                 [item[0] for item in items],
-                [item[2] for item in items],
+                [at for at, _ in expiries],
                 now,
                 [item[3].principal for item in items],
                 [item[3].key for item in items],
                 [item[3].max_active for item in items],
+                [round_ns for _, round_ns in expiries],
             )
         out: list[LeaseRow | None] = [None] * len(items)
         for row in rows:
@@ -84,11 +96,13 @@ class LeaseStore:
         return out
 
     async def serve_reserved(
-        self, reservation: UUID, now: datetime, expires: datetime
+        self, reservation: UUID, now: datetime, expires: Instant
     ) -> tuple[LeaseRow, datetime] | None:
         """Lease the instance set aside for ``reservation``; (lease, enqueued_at)."""
         async with translated():
-            row = await self._pool.fetchrow(sql.SERVE_RESERVED, reservation, now, expires)
+            row = await self._pool.fetchrow(
+                sql.SERVE_RESERVED, reservation, now, *expiry_columns(expires)
+            )
         return (LeaseRow.of(row), row["enqueued_at"]) if row else None
 
     async def lookup_reservation(self, reservation: UUID) -> ReservationState | None:
@@ -104,7 +118,7 @@ class LeaseStore:
             instance=row["instance"],
             pool=row["pool"],
             service_tag=row["service_tag"],
-            expires_at=row["expires_at"],
+            expires_at=expiry_of(row),
             zone=row["zone"],
             leased_at=row["leased_at"],
             seq=row["seq"],
@@ -117,7 +131,7 @@ class LeaseStore:
         tag: str,
         reservation: UUID,
         now: datetime,
-        lease_expires: datetime,
+        lease_expires: Instant,
         queue_expires: datetime,
         owner: Owner | None = None,
     ) -> FirstUse | None:
@@ -125,6 +139,7 @@ class LeaseStore:
         queue place; None if the pool is drained. Raises Duplicate when the same
         id was used concurrently (look it up again), QuotaExceeded over a quota."""
         who = owner or Owner.anonymous(tag)
+        lease_at, round_ns = expiry_columns(lease_expires)
         async with translated():
             row = await self._pool.fetchrow(
                 sql.CLAIM_OR_ENQUEUE,
@@ -132,12 +147,13 @@ class LeaseStore:
                 tag,
                 reservation,
                 now,
-                lease_expires,
+                lease_at,
                 queue_expires,
                 who.principal,
                 who.key,
                 who.max_queued,
                 who.max_active,
+                round_ns,
             )
         if row is None:
             return None
@@ -219,7 +235,7 @@ class LeaseStore:
         self,
         instance: str,
         tag: str,
-        decide: Callable[[LeaseRow], datetime | None],
+        decide: Callable[[LeaseRow], Instant | None],
         principal: str = "anonymous",
     ) -> LeaseRow:
         """Lock the lease, let ``decide`` pick the new expiry (None: unchanged), write it."""
@@ -235,7 +251,7 @@ class LeaseStore:
             new = decide(lease)
             if new is None or new == lease.expires_at:
                 return lease
-            return LeaseRow.of(await conn.fetchrow(sql.SET_EXPIRY, instance, new))
+            return LeaseRow.of(await conn.fetchrow(sql.SET_EXPIRY, instance, *expiry_columns(new)))
 
     async def free_counts(self) -> dict[str, int]:
         async with translated():

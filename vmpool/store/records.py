@@ -7,6 +7,18 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from vmpool.instant import Instant
+
+
+def expiry_columns(expires: Instant) -> tuple[datetime, int]:
+    """(expires_at, expires_round_ns): rounded up to the microsecond, and by how much."""
+    at = expires.ceil()
+    return at, max(Instant.from_datetime(at).ns - expires.ns, 0)
+
+
+def expiry_of(row: Any) -> Instant:
+    return Instant(Instant.from_datetime(row["expires_at"]).ns - row["expires_round_ns"])
+
 
 @dataclass(frozen=True, slots=True)
 class Owner:
@@ -31,7 +43,7 @@ class LeaseRow:
     service_tag: str
     reservation_id: UUID | None
     leased_at: datetime
-    expires_at: datetime
+    expires_at: Instant
     zone: str
     principal: str = "anonymous"
 
@@ -43,7 +55,7 @@ class LeaseRow:
             service_tag=row["service_tag"],
             reservation_id=row["reservation_id"],
             leased_at=row["leased_at"],
-            expires_at=row["expires_at"],
+            expires_at=expiry_of(row),
             zone=row["zone"],
             principal=row.get("principal") or "anonymous",
         )
@@ -57,7 +69,7 @@ class ReservationState:
     instance: str | None
     pool: str
     service_tag: str
-    expires_at: datetime  # lease/queue expiry; for ``ended``, when it ended
+    expires_at: Instant  # lease/queue expiry; for ``ended``, when it ended
     zone: str | None
     leased_at: datetime | None
     seq: int | None

@@ -19,20 +19,23 @@ WITH pick AS MATERIALIZED (
 ), numbered AS (
     SELECT name, row_number() OVER (ORDER BY name) AS n FROM pick
 ), req AS (
-    SELECT * FROM unnest($3::text[], $4::timestamptz[], $6::text[], $7::text[], $8::int[])
-        WITH ORDINALITY AS r(tag, expires, principal, owner, lease_limit, n)
+    SELECT * FROM unnest($3::text[], $4::timestamptz[], $6::text[], $7::text[], $8::int[],
+                         $9::smallint[])
+        WITH ORDINALITY AS r(tag, expires, principal, owner, lease_limit, round_ns, n)
 ), claimed AS (
     UPDATE instances i SET state = 'leased', state_changed_at = $5
     FROM numbered p WHERE i.name = p.name
     RETURNING i.name, i.pool, i.zone, p.n
 ), leased AS (
-    INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone,
-                        principal, owner, lease_limit)
-    SELECT c.name, c.pool, r.tag, NULL, $5, r.expires, c.zone, r.principal, r.owner, r.lease_limit
+    INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at,
+                        expires_round_ns, zone, principal, owner, lease_limit)
+    SELECT c.name, c.pool, r.tag, NULL, $5, r.expires, r.round_ns, c.zone, r.principal, r.owner,
+           r.lease_limit
     FROM claimed c JOIN req r USING (n)
 )
 SELECT r.n, c.name AS instance, c.pool, r.tag AS service_tag, NULL::uuid AS reservation_id,
-       $5::timestamptz AS leased_at, r.expires AS expires_at, c.zone, r.principal
+       $5::timestamptz AS leased_at, r.expires AS expires_at,
+       r.round_ns AS expires_round_ns, c.zone, r.principal
 FROM claimed c JOIN req r USING (n)
 """
 
@@ -41,7 +44,8 @@ FROM claimed c JOIN req r USING (n)
 # queued), so two concurrent first uses of one id collide on its primary key
 # and one of them fails whole: never two VMs, never a lease plus a queue entry.
 # Nothing happens in a drained pool. $6 is the queue entry's expiry; $7-$10 the
-# owner (principal, quota key, queue limit, lease limit: triggers check them).
+# owner (principal, quota key, queue limit, lease limit: triggers check them);
+# $11 the lease's expires_round_ns.
 CLAIM_OR_ENQUEUE = """
 WITH open AS (
     SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM pools WHERE name = $1 AND drained)
@@ -58,10 +62,11 @@ WITH open AS (
     FROM pick WHERE i.name = pick.name
     RETURNING i.name, i.pool, i.zone
 ), lease AS (
-    INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone,
-                        principal, owner, lease_limit)
-    SELECT name, pool, $2, $3, $4, $5, zone, $7, $8, $10 FROM claimed
-    RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone, principal
+    INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at,
+                        expires_round_ns, zone, principal, owner, lease_limit)
+    SELECT name, pool, $2, $3, $4, $5, $11, zone, $7, $8, $10 FROM claimed
+    RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at,
+              expires_round_ns, zone, principal
 ), res AS (
     INSERT INTO reservations (id, pool, service_tag, enqueued_at, expires_at, served,
                               principal, owner, queue_limit)
@@ -72,7 +77,7 @@ WITH open AS (
     RETURNING seq, served
 )
 SELECT r.seq, r.served, l.instance, l.pool, l.service_tag, l.reservation_id, l.leased_at,
-       l.expires_at, l.zone, l.principal,
+       l.expires_at, l.expires_round_ns, l.zone, l.principal,
        (SELECT pg_notify('vmpool_wake', 'enqueue') WHERE NOT r.served) AS notified
 FROM res r LEFT JOIN lease l ON true
 """
@@ -88,23 +93,23 @@ WITH r AS (
     FROM r WHERE i.name = r.instance
     RETURNING i.name, i.pool, i.zone, r.service_tag, r.principal, r.owner
 )
-INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at, zone,
-                    principal, owner)
-SELECT name, pool, service_tag, $1, $2, $3, zone, principal, owner FROM claimed
-RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone, principal,
-          (SELECT enqueued_at FROM r) AS enqueued_at
+INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at,
+                    expires_round_ns, zone, principal, owner)
+SELECT name, pool, service_tag, $1, $2, $3, $4, zone, principal, owner FROM claimed
+RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at,
+          expires_round_ns, zone, principal, (SELECT enqueued_at FROM r) AS enqueued_at
 """
 
 # Everything known about a reservation id, in one round trip.
 RESERVATION_LOOKUP = """
-SELECT 'lease' AS kind, instance, pool, service_tag, expires_at, zone,
+SELECT 'lease' AS kind, instance, pool, service_tag, expires_at, expires_round_ns, zone,
        leased_at, NULL::bigint AS seq, principal
 FROM leases WHERE reservation_id = $1
 UNION ALL
-SELECT 'queued', instance, pool, service_tag, expires_at, NULL, NULL, seq, principal
+SELECT 'queued', instance, pool, service_tag, expires_at, 0, NULL, NULL, seq, principal
 FROM reservations WHERE id = $1 AND NOT served
 UNION ALL
-(SELECT 'ended', instance, pool, service_tag, ended_at, zone, leased_at, NULL, principal
+(SELECT 'ended', instance, pool, service_tag, ended_at, 0, zone, leased_at, NULL, principal
  FROM lease_history WHERE reservation_id = $1 ORDER BY ended_at DESC LIMIT 1)
 """
 
@@ -150,15 +155,17 @@ FROM ended
 LEASE_OWNER = "SELECT service_tag, principal FROM leases WHERE instance = $1"
 
 GET_LEASE = """
-SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, zone, principal
+SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, expires_round_ns, zone,
+       principal
 FROM leases WHERE instance = $1
 """
 
 LOCK_LEASE = GET_LEASE + " FOR UPDATE"
 
 SET_EXPIRY = """
-UPDATE leases SET expires_at = $2 WHERE instance = $1
-RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, zone, principal
+UPDATE leases SET expires_at = $2, expires_round_ns = $3 WHERE instance = $1
+RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at, expires_round_ns,
+          zone, principal
 """
 
 FREE_COUNTS = """
@@ -366,7 +373,8 @@ FROM rows r LEFT JOIN ended e ON e.instance = r.name
 # --- admin ---------------------------------------------------------------------
 
 LIST_LEASES = """
-SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, zone, principal
+SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, expires_round_ns, zone,
+       principal
 FROM leases WHERE ($1 = '' OR pool = $1) ORDER BY pool, leased_at, instance
 """
 
