@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 
 from tests.integration.test_store import NOW, seed
+from vmpool.instant import Instant
 from vmpool.store.db import Database
 from vmpool.store.errors import QuotaExceeded
 from vmpool.store.leases import LeaseStore, WrongPrincipal, WrongTag
@@ -18,6 +19,7 @@ from vmpool.store.records import Owner
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 HOUR = NOW + timedelta(hours=1)
+HOUR_ON = Instant.from_datetime(HOUR)  # a lease's expiry
 
 
 def alice(tag: str = "ci", **kw: int) -> Owner:
@@ -27,14 +29,14 @@ def alice(tag: str = "ci", **kw: int) -> Owner:
 async def test_return_and_extend_need_the_same_principal_and_tag(db: Database) -> None:
     await seed(db, "p", 2)
     store = LeaseStore(db)
-    lease = await store.claim_free("p", "ci", NOW, HOUR, alice())
+    lease = await store.claim_free("p", "ci", NOW, HOUR_ON, alice())
     assert lease is not None and lease.principal == "alice"
     with pytest.raises(WrongPrincipal):
         await store.return_lease(lease.instance, "ci", NOW, principal="mallory")
     with pytest.raises(WrongTag):
         await store.return_lease(lease.instance, "other", NOW, principal="alice")
     with pytest.raises(WrongPrincipal):
-        await store.extend(lease.instance, "ci", lambda _: HOUR, "mallory")
+        await store.extend(lease.instance, "ci", lambda _: HOUR_ON, "mallory")
     ended = await store.return_lease(lease.instance, "ci", NOW, principal="alice")
     assert ended.principal == "alice"
     history = await db.fetch("SELECT principal FROM lease_history")
@@ -45,7 +47,7 @@ async def test_a_reservation_records_its_principal(db: Database) -> None:
     await db.execute("INSERT INTO pools (name) VALUES ('p')")
     store = LeaseStore(db)
     rid = uuid.uuid4()
-    await store.claim_or_enqueue("p", "ci", rid, NOW, HOUR, HOUR, alice(max_queued=5))
+    await store.claim_or_enqueue("p", "ci", rid, NOW, HOUR_ON, HOUR, alice(max_queued=5))
     state = await store.lookup_reservation(rid)
     assert state is not None and state.principal == "alice" and state.kind == "queued"
 
@@ -57,7 +59,7 @@ async def test_queue_quota_holds_across_concurrent_processes(db: Database) -> No
     async def enqueue(i: int, owner: Owner) -> str:
         try:
             await stores[i % 5].claim_or_enqueue(
-                "p", owner.service_tag, uuid.uuid4(), NOW, HOUR, HOUR, owner
+                "p", owner.service_tag, uuid.uuid4(), NOW, HOUR_ON, HOUR, owner
             )
         except QuotaExceeded as err:
             return str(err)
@@ -78,7 +80,7 @@ async def test_active_lease_quota_refuses_and_changes_nothing(db: Database) -> N
     store = LeaseStore(db)
     owner = alice(max_active=2)
     got = await asyncio.gather(
-        *(store.claim_free("p", "ci", NOW, HOUR, owner) for _ in range(4)),
+        *(store.claim_free("p", "ci", NOW, HOUR_ON, owner) for _ in range(4)),
         return_exceptions=True,
     )
     assert sum(1 for g in got if not isinstance(g, BaseException)) == 2
@@ -86,4 +88,4 @@ async def test_active_lease_quota_refuses_and_changes_nothing(db: Database) -> N
     ready = await db.fetchval("SELECT count(*) FROM instances WHERE state = 'ready'")
     assert ready == 3  # refused claims took no instance
     # Unlimited callers still share the batched path.
-    assert await store.claim_free("p", "x", NOW, HOUR) is not None
+    assert await store.claim_free("p", "x", NOW, HOUR_ON) is not None
