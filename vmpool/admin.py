@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
-from typing import cast
 
 import structlog
-from betterproto.lib.google.protobuf import Timestamp
 
 from vmpool import leasing
 from vmpool.clock import Clock
 from vmpool.config import Config
-from vmpool.instant import Instant
+from vmpool.fastwire import timestamp_field
 from vmpool.metrics import Metrics
 from vmpool.proto.vmpool.admin import v1 as adm
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore, NotLeased
 
 log = structlog.get_logger("vmpool.admin")
-
-
-def timestamp_field(value: Instant) -> datetime:
-    """A Timestamp field's value that keeps the nanoseconds. betterproto types
-    Timestamp fields as datetime (microseconds), but encodes any message it
-    finds in a message field as it is: a Timestamp message keeps them."""
-    return cast(datetime, Timestamp(seconds=value.seconds, nanos=value.nanos))
 
 
 class AdminService(adm.VmPoolAdminServiceBase):

@@ -9,6 +9,7 @@ import structlog
 
 from vmpool import leasing
 from vmpool.clock import Clock
+from vmpool.fastwire import timestamp_field
 from vmpool.leaser import Leaser
 from vmpool.proto.vmpool.admin import v1 as adm
 from vmpool.providers.base import VMDetails
@@ -103,7 +104,7 @@ class ExtensionService(adm.VmPoolExtensionServiceBase):
                 node=details.node if details else "",
                 phase=details.phase if details else "",
                 leased_at=lease.leased_at,
-                expires=lease.expires_at,
+                expires=timestamp_field(lease.expires_at),
                 owner=lease.service_tag,
                 reservation_id=str(lease.reservation_id) if lease.reservation_id else "",
             )

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
+
+from betterproto.lib.google.protobuf import Timestamp
 
 from vmpool.instant import MAX_SECONDS, MIN_SECONDS, Instant
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
@@ -307,3 +310,11 @@ def encode_lease_reply(reply: LeaseReply) -> bytes:
         + _string(4, reply.zone)
     )
     return _message(1, body)
+
+
+def timestamp_field(value: Instant) -> datetime:
+    """A betterproto message's Timestamp field value that keeps the nanoseconds
+    (admin replies). betterproto types Timestamp fields as datetime
+    (microseconds), but encodes any message it finds in a message field as it
+    is, and a Timestamp message keeps them."""
+    return cast(datetime, Timestamp(seconds=value.seconds, nanos=value.nanos))

@@ -97,8 +97,7 @@ def test_instant_text() -> None:
 def test_admin_listings_keep_the_nanoseconds() -> None:
     from google.protobuf.timestamp_pb2 import Timestamp
 
-    from vmpool.admin import timestamp_field
-    from vmpool.fastwire import fields
+    from vmpool.fastwire import fields, timestamp_field
     from vmpool.proto.vmpool.admin import v1 as adm
 
     expires = Instant.of(1_790_000_000, 123_456_789)
