@@ -9,6 +9,7 @@ and `vmpool ping --server X`). TLS and credentials flags (--tls, --ca, --cert, -
 from __future__ import annotations
 
 import argparse
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -67,7 +68,40 @@ def add_connection_flags(
         default=default(DEFAULT_TIMEOUT),
         help=f"deadline of each call, e.g. 5s (default: {DEFAULT_TIMEOUT})",
     )
-    # Identity: --tls, --ca, --cert, --key, --token, --token-file go here.
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(False),
+        help="speak TLS (implied by --ca, --cert)",
+    )
+    group.add_argument(
+        "--ca",
+        metavar="FILE",
+        default=default(""),
+        help="CA bundle to verify the server (PEM; default: the system's)",
+    )
+    group.add_argument(
+        "--cert",
+        metavar="FILE",
+        default=default(""),
+        help="client certificate (PEM), for mTLS (default: none)",
+    )
+    group.add_argument(
+        "--key", metavar="FILE", default=default(""), help="key of --cert (PEM; default: none)"
+    )
+    group.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=default(env.get("VMPOOL_TOKEN", "")),
+        help="bearer token sent as `authorization: Bearer` (env VMPOOL_TOKEN; default: none)",
+    )
+    group.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=default(""),
+        help="read the bearer token from FILE, e.g. a projected ServiceAccount token "
+        "(default: none)",
+    )
 
 
 @dataclass
@@ -109,12 +143,41 @@ def timeout_seconds(args: argparse.Namespace) -> float:
         raise usage(f"--timeout: {err}") from None
 
 
+def client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client's TLS context from --tls/--ca/--cert/--key; None for plaintext."""
+    ca, cert, key = getattr(args, "ca", ""), getattr(args, "cert", ""), getattr(args, "key", "")
+    if not (getattr(args, "tls", False) or ca or cert):
+        return None
+    if bool(cert) != bool(key):
+        raise usage("--cert and --key go together")
+    try:
+        ctx = ssl.create_default_context(cafile=ca or None)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as err:
+        raise usage(f"--ca/--cert/--key: {err}") from None
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def auth_metadata(args: argparse.Namespace) -> dict[str, str]:
+    token = getattr(args, "token", "")
+    path = getattr(args, "token_file", "")
+    if path:
+        try:
+            with open(path) as f:
+                token = f.read().strip()
+        except OSError as err:
+            raise usage(f"--token-file: cannot read {path}: {err.strerror}") from None
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
 @asynccontextmanager
 async def connect(args: argparse.Namespace) -> AsyncIterator[Connection]:
     host, port = parse_server(args.server)
     timeout = timeout_seconds(args)
-    channel = Channel(host, port)
+    channel = Channel(host, port, ssl=client_tls(args))
     try:
-        yield Connection(channel, timeout)
+        yield Connection(channel, timeout, auth_metadata(args))
     finally:
         channel.close()

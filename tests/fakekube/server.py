@@ -129,6 +129,17 @@ class Faults:
     nodes_forbidden: bool = False
 
 
+@dataclasses.dataclass
+class ServiceAccountToken:
+    """A token the fake's TokenReview accepts (authentication.k8s.io/v1)."""
+
+    username: str
+    groups: list[str]
+    audiences: list[str]
+    expires: float = float("inf")  # unix time
+    uid: str = ""
+
+
 class FakeKube:
     """The fake API server. ``await start()``, then point a kubeconfig at ``url``."""
 
@@ -163,6 +174,10 @@ class FakeKube:
         self._node_cycle: itertools.cycle[str] | None = None
         self._runner: web.AppRunner | None = None
         self.url = ""
+        #: Tokens TokenReview accepts; without system:auth-delegator it answers 403.
+        self.service_tokens: dict[str, ServiceAccountToken] = {}
+        self.token_reviews_forbidden = False
+        self.token_reviews = 0
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -176,6 +191,7 @@ class FakeKube:
         app.router.add_get("/api/v1/nodes", self._list_nodes)
         app.router.add_get("/api/v1/nodes/{name}", self._get_node)
         app.router.add_get("/version", self._version)
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -359,6 +375,63 @@ class FakeKube:
         return await handler(request)
 
     # -- handlers -------------------------------------------------------------------
+
+    async def _token_review(self, request: web.Request) -> web.Response:
+        """TokenReview as the API server answers it: 201 with the spec echoed and
+        status.authenticated/user/audiences, or status.error for a bad token."""
+        if self.token_reviews_forbidden:
+            return status_response(
+                403,
+                "Forbidden",
+                'tokenreviews.authentication.k8s.io is forbidden: User "system:serviceaccount:'
+                'vmpool:vmpool" cannot create resource "tokenreviews" in API group '
+                '"authentication.k8s.io" at the cluster scope',
+            )
+        try:
+            body = await request.json()
+        except ValueError:
+            return status_response(400, "BadRequest", "the body of the request was not JSON")
+        if (
+            not isinstance(body, dict)
+            or body.get("apiVersion") != "authentication.k8s.io/v1"
+            or body.get("kind") != "TokenReview"
+            or not isinstance(body.get("spec"), dict)
+        ):
+            return status_response(400, "BadRequest", "not an authentication.k8s.io/v1 TokenReview")
+        self.token_reviews += 1
+        spec = body["spec"]
+        wanted = spec.get("audiences") or []
+        known = self.service_tokens.get(spec.get("token") or "")
+        status: dict[str, Any] = {"user": {}}
+        if known is None or known.expires <= time.time():
+            status["error"] = (
+                "[invalid bearer token, service account token has expired]"
+                if known
+                else ("[invalid bearer token, square/go-jose: error in cryptographic primitive]")
+            )
+        elif wanted and not set(wanted) & set(known.audiences):
+            status["error"] = (
+                f"[invalid bearer token, token audiences {json.dumps(known.audiences)} is "
+                f"invalid for the target audiences {json.dumps(wanted)}]"
+            )
+        else:
+            status = {
+                "authenticated": True,
+                "user": {
+                    "username": known.username,
+                    "uid": known.uid or known.username,
+                    "groups": known.groups,
+                },
+                "audiences": [a for a in known.audiences if not wanted or a in wanted],
+            }
+        answer = {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": status,
+        }
+        return web.json_response(answer, status=201)
 
     async def _version(self, request: web.Request) -> web.Response:
         return web.json_response({"major": "1", "minor": "31", "gitVersion": "v1.31.0-fake"})

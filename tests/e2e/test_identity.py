@@ -1,0 +1,382 @@
+"""Identity end to end (identity.md): each auth mode through grpcio over TLS,
+two identities trying each other's leases, reservations and the admin API, a
+quota flood from one owner while another is served, certificate rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.e2e.clients import RpcError
+from tests.e2e.conftest import Running, lease_when_free
+from tests.e2e.grpcio_stack import GrpcioModules
+from tests.e2e.identity_kit import Issuer, Pki, TlsClient, plaintext_client
+from tests.fakekube.server import FakeKube, ServiceAccountToken
+from vmpool.proto.vmpool.admin import v1 as adm
+
+POOLS = [
+    {"name": "p", "min_ready": 2, "max_size": 4},
+    {"name": "q", "min_ready": 0, "max_size": 0},  # never has a VM: reservations queue
+]
+StartServer = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_config(pki: Pki, *, client_ca: bool = False, require: bool = False) -> dict[str, Any]:
+    server = pki.server()
+    out: dict[str, Any] = {"cert_file": str(server.cert), "key_file": str(server.key)}
+    if client_ca:
+        out["client_ca_file"] = str(pki.ca)
+        out["require_client_cert"] = require
+    return out
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Any]]:
+    made: list[Any] = []
+    yield made
+    for c in made:
+        await c.close()
+
+
+async def code_of(call: Awaitable[Any]) -> tuple[str, str]:
+    try:
+        await call
+    except RpcError as err:
+        return err.code, err.message
+    return "OK", ""
+
+
+def leases_of(reply: bytes) -> list[adm.LeaseInfo]:
+    return adm.ListLeasesResponse().parse(reply).leases
+
+
+async def _cross_checks(owner: TlsClient, other: TlsClient, tag: str, running: Running) -> None:
+    """``other`` must not act on ``owner``'s lease or reservation."""
+    lease = await lease_when_free(owner, "p", service_tag=tag)
+    later = datetime.now(UTC) + timedelta(minutes=40)
+    code, msg = await code_of(other.return_(lease.instance, tag))
+    assert code == "PERMISSION_DENIED", msg
+    assert "another principal" in msg
+    code, msg = await code_of(other.extend_to(lease.instance, later, tag))
+    assert code == "PERMISSION_DENIED", msg
+    code, _ = await code_of(owner.return_(lease.instance, tag + "-wrong"))
+    assert code == "PERMISSION_DENIED"
+    rid = str(uuid.uuid4())
+    code, msg = await code_of(owner.lease("q", service_tag=tag, reservation_id=rid))
+    assert code == "RESOURCE_EXHAUSTED" and "queued at position" in msg
+    code, msg = await code_of(other.lease("q", service_tag=tag, reservation_id=rid))
+    assert code == "PERMISSION_DENIED", msg
+    assert "reservation" in msg
+    # The lease is intact and its owner still controls it.
+    rows = await running.sql("SELECT principal FROM leases WHERE instance = $1", lease.instance)
+    assert len(rows) == 1
+    await owner.extend_to(lease.instance, later, tag)
+    await owner.return_(lease.instance, tag)
+
+
+async def test_mtls_identities_cannot_touch_each_others_work(
+    start_server: StartServer, pki: Pki, grpcio_modules: GrpcioModules, clients: list[Any]
+) -> None:
+    running = await start_server(
+        POOLS,
+        name="mtls",
+        tls=tls_config(pki, client_ca=True, require=True),
+        auth={
+            "mode": "mtls",
+            "policy": [
+                {"subject": "ops", "roles": ["admin"]},
+                {"subject": "spiffe://test/*", "roles": ["lease"], "service_tags": ["team-*"]},
+            ],
+        },
+    )
+    alice = pki.issue("alice", cn="alice", uris=("spiffe://test/alice",))
+    bob = pki.issue("bob", cn="bob", dns=("bob.test",))
+    ops = pki.issue("ops", cn="ops")
+
+    def client(identity: Any = None) -> TlsClient:
+        c = TlsClient(running.address, grpcio_modules, pki.ca, identity=identity)
+        clients.append(c)
+        return c
+
+    a, b, o = client(alice), client(bob), client(ops)
+    await _cross_checks(a, b, "team-a", running)
+    # A tag outside alice's globs is refused, naming it.
+    code, msg = await code_of(a.lease("p", service_tag="prod"))
+    assert code == "PERMISSION_DENIED" and '"prod"' in msg
+    # The admin API: refused to a non-admin, served to the admin with owners.
+    lease = await lease_when_free(a, "p", service_tag="team-a")
+    code, _ = await code_of(b.admin("ListLeases"))
+    assert code == "PERMISSION_DENIED"
+    listed = leases_of(await o.admin("ListLeases"))
+    assert [(x.instance, x.principal) for x in listed] == [(lease.instance, "spiffe://test/alice")]
+    # No client certificate: the handshake is refused; plaintext too.
+    code, _ = await code_of(client().ping())
+    assert code == "UNAVAILABLE"
+    plain = plaintext_client(running.address, grpcio_modules)
+    clients.append(plain)
+    code, _ = await code_of(plain.ping())
+    assert code == "UNAVAILABLE"
+    running.assert_clean_log()
+
+
+@pytest.fixture
+async def jwks_server() -> AsyncIterator[tuple[Issuer, str]]:
+    issuer = Issuer()
+
+    async def keys(_: web.Request) -> web.Response:
+        return web.json_response(issuer.jwks())
+
+    app = web.Application()
+    app.router.add_get("/jwks", keys)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    yield issuer, f"http://{host}:{port}/jwks"
+    await runner.cleanup()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_jwt_mode(
+    start_server: StartServer,
+    pki: Pki,
+    grpcio_modules: GrpcioModules,
+    clients: list[Any],
+    jwks_server: tuple[Issuer, str],
+) -> None:
+    issuer, url = jwks_server
+    auth = {
+        "mode": "jwt",
+        "jwt": {"issuer": issuer.url, "audiences": ["vmpool"], "jwks_url": url},
+        "policy": [{"subject": "group:vmpool-admins", "roles": ["admin"]}],
+    }
+    running = await start_server(POOLS, name="jwt", tls=tls_config(pki), auth=auth)
+
+    def client(**kw: Any) -> TlsClient:
+        c = TlsClient(running.address, grpcio_modules, pki.ca, **kw)
+        clients.append(c)
+        return c
+
+    alice = client(token=issuer.token("alice"))
+    bob = client(token=issuer.token("bob"))
+    await _cross_checks(alice, bob, "ci", running)
+    # The Go client's cookie carries the same identity.
+    by_cookie = client(cookie=issuer.token("alice"))
+    lease = await lease_when_free(alice, "p", service_tag="ci")
+    await by_cookie.return_(lease.instance, "ci")
+
+    admin = client(token=issuer.token("carol", groups=("vmpool-admins",)))
+    assert leases_of(await admin.admin("ListLeases")) == []
+    assert (await code_of(bob.admin("ListLeases")))[0] == "PERMISSION_DENIED"
+
+    # The CLI over TLS with a token (flag, file, env).
+    token_file = running.proc.workdir / "token"
+    token_file.write_text(issuer.token("erin") + "\n")
+    base = ["--server", running.address, "--ca", str(pki.ca), "-o", "json"]
+    ok = await _cli([*base, "--token-file", str(token_file), "pools"])
+    assert ok[0] == 0 and '"p"' in ok[1], ok
+    ok = await _cli([*base, "pools"], VMPOOL_TOKEN=issuer.token("erin"))
+    assert ok[0] == 0, ok
+    refused = await _cli([*base, "pools"])
+    assert refused[0] != 0 and "UNAUTHENTICATED" in refused[2], refused
+
+    stranger = Issuer()
+    for bad in (
+        client(),
+        client(token="not-a-jwt"),
+        client(token=issuer.token("alice", lifetime=-120)),
+        client(token=issuer.token("alice", audience="other")),
+        client(token=issuer.token("alice", issuer="https://evil.test")),
+        client(token=issuer.token("alice", key=stranger.keys[stranger.kid])),
+    ):
+        code, msg = await code_of(bad.lease("p", service_tag="ci"))
+        assert code == "UNAUTHENTICATED", msg
+    # A rotated key (new kid) is fetched again from the JWKS.
+    issuer.rotate()
+    rotated = client(token=issuer.token("dave"))
+    # Fetched again once the refresh gap (10 s) since the last fetch has passed.
+    await _eventually_ok(rotated.pools, 15)
+
+    # The JWKS cannot be reached: UNAVAILABLE, never a silent allow.
+    down = {**auth, "jwt": {**auth["jwt"], "jwks_url": f"http://127.0.0.1:{_closed_port()}/"}}
+    broken = await start_server(POOLS, name="jwt-down", tls=tls_config(pki), auth=down)
+    c = TlsClient(broken.address, grpcio_modules, pki.ca, token=issuer.token("alice"))
+    clients.append(c)
+    code, msg = await code_of(c.lease("p", service_tag="ci"))
+    assert code == "UNAVAILABLE", msg
+
+
+async def _cli(argv: list[str], **env: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "vmpool",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "VMPOOL_TOKEN": "", **env},
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def _eventually_ok(call: Callable[[], Awaitable[Any]], timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        code, msg = await code_of(call())
+        if code == "OK":
+            return
+        assert code == "UNAUTHENTICATED", msg
+        assert loop.time() < deadline, msg
+        await asyncio.sleep(0.5)
+
+
+async def test_kubernetes_mode(
+    start_server: StartServer,
+    pki: Pki,
+    grpcio_modules: GrpcioModules,
+    clients: list[Any],
+    tmp_path: Path,
+) -> None:
+    kube = FakeKube()
+    await kube.start()
+    try:
+        sa = "system:serviceaccount:"
+        groups = ["system:serviceaccounts", "system:authenticated"]
+        kube.service_tokens = {
+            "tok-a": ServiceAccountToken(f"{sa}team-a:ci", groups, ["vmpool"]),
+            "tok-b": ServiceAccountToken(f"{sa}team-b:ci", groups, ["vmpool"]),
+            "tok-ops": ServiceAccountToken(f"{sa}ops:admin", [*groups, "ops"], ["vmpool"]),
+            "tok-aud": ServiceAccountToken(f"{sa}team-a:ci", groups, ["other"]),
+            "tok-old": ServiceAccountToken(f"{sa}team-a:ci", groups, ["vmpool"], expires=1),
+            "tok-late": ServiceAccountToken(f"{sa}team-c:ci", groups, ["vmpool"]),
+        }
+        running = await start_server(
+            POOLS,
+            name="kube",
+            tls=tls_config(pki),
+            auth={
+                "mode": "kubernetes",
+                "kubernetes": {"kubeconfig": str(kube.write_kubeconfig(tmp_path / "kc"))},
+                "policy": [{"subject": "group:ops", "roles": ["admin"]}],
+            },
+        )
+
+        def client(token: str | None) -> TlsClient:
+            c = TlsClient(running.address, grpcio_modules, pki.ca, token=token)
+            clients.append(c)
+            return c
+
+        a, b, ops = client("tok-a"), client("tok-b"), client("tok-ops")
+        await _cross_checks(a, b, "ci", running)
+        reviews = kube.token_reviews
+        await a.pools()
+        assert kube.token_reviews == reviews  # cached
+        assert (await code_of(b.admin("ListLeases")))[0] == "PERMISSION_DENIED"
+        assert leases_of(await ops.admin("ListLeases")) == []
+        for bad in ("tok-unknown", "tok-aud", "tok-old", None):
+            code, msg = await code_of(client(bad).pools())
+            assert code == "UNAUTHENTICATED", (bad, msg)
+        # The TokenReview is refused (no system:auth-delegator): UNAVAILABLE.
+        kube.token_reviews_forbidden = True
+        code, msg = await code_of(client("tok-late").pools())
+        assert code == "UNAVAILABLE", msg
+        running.assert_clean_log()
+    finally:
+        await kube.stop()
+
+
+async def test_quota_flood_from_one_owner_leaves_room_for_another(
+    start_server: StartServer, pki: Pki, grpcio_modules: GrpcioModules, clients: list[Any]
+) -> None:
+    running = await start_server(
+        [{"name": "p", "min_ready": 0, "max_size": 8}],
+        name="quota",
+        tls=tls_config(pki),
+        limits={"max_queued_reservations": 5},
+    )
+    c = TlsClient(running.address, grpcio_modules, pki.ca)
+    clients.append(c)
+    flood = await asyncio.gather(
+        *(
+            code_of(c.lease("p", service_tag="flood", reservation_id=str(uuid.uuid4())))
+            for _ in range(30)
+        )
+    )
+    quota = 'owner "flood" has 5 queued reservations in pool "p", the limit'
+    refused = [m for code, m in flood if code == "RESOURCE_EXHAUSTED" and m == quota]
+    admitted = [m for code, m in flood if "queued at position" in m or code == "OK"]
+    assert (len(admitted), len(refused)) == (5, 25), flood
+    rows = await running.sql("SELECT count(*) AS n FROM reservations WHERE owner = 'flood'")
+    assert rows[0]["n"] == 5  # refused ones wrote nothing
+    # Another owner is still served.
+    rid = str(uuid.uuid4())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while True:
+        code, msg = await code_of(c.lease("p", service_tag="other", reservation_id=rid))
+        if code == "OK":
+            break
+        assert code == "RESOURCE_EXHAUSTED" and "queued" in msg, msg
+        assert loop.time() < deadline, msg
+        await asyncio.sleep(0.2)
+
+
+def _served_cert(port: int, ca: Path) -> bytes:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.selected_alpn_protocol() == "h2"
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return der
+
+
+async def test_rotated_certificates_serve_new_connections_and_keep_old_ones(
+    start_server: StartServer, pki: Pki, grpcio_modules: GrpcioModules, clients: list[Any]
+) -> None:
+    first = pki.server("rotating")
+    running = await start_server(
+        POOLS,
+        name="rotate",
+        tls={"cert_file": str(first.cert), "key_file": str(first.key)},
+    )
+    c = TlsClient(running.address, grpcio_modules, pki.ca)
+    clients.append(c)
+    assert await c.ping() == "pong"
+    before = await asyncio.to_thread(_served_cert, running.proc.port, pki.ca)
+    fresh = pki.server("rotated")
+    # cert-manager writes both files in place.
+    first.key.write_bytes(fresh.key.read_bytes())
+    first.cert.write_bytes(fresh.cert.read_bytes())
+    after = await asyncio.to_thread(_served_cert, running.proc.port, pki.ca)
+    assert after != before
+    assert await c.ping() == "pong"  # the connection opened before still works
+    assert "tls certificates reloaded" in running.proc.log()
