@@ -9,6 +9,7 @@ import structlog
 from vmpool import leasing
 from vmpool.clock import Clock
 from vmpool.config import Config
+from vmpool.echo import echo
 from vmpool.fastwire import timestamp_field
 from vmpool.metrics import Metrics
 from vmpool.proto.vmpool.admin import v1 as adm
@@ -112,10 +113,12 @@ class AdminService(adm.VmPoolAdminServiceBase):
         try:
             ended = await self._leases.force_return(request.instance, self._clock(), reason[:200])
         except NotLeased:
-            raise leasing.NotFound(f'instance: no active lease for "{request.instance}"') from None
+            raise leasing.NotFound(
+                f'instance: no active lease for "{echo(request.instance)}"'
+            ) from None
         held = (self._clock() - ended.leased_at).total_seconds()
         self._metrics.lease_duration.labels(ended.pool, "forced").observe(max(held, 0.0))
-        log.info("force return", instance=request.instance, pool=ended.pool, reason=reason)
+        log.info("force return", instance=echo(request.instance), pool=ended.pool, reason=reason)
         self._on_change()
         return adm.ForceReturnResponse()
 
@@ -132,6 +135,6 @@ class AdminService(adm.VmPoolAdminServiceBase):
             raise leasing.InvalidArgument("pool: must not be empty")
         leasing.check_text("pool", pool)
         if not await self._inv.set_drained(pool, drained):
-            raise leasing.NotFound(f'pool: no pool named "{pool}"')
+            raise leasing.NotFound(f'pool: no pool named "{echo(pool)}"')
         log.info("pool drained" if drained else "pool undrained", pool=pool)
         self._on_change()

@@ -11,7 +11,6 @@ from typing import Any
 import structlog
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
-from grpclib.server import Server
 
 from vmpool.admin import AdminService
 from vmpool.auth.setup import build_authenticator, startup_warnings
@@ -21,14 +20,17 @@ from vmpool.codec import SafeProtoCodec
 from vmpool.config import Config
 from vmpool.dbhealth import DatabaseHealth
 from vmpool.extension import ExtensionService
+from vmpool.h2guard import GuardedServer, GuardSettings
 from vmpool.leaser import Leaser
 from vmpool.metrics import Metrics
+from vmpool.reflection import with_reflection
 from vmpool.rpc import Gate, instrument
 from vmpool.service import LeaseService
 from vmpool.store.db import connect, migrate
 from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
+from vmpool.store.probe import ProbeConnection
 from vmpool.tls import ReloadingContext, TlsError
 from vmpool.waiters import Waiters
 
@@ -103,7 +105,7 @@ async def _serve(
         inventory = Inventory(db)
         await inventory.sync_pools([(p.name, p.labels) for p in config.pools])
         leases = LeaseStore(db)
-        waiters = Waiters()
+        waiters = Waiters(config.limits.max_waiting_calls)
 
         # Called from the background thread.
         def fatal(reason: str) -> None:
@@ -130,28 +132,36 @@ async def _serve(
         )
         gate = Gate()
         serving = ServiceStatus()
-        lease_service = LeaseService(leaser, config, DatabaseHealth(leases))
+        probe = ProbeConnection(url)  # readiness never waits behind client calls
+        lease_service = LeaseService(leaser, config, DatabaseHealth(probe))
         admin = AdminService(inventory, leases, config, utcnow, metrics, background.wake)
         extension = ExtensionService(leaser, leases, utcnow, background.wake)
         health = Health({OVERALL: [serving], lease_service: [serving]})
         # Services for operators (the admin API; VMPoolService joins them): on the
         # lease port, and alone on admin_listen when that is set.
         operator_services: list[Any] = [admin]
-        server = Server(
-            [
-                *instrument([lease_service, extension, *operator_services], metrics, gate, auth),
-                health,
-            ],
+        guard = GuardSettings.from_limits(config.limits)
+        server = GuardedServer(
+            with_reflection(
+                [
+                    *instrument(
+                        [lease_service, extension, *operator_services], metrics, gate, auth
+                    ),
+                    health,
+                ]
+            ),
             codec=SafeProtoCodec(),
+            settings=guard,
         )
         ssl = tls.context if tls is not None else None
         host, port = _split(listen)
         await server.start(host, port, reuse_port=True, ssl=ssl)
-        servers = [server]
+        servers: list[GuardedServer] = [server]
         if config.admin_listen:
-            admin_server = Server(
-                [*instrument(operator_services, metrics, gate, auth), health],
+            admin_server = GuardedServer(
+                with_reflection([*instrument(operator_services, metrics, gate, auth), health]),
                 codec=SafeProtoCodec(),
+                settings=guard,
             )
             admin_host, admin_port = _split(config.admin_listen)
             await admin_server.start(admin_host, admin_port, reuse_port=True, ssl=ssl)
@@ -177,9 +187,12 @@ async def _serve(
             metrics=config.metrics_listen or None,
         )
         await stop.wait()
-        # Shutdown order: not serving, stop taking calls, drain those in flight,
+        # Shutdown order: not serving, stop taking calls (GOAWAY on every
+        # connection: clients move to another replica), drain those in flight,
         # close the port, stop the background work, close the pool.
         serving.set(False)
+        for s in servers:
+            s.goaway()
         waiters.wake_all()
         leaser.stopping()
         drained = await gate.drain(config.shutdown_grace.total_seconds())
@@ -187,10 +200,12 @@ async def _serve(
             log.warning("calls still running at shutdown_grace; cancelling them")
         for s in servers:
             s.close()
+            s.close_connections()
         for s in servers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(s.wait_closed(), 5)
         await background.stop()
+        await probe.close()
     finally:
         try:
             await asyncio.wait_for(db.close(), 5)

@@ -201,6 +201,21 @@ class LimitsConfig(_Strict):
     # Quotas per owner, counted in the database (identity.md section 5).
     max_queued_reservations: int = Field(default=100, ge=0, le=MAX_QUOTA)
     max_active_leases: int = Field(default=0, ge=0, le=MAX_QUOTA)
+    # What one process lets its clients cost, enforced by vmpool.h2guard and the
+    # waiting-call cap (identity.md sections 5-6).
+    max_waiting_calls: int = Field(default=500, ge=0, le=1_000_000)
+    max_message_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
+    max_concurrent_streams: int = Field(default=100, ge=1, le=10_000)
+    max_connections: int = Field(default=2000, ge=1, le=1_000_000)
+    idle_timeout: Duration = timedelta(minutes=5)
+    handshake_timeout: Duration = timedelta(seconds=10)
+
+    @field_validator("idle_timeout", "handshake_timeout")
+    @classmethod
+    def _bounded_duration(cls, value: timedelta) -> timedelta:
+        if not timedelta(0) < value <= timedelta(days=1):
+            raise ValueError("must be positive and at most 24h")
+        return value
 
 
 class Config(_Strict):

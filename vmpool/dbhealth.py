@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 from vmpool.store.errors import StoreUnavailable
-from vmpool.store.leases import LeaseStore
+
+
+class Pinger(Protocol):
+    async def ping(self, timeout: float) -> None: ...
+
 
 FRESH = 0.5  # seconds a successful check stays good
 TIMEOUT = 1.0  # "does not answer within about a second"
 
 
 class DatabaseHealth:
-    def __init__(self, store: LeaseStore) -> None:
-        self._store = store
+    def __init__(self, store: Pinger) -> None:
+        self._store = store  # vmpool.store.probe: a connection of its own
         self._ok_at = -1e9
         self._inflight: asyncio.Future[None] | None = None
 

@@ -15,6 +15,7 @@ from vmpool import leasing
 from vmpool.auth.policy import glob_allows
 from vmpool.clock import Clock
 from vmpool.config import Config, PoolConfig
+from vmpool.echo import echo
 from vmpool.instant import Instant
 from vmpool.leasing import Exhausted, FailedPrecondition, NotFound, PermissionDenied
 from vmpool.metrics import Metrics
@@ -35,12 +36,14 @@ def _owned_lease(instance: str) -> Iterator[None]:
     try:
         yield
     except NotLeased:
-        raise NotFound(f'instance: no active lease for "{instance}"') from None
+        raise NotFound(f'instance: no active lease for "{echo(instance)}"') from None
     except WrongPrincipal:
-        raise PermissionDenied(f'instance: "{instance}" is leased by another principal') from None
+        raise PermissionDenied(
+            f'instance: "{echo(instance)}" is leased by another principal'
+        ) from None
     except WrongTag:
         raise PermissionDenied(
-            f'service_tag: instance "{instance}" is leased by another service_tag'
+            f'service_tag: instance "{echo(instance)}" is leased by another service_tag'
         ) from None
 
 
@@ -96,7 +99,7 @@ class Leaser:
     def _pool(self, name: str) -> PoolConfig:
         pool = self._config.pool(name)
         if pool is None:
-            raise NotFound(f'pool: no pool named "{name}"')
+            raise NotFound(f'pool: no pool named "{echo(name)}"')
         return pool
 
     async def _resolve_pool(self, name: str, allowed: tuple[str, ...] = ("*",)) -> PoolConfig:
@@ -152,15 +155,22 @@ class Leaser:
                 await self._refuse_if_drained(pool.name)
                 raise Exhausted(f'pool "{pool.name}": no free instance')
             return self._granted(lease)
-        deadline = time.monotonic() + min(wait, leasing.MAX_WAIT).total_seconds()
-        while True:
-            outcome = await self._lease_reserved(pool_name, expires, who, reservation, pools)
-            if isinstance(outcome, LeaseRow):
-                return outcome
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._stopping:
-                raise Exhausted(outcome.message())
-            await self._waiters.wait(str(reservation), min(remaining, _POLL))
+        # Over limits.max_waiting_calls a call answers at once, as if it asked no wait.
+        waiting = wait > timedelta(0) and self._waiters.admit()
+        patience = min(wait, leasing.MAX_WAIT).total_seconds() if waiting else 0.0
+        deadline = time.monotonic() + patience
+        try:
+            while True:
+                outcome = await self._lease_reserved(pool_name, expires, who, reservation, pools)
+                if isinstance(outcome, LeaseRow):
+                    return outcome
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    raise Exhausted(outcome.message())
+                await self._waiters.wait(str(reservation), min(remaining, _POLL))
+        finally:
+            if waiting:
+                self._waiters.leave()
 
     async def _lease_reserved(
         self,
@@ -251,7 +261,7 @@ class Leaser:
     async def return_(self, instance: str, tag: str, principal: str = "anonymous") -> None:
         leasing.check_instance(instance)
         leasing.check_service_tag(tag)
-        structlog.contextvars.bind_contextvars(instance=instance)
+        structlog.contextvars.bind_contextvars(instance=echo(instance))
         with _owned_lease(instance):
             ended = await self._store.return_lease(
                 instance,
@@ -275,7 +285,7 @@ class Leaser:
     ) -> LeaseRow:
         leasing.check_instance(instance)
         leasing.check_service_tag(tag)
-        structlog.contextvars.bind_contextvars(instance=instance)
+        structlog.contextvars.bind_contextvars(instance=echo(instance))
         target = leasing.check_extend_target(to, self._clock(), extend_only)
 
         def decide(lease: LeaseRow) -> Instant | None:
@@ -295,8 +305,8 @@ class Leaser:
 
     async def get(self, instance: str) -> LeaseRow:
         leasing.check_instance(instance)
-        structlog.contextvars.bind_contextvars(instance=instance)
+        structlog.contextvars.bind_contextvars(instance=echo(instance))
         lease = await self._store.get_lease(instance)
         if lease is None:
-            raise NotFound(f'instance: no active lease for "{instance}"')
+            raise NotFound(f'instance: no active lease for "{echo(instance)}"')
         return lease

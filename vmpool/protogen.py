@@ -1,4 +1,5 @@
-"""Generate betterproto code from api/ (used by `nox -s protos` and the staleness test)."""
+"""Generate betterproto code from api/ (used by `nox -s protos` and the staleness test),
+and the FileDescriptorSet of the same protos that server reflection serves."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 API = Path(__file__).resolve().parent.parent / "api"
+DESCRIPTORS = "descriptors.binpb"  # in the generated package, next to the code
 PROTOS = [
     "intrinsic_proto/vmpoolleaseapi/v1/vmpoolleaseapi.proto",
     "intrinsic_proto/vmpoolapi/v1/vmpool_api.proto",
@@ -32,6 +34,20 @@ def generate(out: Path, protos: list[str]) -> None:
                 f"--plugin=protoc-gen-python_betterproto={plugin}",
                 f"-I{API}",
                 f"--python_betterproto_out={tmp}",
+                *protos,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        # Every proto generated here is also served by reflection (vmpool.reflection).
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                f"-I{API}",
+                f"--descriptor_set_out={Path(tmp) / DESCRIPTORS}",
+                "--include_imports",
                 *protos,
             ],
             check=True,

@@ -18,6 +18,7 @@ from vmpool import leasing
 from vmpool.auth.authenticator import Authenticator
 from vmpool.auth.caller import current_caller, require_role
 from vmpool.auth.principal import AuthUnavailable, Unauthenticated
+from vmpool.echo import status_message
 from vmpool.metrics import Metrics
 from vmpool.store.errors import StoreUnavailable
 
@@ -39,7 +40,7 @@ def to_grpc_error(err: Exception) -> GRPCError | None:
     if isinstance(err, GRPCError):
         return err
     if isinstance(err, leasing.ClientError):
-        return GRPCError(_STATUS[type(err)], str(err))
+        return GRPCError(_STATUS[type(err)], status_message(str(err)))
     if isinstance(err, Unauthenticated):
         return GRPCError(Status.UNAUTHENTICATED, str(err))
     if isinstance(err, AuthUnavailable):

@@ -7,8 +7,20 @@ import contextlib
 
 
 class Waiters:
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 500) -> None:
         self._events: dict[str, set[asyncio.Event]] = {}
+        self.limit = limit  # limits.max_waiting_calls
+        self.holding = 0
+
+    def admit(self) -> bool:
+        """Take a place for one waiting call; False when ``limit`` calls wait already."""
+        if self.holding >= self.limit:
+            return False
+        self.holding += 1
+        return True
+
+    def leave(self) -> None:
+        self.holding -= 1
 
     def wake(self, key: str) -> None:
         for event in self._events.get(key, ()):
