@@ -47,14 +47,6 @@ def _owned_lease(instance: str) -> Iterator[None]:
         ) from None
 
 
-@contextmanager
-def _quota() -> Iterator[None]:
-    try:
-        yield
-    except QuotaExceeded as err:
-        raise Exhausted(str(err)[:300]) from None
-
-
 def _allowed(pool: str, allowed: tuple[str, ...]) -> str:
     if not glob_allows(allowed, pool):
         raise PermissionDenied(f'pool: "{pool[:64]}" is not among the pools this caller may use')
@@ -118,6 +110,23 @@ class Leaser:
         if await self._store.pool_drained(pool):
             raise FailedPrecondition(f'pool: "{pool}" is drained by an operator')
 
+    @contextmanager
+    def _quota(self, who: Owner) -> Iterator[None]:
+        """A quota refusal from the store, as the client's error (and counted)."""
+        try:
+            yield
+        except QuotaExceeded as err:
+            reason = "queued_quota" if "queued" in str(err) else "lease_quota"
+            self._metrics.owner_refusals.labels(self._metrics.owner_label(who.key), reason).inc()
+            raise Exhausted(str(err)[:300]) from None
+
+    def _count(self, who: Owner, lease: LeaseRow | QueuePlace) -> None:
+        label = self._metrics.owner_label(who.key)
+        if isinstance(lease, LeaseRow):
+            self._metrics.owner_leases.labels(label).inc()
+        else:
+            self._metrics.owner_reservations.labels(label).inc()
+
     def _granted(self, lease: LeaseRow, enqueued_at: datetime | None = None) -> LeaseRow:
         self._on_change(lease.pool)  # one free instance fewer: the pool may need refilling
         self._metrics.leases_granted.labels(lease.pool).inc()
@@ -147,13 +156,14 @@ class Leaser:
             pool = await self._resolve_pool(pool_name, pools)
             structlog.contextvars.bind_contextvars(pool=pool.name)
             now = self._clock()
-            with _quota():
+            with self._quota(who):
                 lease = await self._store.claim_free(
                     pool.name, tag, now, leasing.lease_expiry(expires, now, pool), who
                 )
             if lease is None:
                 await self._refuse_if_drained(pool.name)
                 raise Exhausted(f'pool "{pool.name}": no free instance')
+            self._count(who, lease)
             return self._granted(lease)
         # Over limits.max_waiting_calls a call answers at once, as if it asked no wait.
         waiting = wait > timedelta(0) and self._waiters.admit()
@@ -163,6 +173,7 @@ class Leaser:
             while True:
                 outcome = await self._lease_reserved(pool_name, expires, who, reservation, pools)
                 if isinstance(outcome, LeaseRow):
+                    self._count(who, outcome)
                     return outcome
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopping:
@@ -189,7 +200,7 @@ class Leaser:
                 structlog.contextvars.bind_contextvars(pool=pool.name)
                 now = self._clock()
                 try:
-                    with _quota():
+                    with self._quota(who):
                         first = await self._store.claim_or_enqueue(
                             pool.name,
                             tag,
@@ -209,7 +220,9 @@ class Leaser:
                 assert first.seq is not None
                 self._on_change(pool.name)  # queued demand: provision for it
                 position, length = await self._store.position(pool.name, first.seq)
-                return QueuePlace(rid, pool.name, position, length)
+                place = QueuePlace(rid, pool.name, position, length)
+                self._count(who, place)  # a new reservation in the queue
+                return place
             structlog.contextvars.bind_contextvars(pool=state.pool)
             if state.principal is not None and state.principal != who.principal:
                 raise PermissionDenied(

@@ -8,6 +8,26 @@ _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 _SLOW = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400)
 
 
+OWNER_LABELS = 50  # distinct owners a process labels; later ones are counted as "other"
+
+
+class BoundedLabels:
+    """Label values from clients (owners) kept to a bounded set: the first
+    ``limit`` seen, then "other" (a flood of made-up tags cannot grow the registry)."""
+
+    def __init__(self, limit: int = OWNER_LABELS) -> None:
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return "other"
+        self._seen.add(value)
+        return value
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -83,6 +103,26 @@ class Metrics:
             "vmpool_provider_errors_total",
             "Provider API errors by operation and kind.",
             ["operation", "kind"],
+            registry=r,
+        )
+        self.owner_label = BoundedLabels()
+        self.owner_leases = Counter(
+            "vmpool_owner_leases_total",
+            "Leases granted by owner (the first 50 owners seen; the rest as other).",
+            ["owner"],
+            registry=r,
+        )
+        self.owner_reservations = Counter(
+            "vmpool_owner_reservations_total",
+            "Reservations queued by owner (bounded as vmpool_owner_leases_total).",
+            ["owner"],
+            registry=r,
+        )
+        self.owner_refusals = Counter(
+            "vmpool_owner_refusals_total",
+            "Calls refused by owner and reason (queued_quota, lease_quota, "
+            "permission_denied, unauthenticated).",
+            ["owner", "reason"],
             registry=r,
         )
         self.leader = Gauge(

@@ -23,6 +23,16 @@ from vmpool.metrics import Metrics
 from vmpool.store.errors import StoreUnavailable
 
 log = structlog.get_logger("vmpool.rpc")
+audit_log = structlog.get_logger("vmpool.audit")
+
+# Calls that change nothing; every other call is a state change and gets an audit line.
+_READS = ("Get", "List", "Describe", "Watch", "Check")
+_READ_METHODS = {"Ping", "Pools", "PoolStats"}
+
+
+def is_state_change(method: str) -> bool:
+    return method not in _READ_METHODS and not method.startswith(_READS)
+
 
 current_stream: contextvars.ContextVar[Stream[Any, Any]] = contextvars.ContextVar("stream")
 
@@ -115,6 +125,7 @@ def _wrap(
     role: str | None,
 ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
     method = path.rsplit("/", 1)[-1]
+    audited = is_state_change(method)
     counter = metrics.rpc_requests
     latency = metrics.rpc_duration.labels(method)
 
@@ -125,6 +136,7 @@ def _wrap(
         structlog.contextvars.clear_contextvars()
         code = Status.OK
         message = ""
+        caller = None
         try:
             caller = await auth.authenticate(
                 stream.metadata.items() if stream.metadata else (),
@@ -163,5 +175,17 @@ def _wrap(
                 peer=f"{peer[0]}:{peer[1]}" if peer else "",
                 **({"error": message} if message else {}),
             )
+            if code in (Status.PERMISSION_DENIED, Status.UNAUTHENTICATED):
+                who = caller.principal.name if caller is not None else "unknown"
+                metrics.owner_refusals.labels(metrics.owner_label(who), code.name.lower()).inc()
+            if audited:
+                # principal, service_tag, pool, instance come from the call's context.
+                audit_log.info(
+                    "audit",
+                    action=method,
+                    outcome="ok" if code is Status.OK else code.name,
+                    **({"error": message} if message else {}),
+                    **({"principal": "unknown"} if caller is None else {}),
+                )
 
     return handle

@@ -5,6 +5,7 @@ quota flood from one owner while another is served, certificate rotation."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import ssl
@@ -15,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -23,6 +25,7 @@ from tests.e2e.conftest import Running, lease_when_free
 from tests.e2e.grpcio_stack import GrpcioModules
 from tests.e2e.identity_kit import Issuer, Pki, TlsClient, plaintext_client
 from tests.fakekube.server import FakeKube, ServiceAccountToken
+from tests.server import free_port
 from vmpool.proto.vmpool.admin import v1 as adm
 
 POOLS = [
@@ -125,6 +128,17 @@ async def test_mtls_identities_cannot_touch_each_others_work(
     assert code == "PERMISSION_DENIED"
     listed = leases_of(await o.admin("ListLeases"))
     assert [(x.instance, x.principal) for x in listed] == [(lease.instance, "spiffe://test/alice")]
+    # Every state change has an audit line: who, which tag, pool, instance, outcome.
+    audits = _audit_lines(running)
+    assert {
+        "action": "Return",
+        "outcome": "PERMISSION_DENIED",
+        "principal": "bob.test",
+        "service_tag": "team-a",
+    }.items() <= next(a for a in audits if a["principal"] == "bob.test").items()
+    granted = [a for a in audits if a["action"] == "Lease" and a["outcome"] == "ok"]
+    assert granted[-1]["instance"] == lease.instance and granted[-1]["pool"] == "p"
+    assert granted[-1]["principal"] == "spiffe://test/alice"
     # No client certificate: the handshake is refused; plaintext too.
     code, _ = await code_of(client().ping())
     assert code == "UNAVAILABLE"
@@ -133,6 +147,16 @@ async def test_mtls_identities_cannot_touch_each_others_work(
     code, _ = await code_of(plain.ping())
     assert code == "UNAVAILABLE"
     running.assert_clean_log()
+
+
+def _audit_lines(running: Running) -> list[dict[str, Any]]:
+    out = []
+    for line in running.proc.log().splitlines():
+        if '"audit"' in line:
+            record = json.loads(line)
+            if record.get("event") == "audit":
+                out.append(record)
+    return out
 
 
 @pytest.fixture
@@ -313,11 +337,13 @@ async def test_kubernetes_mode(
 async def test_quota_flood_from_one_owner_leaves_room_for_another(
     start_server: StartServer, pki: Pki, grpcio_modules: GrpcioModules, clients: list[Any]
 ) -> None:
+    admin_port = free_port()
     running = await start_server(
         [{"name": "p", "min_ready": 0, "max_size": 8}],
         name="quota",
         tls=tls_config(pki),
         limits={"max_queued_reservations": 5},
+        admin_listen=f"127.0.0.1:{admin_port}",
     )
     c = TlsClient(running.address, grpcio_modules, pki.ca)
     clients.append(c)
@@ -333,6 +359,19 @@ async def test_quota_flood_from_one_owner_leaves_room_for_another(
     assert (len(admitted), len(refused)) == (5, 25), flood
     rows = await running.sql("SELECT count(*) AS n FROM reservations WHERE owner = 'flood'")
     assert rows[0]["n"] == 5  # refused ones wrote nothing
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{running.proc.metrics_port}/metrics") as resp,
+    ):
+        metrics = await resp.text()
+    assert 'vmpool_owner_refusals_total{owner="flood",reason="queued_quota"} 25.0' in metrics
+    assert 'vmpool_owner_reservations_total{owner="flood"} 5.0' in metrics
+    # admin_listen serves the operators' API only.
+    ops = TlsClient(f"127.0.0.1:{admin_port}", grpcio_modules, pki.ca)
+    clients.append(ops)
+    queued = adm.ListReservationsResponse().parse(await ops.admin("ListReservations"))
+    assert {r.service_tag for r in queued.reservations} == {"flood"}
+    assert (await code_of(ops.pools()))[0] == "UNIMPLEMENTED"
     # Another owner is still served.
     rid = str(uuid.uuid4())
     loop = asyncio.get_running_loop()

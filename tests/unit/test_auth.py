@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
+import jwt
 import pytest
 
 from vmpool.auth.authenticator import Authenticator, is_loopback
@@ -12,7 +15,7 @@ from vmpool.auth.kubernetes import principal_of_review
 from vmpool.auth.mtls import identity_of
 from vmpool.auth.oidc import claims_principal
 from vmpool.auth.policy import glob_allows, grant_for, subject_matches
-from vmpool.auth.principal import ANONYMOUS, Principal, Unauthenticated
+from vmpool.auth.principal import ANONYMOUS, AuthUnavailable, Principal, Unauthenticated
 from vmpool.auth.tokens import bearer_token
 from vmpool.config import parse_config
 
@@ -171,3 +174,35 @@ async def test_mode_mtls_needs_a_certificate() -> None:
         await auth.authenticate([], ("127.0.0.1", 1), None)
     who = await auth.authenticate([], None, {"subject": ((("commonName", "ci"),),)})
     assert who.owner("ci-1") == "ci"
+
+
+async def test_jwt_keys_are_fetched_again_for_an_unknown_kid(tmp_path: Path) -> None:
+    from tests.e2e.identity_kit import Issuer
+    from vmpool.auth.oidc import REFRESH_GAP, JwtVerifier
+    from vmpool.config import JwtAuthConfig
+
+    issuer = Issuer()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(issuer.jwks()))
+    now = [1000.0]
+    verifier = JwtVerifier(
+        JwtAuthConfig(issuer=issuer.url, audiences=["vmpool"], jwks_file=str(jwks)),
+        mono=lambda: now[0],
+    )
+    assert (await verifier.authenticate(issuer.token("a", groups=("g",)))).groups == ("g",)
+    issuer.rotate()
+    jwks.write_text(json.dumps(issuer.jwks()))
+    fresh = issuer.token("b")
+    with pytest.raises(Unauthenticated, match="unknown key"):
+        await verifier.authenticate(fresh)  # within the refresh gap: not fetched again
+    now[0] += REFRESH_GAP
+    assert (await verifier.authenticate(fresh)).name == "b"
+    # The key set disappears: known keys still verify, unknown ones are UNAVAILABLE.
+    jwks.unlink()
+    now[0] += REFRESH_GAP
+    assert (await verifier.authenticate(issuer.token("c"))).name == "c"
+    issuer.rotate()
+    with pytest.raises(AuthUnavailable):
+        await verifier.authenticate(issuer.token("d"))
+    with pytest.raises(Unauthenticated, match="algorithm"):
+        await verifier.authenticate(jwt.encode({"sub": "x"}, "s" * 32, algorithm="HS256"))
