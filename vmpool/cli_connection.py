@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from grpclib.client import Channel
+from grpclib.config import Configuration
 
 from vmpool.cli_errors import usage
 from vmpool.durations import parse_duration
@@ -87,6 +88,12 @@ def add_connection_flags(
         help="client certificate (PEM), for mTLS (default: none)",
     )
     group.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        default=default(""),
+        help="name to verify in the server's certificate (default: the --server host)",
+    )
+    group.add_argument(
         "--key", metavar="FILE", default=default(""), help="key of --cert (PEM; default: none)"
     )
     group.add_argument(
@@ -146,7 +153,7 @@ def timeout_seconds(args: argparse.Namespace) -> float:
 def client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The client's TLS context from --tls/--ca/--cert/--key; None for plaintext."""
     ca, cert, key = getattr(args, "ca", ""), getattr(args, "cert", ""), getattr(args, "key", "")
-    if not (getattr(args, "tls", False) or ca or cert):
+    if not (getattr(args, "tls", False) or ca or cert or getattr(args, "tls_server_name", "")):
         return None
     if bool(cert) != bool(key):
         raise usage("--cert and --key go together")
@@ -176,7 +183,13 @@ def auth_metadata(args: argparse.Namespace) -> dict[str, str]:
 async def connect(args: argparse.Namespace) -> AsyncIterator[Connection]:
     host, port = parse_server(args.server)
     timeout = timeout_seconds(args)
-    channel = Channel(host, port, ssl=client_tls(args))
+    name = getattr(args, "tls_server_name", "")
+    channel = Channel(
+        host,
+        port,
+        ssl=client_tls(args),
+        config=Configuration(ssl_target_name_override=name) if name else None,
+    )
     try:
         yield Connection(channel, timeout, auth_metadata(args))
     finally:

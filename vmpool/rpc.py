@@ -16,7 +16,7 @@ from grpclib.server import Stream
 
 from vmpool import leasing
 from vmpool.auth.authenticator import Authenticator
-from vmpool.auth.caller import current_caller, require_role
+from vmpool.auth.caller import PUBLIC, current_caller, require_role
 from vmpool.auth.principal import AuthUnavailable, Unauthenticated
 from vmpool.echo import status_message
 from vmpool.metrics import Metrics
@@ -105,11 +105,21 @@ class _Instrumented:
         self._gate = gate
         self._auth = auth
         self._role: str | None = getattr(service, "required_role", None)
+        # Methods anyone may call without credentials (Ping: readiness probes).
+        self._public: frozenset[str] = getattr(service, "public_methods", frozenset())
 
     def __mapping__(self) -> dict[str, Handler]:
         out = {}
         for path, handler in self._service.__mapping__().items():
-            wrapped = _wrap(path, handler.func, self._metrics, self._gate, self._auth, self._role)
+            public = path.rsplit("/", 1)[-1] in self._public
+            wrapped = _wrap(
+                path,
+                handler.func,
+                self._metrics,
+                self._gate,
+                None if public else self._auth,
+                self._role,
+            )
             out[path] = Handler(
                 wrapped, handler.cardinality, handler.request_type, handler.reply_type
             )
@@ -121,9 +131,10 @@ def _wrap(
     func: Callable[[Stream[Any, Any]], Awaitable[None]],
     metrics: Metrics,
     gate: Gate,
-    auth: Authenticator,
+    auth: Authenticator | None,
     role: str | None,
 ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
+    """``auth`` None: a public method, served without credentials."""
     method = path.rsplit("/", 1)[-1]
     audited = is_state_change(method)
     counter = metrics.rpc_requests
@@ -138,13 +149,16 @@ def _wrap(
         message = ""
         caller = None
         try:
-            caller = await auth.authenticate(
-                stream.metadata.items() if stream.metadata else (),
-                stream.peer.addr() if stream.peer else None,
-                stream.peer.cert() if auth.needs_cert and stream.peer else None,
-            )
-            current_caller.set(caller)
-            structlog.contextvars.bind_contextvars(principal=caller.principal.name[:128])
+            if auth is not None:
+                caller = await auth.authenticate(
+                    stream.metadata.items() if stream.metadata else (),
+                    stream.peer.addr() if stream.peer else None,
+                    stream.peer.cert() if auth.needs_cert and stream.peer else None,
+                )
+                current_caller.set(caller)
+                structlog.contextvars.bind_contextvars(principal=caller.principal.name[:128])
+            else:
+                current_caller.set(PUBLIC)
             if role is not None:
                 require_role(role)
             await func(stream)

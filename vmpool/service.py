@@ -80,6 +80,9 @@ def requested_wait() -> timedelta:
 
 
 class LeaseService:
+    # Ping answers without credentials (readiness probes); it tells nothing.
+    public_methods = frozenset({"Ping"})
+
     def __init__(self, leaser: Leaser, config: Config, db_health: DatabaseHealth) -> None:
         self._leaser = leaser
         self._config = config

@@ -221,7 +221,9 @@ async def test_jwt_mode(
     base = ["--server", running.address, "--ca", str(pki.ca), "-o", "json"]
     ok = await _cli([*base, "--token-file", str(token_file), "pools"])
     assert ok[0] == 0 and '"p"' in ok[1], ok
-    ok = await _cli([*base, "pools"], VMPOOL_TOKEN=issuer.token("erin"))
+    ok = await _cli(
+        [*base, "--tls-server-name", "localhost", "pools"], VMPOOL_TOKEN=issuer.token("erin")
+    )
     assert ok[0] == 0, ok
     refused = await _cli([*base, "pools"])
     assert refused[0] != 0 and "UNAUTHENTICATED" in refused[2], refused
@@ -419,3 +421,22 @@ async def test_rotated_certificates_serve_new_connections_and_keep_old_ones(
     assert after != before
     assert await c.ping() == "pong"  # the connection opened before still works
     assert "tls certificates reloaded" in running.proc.log()
+
+
+async def test_ping_needs_no_credentials_but_leasing_does(
+    start_server: StartServer, pki: Pki, grpcio_modules: GrpcioModules, clients: list[Any]
+) -> None:
+    issuer = Issuer()
+    jwks = pki.root / "jwks.json"
+    jwks.write_text(json.dumps(issuer.jwks()))
+    running = await start_server(
+        POOLS,
+        name="ping",
+        tls=tls_config(pki),
+        auth={"mode": "jwt", "jwt": {"issuer": issuer.url, "jwks_file": str(jwks)}},
+    )
+    anonymous = TlsClient(running.address, grpcio_modules, pki.ca)
+    clients.append(anonymous)
+    assert await anonymous.ping() == "pong"  # readiness probes carry no token
+    assert (await code_of(anonymous.pools()))[0] == "UNAUTHENTICATED"
+    assert (await code_of(anonymous.admin("PoolStats")))[0] == "UNAUTHENTICATED"

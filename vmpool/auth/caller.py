@@ -25,6 +25,8 @@ _UNRESTRICTED = Caller(
     ANONYMOUS,
     Grant("anonymous", frozenset({"lease", "pools", "admin"}), ("*",), ("*",), 0, 0),
 )
+# A public method's caller (no credentials asked): no roles at all.
+PUBLIC = Caller(ANONYMOUS, Grant("public", frozenset(), (), (), 0, 0))
 current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar(
     "caller", default=_UNRESTRICTED
 )
