@@ -19,6 +19,7 @@ from vmpool.clock import utcnow
 from vmpool.codec import SafeProtoCodec
 from vmpool.config import Config
 from vmpool.dbhealth import DatabaseHealth
+from vmpool.describers import build_describer
 from vmpool.extension import ExtensionService
 from vmpool.h2guard import GuardedServer, GuardSettings
 from vmpool.leaser import Leaser
@@ -135,7 +136,10 @@ async def _serve(
         probe = ProbeConnection(url)  # readiness never waits behind client calls
         lease_service = LeaseService(leaser, config, DatabaseHealth(probe))
         admin = AdminService(inventory, leases, config, utcnow, metrics, background.wake)
-        extension = ExtensionService(leaser, leases, utcnow, background.wake)
+        describer = build_describer(config, db)
+        extension = ExtensionService(
+            leaser, leases, utcnow, background.wake, describe=describer.describe
+        )
         health = Health({OVERALL: [serving], lease_service: [serving]})
         # Services for operators (the admin API; VMPoolService joins them): on the
         # lease port, and alone on admin_listen when that is set.
@@ -206,6 +210,7 @@ async def _serve(
                 await asyncio.wait_for(s.wait_closed(), 5)
         await background.stop()
         await probe.close()
+        await describer.close()
     finally:
         try:
             await asyncio.wait_for(db.close(), 5)

@@ -11,12 +11,15 @@ from typing import Any
 
 from betterproto import Casing
 from betterproto.lib.google.protobuf import Empty
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
 from vmpool.cli_base import Registry
 from vmpool.cli_connection import Connection
 from vmpool.cli_errors import usage
 from vmpool.durations import format_duration, parse_duration
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
+from vmpool.proto.vmpool.admin import v1 as adm
 
 
 def rfc3339(ts: datetime) -> str:
@@ -45,19 +48,53 @@ def lease_dict(lease: api.Lease) -> dict[str, Any]:
     }
 
 
-def print_lease(args: argparse.Namespace, lease: api.Lease) -> None:
-    d = lease_dict(lease)
+def details_dict(details: adm.InstanceDetails) -> dict[str, Any]:
+    """DescribeInstance's answer, as the keys `vmpool get --output json` adds."""
+    return {
+        "addresses": list(details.addresses),
+        "node": details.node,
+        "phase": details.phase,
+        "leased_at": rfc3339(details.leased_at),
+        "owner": details.owner,
+        "reservation_id": details.reservation_id,
+    }
+
+
+async def describe(conn: Connection, lease: api.Lease) -> dict[str, Any]:
+    """The lease with its connection details; just the lease from a server that
+    has no DescribeInstance (or has ended the lease meanwhile)."""
+    out = lease_dict(lease)
+    try:
+        reply = await conn.extension.describe_instance(
+            adm.DescribeInstanceRequest(instance=lease.instance),
+            timeout=conn.timeout,
+            metadata=conn.call_metadata(),
+        )
+    except GRPCError as err:
+        if err.status in (Status.UNIMPLEMENTED, Status.NOT_FOUND):
+            return out
+        raise
+    return out | details_dict(reply.instance)
+
+
+def print_lease(args: argparse.Namespace, d: dict[str, Any]) -> None:
     if args.output == "json":
         print(json.dumps(d))
         return
     if getattr(args, "quiet", False):
         print(d["instance"])
         return
-    left = timedelta(seconds=round((lease.expires - datetime.now(UTC)).total_seconds()))
+    expires = datetime.fromisoformat(d["expires"].replace("Z", "+00:00"))
+    left = timedelta(seconds=round((expires - datetime.now(UTC)).total_seconds()))
     print(
         f"{d['instance']}  pool={d['pool']}  zone={d['zone'] or '-'}  "
         f"expires={d['expires']} (in {format_duration(left)})"
     )
+    if "addresses" in d:
+        print(
+            f"  address={','.join(d['addresses']) or '-'}  node={d['node'] or '-'}  "
+            f"phase={d['phase'] or '-'}  leased_at={d['leased_at']}  owner={d['owner'] or '-'}"
+        )
 
 
 async def ping(args: argparse.Namespace, conn: Connection) -> None:
@@ -101,7 +138,8 @@ async def lease(args: argparse.Namespace, conn: Connection) -> None:
         progress=sys.stderr,
         progress_json=args.output == "json",
     )
-    print_lease(args, got)
+    # -q prints the name only: no need for the details.
+    print_lease(args, lease_dict(got) if args.quiet else await describe(conn, got))
 
 
 async def get(args: argparse.Namespace, conn: Connection) -> None:
@@ -110,7 +148,7 @@ async def get(args: argparse.Namespace, conn: Connection) -> None:
         timeout=conn.timeout,
         metadata=conn.call_metadata(),
     )
-    print_lease(args, reply.lease)
+    print_lease(args, await describe(conn, reply.lease))
 
 
 async def extend(args: argparse.Namespace, conn: Connection) -> None:
@@ -131,7 +169,7 @@ async def extend(args: argparse.Namespace, conn: Connection) -> None:
             "asked for (capped by the pool, or --extend-only)",
             file=sys.stderr,
         )
-    print_lease(args, reply.lease)
+    print_lease(args, lease_dict(reply.lease))
 
 
 async def return_(args: argparse.Namespace, conn: Connection) -> None:
@@ -204,7 +242,7 @@ def register(reg: Registry) -> None:
     p = reg.client(
         "get",
         get,
-        help="show an instance's lease",
+        help="show an instance's lease and how to reach it (addresses, node, phase)",
         examples=["vmpool get vmp-3f30-x9t7q72u", "vmpool get $INSTANCE --output json"],
     )
     p.add_argument("instance", metavar="INSTANCE", help="the instance name (vmp-...)")

@@ -78,14 +78,25 @@ async def test_cli_tour(server: Running) -> None:
     ]
 
     lease = ok_json(vmpool(server, "lease", "--pool", "alpha", "--output", "json"))
-    assert set(lease) == {"instance", "pool", "expires", "zone"}
+    assert set(lease) == {
+        *("instance", "pool", "expires", "zone"),  # the lease API's Lease
+        *("addresses", "node", "phase", "leased_at", "owner", "reservation_id"),  # DescribeInstance
+    }
     assert lease["instance"].startswith("vmp-") and lease["pool"] == "alpha" and lease["zone"]
+    # Something to connect to: the fake provider's made-up address, node and phase.
+    assert len(lease["addresses"]) == 1 and lease["addresses"][0].startswith("10."), lease
+    assert lease["node"].startswith("fake-node-") and lease["phase"] == "Running", lease
+    assert lease["owner"] == "cli-tour" and near(
+        datetime.fromisoformat(lease["leased_at"].replace("Z", "+00:00")), datetime.now(UTC)
+    )
     assert near(expires(lease), datetime.now(UTC) + timedelta(minutes=30))
     name = lease["instance"]
 
     assert ok_json(vmpool(server, "get", name, "--output", "json")) == lease
     text = vmpool(server, "get", name)
     assert text.returncode == 0 and name in text.stdout and "alpha" in text.stdout
+    assert f"address={lease['addresses'][0]}" in text.stdout, text.stdout
+    assert f"node={lease['node']}" in text.stdout and "phase=Running" in text.stdout
 
     longer = ok_json(vmpool(server, "extend", name, "2h", "--output", "json"))
     assert near(expires(longer), datetime.now(UTC) + timedelta(hours=2))

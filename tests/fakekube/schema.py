@@ -16,13 +16,23 @@ CIRROS_EXAMPLE = SHARED / "kubevirt" / "vm-cirros.yaml"
 
 
 @functools.cache
-def vm_validator() -> jsonschema.Draft4Validator:
+def validator(definition: str = "v1.VirtualMachine") -> jsonschema.Draft4Validator:
     definitions = json.loads(SWAGGER.read_text())["definitions"]
-    schema = {"$ref": "#/definitions/v1.VirtualMachine", "definitions": definitions}
+    schema = {"$ref": f"#/definitions/{definition}", "definitions": definitions}
     return jsonschema.Draft4Validator(schema)
 
 
-def vm_errors(obj: Any) -> list[str]:
-    """Every way ``obj`` breaks the v1.VirtualMachine schema, as readable strings."""
-    found = sorted(vm_validator().iter_errors(obj), key=lambda e: list(e.absolute_path))
+def schema_errors(obj: Any, definition: str) -> list[str]:
+    """Every way ``obj`` breaks the swagger ``definition``, as readable strings."""
+    found = sorted(validator(definition).iter_errors(obj), key=lambda e: list(e.absolute_path))
     return [f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in found]
+
+
+def vm_errors(obj: Any) -> list[str]:
+    """Every way ``obj`` breaks the v1.VirtualMachine schema."""
+    return schema_errors(obj, "v1.VirtualMachine")
+
+
+def vmi_errors(obj: Any) -> list[str]:
+    """Every way ``obj`` breaks the v1.VirtualMachineInstance schema."""
+    return schema_errors(obj, "v1.VirtualMachineInstance")

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import itertools
 import json
 import random
@@ -768,7 +769,9 @@ class FakeKube:
         await asyncio.sleep(step)
         if self._vm(namespace, name) is None:
             return
-        self._set_vmi_status(namespace, name, phase="Running")
+        self._set_vmi_status(
+            namespace, name, phase="Running", interfaces=_vmi_interfaces(template, name)
+        )
         self._set_vm_status(
             namespace,
             name,
@@ -828,6 +831,33 @@ class FakeKube:
         await asyncio.sleep(self.delete_delay)
         self._remove(VMIS, namespace, name)
         self._remove(VMS, namespace, name)
+
+
+def _vmi_interfaces(template: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """status.interfaces as virt-handler reports them once the guest is up: one per
+    interface of the template (KubeVirt adds a "default" pod network when none is
+    given), with an address from the VM's name (pod network 10.244.0.0/16)."""
+    spec = template.get("spec") or {}
+    devices = ((spec.get("domain") or {}).get("devices")) or {}
+    names = [i.get("name", "") for i in devices.get("interfaces") or []] or ["default"]
+    out = []
+    for index, net in enumerate(names):
+        digest = hashlib.sha256(f"{name}/{net}".encode()).digest()
+        ip = f"10.244.{digest[0]}.{digest[1] % 254 + 1}"
+        out.append(
+            {
+                "name": net,
+                "interfaceName": f"eth{index}",
+                "ipAddress": ip,
+                "ipAddresses": [ip],
+                "mac": "02:" + ":".join(f"{b:02x}" for b in digest[2:7]),
+                "infoSource": "domain, guest-agent",
+                "linkState": "up",
+                "queueCount": 1,
+                "podInterfaceName": f"pod{digest[7]:02x}" if index else "eth0",
+            }
+        )
+    return out
 
 
 @contextlib.asynccontextmanager

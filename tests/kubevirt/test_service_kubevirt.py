@@ -38,6 +38,7 @@ from tests.pg import TestPostgres
 from tests.polling import eventually
 from tests.server import ServerProcess
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
+from vmpool.proto.vmpool.admin import v1 as adm
 from vmpool.providers.kubevirt_manifest import (
     DEPLOYMENT_LABEL,
     INSTANCE_LABEL,
@@ -378,6 +379,16 @@ async def test_lease_zone_comes_from_the_node(svc: Svc) -> None:
     rows = await svc.rows("small")
     assert rows[lease.instance] == ("leased", lease.zone)
     await svc.assert_zones("small")
+    # DescribeInstance: what to connect to, from the VMI's status.
+    assert svc.channel is not None
+    reply = await adm.VmPoolExtensionServiceStub(svc.channel).describe_instance(
+        adm.DescribeInstanceRequest(instance=lease.instance), timeout=5
+    )
+    vmi = svc.fake.get_object(VMIS, svc.namespace, lease.instance)
+    assert vmi is not None
+    assert reply.instance.addresses == vmi["status"]["interfaces"][0]["ipAddresses"]
+    assert reply.instance.node == vmi["status"]["nodeName"] and reply.instance.phase == "Running"
+    assert (reply.instance.pool, reply.instance.zone) == ("small", lease.zone)
     await svc.return_(lease.instance)
 
 

@@ -19,7 +19,7 @@ from types import MappingProxyType
 from vmpool.batching import MicroBatcher
 from vmpool.clock import Clock, utcnow
 from vmpool.config import FakeProviderConfig, PoolConfig
-from vmpool.providers.base import VMPhase, VMStatus
+from vmpool.providers.base import VMDetails, VMPhase, VMStatus
 from vmpool.store.fakecloud import FakeCloud, FakeVM
 
 ZONES = ("fake-zone-a", "fake-zone-b", "fake-zone-c")
@@ -108,3 +108,29 @@ class FakeProvider:
         reason = "simulated boot failure" if phase is VMPhase.FAILED else ""
         self._vms[vm.name] = vm
         self._status[vm.name] = VMStatus(vm.name, vm.pool, phase, vm.zone, reason)
+
+
+def fake_details(vm: FakeVM, now: datetime) -> VMDetails:
+    """Made-up but stable connection details: an address in 10.0.0.0/8 and a node
+    per zone, both from the VM's name; the phase as KubeVirt would word it."""
+    digest = hashlib.sha256(vm.name.encode()).digest()
+    address = f"10.{digest[0]}.{digest[1]}.{digest[2] % 254 + 1}"
+    phase = "Pending" if vm.ready_at > now else "Failed" if vm.fails else "Running"
+    return VMDetails(
+        addresses=(address,), node=f"fake-node-{vm.zone.rsplit('-', 1)[-1]}", phase=phase
+    )
+
+
+class FakeDescriber:
+    """DescribeInstance for simulated VMs: one read of fake_vms."""
+
+    def __init__(self, cloud: FakeCloud, clock: Clock = utcnow) -> None:
+        self._cloud = cloud
+        self._clock = clock
+
+    async def describe(self, name: str) -> VMDetails | None:
+        vm = await self._cloud.get(name)
+        return None if vm is None else fake_details(vm, self._clock())
+
+    async def close(self) -> None:
+        return None

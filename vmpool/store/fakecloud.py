@@ -46,3 +46,8 @@ class FakeCloud:
     async def list(self) -> list[FakeVM]:
         async with translated():
             return [FakeVM(*r) for r in await self._pool.fetch(sql.FAKE_LIST)]
+
+    async def get(self, name: str) -> FakeVM | None:
+        async with translated():
+            row = await self._pool.fetchrow(sql.FAKE_GET, name)
+        return FakeVM(*row) if row else None

@@ -428,3 +428,5 @@ WITH gone AS (
 )
 SELECT pool, instance, pg_notify('vmpool_wake', 'cancel') FROM gone
 """
+
+FAKE_GET = FAKE_LIST + " WHERE name = $1"
