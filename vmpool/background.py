@@ -1,10 +1,25 @@
-"""The background work: reconciler, provider watches and leader election, on an
+"""The background work: reconciler, provider watches and leadership, on an
 event loop of its own in a thread.
 
-A storm of RPCs saturating the serving loop then delays a reconcile pass by a
-GIL switch (milliseconds), not by the loop's whole backlog, and a long pass no
-longer holds up RPCs. The two loops talk only through thread-safe calls:
-``wake`` in, ``on_assigned`` and ``on_fatal`` out.
+Why a thread: a storm of RPCs saturating the serving loop then delays a
+reconcile pass by a GIL switch (milliseconds), not by the loop's whole
+backlog, and a long pass never holds up RPCs. With ``--role reconciler`` the
+same code runs in a process of its own (no RPCs), and with ``--role api``
+only the LISTEN half of the control connection runs here (no reconciler).
+
+Every call that crosses the two threads, and how (tests/unit/test_background.py):
+
+- ``wake(pool)``     serving -> background: the pool goes into the reconciler's
+                     Inbox (a lock); one ``call_soon_threadsafe`` is scheduled
+                     unless one is already pending, so a wake-up is never
+                     dropped, only merged with one that has not run yet.
+- ``is_leader()``    serving reads two fields the background thread writes
+                     (a bool and a float: atomic under the GIL).
+- ``stop()``         serving -> background: ``call_soon_threadsafe(stop.set)``,
+                     then joins the thread (bounded).
+- ``on_assigned``, ``on_fatal``  background -> serving: the callbacks given
+                     by the composition root, which hop with
+                     ``call_soon_threadsafe`` (vmpool/app.py).
 """
 
 from __future__ import annotations
@@ -13,7 +28,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-import time
 from collections.abc import Callable
 
 import structlog
@@ -32,7 +46,7 @@ from vmpool.store.inventory import Inventory
 
 log = structlog.get_logger("vmpool")
 
-WAKE_EVERY = 0.01  # seconds: at most this often, one cross-thread wake-up
+ROLES = ("all", "api", "reconciler")
 
 
 class StartupError(Exception):
@@ -58,9 +72,12 @@ class Background:
         *,
         on_assigned: Callable[[str], None],
         on_fatal: Callable[[str], None],
+        reconcile: bool = True,
     ) -> None:
-        """``on_assigned`` and ``on_fatal`` are called from the background thread."""
+        """``on_assigned`` and ``on_fatal`` are called from the background thread.
+        ``reconcile=False`` (role api): LISTEN only, never lead."""
         self._config = config
+        self._reconcile = reconcile
         self._url = url
         self._metrics = metrics
         self._on_assigned = on_assigned
@@ -72,7 +89,6 @@ class Background:
         self._reconciler: Reconciler | None = None
         self._control: Control | None = None
         self._wake_pending = False
-        self._last_wake = -1e9
         self._inbox = Inbox()
 
     async def start(self) -> None:
@@ -82,23 +98,23 @@ class Background:
 
     def wake(self, pool: str | None = None) -> None:
         """Ask the reconciler for a pass soon over ``pool`` (None: every pool), from
-        any thread. The news goes to the reconciler's inbox; waking its loop costs
-        a system call, so that is done at most every WAKE_EVERY seconds (a busy
-        reconciler reads its inbox after each pass anyway)."""
+        any thread. The news goes to the reconciler's inbox first; then one hop
+        to its loop is scheduled unless one is pending already (that one runs
+        after this put, so it carries this news too: nothing is dropped)."""
         self._inbox.put(pool)
+        if self._wake_pending:
+            return
         loop = self._loop
-        now = time.monotonic()
-        if self._wake_pending or now - self._last_wake < WAKE_EVERY:
-            return
         if loop is None or self._reconciler is None or loop.is_closed():
-            return
+            return  # not started (the first pass reads the inbox) or stopping
         self._wake_pending = True
-        self._last_wake = now
-        with contextlib.suppress(RuntimeError):  # closed meanwhile: shutting down
+        try:
             loop.call_soon_threadsafe(self._woken)
+        except RuntimeError:  # closed meanwhile: shutting down
+            self._wake_pending = False
 
     def _woken(self) -> None:
-        self._wake_pending = False
+        self._wake_pending = False  # first: a put after this schedules a new hop
         if self._reconciler is not None:
             self._reconciler.wake_pools(())  # the news is in its inbox
 
@@ -135,22 +151,37 @@ class Background:
             self._ready.set_exception(StartupError(f"database_url: {err}"))
             return
         try:
+            interval = config.reconcile_interval.total_seconds()
+            if not self._reconcile:
+                control = Control(self._url, interval, lambda: None, self._on_assigned, lead=False)
+                self._control = control
+                self._ready.set_result(None)
+                await self._work(None, control)
+                return
+            reconciler: Reconciler | None = None
+
+            def woken() -> None:
+                if reconciler is not None:
+                    reconciler.wake()
+
+            control = Control(
+                self._url,
+                interval,
+                on_wake=woken,
+                on_assigned=self._on_assigned,
+                on_leadership=lambda _leading: woken(),
+                ttl=config.reconciler.leader_ttl.total_seconds(),
+            )
             provider = build_provider(config, db, self._metrics)
             reconciler = Reconciler(
-                Inventory(db),
+                Inventory(db, fence=control.fence),
                 provider,
                 config,
                 utcnow,
                 self._metrics,
                 self._on_assigned,
                 inbox=self._inbox,
-            )
-            control = Control(
-                self._url,
-                config.reconcile_interval.total_seconds(),
-                on_wake=reconciler.wake,
-                on_assigned=self._on_assigned,
-                on_leadership=lambda _leading: reconciler.wake(),
+                on_fenced=control.step_down,
             )
             self._reconciler, self._control = reconciler, control
             try:
@@ -159,26 +190,38 @@ class Background:
                 self._ready.set_exception(StartupError(f"provider {config.provider.kind}: {err}"))
                 return
             self._ready.set_result(None)
-            await self._work(reconciler, control)
-            await provider.close()
-            await control.close()
+            try:
+                await self._work(reconciler, control)
+            finally:
+                await provider.close()
         finally:
+            if self._control is not None:
+                await self._control.close()
             await db.close()
 
-    async def _work(self, reconciler: Reconciler, control: Control) -> None:
+    async def _work(self, reconciler: Reconciler | None, control: Control) -> None:
+        """Run until stopped. Shutdown order: the reconciler stops and its
+        provider calls finish or are cancelled; only then does the control
+        loop end, releasing leadership (a follower takes over at once)."""
         stop = self._stop
         assert stop is not None
+        control_stop = asyncio.Event()
 
         def died(task: asyncio.Task[None]) -> None:
-            if not stop.is_set() and not task.cancelled():
+            expected = control_stop if task.get_name() == "control" else stop
+            if not expected.is_set() and not task.cancelled():
                 error = repr(task.exception())
                 log.error("background task ended unexpectedly", task=task.get_name(), error=error)
                 stop.set()
+                control_stop.set()
                 self._on_fatal(f"{task.get_name()}: {error}")
 
         async with asyncio.TaskGroup() as tasks:
-            for name, coro in (
-                ("control", control.run(stop)),
-                ("reconciler", reconciler.run(stop, control.is_leader)),
-            ):
-                tasks.create_task(coro, name=name).add_done_callback(died)
+            tasks.create_task(control.run(control_stop), name="control").add_done_callback(died)
+            if reconciler is not None:
+                work = tasks.create_task(reconciler.run(stop, control.is_leader), name="reconciler")
+                work.add_done_callback(died)
+                await asyncio.wait([work])
+            else:
+                await stop.wait()
+            control_stop.set()

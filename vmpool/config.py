@@ -218,6 +218,23 @@ class LimitsConfig(_Strict):
         return value
 
 
+class ReconcilerConfig(_Strict):
+    """The background work's own keys (leadership, housekeeping)."""
+
+    # A leader trusts itself until its last renewal + leader_ttl (less a
+    # margin); a follower takes over once that has passed in the database.
+    leader_ttl: Duration = timedelta(seconds=10)
+    # Ended leases kept in lease_history this long, then deleted in batches.
+    lease_history_retention: Duration = timedelta(days=30)
+
+    @field_validator("leader_ttl", "lease_history_retention")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be positive")
+        return value
+
+
 class Config(_Strict):
     listen: str = "0.0.0.0:50051"
     metrics_listen: str = "0.0.0.0:9090"
@@ -233,6 +250,7 @@ class Config(_Strict):
     auth: AuthConfig = AuthConfig()
     admin_listen: str = ""
     limits: LimitsConfig = LimitsConfig()
+    reconciler: ReconcilerConfig = ReconcilerConfig()
 
     @field_validator("listen", "metrics_listen", "admin_listen")
     @classmethod

@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from vmpool.backoff import Backoff, Monotonic
+from vmpool.backoff import Backoff, Monotonic, Retry
 from vmpool.clock import Clock
 from vmpool.config import Config, PoolConfig
 from vmpool.metrics import Metrics
@@ -55,7 +55,7 @@ from vmpool.planner import (
 )
 from vmpool.providers.base import Provider, VMPhase
 from vmpool.providers.errors import Invalid, ProviderError
-from vmpool.store.errors import StoreUnavailable
+from vmpool.store.errors import NotLeader, StoreError, StoreUnavailable
 from vmpool.store.inventory import INSTANCE_STATES, Inventory, Summary
 
 log = structlog.get_logger("vmpool.reconciler")
@@ -65,6 +65,9 @@ RESYNC = 30.0  # seconds between full comparisons of rows and VMs (drift)
 RECREATE_AFTER = 30.0  # a provisioning row with no VM this long after create: create again
 BUSY_PAUSE = 0.05  # between passes while there is work
 MIN_GAP = 0.1  # at least this between pass starts: under a storm, batch, don't spin
+PRUNE_EVERY = 60.0  # seconds between lease_history retention runs
+PRUNE_BATCH = 1000  # rows per delete: short transactions, no long locks
+PRUNE_BATCHES = 20  # per run at most; the next run goes on
 
 
 _names = random.Random(secrets.randbits(128))  # unique enough; no syscall per name
@@ -114,6 +117,7 @@ class Reconciler:
         inbox: Inbox | None = None,
         concurrency: int = 32,
         monotonic: Monotonic = time.monotonic,
+        on_fenced: Callable[[], None] = lambda: None,
     ) -> None:
         self._inv = inventory
         self._provider = provider
@@ -129,6 +133,10 @@ class Reconciler:
         self._attempts = Backoff(base=2.0, cap=60.0, clock=monotonic)  # per VM name
         self._pool_backoff = Backoff(base=5.0, cap=300.0, clock=monotonic)  # per pool: boots fail
         self._targets: dict[str, PoolTarget] = {}  # as of the last plan
+        self._on_fenced = on_fenced  # a write found we no longer lead
+        self._failing = Retry(base=0.2, cap=10.0)  # consecutive failed passes
+        self._failing_delay = 0.0
+        self._last_prune = -1e18
         self._created_at: dict[str, float] = {}  # name -> monotonic of a successful create
         self._orphans: dict[str, datetime] = {}  # name -> first seen without a row
         self._last_resync = -1e9
@@ -168,6 +176,9 @@ class Reconciler:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event, is_leader: Callable[[], bool]) -> None:
+        """Passes while leading, until ``stop``; then the provider calls in flight
+        finish or are cancelled before this returns (and leadership is released
+        by the caller only after that)."""
         interval = self._config.reconcile_interval.total_seconds()
         was_leading = False
         while not stop.is_set():
@@ -177,15 +188,14 @@ class Reconciler:
             if leading:
                 started = self._mono()
                 busy = await self._guarded_pass()
-                gap = MIN_GAP - (self._mono() - started)
-                if gap > 0:
+                pause = MIN_GAP - (self._mono() - started)
+                if self._failing.attempt:
+                    pause = max(pause, self._failing_delay)
+                if pause > 0:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), gap)
+                        await asyncio.wait_for(stop.wait(), pause)
             elif was_leading:
-                self._metrics.clear_pool_gauges()  # the new leader exports them
-                self._exported.clear()
-                self._seen.clear()
-                self._last_resync = -1e9  # if we lead again, start from a full view
+                await self._stepped_down()
             was_leading = leading
             if stop.is_set():
                 break
@@ -198,29 +208,59 @@ class Reconciler:
             self._wake.clear()
         await self.drain_calls()
 
+    async def _stepped_down(self) -> None:
+        """No longer leader: stop our provider calls, forget what we saw."""
+        await self.drain_calls(timeout=0)
+        self._metrics.clear_pool_gauges()  # the new leader exports them
+        self._exported.clear()
+        self._seen.clear()
+        self._last_resync = -1e9  # if we lead again, start from a full view
+        self._full_due = True
+
     async def drain_calls(self, timeout: float = 5.0) -> None:
         """Let in-flight provider calls finish (bounded), then cancel the rest."""
         tasks = list(self._inflight.values())
         if not tasks:
             return
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        pending = set(tasks)
+        if timeout > 0:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
     async def _guarded_pass(self) -> bool:
+        """One pass; a failing one is logged (with its traceback if it is not a
+        known outage) and the next pass runs, after a backoff while they fail."""
         start = time.perf_counter()
         try:
-            return await self.pass_once()
+            changed = await self.pass_once()
+            self._failing.reset()
+            return changed
+        except NotLeader as err:
+            self._metrics.reconcile_errors.labels("fenced").inc()
+            log.warning("reconcile pass stopped: leadership lost", error=str(err))
+            self._on_fenced()
         except StoreUnavailable as err:
             self._metrics.reconcile_errors.labels("store").inc()
-            log.warning("reconcile pass failed", error=str(err))
+            self._failed_pass()
+            log.warning("reconcile pass failed", error=str(err), retry_in_s=self._failing_delay)
         except ProviderError as err:
             self._metrics.reconcile_errors.labels("provider").inc()
-            log.warning("reconcile pass failed", error=str(err)[:256])
+            self._failed_pass()
+            log.warning(
+                "reconcile pass failed", error=str(err)[:256], retry_in_s=self._failing_delay
+            )
+        except Exception:  # a bug or an untranslated error: the next pass still runs
+            self._metrics.reconcile_errors.labels("unexpected").inc()
+            self._failed_pass()
+            log.exception("reconcile pass failed", retry_in_s=self._failing_delay)
         finally:
             self._metrics.reconcile_duration.observe(time.perf_counter() - start)
         return False
+
+    def _failed_pass(self) -> None:
+        self._failing_delay = round(self._failing.next_delay(), 3)
 
     # --- one pass -------------------------------------------------------------------
 
@@ -294,7 +334,23 @@ class Reconciler:
             actions = self._plan(summary, now)
             sizing = (ReplaceStale, SetAside, Create)
         changed |= await self._apply([a for a in actions if isinstance(a, sizing)], now)
+        if self._mono() - self._last_prune >= PRUNE_EVERY:
+            self._last_prune = self._mono()
+            await self._prune_history(now)
         return changed
+
+    async def _prune_history(self, now: datetime) -> None:
+        """lease_history retention, in batches (RESERVATION_LOOKUP reads it)."""
+        before = now - self._config.reconciler.lease_history_retention
+        total = 0
+        for _ in range(PRUNE_BATCHES):
+            n = await self._inv.prune_history(before, PRUNE_BATCH)
+            total += n
+            if n < PRUNE_BATCH:
+                break
+        if total:
+            self._metrics.reconcile_actions.labels("history pruned").inc(total)
+            log.info("history pruned", rows=total, ended_before=before.isoformat())
 
     async def _apply(self, actions: list[Action], now: datetime) -> bool:
         """The executor of pool-level actions: True if any changed something."""
@@ -574,9 +630,15 @@ class Reconciler:
                 await self._provider.create(name, pool)
             except Invalid as err:
                 delay = self._pool_backoff.failed(pool.name)
-                await self._mark_destroying(
-                    [name], f"create rejected: {str(err)[:200]}", self._clock(), ("provisioning",)
-                )
+                try:
+                    await self._mark_destroying(
+                        [name],
+                        f"create rejected: {str(err)[:200]}",
+                        self._clock(),
+                        ("provisioning",),
+                    )
+                except StoreError as store_err:  # the boot timeout catches it later
+                    log.warning("create rejected; row not updated", error=str(store_err))
                 self._action(
                     "boot failed",
                     instance=name,

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from tests.integration.helpers import make_world
+from tests.polling import eventually
 from vmpool import reconciler as reconciler_module
 from vmpool.spec_hash import pool_spec_hash
 from vmpool.store.control import Control
 from vmpool.store.db import Database
+from vmpool.store.errors import NotLeader
+from vmpool.store.inventory import Inventory
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
+
+NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
+
+
+async def sync_pools_for(db: Database, *names: str) -> None:
+    await Inventory(db).sync_pools([(n, {}) for n in names])
 
 
 async def test_fills_pools_within_limits(db: Database) -> None:
@@ -153,25 +164,90 @@ async def test_ready_instances_are_recycled_after_max_ready_age(db: Database) ->
     assert old.isdisjoint(await w.rows())
 
 
-async def test_one_leader_and_a_quick_takeover(db_url: str) -> None:
-    stop = asyncio.Event()
-    controls = [Control(db_url, 0.1, lambda: None, lambda _: None) for _ in range(3)]
-    tasks = [asyncio.create_task(c.run(stop)) for c in controls]
+async def _until(cond: Callable[[], bool], within: float, what: str) -> None:
+    async def probe() -> bool:
+        return cond()
+
+    await eventually(probe, bool, within, what, interval=0.02)
+
+
+async def _leader_of(controls: list[Control], within: float = 5.0) -> Control:
+    await _until(lambda: sum(c.is_leader() for c in controls) == 1, within, "one leader")
+    return next(c for c in controls if c.is_leader())
+
+
+async def test_one_leader_and_a_takeover_after_the_ttl(db_url: str) -> None:
+    stops = [asyncio.Event() for _ in range(3)]
+    controls = [Control(db_url, 0.1, lambda: None, lambda _: None, ttl=0.6) for _ in stops]
+    tasks = [asyncio.create_task(c.run(s)) for c, s in zip(controls, stops, strict=True)]
     try:
-        deadline = time.monotonic() + 5
-        while sum(c.is_leader() for c in controls) != 1:
-            assert time.monotonic() < deadline, "no leader elected"
-            await asyncio.sleep(0.05)
-        leader = next(c for c in controls if c.is_leader())
+        leader = await _leader_of(controls)
+        first_term = leader.fence()
+        assert first_term is not None
+        # As if its process died: the session ends, nothing is released.
         assert leader._conn is not None
-        leader._conn.terminate()  # as if its process died
+        leader._conn.terminate()
+        stops[controls.index(leader)].set()
+        others = [c for c in controls if c is not leader]
         start = time.monotonic()
-        while not any(c.is_leader() for c in controls if c is not leader):
-            assert time.monotonic() - start < 0.2 * 2 + 1, "no takeover"
-            await asyncio.sleep(0.02)
+        new = await _leader_of(others, within=0.6 + 2)
+        assert time.monotonic() - start >= 0.2, "took over before the old term expired"
+        term = new.fence()
+        assert term is not None and term[1] > first_term[1]
         assert sum(c.is_leader() for c in controls) == 1
     finally:
-        stop.set()
+        for s in stops:
+            s.set()
+        await asyncio.gather(*tasks)
+        for c in controls:
+            await c.close()
+
+
+async def test_a_released_term_is_taken_over_at_once(db_url: str) -> None:
+    stops = [asyncio.Event() for _ in range(2)]
+    controls = [Control(db_url, 0.1, lambda: None, lambda _: None, ttl=30) for _ in stops]
+    tasks = [asyncio.create_task(c.run(s)) for c, s in zip(controls, stops, strict=True)]
+    try:
+        leader = await _leader_of(controls)
+        stops[controls.index(leader)].set()  # graceful: the term is released
+        follower = next(c for c in controls if c is not leader)
+        await _until(follower.is_leader, 2, "takeover")  # far sooner than the 30 s ttl
+    finally:
+        for s in stops:
+            s.set()
+        await asyncio.gather(*tasks)
+        for c in controls:
+            await c.close()
+
+
+async def test_writes_of_a_leader_whose_term_ended_fail(db: Database, db_url: str) -> None:
+    stops = [asyncio.Event() for _ in range(2)]
+    controls = [Control(db_url, 0.1, lambda: None, lambda _: None, ttl=0.6) for _ in stops]
+    tasks = [asyncio.create_task(controls[0].run(stops[0]))]
+    try:
+        old = await _leader_of(controls[:1])
+        token = old.fence()
+        assert token is not None
+        stale = Inventory(db, fence=lambda: token)  # what the old leader still believes
+        await sync_pools_for(db, "p")
+        assert await stale.add_instances("p", ["vmp-old-1"], NOW, "h", 5) == ["vmp-old-1"]
+        # The old leader is cut off (SIGSTOP, partition): its term runs out and
+        # another process takes over.
+        assert old._conn is not None
+        old._conn.terminate()
+        stops[0].set()
+        await tasks[0]
+        tasks.append(asyncio.create_task(controls[1].run(stops[1])))
+        await _leader_of(controls[1:], within=3)
+        with pytest.raises(NotLeader):
+            await stale.add_instances("p", ["vmp-old-2"], NOW, "h", 5)
+        with pytest.raises(NotLeader):
+            await stale.mark_destroying(["vmp-old-1"], "x", NOW, ("provisioning",))
+        rows = await db.fetch("SELECT name, state FROM instances")
+        assert [(r["name"], r["state"]) for r in rows] == [("vmp-old-1", "provisioning")]
+    finally:
+        for s in stops:
+            s.set()
         await asyncio.gather(*tasks)
         for c in controls:
             await c.close()
@@ -247,3 +323,30 @@ async def test_the_database_refuses_rows_beyond_max_size(db: Database) -> None:
     )
     assert sum(len(x) for x in written) == 3
     assert await w.counts("p") == {"provisioning": 3}
+
+
+async def test_lease_history_is_kept_for_the_retention_then_deleted_in_batches(
+    db: Database,
+) -> None:
+    w = await make_world(
+        db, {"reconciler": {"lease_history_retention": "30d"}, "pools": [{"name": "p"}]}
+    )
+    now = w.clock()
+    await db.execute(
+        """INSERT INTO lease_history (instance, pool, service_tag, leased_at, expires_at,
+                                      ended_at, end_reason)
+           SELECT 'vmp-old-' || i, 'p', 't', $1::timestamptz, $1::timestamptz,
+                  $1::timestamptz + i * interval '1 ms', 'expired'
+           FROM generate_series(1, 2500) i""",
+        now - timedelta(days=31),
+    )
+    await db.execute(
+        """INSERT INTO lease_history (instance, pool, service_tag, leased_at, expires_at,
+                                      ended_at, end_reason)
+           VALUES ('vmp-recent', 'p', 't', $1, $1, $1, 'returned')""",
+        now - timedelta(days=29),
+    )
+    await w.full_pass()
+    await w.reconciler.drain_calls()
+    left = await db.fetch("SELECT instance FROM lease_history")
+    assert [r["instance"] for r in left] == ["vmp-recent"]

@@ -1,26 +1,40 @@
-"""A dedicated connection per process: LISTEN for wake-ups, and hold the leader lock.
+"""A dedicated connection per process: LISTEN for wake-ups, and leadership.
 
-NOTIFY is only a wake-up hint; whoever is woken re-reads the tables. The
-leader is whoever holds a session-level advisory lock: if its process dies,
-PostgreSQL drops the session and another process takes the lock on its next try.
+NOTIFY is only a wake-up hint; whoever is woken re-reads the tables.
+
+Leadership has a term (migration 0021): the leader row names a holder, a term
+and an expiry, in database time. A process takes the row once it has expired
+(a new term), renews it every reconcile interval, and trusts itself only until
+the start of its last successful renewal + ttl - margin, by its monotonic
+clock. Every reconciler write checks the holder and term in its transaction
+(``fence``), so writes of a leader that lost its term (paused, cut off, slow)
+fail instead of racing the new leader's. ``release`` ends the term at once,
+after the background work has stopped, so a follower takes over at its next try.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import structlog
 
+from vmpool.store import sql
 from vmpool.store.errors import UNAVAILABLE_ERRORS
 
 log = structlog.get_logger("vmpool.control")
 
-LEADER_LOCK = 0x766D706F6F6C01
-HEARTBEAT_EVERY = 5  # leader: check the session every this many intervals
+
+def holder_id() -> str:
+    """Unique per process start: host, pid and a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class Control:
@@ -31,23 +45,75 @@ class Control:
         on_wake: Callable[[], None],
         on_assigned: Callable[[str], None],
         on_leadership: Callable[[bool], None] = lambda _: None,
+        *,
+        ttl: float = 10.0,
+        lead: bool = True,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``lead=False``: only LISTEN (a process that never runs the background work)."""
         self._url = url
-        self._interval = interval
+        self._ttl = ttl
+        # Renew well within the ttl: a few missed renewals are survived.
+        self._interval = min(interval, ttl / 3)
+        self._margin = min(1.0, ttl / 5)
         self._on_wake = on_wake
         self._on_assigned = on_assigned
         self._on_leadership = on_leadership
+        self._lead = lead
+        self._mono = monotonic
+        self.holder = holder_id()
         self._leader = False
+        self._term = 0
+        self._trusted_until = 0.0
         self._conn: asyncpg.Connection | None = None
 
     def is_leader(self) -> bool:
-        return self._leader
+        """Whether this process may act as leader now (any thread may ask)."""
+        return self._leader and self._mono() < self._trusted_until
+
+    def fence(self) -> tuple[str, int] | None:
+        """(holder, term) for the writes' check while leading, else None."""
+        return (self.holder, self._term) if self.is_leader() else None
+
+    def step_down(self) -> None:
+        """A fenced write was refused: stop trusting the term (try again later)."""
+        self._set_leader(False)
 
     def _set_leader(self, value: bool) -> None:
         if value != self._leader:
             self._leader = value
-            log.info("leadership " + ("acquired" if value else "lost"))
+            log.info("leadership " + ("acquired" if value else "lost"), term=self._term)
             self._on_leadership(value)
+
+    async def _acquire_or_renew(self, conn: asyncpg.Connection) -> None:
+        started = self._mono()
+        if self._leader and started < self._trusted_until:
+            term = await conn.fetchval(
+                sql.LEADER_RENEW, self.holder, self._term, self._ttl, timeout=5
+            )
+        else:
+            self._set_leader(False)
+            term = await conn.fetchval(sql.LEADER_ACQUIRE, self.holder, self._ttl, timeout=5)
+        if term is None:
+            self._set_leader(False)
+            return
+        self._term = int(term)
+        self._trusted_until = started + self._ttl - self._margin
+        self._set_leader(True)
+
+    async def release(self) -> None:
+        """End our term now (after the background work stopped)."""
+        conn, term = self._conn, self._term
+        was = self._leader
+        self._leader = False
+        self._trusted_until = 0.0
+        if not was or conn is None or conn.is_closed():
+            return
+        try:
+            await conn.execute(sql.LEADER_RELEASE, self.holder, term, timeout=2)
+            log.info("leadership released", term=term)
+        except (*UNAVAILABLE_ERRORS,) as err:  # it expires by itself after the ttl
+            log.warning("leadership not released", error=f"{type(err).__name__}: {err}")
 
     def _wake(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         self._on_wake()
@@ -84,21 +150,17 @@ class Control:
         await conn.add_listener("vmpool_wake", self._wake)
         await conn.add_listener("vmpool_assigned", self._assigned)
         self._on_wake()  # we may have missed notifications while disconnected
-        beats = 0
         while not stop.is_set() and not closed.is_set():
-            if not self._leader:
-                got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK)
-                self._set_leader(bool(got))
-            else:
-                beats += 1
-                if beats % HEARTBEAT_EVERY == 0:
-                    await conn.fetchval("SELECT 1", timeout=5)
+            if self._lead:
+                await self._acquire_or_renew(conn)
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(closed.wait())]
             try:
                 await asyncio.wait(waiters, timeout=self._interval, return_when="FIRST_COMPLETED")
             finally:
                 for w in waiters:
                     w.cancel()
+        if stop.is_set():
+            await self.release()
         if closed.is_set() and not stop.is_set():
             raise asyncpg.exceptions.ConnectionDoesNotExistError("control connection closed")
 

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from vmpool.store.errors import StoreUnavailable, translated
+from vmpool.store.errors import StoreUnavailable, retrying, translated
 
 log = structlog.get_logger("vmpool.store")
 
@@ -52,24 +52,39 @@ class Database:
         async with self._turns, self.pool.acquire() as conn:
             yield conn
 
+    # Single statements run in autocommit: one that hit a deadlock or a
+    # serialization failure was rolled back whole, so it is run again.
+
     async def execute(self, query: str, *args: Any) -> str:
-        async with self.acquire() as conn:
-            result: str = await conn.execute(query, *args)
-            return result
+        async def once() -> str:
+            async with self.acquire() as conn:
+                result: str = await conn.execute(query, *args)
+                return result
+
+        return await retrying(once)
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        async with self.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
-            return rows
+        async def once() -> list[asyncpg.Record]:
+            async with self.acquire() as conn:
+                rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+                return rows
+
+        return await retrying(once)
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        async with self.acquire() as conn:
-            row: asyncpg.Record | None = await conn.fetchrow(query, *args)
-            return row
+        async def once() -> asyncpg.Record | None:
+            async with self.acquire() as conn:
+                row: asyncpg.Record | None = await conn.fetchrow(query, *args)
+                return row
+
+        return await retrying(once)
 
     async def fetchval(self, query: str, *args: Any) -> Any:
-        async with self.acquire() as conn:
-            return await conn.fetchval(query, *args)
+        async def once() -> Any:
+            async with self.acquire() as conn:
+                return await conn.fetchval(query, *args)
+
+        return await retrying(once)
 
     async def close(self) -> None:
         await self.pool.close()

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import asyncpg
+import structlog
+
+from vmpool.backoff import backoff_delay
+
+log = structlog.get_logger("vmpool.store")
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -18,6 +26,10 @@ class StoreUnavailable(StoreError):
 
 class Duplicate(StoreError):
     """A unique constraint rejected the write (e.g. a concurrent retry)."""
+
+
+class NotLeader(StoreError):
+    """A fenced write was refused: this process no longer holds the leader term."""
 
 
 class QuotaExceeded(StoreError):
@@ -41,6 +53,14 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Errors after which PostgreSQL has rolled the whole transaction back, so
+# running it again is safe: deadlock (40P01), serialization failure (40001).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+
+
 @asynccontextmanager
 async def translated() -> AsyncIterator[None]:
     """Turn asyncpg failures into StoreUnavailable / Duplicate."""
@@ -48,9 +68,44 @@ async def translated() -> AsyncIterator[None]:
         yield
     except asyncpg.exceptions.UniqueViolationError as err:
         raise Duplicate(str(err)) from err
+    except TRANSIENT_ERRORS as err:  # still failing after the store's retries
+        raise StoreUnavailable(f"database busy: {type(err).__name__}: {err}") from err
     except asyncpg.exceptions.PostgresError as err:
         if getattr(err, "sqlstate", None) in QUOTA_STATES:
             raise QuotaExceeded(str(err)) from None
+        if isinstance(err, UNAVAILABLE_ERRORS):  # e.g. AdminShutdownError is a PostgresError
+            raise StoreUnavailable(f"database unavailable: {type(err).__name__}: {err}") from err
         raise
     except UNAVAILABLE_ERRORS as err:
         raise StoreUnavailable(f"database unavailable: {type(err).__name__}: {err}") from err
+
+
+async def retrying(
+    op: Callable[[], Awaitable[T]],
+    *,
+    attempts: int = 5,
+    lost_connections: bool = False,
+    base: float = 0.02,
+    cap: float = 1.0,
+) -> T:
+    """Run ``op`` (one whole statement or transaction) again after a deadlock
+    or serialization failure, with backoff; with ``lost_connections`` (only for
+    work that is safe to repeat), also after the connection was lost. The last
+    error propagates untranslated (callers wrap this in ``translated``)."""
+    retry_on = TRANSIENT_ERRORS + (UNAVAILABLE_ERRORS if lost_connections else ())
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await op()
+        except retry_on as err:
+            if attempt >= attempts:
+                raise
+            delay = backoff_delay(attempt, base, cap)
+            log.info(
+                "transient database error; retrying",
+                error=f"{type(err).__name__}: {str(err)[:200]}",
+                attempt=attempt,
+                retry_in_s=round(delay, 3),
+            )
+            await asyncio.sleep(delay)

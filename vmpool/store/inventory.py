@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+
 from vmpool.store import sql
 from vmpool.store.db import Database
-from vmpool.store.errors import translated
+from vmpool.store.errors import NotLeader, retrying, translated
 from vmpool.store.records import EndedLease, LeaseRow
 
 INSTANCE_STATES = ("provisioning", "ready", "reserved", "leased", "destroying")
@@ -67,9 +69,37 @@ def _min(a: datetime | None, b: datetime | None) -> datetime | None:
     return min(a, b)
 
 
+#: The fence of a leader's writes: (holder, term) while it leads, else None.
+Fence = Callable[[], tuple[str, int] | None]
+
+
 class Inventory:
-    def __init__(self, pool: Database) -> None:
+    """With ``fence`` (the reconciler's), every write is one transaction whose
+    first statement checks, and share-locks, the leader row of this holder and
+    term: once another process has taken over, the write raises NotLeader and
+    changes nothing. Without it (the admin API), writes are not fenced."""
+
+    def __init__(self, pool: Database, fence: Fence | None = None) -> None:
         self._pool = pool
+        self._fence = fence
+
+    async def _write(
+        self, statements: Sequence[tuple[str, tuple[Any, ...]]], *, idempotent: bool = True
+    ) -> list[asyncpg.Record]:
+        """Run ``statements`` in one fenced transaction; the last one's rows.
+        Retried after deadlocks and serialization failures, and, if
+        ``idempotent``, after a lost connection."""
+
+        async def once() -> list[asyncpg.Record]:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._check_fence(conn)
+                rows: list[asyncpg.Record] = []
+                for query, args in statements:
+                    rows = await conn.fetch(query, *args)
+                return rows
+
+        async with translated():
+            return await retrying(once, lost_connections=idempotent)
 
     async def sync_pools(self, pools: Sequence[tuple[str, dict[str, str]]]) -> None:
         async with translated():
@@ -115,27 +145,24 @@ class Inventory:
         return out
 
     async def expire_leases(self, now: datetime) -> list[EndedLease]:
-        async with translated():
-            rows = await self._pool.fetch(sql.EXPIRE_LEASES, now)
+        rows = await self._write([(sql.EXPIRE_LEASES, (now,))])
         return [
             EndedLease(r["instance"], r["pool"], r["service_tag"], r["leased_at"]) for r in rows
         ]
 
     async def expire_reservations(self, now: datetime) -> list[tuple[str, str, str | None]]:
         """Drop expired queue entries (and spent served-at-once ones); the expired."""
-        async with translated():
-            rows = await self._pool.fetch(sql.EXPIRE_RESERVATIONS, now)
+        rows = await self._write([(sql.EXPIRE_RESERVATIONS, (now,))])
         return [(str(r["id"]), r["pool"], r["instance"]) for r in rows if not r["served"]]
 
     async def set_aside(self, pool: str, now: datetime, limit: int) -> list[tuple[str, str]]:
         """Pair free instances with waiting reservations, oldest first: [(reservation, instance)]."""
         out: list[tuple[str, str]] = []
-        async with translated():
-            for _ in range(limit):
-                row = await self._pool.fetchrow(sql.SET_ASIDE, pool, now)
-                if row is None:
-                    break
-                out.append((str(row["id"]), row["instance"]))
+        for _ in range(limit):
+            rows = await self._write([(sql.SET_ASIDE, (pool, now))])
+            if not rows:
+                break
+            out.append((str(rows[0]["id"]), rows[0]["instance"]))
         return out
 
     async def add_instances(
@@ -143,9 +170,13 @@ class Inventory:
     ) -> list[str]:
         """Write rows for ``names`` (made from ``spec_hash``); those written, which
         are fewer if the pool would exceed ``max_size`` rows that are not destroying."""
-        async with translated(), self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(sql.LOCK_POOL_ROW, pool)
-            rows = await conn.fetch(sql.ADD_INSTANCES, names, pool, now, spec_hash, max_size)
+        rows = await self._write(
+            [
+                (sql.LOCK_POOL_ROW, (pool,)),
+                (sql.ADD_INSTANCES, (names, pool, now, spec_hash, max_size)),
+            ],
+            idempotent=False,  # committed before the connection broke? Not known: no retry
+        )
         return [r["name"] for r in rows]
 
     async def stale_of_pool(self, pool: str, spec_hash: str, state: str, limit: int) -> list[str]:
@@ -168,19 +199,15 @@ class Inventory:
         self, ready: Iterable[tuple[str, str]], now: datetime
     ) -> list[tuple[str, str, datetime]]:
         pairs = list(ready)
-        async with translated():
-            rows = await self._pool.fetch(
-                sql.MARK_READY, [n for n, _ in pairs], [z for _, z in pairs], now
-            )
+        rows = await self._write(
+            [(sql.MARK_READY, ([n for n, _ in pairs], [z for _, z in pairs], now))]
+        )
         return [(r["name"], r["pool"], r["created_at"]) for r in rows]
 
     async def mark_destroying(
         self, names: list[str], reason: str, now: datetime, from_states: Sequence[str]
     ) -> list[str]:
-        async with translated():
-            rows = await self._pool.fetch(
-                sql.MARK_DESTROYING, names, reason, now, list(from_states)
-            )
+        rows = await self._write([(sql.MARK_DESTROYING, (names, reason, now, list(from_states)))])
         return [r["name"] for r in rows]
 
     async def ready_older_than(self, pool: str, cutoff: datetime) -> list[str]:
@@ -192,18 +219,37 @@ class Inventory:
             return [r["name"] for r in await self._pool.fetch(sql.FREE_OF_POOL, pool)]
 
     async def drop_queue(self, pool: str, now: datetime) -> None:
-        async with translated():
-            await self._pool.execute(sql.DROP_QUEUE, pool, now)
+        await self._write([(sql.DROP_QUEUE, (pool, now))])
 
     async def forget(self, names: list[str]) -> None:
-        async with translated():
-            await self._pool.execute(sql.FORGET, names)
+        await self._write([(sql.FORGET, (names,))])
 
     async def vanished(self, names: list[str], now: datetime) -> list[tuple[str, str, str, str]]:
         """[(name, pool, state, service_tag or '')] for rows whose VM disappeared."""
-        async with translated():
-            rows = await self._pool.fetch(sql.VANISHED, names, now)
+        rows = await self._write([(sql.VANISHED, (names, now))])
         return [(r["name"], r["pool"], r["state"], r["service_tag"] or "") for r in rows]
+
+    async def prune_history(self, before: datetime, batch: int) -> int:
+        """Delete one batch of lease_history ended before ``before``; how many."""
+        async with translated():
+            status = await self._write_status(sql.PRUNE_HISTORY, (before, batch))
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def _write_status(self, query: str, args: tuple[Any, ...]) -> str:
+        async def once() -> str:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._check_fence(conn)
+                status: str = await conn.execute(query, *args)
+                return status
+
+        return await retrying(once, lost_connections=True)
+
+    async def _check_fence(self, conn: asyncpg.Connection) -> None:
+        if self._fence is None:
+            return
+        token = self._fence()
+        if token is None or await conn.fetchval(sql.LEADER_FENCE, *token) is None:
+            raise NotLeader("not the leader (a newer term began): write refused")
 
     async def list_leases(self, pool: str) -> list[LeaseRow]:
         async with translated():

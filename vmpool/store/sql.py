@@ -430,3 +430,54 @@ SELECT pool, instance, pg_notify('vmpool_wake', 'cancel') FROM gone
 """
 
 FAKE_GET = FAKE_LIST + " WHERE name = $1"
+
+# --- leadership (vmpool.store.control) ---------------------------------------------
+
+# Take the leader row if it is free, has expired, or is our own from before a
+# lost connection ($1 holder, $2 ttl seconds): always a new term, so writes
+# checked against an older term fail. Times are the database's, so the
+# replicas' clocks do not matter.
+LEADER_ACQUIRE = """
+INSERT INTO leader (id, holder, term, renewed_at, expires_at)
+VALUES (1, $1, 1, now(), now() + make_interval(secs => $2))
+ON CONFLICT (id) DO UPDATE
+    SET holder = $1, term = leader.term + 1, renewed_at = now(),
+        expires_at = now() + make_interval(secs => $2)
+    WHERE leader.expires_at <= now() OR leader.holder = $1
+RETURNING term
+"""
+
+# The leader extends its term ($3 ttl seconds); nothing if the term is over.
+LEADER_RENEW = """
+UPDATE leader SET renewed_at = now(), expires_at = now() + make_interval(secs => $3)
+WHERE id = 1 AND holder = $1 AND term = $2 AND expires_at > now()
+RETURNING term
+"""
+
+# Step down: a follower may take over at once.
+LEADER_RELEASE = """
+UPDATE leader SET expires_at = now() WHERE id = 1 AND holder = $1 AND term = $2
+"""
+
+# The fence: the first statement of every reconciler write transaction. The
+# share lock keeps a takeover (an UPDATE of this row) waiting until the write
+# commits; after a takeover it finds nothing, and the write is refused.
+LEADER_FENCE = """
+SELECT term FROM leader
+WHERE id = 1 AND holder = $1 AND term = $2 AND expires_at > now()
+FOR SHARE
+"""
+
+# --- housekeeping -------------------------------------------------------------------
+
+# One batch of lease_history rows ended before $1, at most $2, oldest first.
+# (A CTE, not `id IN (SELECT ... LIMIT)`; SKIP LOCKED: nobody else waits on us.)
+PRUNE_HISTORY = """
+WITH old AS MATERIALIZED (
+    SELECT id FROM lease_history WHERE ended_at < $1
+    ORDER BY ended_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM lease_history h USING old WHERE h.id = old.id
+"""
