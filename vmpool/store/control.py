@@ -66,6 +66,7 @@ class Control:
         self._term = 0
         self._trusted_until = 0.0
         self._conn: asyncpg.Connection | None = None
+        self._locked = False  # this session holds the advisory lock LEADER_LOCK
 
     def is_leader(self) -> bool:
         """Whether this process may act as leader now (any thread may ask)."""
@@ -87,13 +88,19 @@ class Control:
 
     async def _acquire_or_renew(self, conn: asyncpg.Connection) -> None:
         started = self._mono()
+        if not self._locked:
+            # Held by every leader on this session: whoever gets it knows the
+            # last leader's session is gone (killed, not merely slow).
+            self._locked = bool(await conn.fetchval(sql.LEADER_LOCK, timeout=5))
         if self._leader and started < self._trusted_until:
             term = await conn.fetchval(
                 sql.LEADER_RENEW, self.holder, self._term, self._ttl, timeout=5
             )
         else:
             self._set_leader(False)
-            term = await conn.fetchval(sql.LEADER_ACQUIRE, self.holder, self._ttl, timeout=5)
+            term = await conn.fetchval(
+                sql.LEADER_ACQUIRE, self.holder, self._ttl, self._locked, timeout=5
+            )
         if term is None:
             self._set_leader(False)
             return
@@ -145,6 +152,7 @@ class Control:
             self._url, timeout=5, server_settings={"application_name": "vmpool-control"}
         )
         self._conn = conn
+        self._locked = False
         closed = asyncio.Event()
         conn.add_termination_listener(lambda _c: closed.set())
         await conn.add_listener("vmpool_wake", self._wake)

@@ -433,19 +433,32 @@ FAKE_GET = FAKE_LIST + " WHERE name = $1"
 
 # --- leadership (vmpool.store.control) ---------------------------------------------
 
-# Take the leader row if it is free, has expired, or is our own from before a
-# lost connection ($1 holder, $2 ttl seconds): always a new term, so writes
-# checked against an older term fail. Times are the database's, so the
-# replicas' clocks do not matter.
+# Take the leader row ($1 holder, $2 ttl seconds) if it has expired, is our
+# own from before a lost connection, or ($3) we got the advisory lock that
+# every leader holds on its control connection: then the last leader's session
+# is gone (a killed leader is replaced at once, not after its ttl). The first
+# row ever needs the lock too, so a process of this version never leads beside
+# one of the previous version (which led by that lock alone). Always a new
+# term, so writes checked against an older term fail. Times are the
+# database's: the replicas' clocks do not matter.
 LEADER_ACQUIRE = """
-INSERT INTO leader (id, holder, term, renewed_at, expires_at)
-VALUES (1, $1, 1, now(), now() + make_interval(secs => $2))
-ON CONFLICT (id) DO UPDATE
-    SET holder = $1, term = leader.term + 1, renewed_at = now(),
-        expires_at = now() + make_interval(secs => $2)
-    WHERE leader.expires_at <= now() OR leader.holder = $1
-RETURNING term
+WITH taken AS (
+    UPDATE leader SET holder = $1, term = term + 1, renewed_at = now(),
+                      expires_at = now() + make_interval(secs => $2)
+    WHERE id = 1 AND (expires_at <= now() OR holder = $1 OR $3::bool)
+    RETURNING term
+), first AS (
+    INSERT INTO leader (id, holder, term, renewed_at, expires_at)
+    SELECT 1, $1, 1, now(), now() + make_interval(secs => $2)
+    WHERE $3::bool AND NOT EXISTS (SELECT 1 FROM leader)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING term
+)
+SELECT term FROM taken UNION ALL SELECT term FROM first
 """
+
+# The same key as the previous version's leader lock.
+LEADER_LOCK = "SELECT pg_try_advisory_lock(33334376925195265)"
 
 # The leader extends its term ($3 ttl seconds); nothing if the term is over.
 LEADER_RENEW = """
