@@ -370,67 +370,6 @@ SELECT r.name, r.pool, r.state, e.service_tag
 FROM rows r LEFT JOIN ended e ON e.instance = r.name
 """
 
-# --- admin ---------------------------------------------------------------------
-
-LIST_LEASES = """
-SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, expires_round_ns, zone,
-       principal
-FROM leases WHERE ($1 = '' OR pool = $1) ORDER BY pool, leased_at, instance
-"""
-
-LIST_RESERVATIONS = """
-SELECT id, pool, service_tag, enqueued_at, expires_at, instance, principal,
-       row_number() OVER (PARTITION BY pool ORDER BY seq) AS position
-FROM reservations WHERE ($1 = '' OR pool = $1) AND NOT served ORDER BY pool, seq
-"""
-
-FORCE_RETURN = """
-WITH ended AS (
-    DELETE FROM leases WHERE instance = $1
-    RETURNING *
-), hist AS (
-    INSERT INTO lease_history (instance, pool, service_tag, reservation_id, leased_at,
-                               expires_at, ended_at, end_reason, zone, principal)
-    SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, $2, $3, zone,
-           principal
-    FROM ended
-), gone AS (
-    UPDATE instances i SET state = 'destroying', destroy_reason = $3, state_changed_at = $2
-    FROM ended WHERE i.name = ended.instance
-)
-SELECT pool, leased_at, service_tag, principal, pg_notify('vmpool_wake', 'return') FROM ended
-"""
-
-# --- the fake provider's cloud --------------------------------------------------
-
-FAKE_CREATE = """
-INSERT INTO fake_vms (name, pool, created_at, ready_at, fails, zone)
-SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
-                     $5::boolean[], $6::text[])
-ON CONFLICT (name) DO NOTHING
-"""
-FAKE_DELETE = "DELETE FROM fake_vms WHERE name = ANY ($1::text[])"
-FAKE_LIST = "SELECT name, pool, created_at, ready_at, fails, zone FROM fake_vms"
-
-# --- extension API (CancelReservation, DescribeInstance) ------------------------
-
-# Withdraw a queued reservation of this service_tag ($2) and principal ($4); the instance set aside
-# for it (if any) is free again, first in line (its ready_at is kept), and the
-# reconciler is woken to hand it to the next reservation.
-CANCEL_RESERVATION = """
-WITH gone AS (
-    DELETE FROM reservations
-    WHERE id = $1 AND NOT served AND service_tag = $2 AND principal = $4
-    RETURNING pool, instance
-), freed AS (
-    UPDATE instances i SET state = 'ready', reservation_id = NULL, state_changed_at = $3
-    FROM gone WHERE i.name = gone.instance AND i.state = 'reserved'
-)
-SELECT pool, instance, pg_notify('vmpool_wake', 'cancel') FROM gone
-"""
-
-FAKE_GET = FAKE_LIST + " WHERE name = $1"
-
 # --- leadership (vmpool.store.control) ---------------------------------------------
 
 # Take the leader row ($1 holder, $2 ttl seconds) if it has expired, is our
@@ -494,3 +433,64 @@ WITH old AS MATERIALIZED (
 )
 DELETE FROM lease_history h USING old WHERE h.id = old.id
 """
+
+# --- admin ---------------------------------------------------------------------
+
+LIST_LEASES = """
+SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, expires_round_ns, zone,
+       principal
+FROM leases WHERE ($1 = '' OR pool = $1) ORDER BY pool, leased_at, instance
+"""
+
+LIST_RESERVATIONS = """
+SELECT id, pool, service_tag, enqueued_at, expires_at, instance, principal,
+       row_number() OVER (PARTITION BY pool ORDER BY seq) AS position
+FROM reservations WHERE ($1 = '' OR pool = $1) AND NOT served ORDER BY pool, seq
+"""
+
+FORCE_RETURN = """
+WITH ended AS (
+    DELETE FROM leases WHERE instance = $1
+    RETURNING *
+), hist AS (
+    INSERT INTO lease_history (instance, pool, service_tag, reservation_id, leased_at,
+                               expires_at, ended_at, end_reason, zone, principal)
+    SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, $2, $3, zone,
+           principal
+    FROM ended
+), gone AS (
+    UPDATE instances i SET state = 'destroying', destroy_reason = $3, state_changed_at = $2
+    FROM ended WHERE i.name = ended.instance
+)
+SELECT pool, leased_at, service_tag, principal, pg_notify('vmpool_wake', 'return') FROM ended
+"""
+
+# --- the fake provider's cloud --------------------------------------------------
+
+FAKE_CREATE = """
+INSERT INTO fake_vms (name, pool, created_at, ready_at, fails, zone)
+SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                     $5::boolean[], $6::text[])
+ON CONFLICT (name) DO NOTHING
+"""
+FAKE_DELETE = "DELETE FROM fake_vms WHERE name = ANY ($1::text[])"
+FAKE_LIST = "SELECT name, pool, created_at, ready_at, fails, zone FROM fake_vms"
+
+# --- extension API (CancelReservation, DescribeInstance) ------------------------
+
+# Withdraw a queued reservation of this service_tag ($2) and principal ($4); the instance set aside
+# for it (if any) is free again, first in line (its ready_at is kept), and the
+# reconciler is woken to hand it to the next reservation.
+CANCEL_RESERVATION = """
+WITH gone AS (
+    DELETE FROM reservations
+    WHERE id = $1 AND NOT served AND service_tag = $2 AND principal = $4
+    RETURNING pool, instance
+), freed AS (
+    UPDATE instances i SET state = 'ready', reservation_id = NULL, state_changed_at = $3
+    FROM gone WHERE i.name = gone.instance AND i.state = 'reserved'
+)
+SELECT pool, instance, pg_notify('vmpool_wake', 'cancel') FROM gone
+"""
+
+FAKE_GET = FAKE_LIST + " WHERE name = $1"
