@@ -21,9 +21,14 @@ import pytest
 import yaml
 
 from vmpool.config import (
+    AuthConfig,
     Config,
     FakeProviderConfig,
+    JwtAuthConfig,
+    KubernetesAuthConfig,
     KubevirtProviderConfig,
+    LimitsConfig,
+    PolicyEntry,
     PoolConfig,
     ProviderConfig,
     parse_config,
@@ -106,7 +111,7 @@ def render(chart: Any) -> Any:
 K8S_VERSION = "1.31"
 # Custom resources: kubernetes-validate has no schema for them; their shape is
 # checked by the tests below instead.
-CUSTOM_API_GROUPS = ("monitoring.coreos.com/",)
+CUSTOM_API_GROUPS = ("monitoring.coreos.com/", "cert-manager.io/")
 
 BASE: dict[str, Any] = {"database": {"url": DATABASE_URL}}
 
@@ -177,9 +182,52 @@ VARIANTS: dict[str, dict[str, Any]] = {
         BASE,
         {
             "networkPolicy": {
-                "enabled": True,
                 "grpcFrom": [{"namespaceSelector": {"matchLabels": {"team": "robots"}}}],
             }
+        },
+    ),
+    "network-policy-any-source": merged(BASE, {"networkPolicy": {"allowAnySource": True}}),
+    "tls-cert-manager": merged(
+        BASE,
+        {"tls": {"enabled": True, "certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}},
+    ),
+    "tls-mtls": merged(
+        BASE,
+        {
+            "tls": {
+                "enabled": True,
+                "existingSecret": "vmpool-serving",
+                "clientCA": True,
+                "requireClientCert": True,
+            },
+            "config": {
+                "auth": {
+                    "mode": "mtls",
+                    "policy": [{"subject": "spiffe://cluster/ns/ops/*", "roles": ["admin"]}],
+                }
+            },
+        },
+    ),
+    "auth-kubernetes": merged(
+        BASE,
+        {
+            "tls": {"enabled": True, "existingSecret": "vmpool-serving"},
+            "config": {
+                "auth": {
+                    "mode": "kubernetes",
+                    "policy": [
+                        {
+                            "subject": "system:serviceaccount:team-a:*",
+                            "roles": ["lease"],
+                            "service_tags": ["ci-*", ""],
+                            "max_queued_reservations": 20,
+                        },
+                        {"subject": "group:vmpool-admins", "roles": ["admin"]},
+                    ],
+                },
+                "limits": {"max_active_leases": 50},
+                "admin_listen": "127.0.0.1:50052",
+            },
         },
     ),
     "kubevirt-zones-from-nodes": kubevirt(["", "europe-west1-b"]),
@@ -268,8 +316,15 @@ def test_schema_config_keys_are_exactly_the_loaders(chart: Any) -> None:
     """A key the loader knows but the schema refuses (or the reverse) is a
     config an operator cannot write, or a typo that crash-loops the pods."""
     config = chart.schema["properties"]["config"]
-    owned_by_chart = {"listen", "metrics_listen", "database_url", "data_dir"}
+    owned_by_chart = {"listen", "metrics_listen", "database_url", "data_dir", "tls"}
     assert _schema_keys(config) | owned_by_chart == set(Config.model_fields)
+    assert "tls" not in _schema_keys(config)
+    auth = config["properties"]["auth"]
+    assert _schema_keys(auth) == set(AuthConfig.model_fields)
+    assert _schema_keys(auth["properties"]["kubernetes"]) == set(KubernetesAuthConfig.model_fields)
+    assert _schema_keys(auth["properties"]["jwt"]) == set(JwtAuthConfig.model_fields)
+    assert _schema_keys(auth["properties"]["policy"]["items"]) == set(PolicyEntry.model_fields)
+    assert _schema_keys(config["properties"]["limits"]) == set(LimitsConfig.model_fields)
     provider = config["properties"]["provider"]
     assert _schema_keys(provider) == set(ProviderConfig.model_fields)
     assert _schema_keys(provider["properties"]["fake"]) == set(FakeProviderConfig.model_fields)
@@ -458,16 +513,20 @@ def test_shutdown_fits_in_the_termination_grace_period(render: Any, chart: Any) 
     assert render(raised).pod["terminationGracePeriodSeconds"] == 90
 
 
-def test_service_exposes_grpc_and_metrics_by_name(render: Any) -> None:
+def test_clients_service_has_grpc_only_and_metrics_have_their_own(render: Any) -> None:
     rendered = render(BASE)
-    service = rendered.one("Service")
+    service = rendered.one("Service", RELEASE)
     ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert set(ports) == {"grpc"}  # lease clients never see the metrics port
     assert ports["grpc"]["port"] == 50051 and ports["grpc"]["appProtocol"] == "grpc"
-    assert ports["metrics"]["port"] == 9090
+    metrics = rendered.one("Service", f"{RELEASE}-metrics")
+    [metrics_port] = metrics["spec"]["ports"]
+    assert (metrics_port["name"], metrics_port["port"]) == ("metrics", 9090)
     container_ports = {p["name"] for p in rendered.container["ports"]}
-    assert {p["targetPort"] for p in ports.values()} <= container_ports
+    assert {ports["grpc"]["targetPort"], metrics_port["targetPort"]} <= container_ports
     pod_labels = rendered.deployment["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"].items() <= pod_labels.items()
+    for svc in (service, metrics):
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
 
 
 def test_pdb_only_with_more_than_one_replica(render: Any) -> None:
@@ -546,10 +605,10 @@ def test_service_monitor_scrapes_the_metrics_port(render: Any) -> None:
     rendered = render(VARIANTS["service-monitor"])
     monitor = rendered.one("ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    service = rendered.one("Service")
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
-        service["metadata"]["labels"].items()
-    )
+    service = rendered.one("Service", f"{RELEASE}-metrics")
+    selector = monitor["spec"]["selector"]["matchLabels"].items()
+    assert selector <= service["metadata"]["labels"].items()
+    assert not selector <= rendered.one("Service", RELEASE)["metadata"]["labels"].items()
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     [endpoint] = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "metrics"
@@ -557,19 +616,101 @@ def test_service_monitor_scrapes_the_metrics_port(render: Any) -> None:
     assert endpoint["path"] == "/metrics"
 
 
-def test_network_policy_admits_clients_and_prometheus_only(render: Any) -> None:
-    assert render(BASE).all("NetworkPolicy") == []
-    rendered = render(VARIANTS["network-policy"])
+def _policy_by_port(rendered: Rendered) -> dict[str, Any]:
     policy = rendered.one("NetworkPolicy")["spec"]
     pod_labels = rendered.deployment["spec"]["template"]["metadata"]["labels"]
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert policy["policyTypes"] == ["Ingress"]
-    by_port = {rule["ports"][0]["port"]: rule for rule in policy["ingress"]}
+    return {rule["ports"][0]["port"]: rule for rule in policy["ingress"]}
+
+
+LABELLED_CLIENTS = {
+    "podSelector": {"matchLabels": {"vmpool.dev/client": "true"}},
+    "namespaceSelector": {},
+}
+
+
+def test_network_policy_is_on_by_default_and_admits_named_clients_only(render: Any) -> None:
+    by_port = _policy_by_port(render(BASE))
     assert set(by_port) == {"grpc", "metrics"}
-    assert by_port["grpc"]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "robots"}}}]
+    assert by_port["grpc"]["from"] == [LABELLED_CLIENTS]
     assert by_port["metrics"]["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     ]
+    more = _policy_by_port(render(VARIANTS["network-policy"]))
+    assert more["grpc"]["from"] == [
+        LABELLED_CLIENTS,
+        {"namespaceSelector": {"matchLabels": {"team": "robots"}}},
+    ]
+    # "Any source" only when asked for.
+    anyone = _policy_by_port(render(VARIANTS["network-policy-any-source"]))
+    assert "from" not in anyone["grpc"]
+    assert render(merged(BASE, {"networkPolicy": {"enabled": False}})).all("NetworkPolicy") == []
+
+
+def _mounted_tls(rendered: Rendered) -> str:
+    [volume] = [v for v in rendered.pod["volumes"] if v["name"] == "tls"]
+    mounts = {m["name"]: m["mountPath"] for m in rendered.container["volumeMounts"]}
+    assert mounts["tls"] == "/etc/vmpool/tls"
+    name: str = volume["secret"]["secretName"]
+    return name
+
+
+def test_tls_from_cert_manager(render: Any) -> None:
+    rendered = render(VARIANTS["tls-cert-manager"])
+    cert = rendered.one("Certificate")
+    assert cert["apiVersion"] == "cert-manager.io/v1"
+    assert cert["spec"]["issuerRef"] == {"name": "ca", "kind": "Issuer", "group": "cert-manager.io"}
+    assert f"{RELEASE}.{NAMESPACE}.svc" in cert["spec"]["dnsNames"]
+    assert _mounted_tls(rendered) == cert["spec"]["secretName"]
+    config = parse_config(yaml.safe_load(rendered.config_text()))
+    assert config.tls.cert_file == "/etc/vmpool/tls/tls.crt"
+    assert config.tls.key_file == "/etc/vmpool/tls/tls.key"
+    assert not config.tls.client_ca_file
+    # The probes speak TLS (readiness) or plain TCP (the kubelet's gRPC probe has no TLS).
+    ready = rendered.container["readinessProbe"]["exec"]["command"]
+    assert ready[ready.index("--tls-server-name") + 1] == f"{RELEASE}.{NAMESPACE}.svc"
+    assert "--ca" in ready
+    assert rendered.container["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    assert render(BASE).all("Certificate") == []
+    assert "tls" not in yaml.safe_load(render(BASE).config_text())
+
+
+def test_tls_from_an_existing_secret_with_client_certificates(render: Any) -> None:
+    rendered = render(VARIANTS["tls-mtls"])
+    assert rendered.all("Certificate") == []
+    assert _mounted_tls(rendered) == "vmpool-serving"
+    config = parse_config(yaml.safe_load(rendered.config_text()))
+    assert config.tls.client_ca_file == "/etc/vmpool/tls/ca.crt"
+    assert config.tls.require_client_cert
+    assert config.auth.mode == "mtls"
+    ready = rendered.container["readinessProbe"]["exec"]["command"]
+    assert "--cert" in ready and "--key" in ready
+
+
+def test_tls_needs_a_certificate_source_and_config_tls_is_refused(chart: Any) -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"tls\.existingSecret"):
+        chart.render(merged(BASE, {"tls": {"enabled": True}}), name=RELEASE, namespace=NAMESPACE)
+    # The schema refuses it before the template would.
+    with pytest.raises(helm.HelmValuesError, match=r"/config.*'tls' not allowed"):
+        chart.render(
+            merged(BASE, {"config": {"tls": {"cert_file": "x"}}}), name=RELEASE, namespace=NAMESPACE
+        )
+
+
+def test_token_review_permission_only_for_kubernetes_auth(render: Any) -> None:
+    rendered = render(VARIANTS["auth-kubernetes"])
+    [binding] = rendered.all("ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == "system:auth-delegator"
+    assert binding["subjects"][0]["name"] == rendered.pod["serviceAccountName"]
+    assert rendered.pod["automountServiceAccountToken"] is True  # TokenReview needs it
+    config = parse_config(yaml.safe_load(rendered.config_text()))
+    assert config.auth.policy[0].max_queued_reservations == 20
+    assert config.limits.max_active_leases == 50
+    assert config.admin_listen == "127.0.0.1:50052"
+    for name in ("default", "tls-mtls", "tls-cert-manager"):
+        bindings = render(VARIANTS[name]).all("ClusterRoleBinding")
+        assert not [b for b in bindings if b["roleRef"]["name"] == "system:auth-delegator"]
 
 
 def test_migration_job_is_off_by_default(render: Any) -> None:
@@ -628,6 +769,7 @@ WHOLE_BLOCKS = {
     "securityContext",
     "resources",
     "networkPolicy.metricsNamespaceSelector",
+    "networkPolicy.clientPodLabels",
     "migrations.job.resources",
 }
 

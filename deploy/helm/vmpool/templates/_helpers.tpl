@@ -120,6 +120,17 @@ url
 {{- if hasKey $cfg "database_url" -}}
 {{- fail "vmpool: config.database_url is not allowed (it would land in a ConfigMap); set database.url or database.existingSecret" -}}
 {{- end -}}
+{{- if hasKey $cfg "tls" -}}
+{{- fail "vmpool: config.tls is set by the chart; use the tls values (tls.enabled, tls.existingSecret or tls.certManager)" -}}
+{{- end -}}
+{{- if .Values.tls.enabled -}}
+{{- $tls := dict "cert_file" "/etc/vmpool/tls/tls.crt" "key_file" "/etc/vmpool/tls/tls.key" -}}
+{{- if .Values.tls.clientCA -}}
+{{- $_ := set $tls "client_ca_file" "/etc/vmpool/tls/ca.crt" -}}
+{{- $_ := set $tls "require_client_cert" .Values.tls.requireClientCert -}}
+{{- end -}}
+{{- $_ := set $cfg "tls" $tls -}}
+{{- end -}}
 {{- $_ := set $cfg "listen" "0.0.0.0:50051" -}}
 {{- $_ = set $cfg "metrics_listen" "0.0.0.0:9090" -}}
 {{- $provider := $cfg.provider | default dict -}}
@@ -138,4 +149,37 @@ url
     secretKeyRef:
       name: {{ .name }}
       key: {{ .key }}
+{{- end -}}
+
+{{/* auth.mode from the config ("none" when unset). */}}
+{{- define "vmpool.authMode" -}}
+{{- dig "auth" "mode" "none" (.Values.config | default dict) -}}
+{{- end -}}
+
+{{/* The Secret holding tls.crt / tls.key (/ ca.crt). */}}
+{{- define "vmpool.tlsSecretName" -}}
+{{- if .Values.tls.existingSecret -}}
+{{- .Values.tls.existingSecret -}}
+{{- else if .Values.tls.certManager.enabled -}}
+{{- printf "%s-tls" (include "vmpool.fullname" .) -}}
+{{- else -}}
+{{- fail "vmpool: tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret) or tls.certManager.enabled" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The name the server's certificate carries: the Service's in-cluster DNS name. */}}
+{{- define "vmpool.serviceDNS" -}}
+{{- printf "%s.%s.svc" (include "vmpool.fullname" .) .Release.Namespace -}}
+{{- end -}}
+
+{{/* `vmpool ping` against the local pod, over TLS when it is on. */}}
+{{- define "vmpool.pingCommand" -}}
+{{- $cmd := list "vmpool" "ping" "--server" "127.0.0.1:50051" "--timeout" "2s" -}}
+{{- if .Values.tls.enabled -}}
+{{- $cmd = concat $cmd (list "--ca" "/etc/vmpool/tls/ca.crt" "--tls-server-name" (include "vmpool.serviceDNS" .)) -}}
+{{- if and .Values.tls.clientCA .Values.tls.requireClientCert -}}
+{{- $cmd = concat $cmd (list "--cert" "/etc/vmpool/tls/tls.crt" "--key" "/etc/vmpool/tls/tls.key") -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $cmd -}}
 {{- end -}}
