@@ -24,6 +24,7 @@ from vmpool.extension import ExtensionService
 from vmpool.h2guard import GuardedServer, GuardSettings
 from vmpool.leaser import Leaser
 from vmpool.metrics import Metrics
+from vmpool.readiness import READY, HealthName, database_check
 from vmpool.reflection import with_reflection
 from vmpool.rpc import Gate, instrument
 from vmpool.service import LeaseService
@@ -48,10 +49,10 @@ def _split(address: str) -> tuple[str, int]:
 def start_metrics(config: Config, metrics: Metrics) -> None:
     if not config.metrics_listen:
         return
-    from prometheus_client import start_http_server
+    from vmpool.metrics_http import start_metrics_server
 
     host, port = _split(config.metrics_listen)
-    start_http_server(port, addr=host, registry=metrics.registry)
+    start_metrics_server(host, port, metrics.registry)
 
 
 def tls_context(config: Config) -> ReloadingContext | None:
@@ -96,6 +97,7 @@ async def _serve(
         loop.add_signal_handler(sig, on_signal)
 
     metrics = Metrics()
+    metrics.set_pool_sizes((p.name, p.min_ready, p.max_size) for p in config.pools)
     try:
         db = await connect(url)
     except StoreUnavailable as err:
@@ -134,13 +136,15 @@ async def _serve(
         gate = Gate()
         serving = ServiceStatus()
         probe = ProbeConnection(url)  # readiness never waits behind client calls
-        lease_service = LeaseService(leaser, config, DatabaseHealth(probe))
+        db_health = DatabaseHealth(probe)
+        lease_service = LeaseService(leaser, config, db_health)
         admin = AdminService(inventory, leases, config, utcnow, metrics, background.wake)
         describer = build_describer(config, db)
         extension = ExtensionService(
             leaser, leases, utcnow, background.wake, describe=describer.describe
         )
-        health = Health({OVERALL: [serving], lease_service: [serving]})
+        ready = [serving, database_check(db_health)]
+        health = Health({OVERALL: [serving], lease_service: ready, HealthName(READY): ready})
         # Services for operators (the admin API; VMPoolService joins them): on the
         # lease port, and alone on admin_listen when that is set.
         operator_services: list[Any] = [admin]

@@ -13,22 +13,15 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from vmpool import cli_errors
 from vmpool.cli_connection import Connection, add_connection_flags, connect
 from vmpool.cli_errors import CliError
+from vmpool.version import package_version
 
 ClientHandler = Callable[[argparse.Namespace, Connection], Awaitable[None]]
 LocalHandler = Callable[[argparse.Namespace], int]
-
-
-def package_version() -> str:
-    try:
-        return version("vmpool")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "0+unknown"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -11,7 +11,7 @@ from uuid import UUID
 
 import structlog
 
-from vmpool import leasing
+from vmpool import calltime, leasing
 from vmpool.auth.policy import glob_allows
 from vmpool.clock import Clock
 from vmpool.config import Config, PoolConfig
@@ -178,7 +178,8 @@ class Leaser:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopping:
                     raise Exhausted(outcome.message())
-                await self._waiters.wait(str(reservation), min(remaining, _POLL))
+                with calltime.waiting():
+                    await self._waiters.wait(str(reservation), min(remaining, _POLL))
         finally:
             if waiting:
                 self._waiters.leave()

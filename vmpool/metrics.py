@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import platform
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from vmpool.version import package_version
 
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SLOW = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400)
@@ -128,6 +140,42 @@ class Metrics:
         self.leader = Gauge(
             "vmpool_reconciler_leader", "1 while this process runs the background work.", registry=r
         )
+        self._operator_metrics(r)
+
+    def _operator_metrics(self, r: CollectorRegistry) -> None:
+        """What dashboards and alerts need beside the service's own counters."""
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes...
+        PlatformCollector(registry=r)  # python_info
+        self.build_info = Gauge(
+            "vmpool_build_info",
+            "Always 1; the labels say which vmpool and Python this process runs.",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(package_version(), platform.python_version()).set(1)
+        self.pool_min_ready = Gauge(
+            "vmpool_pool_min_ready", "Configured min_ready by pool.", ["pool"], registry=r
+        )
+        self.pool_max_size = Gauge(
+            "vmpool_pool_max_size", "Configured max_size by pool.", ["pool"], registry=r
+        )
+        # Lease calls with x-vmpool-wait spend most of their time queued on
+        # purpose: that part is measured here and left out of rpc_duration.
+        self.lease_wait = Histogram(
+            "vmpool_lease_wait_seconds",
+            "Time Lease calls spent waiting server-side for an instance (x-vmpool-wait); "
+            "not part of vmpool_rpc_duration_seconds.",
+            buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60),
+            registry=r,
+        )
+
+    def set_pool_sizes(self, pools: Iterable[tuple[str, int, int]]) -> None:
+        """(name, min_ready, max_size) of every pool this process serves."""
+        self.pool_min_ready.clear()
+        self.pool_max_size.clear()
+        for name, min_ready, max_size in pools:
+            self.pool_min_ready.labels(name).set(min_ready)
+            self.pool_max_size.labels(name).set(max_size)
 
     def clear_pool_gauges(self) -> None:
         """Forget per-pool gauges (only the leader exports them)."""

@@ -442,7 +442,7 @@ class Reconciler:
     def _action(self, action: str, **fields: Any) -> None:
         if "pool" in fields:
             self._touched.add(fields["pool"])
-        self._metrics.reconcile_actions.labels(action).inc()
+        self._metrics.reconcile_actions.labels(action.replace(" ", "_")).inc()
         log.info(action, **fields)
 
     async def _expire_leases(self, now: datetime) -> bool:

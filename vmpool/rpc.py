@@ -14,7 +14,7 @@ from grpclib.const import Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
-from vmpool import leasing
+from vmpool import calltime, leasing
 from vmpool.auth.authenticator import Authenticator
 from vmpool.auth.caller import PUBLIC, current_caller, require_role
 from vmpool.auth.principal import AuthUnavailable, Unauthenticated
@@ -143,6 +143,7 @@ def _wrap(
     async def handle(stream: Stream[Any, Any]) -> None:
         gate.enter()
         start = time.perf_counter()
+        waited = calltime.start()
         current_stream.set(stream)
         structlog.contextvars.clear_contextvars()
         code = Status.OK
@@ -179,7 +180,9 @@ def _wrap(
             gate.leave()
             elapsed = time.perf_counter() - start
             counter.labels(method, code.name).inc()
-            latency.observe(elapsed)
+            latency.observe(max(elapsed - waited[0], 0.0))  # the call's own latency
+            if waited[0] > 0:
+                metrics.lease_wait.observe(waited[0])
             peer = stream.peer.addr() if stream.peer else None
             log.info(
                 "rpc",

@@ -45,6 +45,10 @@ EXPECTED = {
     "vmpool_boot_duration_seconds": ("histogram", {"pool"}),
     "vmpool_reconcile_duration_seconds": ("histogram", set()),
     "vmpool_reconciler_leader": ("gauge", set()),
+    "vmpool_build_info": ("gauge", {"version", "python"}),
+    "vmpool_pool_min_ready": ("gauge", {"pool"}),
+    "vmpool_pool_max_size": ("gauge", {"pool"}),
+    "vmpool_lease_wait_seconds": ("histogram", set()),
 }
 LOAD_SECONDS = 1.5
 WORKERS = 4
@@ -117,7 +121,8 @@ async def test_metric_names_follow_prometheus_conventions(server: OpsServer) -> 
         for s in fam.samples:
             assert set(s.labels) - {"le"} == labels or (not s.labels and not labels), (name, s)
     for fam in families.values():
-        assert re.fullmatch(r"vmpool_[a-z][a-z0-9_]*", fam.name), fam.name
+        # The standard process and platform collectors keep their own names.
+        assert re.fullmatch(r"(vmpool|process|python)_[a-z][a-z0-9_]*", fam.name), fam.name
         if fam.type == "counter":
             assert {s.name for s in fam.samples} <= {fam.name + "_total", fam.name + "_created"}
         else:

@@ -10,7 +10,7 @@ import pytest
 
 from vmpool import cli_errors
 from vmpool.cli import build_parser, main
-from vmpool.cli_base import package_version
+from vmpool.version import package_version
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
