@@ -57,7 +57,7 @@ class _Strict(BaseModel):
 
 
 class FakeProviderConfig(_Strict):
-    boot_seconds: float = Field(default=2.0, ge=0)
+    boot_seconds: float = Field(default=2.0, ge=0, le=86_400)
     failure_rate: float = Field(default=0.0, ge=0, le=1)
     seed: int | None = None  # fixed seed: reproducible failures
 
@@ -66,8 +66,8 @@ class KubevirtProviderConfig(_Strict):
     namespace: str = "vmpool"
     kubeconfig: str = ""
     deployment: str = "vmpool"
-    qps: float = Field(default=20.0, gt=0)
-    burst: int = Field(default=40, ge=1)
+    qps: float = Field(default=20.0, gt=0, le=10_000)
+    burst: int = Field(default=40, ge=1, le=100_000)
     orphan_grace: Duration = timedelta(minutes=10)
 
 

@@ -21,13 +21,16 @@ class TlsError(Exception):
     """The configured files cannot be used; the message names the key."""
 
 
-def _mtimes(cfg: TlsConfig) -> tuple[float, ...]:
+def _stamp(cfg: TlsConfig) -> tuple[tuple[int, int, int], ...]:
+    """What tells a changed file: mtime, size and inode (a Secret volume swaps a
+    symlink to a new directory, so the inode changes even within one mtime tick)."""
     out = []
     for path in (cfg.cert_file, cfg.key_file, cfg.client_ca_file):
         try:
-            out.append(os.stat(path).st_mtime) if path else out.append(0.0)
+            st = os.stat(path) if path else None
         except OSError:
-            out.append(-1.0)
+            st = None
+        out.append((st.st_mtime_ns, st.st_size, st.st_ino) if st else (-1, -1, -1))
     return tuple(out)
 
 
@@ -54,7 +57,7 @@ class ReloadingContext:
     def __init__(self, cfg: TlsConfig) -> None:
         self._cfg = cfg
         self._lock = threading.Lock()
-        self._stamp = _mtimes(cfg)
+        self._stamp = _stamp(cfg)
         self.context = build_context(cfg)
         self._current = self.context
         self.context.sni_callback = self._on_hello
@@ -62,7 +65,7 @@ class ReloadingContext:
 
     def current(self) -> ssl.SSLContext:
         """The context for a new handshake: reloaded if the files changed."""
-        stamp = _mtimes(self._cfg)
+        stamp = _stamp(self._cfg)
         with self._lock:
             if stamp != self._stamp:
                 try:

@@ -206,3 +206,39 @@ async def test_jwt_keys_are_fetched_again_for_an_unknown_kid(tmp_path: Path) -> 
         await verifier.authenticate(issuer.token("d"))
     with pytest.raises(Unauthenticated, match="algorithm"):
         await verifier.authenticate(jwt.encode({"sub": "x"}, "s" * 32, algorithm="HS256"))
+
+
+def test_startup_warnings_name_the_risk() -> None:
+    from vmpool.auth.setup import startup_warnings
+
+    demo = parse_config({"listen": "127.0.0.1:50051"})
+    assert startup_warnings(demo, ["127.0.0.1:50051", ""]) == []
+    open_none = startup_warnings(demo, ["0.0.0.0:50051"])
+    assert len(open_none) == 1 and "anyone who can reach it" in open_none[0]
+    jwt_plain = parse_config(
+        {"auth": {"mode": "jwt", "jwt": {"issuer": "i", "jwks_file": "k.json"}}}
+    )
+    [warning] = startup_warnings(jwt_plain, ["0.0.0.0:50051"])
+    assert "without TLS" in warning
+
+
+def test_tls_context_reloads_changed_files_and_keeps_the_old_on_failure(tmp_path: Path) -> None:
+    from tests.e2e.identity_kit import Pki
+    from vmpool.config import TlsConfig
+    from vmpool.tls import ReloadingContext, TlsError, build_context
+
+    pki = Pki(tmp_path)
+    served = pki.server("s")
+    cfg = TlsConfig(cert_file=str(served.cert), key_file=str(served.key))
+    ctx = ReloadingContext(cfg)
+    assert ctx.current() is ctx.context and ctx.reloads == 0
+    fresh = pki.server("t")
+    served.cert.write_bytes(fresh.cert.read_bytes())
+    served.key.write_bytes(fresh.key.read_bytes())
+    first = ctx.current()
+    assert first is not ctx.context and ctx.reloads == 1
+    assert ctx.current() is first  # unchanged files: no reload
+    served.key.write_text("half-written")  # mid-rotation
+    assert ctx.current() is first and ctx.reloads == 1
+    with pytest.raises(TlsError, match=r"tls\.cert_file"):
+        build_context(cfg)
