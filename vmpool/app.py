@@ -107,7 +107,9 @@ async def _serve(
             await migrate(conn)
         inventory = Inventory(db)
         await inventory.sync_pools([(p.name, p.labels) for p in config.pools])
-        leases = LeaseStore(db)
+        leases = LeaseStore(
+            db, on_abandoned=lambda pool: metrics.abandoned_claims.labels(pool).inc()
+        )
         waiters = Waiters(config.limits.max_waiting_calls)
 
         # Called from the background thread.

@@ -137,6 +137,13 @@ class Metrics:
             ["owner", "reason"],
             registry=r,
         )
+        self.abandoned_claims = Counter(
+            "vmpool_abandoned_claims_total",
+            "Claims whose caller was gone (deadline, disconnect) when they committed; "
+            "the instance went back to the pool, free.",
+            ["pool"],
+            registry=r,
+        )
         self.leader = Gauge(
             "vmpool_reconciler_leader", "1 while this process runs the background work.", registry=r
         )

@@ -77,7 +77,7 @@ async def make_world(db: Database, config: dict[str, Any]) -> World:
     waiters = Waiters()
     inventory = Inventory(db)
     await inventory.sync_pools([(p.name, p.labels) for p in cfg.pools])
-    store = LeaseStore(db)
+    store = LeaseStore(db, on_abandoned=lambda pool: metrics.abandoned_claims.labels(pool).inc())
     provider = FakeProvider(
         FakeCloud(db), cfg.provider.fake, clock=clock, orphan_grace=timedelta(minutes=10)
     )

@@ -264,3 +264,64 @@ async def test_expiry_as_asked_is_kept_to_the_nanosecond_on_every_path(world: Wo
         served.instance, at(world, timedelta(days=3), 7), "t", False
     )
     assert capped.expires_at == at(world, timedelta(hours=24))
+
+
+async def _blocked_leases_table(db: Database) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    """Hold a lock that makes every INSERT INTO leases wait until released: a
+    claim's statement is then under way (and commits) after its caller left."""
+    release = asyncio.Event()
+    locked = asyncio.Event()
+
+    async def hold() -> None:
+        async with db.acquire() as conn, conn.transaction():
+            await conn.execute("LOCK TABLE leases IN SHARE ROW EXCLUSIVE MODE")
+            locked.set()
+            await release.wait()
+
+    task = asyncio.create_task(hold())
+    await locked.wait()
+    return release, task
+
+
+async def test_a_lease_cancelled_by_its_deadline_while_its_batch_commits_leaves_no_lease(
+    world: World,
+) -> None:
+    free_before = await world.db.fetchval("SELECT count(*) FROM instances WHERE state = 'ready'")
+    release, holder = await _blocked_leases_table(world.db)
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(world.leaser.lease("alpha", None, "t", None), 0.2)
+    finally:
+        release.set()
+        await holder
+    await world.store.drain()  # the batch commits, then the claim is undone
+    assert await world.inventory.list_leases("") == []
+    free = await world.db.fetchval("SELECT count(*) FROM instances WHERE state = 'ready'")
+    assert free == free_before  # back in the pool, not destroyed
+    assert world.metrics.abandoned_claims.labels("alpha")._value.get() == 1
+    lease = await world.leaser.lease("alpha", None, "t", None)  # and it can be leased again
+    assert lease.pool == "alpha"
+
+
+async def test_a_reservation_served_to_a_waiter_that_left_keeps_its_lease(world: World) -> None:
+    rid = uuid.uuid4()
+    release, holder = await _blocked_leases_table(world.db)
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(world.leaser.lease("alpha", None, "t", rid), 0.2)
+    finally:
+        release.set()
+        await holder
+    await world.store.drain()
+    # Whether the statement was cancelled with its caller or committed anyway,
+    # the client's retry with the same reservation gets one lease, and no
+    # second instance is taken: a committed lease stays with the reservation.
+    before = await world.inventory.list_leases("")
+    assert [lease.reservation_id for lease in before] in ([], [rid])
+    retry = await world.leaser.lease("alpha", None, "t", rid)
+    assert retry.reservation_id == rid
+    if before:
+        assert retry.instance == before[0].instance
+    leases = await world.inventory.list_leases("")
+    assert [(lease.instance, lease.reservation_id) for lease in leases] == [(retry.instance, rid)]
+    assert world.metrics.abandoned_claims.labels("alpha")._value.get() == 0

@@ -8,11 +8,13 @@ from datetime import datetime
 from functools import partial
 from uuid import UUID
 
-from vmpool.batching import MicroBatcher
+import structlog
+
+from vmpool.batching import MAX_BATCH, MicroBatcher
 from vmpool.instant import Instant
 from vmpool.store import sql
 from vmpool.store.db import Database
-from vmpool.store.errors import StoreUnavailable, translated
+from vmpool.store.errors import StoreError, StoreUnavailable, translated
 from vmpool.store.records import (
     EndedLease,
     FirstUse,
@@ -23,6 +25,8 @@ from vmpool.store.records import (
     expiry_columns,
     expiry_of,
 )
+
+log = structlog.get_logger("vmpool.store")
 
 
 class NotLeased(Exception):
@@ -45,9 +49,14 @@ _Claim = tuple[str, datetime, Instant, Owner]
 
 
 class LeaseStore:
-    def __init__(self, pool: Database) -> None:
+    def __init__(
+        self, pool: Database, *, on_abandoned: Callable[[str], None] = lambda _pool: None
+    ) -> None:
+        """``on_abandoned(pool)``: a claim was undone because its caller was gone."""
         self._pool = pool
+        self._on_abandoned = on_abandoned
         self._claims: dict[str, MicroBatcher[_Claim, LeaseRow | None]] = {}
+        self._solo_claims: dict[str, MicroBatcher[_Claim, LeaseRow | None]] = {}
         self._returns: MicroBatcher[tuple[str, str, datetime, bool, str], EndedLease | None] = (
             MicroBatcher(self._return_batch)
         )
@@ -67,12 +76,48 @@ class LeaseStore:
         claim under a lease quota goes alone (a refusal must not fail others).
         Raises QuotaExceeded."""
         item = (tag, now, expires, owner or Owner.anonymous(tag))
-        if item[3].max_active > 0:
-            return (await self._claim_batch(pool, [item]))[0]
-        batcher = self._claims.get(pool)
+        # Under a lease quota a claim goes alone (a refusal must not fail others).
+        batchers = self._solo_claims if item[3].max_active > 0 else self._claims
+        batcher = batchers.get(pool)
         if batcher is None:
-            batcher = self._claims[pool] = MicroBatcher(partial(self._claim_batch, pool))
+            batcher = batchers[pool] = MicroBatcher(
+                partial(self._claim_batch, pool),
+                on_abandoned=self._unclaim,
+                max_batch=1 if batchers is self._solo_claims else MAX_BATCH,
+            )
         return await batcher.submit(item)
+
+    async def _unclaim(self, item: _Claim, lease: LeaseRow | None) -> None:
+        """The caller of this claim was gone when it committed: undo it."""
+        if lease is None:
+            return
+        try:
+            async with translated():
+                row = await self._pool.fetchrow(
+                    sql.UNCLAIM, lease.instance, lease.leased_at, item[1]
+                )
+        except StoreError as err:  # the lease then runs out and its VM is destroyed
+            log.warning(
+                "claim of a caller that gave up not undone",
+                instance=lease.instance,
+                pool=lease.pool,
+                error=str(err),
+            )
+            return
+        if row is not None:
+            self._on_abandoned(lease.pool)
+            log.info(
+                "claim returned to the pool: its caller was gone",
+                instance=lease.instance,
+                pool=lease.pool,
+                service_tag=lease.service_tag,
+            )
+
+    async def drain(self) -> None:
+        """Wait for batches and undone claims still in progress."""
+        for batcher in [*self._claims.values(), *self._solo_claims.values()]:
+            await batcher.drain()
+        await self._returns.drain()
 
     async def _claim_batch(self, pool: str, items: list[_Claim]) -> list[LeaseRow | None]:
         now = max(item[1] for item in items)

@@ -151,6 +151,21 @@ SELECT instance, service_tag, principal, pool, leased_at,
 FROM ended
 """
 
+# Undo a claim whose caller was gone when it committed ($1 instance, $2 its
+# leased_at): nobody received the VM, so it is free again, first in line (its
+# ready_at is kept). Only a lease without a reservation: a reservation's lease
+# stays for the client's retry (lease-api.md section 3, rule 1).
+UNCLAIM = """
+WITH gone AS (
+    DELETE FROM leases
+    WHERE instance = $1 AND leased_at = $2 AND reservation_id IS NULL
+    RETURNING instance
+)
+UPDATE instances i SET state = 'ready', state_changed_at = $3
+FROM gone WHERE i.name = gone.instance AND i.state = 'leased'
+RETURNING i.name, i.pool
+"""
+
 # Used only after a tag-checked write found nothing: which error is it?
 LEASE_OWNER = "SELECT service_tag, principal FROM leases WHERE instance = $1"
 
