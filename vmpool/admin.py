@@ -1,4 +1,6 @@
-"""The operator's admin API (vmpool.admin.v1): pool stats, listings, force-return, drain."""
+"""The operator's admin API (vmpool.admin.v1): pool stats and listings.
+
+Pool changes and StopLease are VMPoolService's (vmpool/pool_service.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,11 @@ import structlog
 from vmpool import leasing
 from vmpool.clock import Clock
 from vmpool.config import Config
-from vmpool.echo import echo
 from vmpool.fastwire import timestamp_field
 from vmpool.metrics import Metrics
 from vmpool.proto.vmpool.admin import v1 as adm
 from vmpool.store.inventory import Inventory
-from vmpool.store.leases import LeaseStore, NotLeased
+from vmpool.store.leases import LeaseStore
 
 log = structlog.get_logger("vmpool.admin")
 
@@ -105,36 +106,3 @@ class AdminService(adm.VmPoolAdminServiceBase):
                 for r in rows
             ]
         )
-
-    async def force_return(self, request: adm.ForceReturnRequest) -> adm.ForceReturnResponse:
-        leasing.check_instance(request.instance)
-        leasing.check_text("reason", request.reason)
-        reason = f"force-returned: {request.reason}" if request.reason else "force-returned"
-        try:
-            ended = await self._leases.force_return(request.instance, self._clock(), reason[:200])
-        except NotLeased:
-            raise leasing.NotFound(
-                f'instance: no active lease for "{echo(request.instance)}"'
-            ) from None
-        held = (self._clock() - ended.leased_at).total_seconds()
-        self._metrics.lease_duration.labels(ended.pool, "forced").observe(max(held, 0.0))
-        log.info("force return", instance=echo(request.instance), pool=ended.pool, reason=reason)
-        self._on_change()
-        return adm.ForceReturnResponse()
-
-    async def drain_pool(self, request: adm.DrainPoolRequest) -> adm.DrainPoolResponse:
-        await self._set_drained(request.pool, True)
-        return adm.DrainPoolResponse()
-
-    async def undrain_pool(self, request: adm.UndrainPoolRequest) -> adm.UndrainPoolResponse:
-        await self._set_drained(request.pool, False)
-        return adm.UndrainPoolResponse()
-
-    async def _set_drained(self, pool: str, drained: bool) -> None:
-        if not pool:
-            raise leasing.InvalidArgument("pool: must not be empty")
-        leasing.check_text("pool", pool)
-        if not await self._inv.set_drained(pool, drained):
-            raise leasing.NotFound(f'pool: no pool named "{echo(pool)}"')
-        log.info("pool drained" if drained else "pool undrained", pool=pool)
-        self._on_change()

@@ -15,6 +15,7 @@ from grpclib.health.service import OVERALL, Health
 from vmpool.admin import AdminService
 from vmpool.auth.setup import build_authenticator, startup_warnings
 from vmpool.background import Background, StartupError
+from vmpool.catalog import PoolCatalog
 from vmpool.clock import utcnow
 from vmpool.codec import SafeProtoCodec
 from vmpool.config import Config
@@ -24,6 +25,7 @@ from vmpool.extension import ExtensionService
 from vmpool.h2guard import GuardedServer, GuardSettings
 from vmpool.leaser import Leaser
 from vmpool.metrics import Metrics
+from vmpool.pool_service import PoolService
 from vmpool.readiness import READY, HealthName, database_check
 from vmpool.reflection import with_reflection
 from vmpool.rpc import Gate, instrument
@@ -32,6 +34,7 @@ from vmpool.store.db import connect, migrate
 from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
+from vmpool.store.pools import PoolStore
 from vmpool.store.probe import ProbeConnection
 from vmpool.tls import ReloadingContext, TlsError
 from vmpool.waiters import Waiters
@@ -106,6 +109,13 @@ async def _serve(
         async with db.acquire() as conn:
             await migrate(conn)
         inventory = Inventory(db)
+        pool_store = PoolStore(db)
+        taken = await pool_store.api_names_among([p.name for p in config.pools])
+        if taken:
+            raise StartupError(
+                f"pools: {', '.join(taken)} already exist as API pools (one namespace); "
+                "rename the config pool or delete the API pool"
+            )
         await inventory.sync_pools([(p.name, p.labels) for p in config.pools])
         leases = LeaseStore(
             db, on_abandoned=lambda pool: metrics.abandoned_claims.labels(pool).inc()
@@ -134,22 +144,39 @@ async def _serve(
             metrics,
             on_change=background.wake,
             reconciles_here=background.is_leader,
+            catalog=PoolCatalog(config, pool_store),
         )
         gate = Gate()
         serving = ServiceStatus()
         probe = ProbeConnection(url)  # readiness never waits behind client calls
         db_health = DatabaseHealth(probe)
-        lease_service = LeaseService(leaser, config, db_health)
+        lease_service = LeaseService(leaser, config, db_health, pool_store)
         admin = AdminService(inventory, leases, config, utcnow, metrics, background.wake)
         describer = build_describer(config, db)
         extension = ExtensionService(
             leaser, leases, utcnow, background.wake, describe=describer.describe
         )
+        pool_service = PoolService(
+            pool_store,
+            inventory,
+            leases,
+            config,
+            utcnow,
+            metrics,
+            background.wake,
+        )
         ready = [serving, database_check(db_health)]
-        health = Health({OVERALL: [serving], lease_service: ready, HealthName(READY): ready})
-        # Services for operators (the admin API; VMPoolService joins them): on the
+        health = Health(
+            {
+                OVERALL: [serving],
+                lease_service: ready,
+                pool_service: [serving],
+                HealthName(READY): ready,
+            }
+        )
+        # Services for operators (the admin API and VMPoolService): on the
         # lease port, and alone on admin_listen when that is set.
-        operator_services: list[Any] = [admin]
+        operator_services: list[Any] = [pool_service, admin]
         guard = GuardSettings.from_limits(config.limits)
         server = GuardedServer(
             with_reflection(

@@ -43,6 +43,7 @@ from vmpool.store.db import Database, connect
 from vmpool.store.errors import StoreUnavailable
 from vmpool.store.fakecloud import FakeCloud
 from vmpool.store.inventory import Inventory
+from vmpool.store.pools import PoolStore
 
 log = structlog.get_logger("vmpool")
 
@@ -182,6 +183,7 @@ class Background:
                 self._on_assigned,
                 inbox=self._inbox,
                 on_fenced=control.step_down,
+                pool_store=PoolStore(db),
             )
             self._reconciler, self._control = reconciler, control
             try:

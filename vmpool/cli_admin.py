@@ -38,7 +38,7 @@ def status_table(pools: Sequence[adm.PoolStats]) -> str:
     rows: list[list[str]] = [[head for head, _ in STATUS_COLUMNS]]
     for p in pools:
         note = "" if p.configured else " (removed)"
-        note += " (drained)" if p.drained else ""
+        note += " (not running)" if p.drained else ""
         row = [p.name + note]
         for _, key in STATUS_COLUMNS[1:]:
             value = getattr(p, key)
@@ -75,7 +75,7 @@ async def admin(args: argparse.Namespace, conn: Connection) -> None:
         )
         out = [snake(x) for x in reply.leases]
         text = _records(out, ["instance", "pool", "service_tag", "leased_at", "expires", "zone"])
-    elif args.action == "reservations":
+    else:
         res = await stub.list_reservations(
             adm.ListReservationsRequest(pool=args.target), timeout=t, metadata=md
         )
@@ -83,22 +83,6 @@ async def admin(args: argparse.Namespace, conn: Connection) -> None:
         text = _records(
             out, ["id", "pool", "service_tag", "position", "enqueued_at", "expires", "instance"]
         )
-    elif args.action == "force-return":
-        await stub.force_return(
-            adm.ForceReturnRequest(instance=args.target, reason=args.reason),
-            timeout=t,
-            metadata=md,
-        )
-        out = {"force_returned": args.target}
-        text = f"force-returned {args.target}; its VM is being destroyed"
-    elif args.action == "drain":
-        await stub.drain_pool(adm.DrainPoolRequest(pool=args.target), timeout=t, metadata=md)
-        out = {"drained": args.target}
-        text = f"pool {args.target} drained: no new leases; its free VMs are destroyed"
-    else:
-        await stub.undrain_pool(adm.UndrainPoolRequest(pool=args.target), timeout=t, metadata=md)
-        out = {"undrained": args.target}
-        text = f"pool {args.target} undrained: leasing again"
     print(json.dumps(out, default=str) if args.output == "json" else text)
 
 
@@ -116,19 +100,8 @@ def register(reg: Registry) -> None:
         examples=[
             "vmpool admin leases small",
             "vmpool admin reservations",
-            "vmpool admin force-return vmp-3f30-x9t7q72u --reason 'stuck test'",
-            "vmpool admin drain small",
+            "vmpool pool pause --pool small    # pool changes and StopLease: vmpool pool",
         ],
     )
-    p.add_argument(
-        "action",
-        choices=["leases", "reservations", "force-return", "drain", "undrain"],
-        help="what to do",
-    )
-    p.add_argument(
-        "target",
-        nargs="?",
-        default="",
-        help="pool (leases, reservations: optional; drain, undrain) or instance (force-return)",
-    )
-    p.add_argument("--reason", default="", help="force-return: why, for the logs (default: none)")
+    p.add_argument("action", choices=["leases", "reservations"], help="what to list")
+    p.add_argument("target", nargs="?", default="", help="a pool (default: every pool)")

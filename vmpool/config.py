@@ -235,6 +235,86 @@ class ReconcilerConfig(_Strict):
         return value
 
 
+# --- API pools: tiers, hardware templates, versions (pool-api.md section 5) ---
+
+
+class TierConfig(_Strict):
+    """A sizing preset for API pools (the sizing half of a PoolConfig)."""
+
+    name: str
+    description: str = ""
+    min_ready: int = Field(default=1, ge=0)
+    max_size: int = Field(default=1, ge=0)
+    max_provisioning: int = Field(default=1, ge=1)
+    default_lease: Duration = timedelta(minutes=30)
+    max_lease: Duration = timedelta(hours=24)
+    max_lifetime: OptionalDuration = None
+    reservation_ttl: Duration = timedelta(minutes=1)
+    boot_timeout: Duration = timedelta(minutes=10)
+    max_ready_age: OptionalDuration = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TierConfig:
+        if self.min_ready > self.max_size:
+            raise ValueError(f"min_ready ({self.min_ready}) exceeds max_size ({self.max_size})")
+        if self.default_lease <= timedelta(0) or self.default_lease > self.max_lease:
+            raise ValueError("default_lease must be positive and at most max_lease")
+        if self.reservation_ttl <= timedelta(0):
+            raise ValueError("reservation_ttl must be positive")
+        return self
+
+
+class HardwareTemplateConfig(_Strict):
+    """A VM shape for API pools; ${runtime} and ${intrinsic_os} are substituted."""
+
+    name: str
+    description: str = ""
+    has_gpu: bool = False
+    template: dict[str, Any] = {}
+
+
+class VersionsConfig(_Strict):
+    runtime: str = "intrinsic.platform.20261201.RC00"
+    intrinsic_os: str = "20261201.RC00"
+    runtime_pattern: str = ""
+    intrinsic_os_pattern: str = ""
+
+    @field_validator("runtime_pattern", "intrinsic_os_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a regular expression: {err}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _current_matches(self) -> VersionsConfig:
+        for key in ("runtime", "intrinsic_os"):
+            pattern = getattr(self, f"{key}_pattern")
+            if pattern and not re.search(pattern, getattr(self, key)):
+                raise ValueError(f"versions.{key} does not match versions.{key}_pattern")
+        return self
+
+
+BUILTIN_TIER = TierConfig(
+    name="ad_hoc_single",
+    description="One VM, made on demand",
+    min_ready=1,
+    max_size=1,
+    max_provisioning=1,
+)
+BUILTIN_HW_TEMPLATE = HardwareTemplateConfig(name="default", description="The default VM")
+
+
+def _with_builtin(items: list[Any], builtin: Any) -> list[Any]:
+    """The Go client sends ``ad_hoc_single`` / ``default`` when the user names
+    none, so both always exist: appended when the file does not define them."""
+    if any(i.name == builtin.name for i in items):
+        return items
+    return [*items, builtin]
+
+
 class Config(_Strict):
     listen: str = "0.0.0.0:50051"
     metrics_listen: str = "0.0.0.0:9090"
@@ -251,6 +331,20 @@ class Config(_Strict):
     admin_listen: str = ""
     limits: LimitsConfig = LimitsConfig()
     reconciler: ReconcilerConfig = ReconcilerConfig()
+
+    tiers: list[TierConfig] = Field(default=[], validate_default=True)
+    hardware_templates: list[HardwareTemplateConfig] = Field(default=[], validate_default=True)
+    versions: VersionsConfig = VersionsConfig()
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers(cls, value: list[TierConfig]) -> list[TierConfig]:
+        return _with_builtin(_unique(value, "tiers"), BUILTIN_TIER)
+
+    @field_validator("hardware_templates")
+    @classmethod
+    def _hw_templates(cls, value: list[HardwareTemplateConfig]) -> list[HardwareTemplateConfig]:
+        return _with_builtin(_unique(value, "hardware_templates"), BUILTIN_HW_TEMPLATE)
 
     @field_validator("listen", "metrics_listen", "admin_listen")
     @classmethod
@@ -294,6 +388,22 @@ class Config(_Strict):
             if p.name == name:
                 return p
         return None
+
+    def tier(self, name: str) -> TierConfig | None:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    def hw_template(self, name: str) -> HardwareTemplateConfig | None:
+        return next((t for t in self.hardware_templates if t.name == name), None)
+
+
+def _unique(items: list[Any], key: str) -> list[Any]:
+    names = [i.name for i in items]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"duplicate name {name!r}")
+        if not name:
+            raise ValueError("a name must not be empty")
+    return items
 
 
 class ConfigError(Exception):

@@ -11,8 +11,9 @@ from uuid import UUID
 
 import structlog
 
-from vmpool import calltime, leasing
+from vmpool import calltime, leasing, pools
 from vmpool.auth.policy import glob_allows
+from vmpool.catalog import PoolCatalog
 from vmpool.clock import Clock
 from vmpool.config import Config, PoolConfig
 from vmpool.echo import echo
@@ -74,9 +75,11 @@ class Leaser:
         metrics: Metrics,
         on_change: Callable[[str], None] = lambda _pool: None,
         reconciles_here: Callable[[], bool] = lambda: False,
+        catalog: PoolCatalog | None = None,
     ) -> None:
         self._store = store
         self._config = config
+        self._catalog = catalog if catalog is not None else PoolCatalog(config)
         self._clock = clock
         self._waiters = waiters
         self._metrics = metrics
@@ -88,27 +91,29 @@ class Leaser:
         """Shutdown began: waiting Lease calls answer with their queue place now."""
         self._stopping = True
 
-    def _pool(self, name: str) -> PoolConfig:
-        pool = self._config.pool(name)
+    async def _pool(self, name: str) -> PoolConfig:
+        pool = await self._catalog.find(name)
         if pool is None:
             raise NotFound(f'pool: no pool named "{echo(name)}"')
         return pool
 
     async def _resolve_pool(self, name: str, allowed: tuple[str, ...] = ("*",)) -> PoolConfig:
         if name:
-            return self._pool(_allowed(name, allowed))
+            return await self._pool(_allowed(leasing.check_text("pool", name), allowed))
         if self._config.default_pool:
-            return self._pool(_allowed(self._config.default_pool, allowed))
+            return await self._pool(_allowed(self._config.default_pool, allowed))
         names = [p.name for p in self._config.pools if glob_allows(allowed, p.name)]
         if not names:
             raise NotFound("pool: no pools are configured that this caller may use")
         chosen = leasing.choose_pool(await self._store.free_counts(), names)
         assert chosen is not None
-        return self._pool(chosen)
+        return await self._pool(chosen)
 
     async def _refuse_if_drained(self, pool: str) -> None:
-        if await self._store.pool_drained(pool):
-            raise FailedPrecondition(f'pool: "{pool}" is drained by an operator')
+        """A claim found nothing: a pool whose desired status is not RUNNING says so."""
+        desired = await self._store.pool_desired_status(pool)
+        if desired is not None and desired != pools.RUNNING:
+            raise FailedPrecondition(pools.not_leasable(pool, desired))
 
     @contextmanager
     def _quota(self, who: Owner) -> Iterator[None]:
@@ -256,7 +261,7 @@ class Leaser:
                     f"reservation_id: reservation {rid} was already served with instance "
                     f'"{state.instance}", whose lease has ended; use a new reservation_id'
                 )
-            pool = self._pool(state.pool)
+            pool = await self._pool(state.pool)
             now = self._clock()
             if state.instance is None:
                 queued = await self._store.touch(rid, now + pool.reservation_ttl)
@@ -301,15 +306,18 @@ class Leaser:
         leasing.check_service_tag(tag)
         structlog.contextvars.bind_contextvars(instance=echo(instance))
         target = leasing.check_extend_target(to, self._clock(), extend_only)
+        # The caps of an API pool come from the database (a config pool's are at hand).
+        api_pool: PoolConfig | None = None
+        current = await self._store.get_lease(instance)
+        if current is not None and self._config.pool(current.pool) is None:
+            api_pool = await self._catalog.find(current.pool)
 
         def decide(lease: LeaseRow) -> Instant | None:
+            pool = self._config.pool(lease.pool)
+            if pool is None and api_pool is not None and api_pool.name == lease.pool:
+                pool = api_pool
             return leasing.extended_expiry(
-                target,
-                self._clock(),
-                lease.leased_at,
-                lease.expires_at,
-                self._config.pool(lease.pool),
-                extend_only,
+                target, self._clock(), lease.leased_at, lease.expires_at, pool, extend_only
             )
 
         with _owned_lease(instance):

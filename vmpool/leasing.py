@@ -37,6 +37,10 @@ class FailedPrecondition(ClientError):
     pass
 
 
+class AlreadyExists(ClientError):
+    pass
+
+
 class Unavailable(ClientError):
     """Not the client's fault: retrying is the right answer."""
 

@@ -16,13 +16,16 @@ import string
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from hashlib import sha256
 from typing import Any
 
 import structlog
 
+from vmpool import pools as pool_rules
 from vmpool.backoff import Backoff, Monotonic, Retry
+from vmpool.catalog import PoolCatalog
 from vmpool.clock import Clock
 from vmpool.config import Config, PoolConfig
 from vmpool.metrics import Metrics
@@ -56,7 +59,8 @@ from vmpool.planner import (
 from vmpool.providers.base import Provider, VMPhase
 from vmpool.providers.errors import Invalid, ProviderError
 from vmpool.store.errors import NotLeader, StoreError, StoreUnavailable
-from vmpool.store.inventory import INSTANCE_STATES, Inventory, Summary
+from vmpool.store.inventory import INSTANCE_STATES, Inventory, PoolSummary, Summary
+from vmpool.store.pools import PoolStore
 
 log = structlog.get_logger("vmpool.reconciler")
 
@@ -104,6 +108,10 @@ class Inbox:
         return bool(self._items)
 
 
+def _counts(pool: PoolSummary) -> pool_rules.Counts:
+    return pool_rules.Counts(**{s: pool.counts.get(s, 0) for s in INSTANCE_STATES})
+
+
 class Reconciler:
     def __init__(
         self,
@@ -118,8 +126,12 @@ class Reconciler:
         concurrency: int = 32,
         monotonic: Monotonic = time.monotonic,
         on_fenced: Callable[[], None] = lambda: None,
+        pool_store: PoolStore | None = None,
     ) -> None:
         self._inv = inventory
+        self._pool_store = pool_store
+        # Config pools and API pools (re-read each pass): what `pool(name)` answers.
+        self._pools = PoolCatalog(config, pool_store)
         self._provider = provider
         self._config = config
         self._clock = clock
@@ -265,11 +277,13 @@ class Reconciler:
     # --- one pass -------------------------------------------------------------------
 
     def targets(self, summary: Summary) -> dict[str, PoolTarget]:
-        """What every configured pool should be (a pool not here is drained)."""
+        """What every pool should be (a pool not here is drained): config and API
+        pools; a desired status other than RUNNING maps onto ``drained``."""
         out = {}
-        for cfg in self._config.pools:
+        for cfg in self._pools:
             seen = summary.pools.get(cfg.name)
-            out[cfg.name] = target_from_config(cfg, drained=seen is not None and seen.drained)
+            target = target_from_config(cfg, drained=seen is not None and seen.drained)
+            out[cfg.name] = replace(target, spec_hash=self._pools.spec_hash(cfg))
         return out
 
     def _observed(self, summary: Summary, targets: Mapping[str, PoolTarget]) -> Observed:
@@ -316,6 +330,7 @@ class Reconciler:
         if full:
             self._full_due = False
             self._last_full = self._mono()
+        await self._pools.refresh()
         summary = await self._inv.summary(scope)
         self._export(summary)
         actions = self._plan(summary, now)
@@ -337,6 +352,7 @@ class Reconciler:
         if self._mono() - self._last_prune >= PRUNE_EVERY:
             self._last_prune = self._mono()
             await self._prune_history(now)
+        changed |= await self._statuses(summary)
         return changed
 
     async def _prune_history(self, now: datetime) -> None:
@@ -351,6 +367,28 @@ class Reconciler:
         if total:
             self._metrics.reconcile_actions.labels("history pruned").inc(total)
             log.info("history pruned", rows=total, ended_before=before.isoformat())
+
+    async def _statuses(self, summary: Summary) -> bool:
+        """Pool statuses the counts reached (pool-api.md section 3): RUNNING once
+        min_ready is ready; a deleted pool with no VM left disappears."""
+        if self._pool_store is None:
+            return False
+        reached = []
+        deleted = False
+        for name, pool in summary.pools.items():
+            deleted |= pool.desired_status == pool_rules.DELETED and not any(pool.counts.values())
+            cfg = self._pools.pool(name)
+            if cfg is None or pool.drained or pool.reached_running:
+                continue
+            want = pool_rules.effective_min_ready(cfg.min_ready, cfg.max_size, _counts(pool))
+            if pool.counts["ready"] + pool.counts["reserved"] >= want:
+                reached.append(name)
+        if reached:
+            await self._inv.mark_reached_running(reached)
+        gone = await self._inv.forget_deleted_pools() if deleted else []
+        for name in gone:
+            self._action("pool deleted", pool=name, reason="DeletePool, no VM left")
+        return bool(gone)
 
     async def _apply(self, actions: list[Action], now: datetime) -> bool:
         """The executor of pool-level actions: True if any changed something."""
@@ -410,7 +448,7 @@ class Reconciler:
         if not written:
             return False
         self._work_pending = True
-        cfg = self._config.pool(action.pool)
+        cfg = self._pools.pool(action.pool)
         for name in written:
             if cfg is not None:
                 self._maybe_create(name, cfg)
@@ -546,7 +584,7 @@ class Reconciler:
                 case BootFailed(name=name, reason=reason):
                     failed.setdefault(reason, []).append(name)
                 case CreateVM(name=name, pool=pool):
-                    cfg = self._config.pool(pool)
+                    cfg = self._pools.pool(pool)
                     if cfg is not None:
                         self._maybe_create(name, cfg)
                 case DeleteVM(name=name, reason=reason):

@@ -42,6 +42,7 @@ _STATUS: dict[type[leasing.ClientError], Status] = {
     leasing.PermissionDenied: Status.PERMISSION_DENIED,
     leasing.Exhausted: Status.RESOURCE_EXHAUSTED,
     leasing.FailedPrecondition: Status.FAILED_PRECONDITION,
+    leasing.AlreadyExists: Status.ALREADY_EXISTS,
     leasing.Unavailable: Status.UNAVAILABLE,
 }
 

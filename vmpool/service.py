@@ -23,6 +23,7 @@ from vmpool.fastwire import ExtendCall, GetLeaseCall, LeaseCall, LeaseReply, Ret
 from vmpool.leaser import Leaser
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 from vmpool.rpc import current_stream
+from vmpool.store.pools import PoolStore, SpecRow
 from vmpool.store.records import LeaseRow, Owner
 
 WAIT_HEADER = "x-vmpool-wait"
@@ -79,14 +80,30 @@ def requested_wait() -> timedelta:
     return wait
 
 
+def api_pool_labels(row: SpecRow) -> dict[str, str]:
+    return {
+        "hardware_template": row.hardware_template,
+        "intrinsic_os": row.intrinsic_os,
+        "runtime": row.runtime,
+        "tier": row.pool_tier,
+    }
+
+
 class LeaseService:
     # Ping answers without credentials (readiness probes); it tells nothing.
     public_methods = frozenset({"Ping"})
 
-    def __init__(self, leaser: Leaser, config: Config, db_health: DatabaseHealth) -> None:
+    def __init__(
+        self,
+        leaser: Leaser,
+        config: Config,
+        db_health: DatabaseHealth,
+        pool_store: PoolStore | None = None,
+    ) -> None:
         self._leaser = leaser
         self._config = config
         self._db_health = db_health
+        self._pool_store = pool_store  # API pools are listed too
 
     def __mapping__(self) -> dict[str, Handler]:
         unary = Cardinality.UNARY_UNARY
@@ -150,13 +167,18 @@ class LeaseService:
         return to_reply(lease)
 
     async def pools(self, request: api.PoolsRequest) -> api.PoolsResponse:
+        """Every pool not being deleted: the config's, and the API pools."""
+        labels = {p.name: p.labels for p in self._config.pools}
+        if self._pool_store is not None:
+            for row in await self._pool_store.api_specs(exclude_deleted=True):
+                labels.setdefault(row.name, api_pool_labels(row))
         return api.PoolsResponse(
             pools=[
                 api.Pool(
-                    name=p.name,
-                    labels=[api.Label(key=k, value=v) for k, v in sorted(p.labels.items())],
+                    name=name,
+                    labels=[api.Label(key=k, value=v) for k, v in sorted(labels[name].items())],
                 )
-                for p in sorted(self._config.pools, key=lambda p: p.name)
+                for name in sorted(labels)
             ]
         )
 

@@ -22,7 +22,8 @@ class GrpcioModules:
     empty_pb2: ModuleType
 
 
-def compile_lease_api(out: Path) -> GrpcioModules:
+def compile_proto(out: Path, proto: str) -> tuple[ModuleType, ModuleType]:
+    """The grpcio (pb2, pb2_grpc) modules of ``proto`` (a path under api/)."""
     from grpc_tools import protoc
 
     well_known = resources.files("grpc_tools") / "_proto"
@@ -34,12 +35,12 @@ def compile_lease_api(out: Path) -> GrpcioModules:
             f"-I{well_known}",
             f"--python_out={out}",
             f"--grpc_python_out={out}",
-            PROTO,
+            proto,
         ]
     )
     if rc != 0:
-        raise RuntimeError(f"protoc failed with {rc} on {PROTO}")
-    base = "intrinsic_proto.vmpoolleaseapi.v1.vmpoolleaseapi"
+        raise RuntimeError(f"protoc failed with {rc} on {proto}")
+    base = proto.removesuffix(".proto").replace("/", ".")
     sys.path.insert(0, str(out))
     try:
         # The generated code imports itself by this absolute name.
@@ -47,6 +48,19 @@ def compile_lease_api(out: Path) -> GrpcioModules:
         pb2_grpc = importlib.import_module(f"{base}_pb2_grpc")
     finally:
         sys.path.remove(str(out))
+    return pb2, pb2_grpc
+
+
+def compile_lease_api(out: Path) -> GrpcioModules:
+    pb2, pb2_grpc = compile_proto(out, PROTO)
     from google.protobuf import empty_pb2, timestamp_pb2
 
     return GrpcioModules(pb2, pb2_grpc, timestamp_pb2, empty_pb2)
+
+
+POOL_PROTO = "intrinsic_proto/vmpoolapi/v1/vmpool_api.proto"
+
+
+def compile_pool_api(out: Path) -> tuple[ModuleType, ModuleType]:
+    """VMPoolService's grpcio modules, compiled from api/ as a Go client would."""
+    return compile_proto(out, POOL_PROTO)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from betterproto.lib.google.protobuf import Empty
+from betterproto.lib.google.protobuf import Empty, FieldMask
 from grpclib.client import Channel
 from grpclib.const import Cardinality
 from grpclib.encoding.base import CodecBase
@@ -27,22 +27,27 @@ from grpclib.exceptions import GRPCError
 
 from tests.pg import TestPostgres
 from tests.server import ServerProcess
+from vmpool.proto.intrinsic_proto.vmpoolapi import v1 as papi
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 from vmpool.proto.vmpool.admin import v1 as adm
 
 SERVICE = "/intrinsic_proto.vmpoolleaseapi.v1.VMPoolLeaseService"
 ADMIN = "/vmpool.admin.v1.VMPoolAdminService"
+POOLS = "/intrinsic_proto.vmpoolapi.v1.VMPoolService"
 PATHS = {
     **{m: SERVICE for m in ["Ping", "Lease", "Return", "ExtendTo", "Pools", "GetLease"]},
+    **{m: ADMIN for m in ["PoolStats", "ListLeases", "ListReservations"]},
     **{
-        m: ADMIN
+        f"pools.{m}": POOLS
         for m in [
-            "PoolStats",
+            "CreatePool",
+            "UpdatePool",
+            "ListPools",
+            "DeletePool",
+            "StopPool",
+            "PausePool",
             "ListLeases",
-            "ListReservations",
-            "ForceReturn",
-            "DrainPool",
-            "UndrainPool",
+            "StopLease",
         ]
     },
 }
@@ -166,11 +171,20 @@ def valid(method: str, rng: random.Random) -> bytes:
         return b""
     if method in ("ListLeases", "ListReservations"):
         return bytes(adm.ListLeasesRequest(pool=text(rng)))
-    if method == "ForceReturn":
-        return bytes(adm.ForceReturnRequest(instance=text(rng), reason=text(rng)))
-    if method in ("DrainPool", "UndrainPool"):
-        pool = text(rng)
-        return bytes(adm.DrainPoolRequest(pool=pool if pool != "alpha" else "beta"))
+    if method == "pools.CreatePool":
+        spec = papi.Spec(runtime=text(rng), intrinsic_os=text(rng), pool_tier=text(rng))
+        return bytes(papi.CreatePoolRequest(name=text(rng), spec=spec))
+    if method == "pools.UpdatePool":
+        mask = FieldMask(paths=[text(rng) for _ in range(rng.randrange(3))])
+        name = text(rng)
+        return bytes(papi.UpdatePoolRequest(name=name, update_mask=mask)) + b"\x1a\x00"
+    if method in ("pools.DeletePool", "pools.StopPool", "pools.PausePool"):
+        pool = text(rng)  # never the pool the fuzz leases from
+        return bytes(papi.DeletePoolRequest(name=pool if pool != "alpha" else "beta"))
+    if method in ("pools.ListLeases", "pools.StopLease"):
+        return bytes(papi.StopLeaseRequest(lease_name=text(rng)))
+    if method == "pools.ListPools":
+        return b""
     if method == "Lease":
         if rng.random() < 0.3:  # a good request: reaches the lease rules and the database
             rid = str(uuid.uuid4()) if rng.random() < 0.5 else None
@@ -290,7 +304,7 @@ async def server(postgres: TestPostgres, tmp_path: Path) -> AsyncIterator[Server
 async def send(channel: Channel, method: str, data: bytes, md: dict[str, str | bytes]) -> str:
     try:
         async with channel.request(
-            f"{PATHS[method]}/{method}",
+            f"{PATHS[method]}/{method.removeprefix('pools.')}",
             Cardinality.UNARY_UNARY,
             bytes,
             bytes,

@@ -193,15 +193,16 @@ async def test_return_and_extend_rules(world: World) -> None:
     assert end["end_reason"] == "returned"
 
 
-async def test_drained_pool_refuses_leases(world: World) -> None:
-    await world.inventory.set_drained("beta", True)
-    with pytest.raises(leasing.FailedPrecondition, match="drained"):
+async def test_a_paused_pool_refuses_leases(world: World) -> None:
+    # What PausePool writes (vmpool/pool_service.py): the desired status.
+    await world.db.execute("UPDATE pools SET desired_status = 'PAUSED' WHERE name = 'beta'")
+    with pytest.raises(leasing.FailedPrecondition, match="PAUSED"):
         await world.leaser.lease("beta", None, "t", None)
-    with pytest.raises(leasing.FailedPrecondition, match="drained"):
+    with pytest.raises(leasing.FailedPrecondition, match="PAUSED"):
         await world.leaser.lease("beta", None, "t", uuid.uuid4())
     await world.settle()
     assert await world.counts("beta") == {}
-    await world.inventory.set_drained("beta", False)
+    await world.db.execute("UPDATE pools SET desired_status = 'RUNNING' WHERE name = 'beta'")
     await world.settle()
     assert (await world.leaser.lease("beta", None, "t", None)).pool == "beta"
 

@@ -1,5 +1,6 @@
 """The operator's commands over the admin API: `vmpool status` and `vmpool admin
-leases|reservations|force-return|drain|undrain`, run as the real console command."""
+leases|reservations`, run as the real console command. (Pool changes and
+StopLease moved to VMPoolService: tests/e2e/test_pool_cli.py.)"""
 
 from __future__ import annotations
 
@@ -16,11 +17,9 @@ from tests.ops.conftest import (
     Outcome,
     Sql,
     cli,
-    code_of,
     lease_when_free,
 )
 from tests.polling import eventually
-from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 
 POOLS = [
     {"name": "adm", "min_ready": 2, "max_size": 4},
@@ -139,91 +138,4 @@ async def test_admin_leases_and_reservations(server: OpsServer) -> None:
         assert not out4.lstrip().startswith(("[", "{")), out4
     finally:
         await client.return_(lease.instance)
-        client.close()
-
-
-async def test_force_return_ends_any_lease_and_destroys_the_vm(server: OpsServer, sql: Sql) -> None:
-    client = Client(server.address)
-    try:
-        lease = await lease_when_free(client, "adm")
-        # The CLI's service tag differs from the lease's: an operator's force-return
-        # ignores it.
-        rc, out, err = await run(
-            server, "admin", "force-return", lease.instance, "--reason", "test"
-        )
-        assert rc == 0, err
-        assert await code_of(client.return_(lease.instance)) == "NOT_FOUND"
-
-        async def gone() -> bool:
-            rows = await sql.val("SELECT count(*) FROM instances WHERE name = $1", lease.instance)
-            vms = await sql.val("SELECT count(*) FROM fake_vms WHERE name = $1", lease.instance)
-            return rows == 0 and vms == 0
-
-        await eventually(gone, bool, 10, "the force-returned VM destroyed")
-        reason = await sql.val(
-            "SELECT end_reason FROM lease_history WHERE instance = $1", lease.instance
-        )
-        assert reason.startswith("force-returned"), reason
-        (rc, out, err), (rc2, out2, err2) = await asyncio.gather(
-            run(server, "admin", "force-return", lease.instance),
-            run(server, "admin", "force-return", ""),
-        )
-        assert rc == 4 and "NOT_FOUND" in err, (out, err)
-        assert rc2 == 2 and "INVALID_ARGUMENT" in err2, (out2, err2)
-    finally:
-        client.close()
-
-
-async def test_drain_and_undrain(server: OpsServer, sql: Sql) -> None:
-    client = Client(server.address)
-    try:
-        kept = await lease_when_free(client, "drainme")
-        await eventually(
-            lambda: sql.counts("drainme"),
-            lambda c: c == {"ready": 2, "leased": 1},
-            10,
-            "drainme refilled",
-        )
-        free = await sql.names("instances", "drainme") - {kept.instance}
-
-        rc, out, err = await run(server, "admin", "drain", "drainme")
-        assert rc == 0, err
-        # Free instances destroyed (rows and VMs); the existing lease runs on.
-        await eventually(
-            lambda: sql.counts("drainme"),
-            lambda c: c == {"leased": 1},
-            10,
-            "drainme's free instances destroyed",
-        )
-        assert not free & await sql.names("fake_vms", "drainme")
-        with pytest.raises(Outcome) as refused:
-            await client.lease("drainme")
-        assert refused.value.code == "FAILED_PRECONDITION", refused.value
-        assert "drainme" in refused.value.message
-        with pytest.raises(Outcome) as refused:
-            await client.lease("drainme", reservation_id=str(uuid.uuid4()))
-        assert refused.value.code == "FAILED_PRECONDITION", refused.value
-        reply = await client.stub.get_lease(api.GetLeaseRequest(instance=kept.instance))
-        assert reply.lease.pool == "drainme", "the lease runs on in a drained pool"
-        (rc, out, err), (rc2, out2, err2) = await asyncio.gather(
-            run(server, "status"), run(server, "admin", "drain", "nosuchpool")
-        )
-        assert rc == 0 and "(drained)" in table(out)["drainme"]["notes"], out
-        assert rc2 == 4 and "NOT_FOUND" in err2, (out2, err2)
-        assert await sql.counts("drainme") == {"leased": 1}, "a drained pool stays empty"
-
-        rc, out, err = await run(server, "admin", "undrain", "drainme")
-        assert rc == 0, err
-        await eventually(
-            lambda: sql.counts("drainme"),
-            lambda c: c == {"ready": 2, "leased": 1},
-            10,
-            "drainme refilled after undrain",
-        )
-        again = await client.lease("drainme")
-        await client.return_(again.instance)
-        await client.return_(kept.instance)
-        rc, out, err = await run(server, "status")
-        assert rc == 0 and table(out)["drainme"]["notes"] == "", out
-    finally:
         client.close()

@@ -29,7 +29,9 @@ class PoolSummary:
     oldest_enqueued: datetime | None = None
     next_reservation_expiry: datetime | None = None
     configured: bool = False
-    drained: bool = False
+    drained: bool = False  # desired status not RUNNING: no leases, no free instances
+    desired_status: str = "RUNNING"
+    reached_running: bool = True  # min_ready reached since created or resumed
 
     @property
     def queued(self) -> int:
@@ -105,10 +107,6 @@ class Inventory:
         async with translated():
             await self._pool.execute(sql.SYNC_POOLS, [p[0] for p in pools], [p[1] for p in pools])
 
-    async def set_drained(self, pool: str, drained: bool) -> bool:
-        async with translated():
-            return await self._pool.fetchval(sql.SET_DRAINED, pool, drained) is not None
-
     async def summary(self, pools: Sequence[str] | None = None) -> Summary:
         """Counts of every pool, or of ``pools`` only (``complete`` says which)."""
         async with translated():
@@ -140,8 +138,10 @@ class Inventory:
                     p.set_aside = int(r["n"])
                 p.oldest_enqueued = _min(p.oldest_enqueued, r["oldest_created"])
             elif kind == "pools":
-                p.configured = bool(r["n"])
-                p.drained = r["state"] == "drained"
+                p.configured = bool(r["n"] & 1)
+                p.reached_running = bool(r["n"] & 2)
+                p.desired_status = r["state"]
+                p.drained = r["state"] != "RUNNING"
         return out
 
     async def expire_leases(self, now: datetime) -> list[EndedLease]:
@@ -234,6 +234,14 @@ class Inventory:
         async with translated():
             status = await self._write_status(sql.PRUNE_HISTORY, (before, batch))
         return int(status.rsplit(" ", 1)[-1])
+
+    async def mark_reached_running(self, pools: Sequence[str]) -> None:
+        """These pools reached min_ready: INITIALIZING becomes RUNNING (pool-api.md)."""
+        await self._write([(sql.MARK_REACHED_RUNNING, (list(pools),))])
+
+    async def forget_deleted_pools(self) -> list[str]:
+        """Deleted API pools with no instance left disappear; their names are free."""
+        return [r["name"] for r in await self._write([(sql.FORGET_DELETED_POOLS, ())])]
 
     async def _write_status(self, query: str, args: tuple[Any, ...]) -> str:
         async def once() -> str:

@@ -303,9 +303,10 @@ class LeaseStore:
             rows = await self._pool.fetch(sql.FREE_COUNTS)
         return {r["pool"]: int(r["free"]) for r in rows}
 
-    async def pool_drained(self, pool: str) -> bool:
+    async def pool_desired_status(self, pool: str) -> str | None:
         async with translated():
-            return bool(await self._pool.fetchval(sql.POOL_DRAINED, pool))
+            status: str | None = await self._pool.fetchval(sql.POOL_DESIRED_STATUS, pool)
+            return status
 
     async def cancel_reservation(
         self, reservation: UUID, tag: str, principal: str, now: datetime

@@ -96,37 +96,6 @@ class ListReservationsResponse(betterproto.Message):
 
 
 @dataclass(eq=False, repr=False)
-class ForceReturnRequest(betterproto.Message):
-    instance: str = betterproto.string_field(1)
-    reason: str = betterproto.string_field(2)
-
-
-@dataclass(eq=False, repr=False)
-class ForceReturnResponse(betterproto.Message):
-    pass
-
-
-@dataclass(eq=False, repr=False)
-class DrainPoolRequest(betterproto.Message):
-    pool: str = betterproto.string_field(1)
-
-
-@dataclass(eq=False, repr=False)
-class DrainPoolResponse(betterproto.Message):
-    pass
-
-
-@dataclass(eq=False, repr=False)
-class UndrainPoolRequest(betterproto.Message):
-    pool: str = betterproto.string_field(1)
-
-
-@dataclass(eq=False, repr=False)
-class UndrainPoolResponse(betterproto.Message):
-    pass
-
-
-@dataclass(eq=False, repr=False)
 class CancelReservationRequest(betterproto.Message):
     reservation_id: str = betterproto.string_field(1)
     service_tag: str = betterproto.string_field(2)
@@ -233,57 +202,6 @@ class VmPoolAdminServiceStub(betterproto.ServiceStub):
             metadata=metadata,
         )
 
-    async def force_return(
-        self,
-        force_return_request: "ForceReturnRequest",
-        *,
-        timeout: Optional[float] = None,
-        deadline: Optional["Deadline"] = None,
-        metadata: Optional["MetadataLike"] = None
-    ) -> "ForceReturnResponse":
-        return await self._unary_unary(
-            "/vmpool.admin.v1.VMPoolAdminService/ForceReturn",
-            force_return_request,
-            ForceReturnResponse,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-        )
-
-    async def drain_pool(
-        self,
-        drain_pool_request: "DrainPoolRequest",
-        *,
-        timeout: Optional[float] = None,
-        deadline: Optional["Deadline"] = None,
-        metadata: Optional["MetadataLike"] = None
-    ) -> "DrainPoolResponse":
-        return await self._unary_unary(
-            "/vmpool.admin.v1.VMPoolAdminService/DrainPool",
-            drain_pool_request,
-            DrainPoolResponse,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-        )
-
-    async def undrain_pool(
-        self,
-        undrain_pool_request: "UndrainPoolRequest",
-        *,
-        timeout: Optional[float] = None,
-        deadline: Optional["Deadline"] = None,
-        metadata: Optional["MetadataLike"] = None
-    ) -> "UndrainPoolResponse":
-        return await self._unary_unary(
-            "/vmpool.admin.v1.VMPoolAdminService/UndrainPool",
-            undrain_pool_request,
-            UndrainPoolResponse,
-            timeout=timeout,
-            deadline=deadline,
-            metadata=metadata,
-        )
-
 
 class VmPoolExtensionServiceStub(betterproto.ServiceStub):
     async def cancel_reservation(
@@ -338,21 +256,6 @@ class VmPoolAdminServiceBase(ServiceBase):
     ) -> "ListReservationsResponse":
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def force_return(
-        self, force_return_request: "ForceReturnRequest"
-    ) -> "ForceReturnResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def drain_pool(
-        self, drain_pool_request: "DrainPoolRequest"
-    ) -> "DrainPoolResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def undrain_pool(
-        self, undrain_pool_request: "UndrainPoolRequest"
-    ) -> "UndrainPoolResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
     async def __rpc_pool_stats(
         self, stream: "grpclib.server.Stream[PoolStatsRequest, PoolStatsResponse]"
     ) -> None:
@@ -375,27 +278,6 @@ class VmPoolAdminServiceBase(ServiceBase):
         response = await self.list_reservations(request)
         await stream.send_message(response)
 
-    async def __rpc_force_return(
-        self, stream: "grpclib.server.Stream[ForceReturnRequest, ForceReturnResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.force_return(request)
-        await stream.send_message(response)
-
-    async def __rpc_drain_pool(
-        self, stream: "grpclib.server.Stream[DrainPoolRequest, DrainPoolResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.drain_pool(request)
-        await stream.send_message(response)
-
-    async def __rpc_undrain_pool(
-        self, stream: "grpclib.server.Stream[UndrainPoolRequest, UndrainPoolResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.undrain_pool(request)
-        await stream.send_message(response)
-
     def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
         return {
             "/vmpool.admin.v1.VMPoolAdminService/PoolStats": grpclib.const.Handler(
@@ -415,24 +297,6 @@ class VmPoolAdminServiceBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 ListReservationsRequest,
                 ListReservationsResponse,
-            ),
-            "/vmpool.admin.v1.VMPoolAdminService/ForceReturn": grpclib.const.Handler(
-                self.__rpc_force_return,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                ForceReturnRequest,
-                ForceReturnResponse,
-            ),
-            "/vmpool.admin.v1.VMPoolAdminService/DrainPool": grpclib.const.Handler(
-                self.__rpc_drain_pool,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                DrainPoolRequest,
-                DrainPoolResponse,
-            ),
-            "/vmpool.admin.v1.VMPoolAdminService/UndrainPool": grpclib.const.Handler(
-                self.__rpc_undrain_pool,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                UndrainPoolRequest,
-                UndrainPoolResponse,
             ),
         }
 
