@@ -24,6 +24,7 @@ from vmpool.config import (
     AuthConfig,
     Config,
     FakeProviderConfig,
+    HardwareTemplateConfig,
     JwtAuthConfig,
     KubernetesAuthConfig,
     KubevirtProviderConfig,
@@ -31,6 +32,8 @@ from vmpool.config import (
     PolicyEntry,
     PoolConfig,
     ProviderConfig,
+    TierConfig,
+    VersionsConfig,
     parse_config,
 )
 
@@ -332,6 +335,11 @@ def test_schema_config_keys_are_exactly_the_loaders(chart: Any) -> None:
         KubevirtProviderConfig.model_fields
     )
     assert _schema_keys(config["properties"]["pools"]["items"]) == set(PoolConfig.model_fields)
+    assert _schema_keys(config["properties"]["tiers"]["items"]) == set(TierConfig.model_fields)
+    assert _schema_keys(config["properties"]["hardware_templates"]["items"]) == set(
+        HardwareTemplateConfig.model_fields
+    )
+    assert _schema_keys(config["properties"]["versions"]) == set(VersionsConfig.model_fields)
 
 
 # --- Every object is valid Kubernetes ----------------------------------------
