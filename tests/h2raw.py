@@ -16,6 +16,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 GRPC_HEADERS = [("content-type", "application/grpc"), ("te", "trailers")]
 
@@ -56,6 +57,19 @@ class Answer:
         return unquote(self.header("grpc-message") or "")
 
 
+def _find_goaway(data: bytes) -> Any:
+    view = memoryview(data)
+    while len(view) >= 9:
+        header, length = hyperframe.frame.Frame.parse_frame_header(view[:9])
+        if len(view) < 9 + length:
+            return None
+        if isinstance(header, hyperframe.frame.GoAwayFrame):
+            header.parse_body(view[9 : 9 + length])
+            return header
+        view = view[9 + length :]
+    return None
+
+
 class RawH2:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -73,12 +87,14 @@ class RawH2:
         self.closed = False
         self.remote_settings: dict[int, int] = {}
         self.pings_acked = 0
+        self.unparsed: bytes | None = None  # what came after h2 gave up (after a GOAWAY)
 
     @classmethod
     async def connect(cls, address: str, *, preface: bool = True) -> RawH2:
         host, _, port = address.rpartition(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         conn = cls(reader, writer)
+        conn._start()
         if preface:
             conn.h2.initiate_connection()
             await conn.flush()
@@ -92,6 +108,7 @@ class RawH2:
                 await self.writer.drain()
             except ConnectionError:
                 self.closed = True
+        await asyncio.sleep(0)  # let the reader take what came meanwhile
 
     def write_raw(self, data: bytes) -> None:
         self.writer.write(data)
@@ -135,26 +152,43 @@ class RawH2:
                 await self.receive()
         return answer
 
-    async def receive(self, timeout: float | None = None) -> list[Any]:
-        """Read once from the socket and handle what came; [] once closed."""
-        try:
-            async with asyncio.timeout(timeout):
+    def _start(self) -> None:
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._read_all())
+
+    async def _read_all(self) -> None:
+        """Read and handle everything the server sends, as it comes (a flooding
+        test still sees the GOAWAY that arrives while it writes)."""
+        while not self.closed:
+            try:
                 data = await self.reader.read(65536)
-        except ConnectionError:
-            data = b""
-        if not data:
-            self.closed = True
-            return []
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError:
-            # h2 takes nothing after a GOAWAY (or a frame it thinks is wrong).
-            self.closed = True
-            return []
-        for event in events:
-            self._note(event)
-        await self.flush()
-        return events
+            except ConnectionError:
+                data = b""
+            if not data:
+                self.closed = True
+            elif self.unparsed is not None:
+                self.unparsed += data
+            else:
+                try:
+                    for event in self.h2.receive_data(data):
+                        self._note(event)
+                except h2.exceptions.ProtocolError:
+                    # h2 takes nothing after a GOAWAY (and drops the whole read with
+                    # it): keep the bytes, and find the GOAWAY in them.
+                    self.unparsed = data
+                    self.goaway = self.goaway or _find_goaway(data)
+                pending = self.h2.data_to_send()
+                if pending:
+                    self.writer.write(pending)
+            self._changed.set()
+
+    async def receive(self, timeout: float | None = None) -> None:
+        """Wait until something more came from the server (or it closed)."""
+        if self.closed:
+            return
+        async with asyncio.timeout(timeout):
+            await self._changed.wait()
+        self._changed.clear()
 
     async def until_closed(self, timeout: float = 10.0) -> None:
         async with asyncio.timeout(timeout):
@@ -185,6 +219,9 @@ class RawH2:
             self.pings_acked += 1
 
     async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
         self.writer.close()
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()

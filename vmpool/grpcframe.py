@@ -38,7 +38,7 @@ from grpclib import protocol
 from grpclib.const import Handler, Status
 from grpclib.encoding.base import GRPC_CONTENT_TYPE, CodecBase, StatusDetailsCodecBase
 from grpclib.events import _DispatchServerEvents
-from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.exceptions import GRPCError
 from grpclib.metadata import Deadline, encode_grpc_message
 from grpclib.server import Stream
 from grpclib.utils import DeadlineWrapper, Wrapper
@@ -60,7 +60,7 @@ class Stalled(Exception):
     """The client did not send its request in time."""
 
 
-STALLED = "request not complete within limits.handshake_timeout"
+STALLED = "stalled_request: request not complete within limits.handshake_timeout"
 TRUNCATED = "request: the stream ended inside a message (truncated)"
 
 
@@ -385,10 +385,6 @@ async def handle_request(
                 if wrapper.cancelled or (deadline is not None and not deadline.time_remaining()):
                     raise GRPCError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
                 raise
-            except StreamTerminatedError:
-                if not wrapper.cancelled:
-                    raise
-                # The client reset the stream: there is no one to answer.
     except h2.exceptions.StreamClosedError:
         pass  # the client reset the stream: no one is left to answer
     except h2.exceptions.ProtocolError:

@@ -73,6 +73,7 @@ log = structlog.get_logger("vmpool.h2guard")
 
 SLICE = 16 * 1024  # bytes handed to h2 at once; a flood is judged between slices
 MAX_HEADER_LIST = 64 * 1024  # what h2 advertises by default, kept
+LINGER = 1.0  # seconds a closing connection's input is still read (and dropped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,9 +245,7 @@ class GuardedProtocol(H2Protocol):
         self._timer = asyncio.get_running_loop().call_later(s.handshake_timeout, self._tick)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._connections.discard(self)
-        if not self._closed:
-            self._close("Connection lost")
+        self._close("Connection lost")
 
     def _close(self, reason: str) -> None:
         self._closed = True
@@ -254,21 +253,36 @@ class GuardedProtocol(H2Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.processor.close(reason)  # closes the transport, cancels the calls
+        if hasattr(self.processor, "processors"):  # grpclib deletes it once closed
+            self.processor.close(reason)  # closes the transport, cancels the calls
 
     def _goaway_and_close(self, code: ErrorCodes, debug: str, reason: str) -> None:
+        """GOAWAY, stop the calls; close the socket LINGER seconds later.
+
+        Closing a socket with unread input makes the kernel send RST, and the
+        client's kernel then drops what the client had not read yet: the GOAWAY
+        saying why. So what still arrives is read and dropped (not parsed) for a
+        moment before the close."""
         if self._closed:
             return
-        if not self.connection.is_closing():
-            self.connection.flush()
-            frame = GoAwayFrame(
-                0,
-                last_stream_id=self._h2.highest_inbound_stream_id,
-                error_code=code,
-                additional_data=debug.encode(),
-            )
-            self.connection._transport.write(frame.serialize())
-        self._close(reason)
+        if self.connection.is_closing():
+            self._close(reason)
+            return
+        self.connection.flush()
+        frame = GoAwayFrame(
+            0,
+            last_stream_id=self._h2.highest_inbound_stream_id,
+            error_code=code,
+            additional_data=debug.encode(),
+        )
+        self.connection._transport.write(frame.serialize())
+        self.connection.write_ready.clear()  # grpclib writes nothing more (the calls wait)
+        self._closed = True  # data_received drops what comes now
+        self._connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        self.handler.close()  # cancels the calls
+        self._timer = asyncio.get_running_loop().call_later(LINGER, self._close, reason)
 
     def calm(self, reason: str) -> None:
         """Past a limit: GOAWAY ENHANCE_YOUR_CALM and close."""
@@ -280,7 +294,7 @@ class GuardedProtocol(H2Protocol):
             reason=reason,
             peer=f"{peer[0]}:{peer[1]}" if peer else "",
         )
-        self._goaway_and_close(ErrorCodes.ENHANCE_YOUR_CALM, reason.split(" ", 1)[0], reason)
+        self._goaway_and_close(ErrorCodes.ENHANCE_YOUR_CALM, reason.partition(":")[0], reason)
 
     def goaway(self) -> None:
         """Graceful shutdown: serve the streams begun so far, refuse later ones."""
@@ -304,6 +318,10 @@ class GuardedProtocol(H2Protocol):
     def close(self) -> None:
         """End of shutdown: close, whatever is still open."""
         self._goaway_and_close(ErrorCodes.NO_ERROR, "shutdown", "server shut down")
+
+    def resume_writing(self) -> None:
+        if not self._closed:
+            super().resume_writing()
 
     def _tick(self) -> None:
         """Handshake, then idle checks: one timer per connection."""

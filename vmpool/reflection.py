@@ -17,6 +17,7 @@ from grpclib.health.v1 import health_pb2
 from grpclib.reflection import _deprecated
 from grpclib.reflection.service import ServerReflection
 from grpclib.reflection.v1 import reflection_pb2
+from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 from grpclib.utils import _service_name
 
 from vmpool.protogen import DESCRIPTORS
@@ -32,7 +33,7 @@ def api_descriptors() -> descriptor_pool.DescriptorPool:
     pool = descriptor_pool.DescriptorPool()
     data = resources.files("vmpool.proto").joinpath(DESCRIPTORS).read_bytes()
     files = list(descriptor_pb2.FileDescriptorSet.FromString(data).file)
-    for module in (health_pb2, reflection_pb2):
+    for module in (health_pb2, reflection_pb2, reflection_v1alpha_pb2):
         proto = descriptor_pb2.FileDescriptorProto()
         module.DESCRIPTOR.CopyToProto(proto)
         files.append(proto)
