@@ -204,6 +204,7 @@ class GuardedProtocol(H2Protocol):
         self._strikes = 0
         self._last_ping = -1e9
         self._grpclib_peer: bool | None = None  # unknown until its first request
+        self._goaway_sent = False  # the graceful one (shutdown)
 
     # -- connection lifecycle --------------------------------------------
 
@@ -301,8 +302,10 @@ class GuardedProtocol(H2Protocol):
         if self._closed or self._draining:
             return
         self._draining = True
-        if self._grpclib_peer:
-            return  # see the module docstring
+        if self._grpclib_peer is not False:
+            # A grpclib client (see the module docstring), or one that has sent
+            # no request yet: its first may be on the way, and grpclib would fail it.
+            return
         if not self.processor.streams:
             self._goaway_and_close(ErrorCodes.NO_ERROR, "shutdown", "server shutting down")
             return
@@ -310,9 +313,10 @@ class GuardedProtocol(H2Protocol):
         self.connection.flush()
         frame = GoAwayFrame(0, last_stream_id=self._last_stream, error_code=ErrorCodes.NO_ERROR)
         self.connection._transport.write(frame.serialize())
+        self._goaway_sent = True
 
     def stream_released(self) -> None:
-        if self._draining and not self._grpclib_peer and not self.processor.streams:
+        if self._goaway_sent and not self.processor.streams:
             self._goaway_and_close(ErrorCodes.NO_ERROR, "shutdown", "server shutting down")
 
     def close(self) -> None:
@@ -382,7 +386,7 @@ class GuardedProtocol(H2Protocol):
             if self._grpclib_peer is None:
                 agent = next((v for k, v in event.headers if k == "user-agent"), "")
                 self._grpclib_peer = agent.startswith("grpc-python-grpclib")
-            if self._draining and not self._grpclib_peer and event.stream_id > self._last_stream:
+            if self._goaway_sent and event.stream_id > self._last_stream:
                 self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
                 return False
             return True
