@@ -36,6 +36,7 @@ from vmpool.config import (
     VersionsConfig,
     parse_config,
 )
+from vmpool.readiness import READY
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "deploy" / "helm" / "vmpool"
@@ -75,6 +76,10 @@ class Rendered:
     def pod(self) -> dict[str, Any]:
         spec: dict[str, Any] = self.deployment["spec"]["template"]["spec"]
         return spec
+
+    def pod_labels(self) -> dict[str, str]:
+        labels: dict[str, str] = self.deployment["spec"]["template"]["metadata"]["labels"]
+        return labels
 
     @property
     def container(self) -> dict[str, Any]:
@@ -241,6 +246,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "database": {"existingSecret": "pg-credentials"},
         "migrations": {"job": {"enabled": True}},
     },
+    # `helm install --set postgresql.enabled=true` and nothing else.
+    "evaluation-postgresql": {"postgresql": {"enabled": True}},
+    "evaluation-postgresql-ephemeral": {
+        "postgresql": {"enabled": True, "persistence": {"enabled": False}, "password": "x-y_z"},
+        "networkPolicy": {"enabled": False},
+    },
+    "alerts-and-dashboard": merged(
+        BASE,
+        {
+            "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+            "grafanaDashboard": {"enabled": True},
+        },
+    ),
 }
 
 
@@ -269,7 +287,10 @@ def test_chart_metadata_and_default_image(chart: Any, render: Any) -> None:
     assert image == "ghcr.io/vmpool/vmpool:0.1.0"
 
 
-@pytest.mark.parametrize("name", ["default", "kubevirt-zones-from-nodes", "migrations-job"])
+@pytest.mark.parametrize(
+    "name",
+    ["default", "kubevirt-zones-from-nodes", "migrations-job", "evaluation-postgresql"],
+)
 def test_lint_is_clean(name: str) -> None:
     report = helm.lint(CHART_DIR, VARIANTS[name], strict=True, kube_version="v1.31.0")
     problems = [m for m in report["messages"] if m["severity"] >= 2]
@@ -492,12 +513,11 @@ def test_pod_is_hardened(render: Any) -> None:
     assert "memory" in resources["limits"]
 
 
-def test_probes_ready_on_ping_alive_on_grpc_health(render: Any) -> None:
+def test_probes_ready_on_the_database_alive_on_grpc_health(render: Any) -> None:
     container = render(BASE).container
-    readiness = container["readinessProbe"]["exec"]["command"]
-    assert readiness[:2] == ["vmpool", "ping"]
-    assert readiness[readiness.index("--server") + 1] == "127.0.0.1:50051"
-    assert container["readinessProbe"]["timeoutSeconds"] > 2  # above ping's own --timeout 2s
+    # Native gRPC health on the name that follows the database: no exec of Python.
+    assert container["readinessProbe"]["grpc"] == {"port": 50051, "service": READY}
+    assert "exec" not in container["readinessProbe"]
     for probe in ("livenessProbe", "startupProbe"):
         # No `service`: the overall status, which does not consult the database.
         assert container[probe]["grpc"] == {"port": 50051}, probe
@@ -779,6 +799,8 @@ WHOLE_BLOCKS = {
     "networkPolicy.metricsNamespaceSelector",
     "networkPolicy.clientPodLabels",
     "migrations.job.resources",
+    "postgresql.resources",
+    "grafanaDashboard.labels",
 }
 
 
@@ -816,3 +838,174 @@ def test_readme_links_exist() -> None:
     readme = (CHART_DIR / "README.md").read_text()
     for target in re.findall(r"\]\(((?:\.\./)+[^)#]+)\)", readme):
         assert (CHART_DIR / target).resolve().exists(), target
+
+
+# --- Evaluation database, alerts, dashboard, NOTES ------------------------------
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_evaluation_postgresql_alone_is_a_working_install(render: Any) -> None:
+    rendered = render(VARIANTS["evaluation-postgresql"])
+    pg_name = f"{RELEASE}-postgresql"
+    sts = rendered.one("StatefulSet", pg_name)
+    assert sts["spec"]["replicas"] == 1
+    assert "not-for-production" in json.dumps(sts["metadata"]["annotations"])
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    pg_service = rendered.one("Service", pg_name)
+    assert _matches(pg_service["spec"]["selector"], pod_labels)
+    assert pg_service["spec"]["ports"][0]["port"] == 5432
+    # The vmpool Services, PDB and policy never select the database pod.
+    for svc in rendered.all("Service"):
+        if svc["metadata"]["name"] != pg_name:
+            assert not _matches(svc["spec"]["selector"], pod_labels), svc["metadata"]["name"]
+    # The server's URL points at that Service, with the generated password.
+    env = {e["name"]: e for e in rendered.container["env"]}
+    ref = env["VMPOOL_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": pg_name, "key": "url"}
+    url = rendered.secret_value(pg_name, "url")
+    password = rendered.secret_value(pg_name, "password")
+    assert len(password) >= 24
+    assert url == (f"postgresql://vmpool:{password}@{pg_name}.{NAMESPACE}.svc:5432/vmpool"), (
+        "the URL names the Service and the database the StatefulSet creates"
+    )
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    pg_env = {e["name"]: e for e in container["env"]}
+    assert (
+        pg_env["POSTGRES_DB"]["value"] == "vmpool" and pg_env["POSTGRES_USER"]["value"] == "vmpool"
+    )
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": pg_name,
+        "key": "password",
+    }
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    # Only vmpool's pods may reach it.
+    policy = rendered.one("NetworkPolicy", pg_name)
+    assert _matches(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
+    (peer,) = policy["spec"]["ingress"][0]["from"]
+    assert _matches(peer["podSelector"]["matchLabels"], rendered.pod_labels())
+    notes = rendered.manifests[next(p for p in rendered.manifests if p.endswith("NOTES.txt"))]
+    assert "NOT FOR PRODUCTION" in notes
+
+
+def test_evaluation_postgresql_excludes_other_database_sources(chart: Any) -> None:
+    for values in (
+        {"postgresql": {"enabled": True}, "database": {"url": DATABASE_URL}},
+        {"postgresql": {"enabled": True}, "database": {"existingSecret": "pg"}},
+        {"postgresql": {"enabled": True}, "migrations": {"job": {"enabled": True}}},
+    ):
+        with pytest.raises(helm.HelmRenderError, match=r"postgresql\.enabled"):
+            chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    with pytest.raises(helm.HelmRenderError, match=r"postgresql\.enabled=true"):
+        chart.render({}, name=RELEASE, namespace=NAMESPACE)
+
+
+def _documented_alerts() -> dict[str, Any]:
+    doc = (REPO / "docs" / "operations.md").read_text()
+    section = doc[doc.index("## Alerts worth setting") :]
+    block = section[section.index("```yaml\n") + 8 : section.index("```\n", 1)]
+    rules: dict[str, Any] = yaml.safe_load(block)
+    return rules
+
+
+def _known_metric_names() -> set[str]:
+    from vmpool.metrics import Metrics
+
+    names = set()
+    for family in Metrics().registry.collect():
+        names |= {s.name for s in family.samples} | {family.name}
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        if family.type == "histogram":
+            names |= {family.name + "_bucket", family.name + "_sum", family.name + "_count"}
+    return names
+
+
+def _selectors(expr: str) -> list[str]:
+    import promql_parser
+
+    found: list[str] = []
+
+    def visit(node: Any) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            found.append(node.name)
+        return True
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
+
+
+def test_prometheus_rule_is_the_documented_alerts_with_valid_promql(render: Any) -> None:
+    rendered = render(VARIANTS["alerts-and-dashboard"])
+    rule = rendered.one("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["spec"] == _documented_alerts(), "docs/operations.md shows the chart's rules"
+    assert render(BASE).all("PrometheusRule") == []
+    rules = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    recorded = {r["record"] for r in rules if "record" in r}
+    known = _known_metric_names() | recorded | {"kube_deployment_status_replicas_available"}
+    alerts = [r for r in rules if "alert" in r]
+    assert len(alerts) >= 10
+    for r in rules:
+        assert r["expr"].strip(), r
+        names = _selectors(r["expr"])  # parses, or raises naming the mistake
+        assert names and set(names) <= known, (r.get("alert") or r["record"], names)
+    for a in alerts:
+        assert a["labels"]["severity"] in {"page", "warn", "ticket"}, a
+        assert a["annotations"]["summary"], a
+    min_ready = next(a for a in alerts if a["alert"] == "VmpoolPoolBelowMinReady")
+    assert "vmpool_pool_min_ready" in min_ready["expr"]
+    # A release's own Deployment in the readiness alert.
+    renamed = render(merged(VARIANTS["alerts-and-dashboard"], {"fullnameOverride": "lab-pool"}))
+    no_ready = next(
+        r
+        for g in renamed.one("PrometheusRule")["spec"]["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "VmpoolNoReadyPods"
+    )
+    assert 'deployment="lab-pool"' in no_ready["expr"]
+
+
+def test_grafana_dashboard_parses_and_charts_existing_metrics(render: Any) -> None:
+    rendered = render(VARIANTS["alerts-and-dashboard"])
+    cm = rendered.one("ConfigMap", f"{RELEASE}-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (text,) = cm["data"].values()
+    dashboard = json.loads(text)
+    assert dashboard["uid"] and dashboard["title"]
+    panels = dashboard["panels"]
+    assert len(panels) >= 10
+    known = _known_metric_names()
+    charted = set()
+    for panel in panels:
+        assert panel["title"] and panel["targets"], panel
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$job", "x")
+            names = _selectors(expr)
+            assert names and set(names) <= known, (panel["title"], names)
+            charted |= set(names)
+    for must in ("vmpool_instances", "vmpool_pool_min_ready", "vmpool_lease_wait_seconds_bucket"):
+        assert must in charted
+    assert render(BASE).all("ConfigMap") == [render(BASE).one("ConfigMap", RELEASE)]
+
+
+def test_notes_need_only_kubectl_and_name_no_missing_documents(render: Any) -> None:
+    for name in ("default", "evaluation-postgresql", "tls-cert-manager"):
+        rendered = render(VARIANTS[name])
+        notes = rendered.manifests[next(p for p in rendered.manifests if p.endswith("NOTES.txt"))]
+        commands = [ln.strip() for ln in notes.splitlines() if ln.startswith("  kubectl")]
+        assert any("exec" in c and "vmpool ping" in c for c in commands), notes
+        assert "docs/" not in notes and "section 7" not in notes, notes
+
+
+def test_no_value_or_schema_refers_to_documents_operators_lack() -> None:
+    for path in (
+        CHART_DIR / "values.yaml",
+        CHART_DIR / "values.schema.json",
+        CHART_DIR / "README.md",
+    ):
+        text = path.read_text()
+        assert not re.search(r"spec(\'s)? section|section 7", text), path

@@ -72,7 +72,9 @@ app.kubernetes.io/part-of: vmpool
 {{- end -}}
 
 {{- define "vmpool.databaseSecretName" -}}
-{{- if .Values.database.existingSecret -}}
+{{- if .Values.postgresql.enabled -}}
+{{- include "vmpool.postgresqlName" . -}}
+{{- else if .Values.database.existingSecret -}}
 {{- .Values.database.existingSecret -}}
 {{- else -}}
 {{- printf "%s-database" (include "vmpool.fullname" .) -}}
@@ -80,7 +82,9 @@ app.kubernetes.io/part-of: vmpool
 {{- end -}}
 
 {{- define "vmpool.databaseSecretKey" -}}
-{{- if .Values.database.existingSecret -}}
+{{- if .Values.postgresql.enabled -}}
+url
+{{- else if .Values.database.existingSecret -}}
 {{- default "url" .Values.database.existingSecretKey -}}
 {{- else -}}
 url
@@ -89,11 +93,17 @@ url
 
 {{/* Fails rendering unless exactly one database source is set. */}}
 {{- define "vmpool.checkDatabase" -}}
+{{- if and .Values.postgresql.enabled (or .Values.database.url .Values.database.existingSecret) -}}
+{{- fail "vmpool: postgresql.enabled (the evaluation database) and database.url/database.existingSecret exclude each other: set one" -}}
+{{- end -}}
+{{- if and .Values.postgresql.enabled .Values.migrations.job.enabled -}}
+{{- fail "vmpool: migrations.job runs before install, before the evaluation database (postgresql.enabled) exists; leave it off (the server migrates at start)" -}}
+{{- end -}}
 {{- if and .Values.database.url .Values.database.existingSecret -}}
 {{- fail "vmpool: set only one of database.url and database.existingSecret" -}}
 {{- end -}}
-{{- if not (or .Values.database.url .Values.database.existingSecret) -}}
-{{- fail "vmpool: a PostgreSQL database is required: set database.url (the chart creates a Secret) or database.existingSecret (and database.existingSecretKey, default \"url\") naming a Secret that holds the URL" -}}
+{{- if not (or .Values.database.url .Values.database.existingSecret .Values.postgresql.enabled) -}}
+{{- fail "vmpool: a PostgreSQL database is required: set database.url (the chart creates a Secret) or database.existingSecret (and database.existingSecretKey, default \"url\") naming a Secret that holds the URL; to try the chart out, --set postgresql.enabled=true (an evaluation database, not for production)" -}}
 {{- end -}}
 {{- end -}}
 
@@ -182,4 +192,23 @@ url
 {{- end -}}
 {{- end -}}
 {{- toJson $cmd -}}
+{{- end -}}
+
+
+{{/* The evaluation PostgreSQL (postgresql.enabled). */}}
+{{- define "vmpool.postgresqlName" -}}
+{{- printf "%s-postgresql" (include "vmpool.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "vmpool.postgresqlSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "vmpool.name" . }}-postgresql
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: database
+{{- end -}}
+
+{{- define "vmpool.postgresqlLabels" -}}
+helm.sh/chart: {{ include "vmpool.chart" . }}
+{{ include "vmpool.postgresqlSelectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: vmpool
 {{- end -}}
