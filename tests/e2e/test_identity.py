@@ -17,15 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 from aiohttp import web
 
 from tests.e2e.clients import RpcError
-from tests.e2e.conftest import Running, lease_when_free
+from tests.e2e.conftest import Running, lease_when_free, server_config
 from tests.e2e.grpcio_stack import GrpcioModules
 from tests.e2e.identity_kit import Issuer, Pki, TlsClient, plaintext_client
 from tests.fakekube.server import FakeKube, ServiceAccountToken
-from tests.server import free_port
+from tests.pg import TestPostgres
+from tests.polling import eventually
+from tests.server import ServerProcess, free_port
 from vmpool.proto.vmpool.admin import v1 as adm
 
 POOLS = [
@@ -440,3 +443,59 @@ async def test_ping_needs_no_credentials_but_leasing_does(
     assert await anonymous.ping() == "pong"  # readiness probes carry no token
     assert (await code_of(anonymous.pools()))[0] == "UNAUTHENTICATED"
     assert (await code_of(anonymous.admin("PoolStats")))[0] == "UNAUTHENTICATED"
+
+
+def _non_loopback_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent: this only picks a route
+        except OSError:
+            return None
+        address = str(s.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+async def test_anonymous_admin_only_from_loopback(
+    postgres: TestPostgres, grpcio_modules: GrpcioModules, tmp_path: Path
+) -> None:
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address")
+    port = free_port()
+    proc = ServerProcess(
+        server_config(POOLS, listen=f"0.0.0.0:{port}"),
+        tmp_path,
+        database_url=await postgres.fresh(),
+        port=port,
+    )
+    with proc:
+
+        async def log() -> str:
+            return proc.log()
+
+        # The start-up warning names the risk.
+        await eventually(log, lambda text: "auth.mode none on 0.0.0.0" in text, 10, "the warning")
+        await _admin_from(address, port, grpcio_modules)
+
+
+async def _admin_from(address: str, port: int, grpcio_modules: GrpcioModules) -> None:
+    remote = grpc.aio.insecure_channel(f"{address}:{port}")
+    local = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        for channel, expected in ((remote, grpc.StatusCode.PERMISSION_DENIED), (local, None)):
+            call = channel.unary_unary("/vmpool.admin.v1.VMPoolAdminService/ListLeases")
+            try:
+                await call(b"", timeout=10)
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == expected, err.details()
+                assert "loopback" in (err.details() or "")
+            else:
+                assert expected is None
+        # Leasing itself is open to anyone in mode none (the tag decides).
+        remote_client = plaintext_client(f"{address}:{port}", grpcio_modules)
+        lease = await lease_when_free(remote_client, "p", service_tag="anyone")
+        await remote_client.return_(lease.instance, "anyone")
+        await remote_client.close()
+    finally:
+        await remote.close()
+        await local.close()
