@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import sys
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
+
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from vmpool.cli_base import Registry
 from vmpool.cli_connection import Connection
-from vmpool.cli_lease import snake
+from vmpool.cli_errors import usage
+from vmpool.cli_lease import duration_flag, snake
 from vmpool.proto.vmpool.admin import v1 as adm
 
 # Column heads use the words of the JSON keys and the metrics' state labels.
@@ -47,14 +53,51 @@ def status_table(pools: Sequence[adm.PoolStats]) -> str:
     return table(rows)
 
 
-async def status(args: argparse.Namespace, conn: Connection) -> None:
+async def _status_text(args: argparse.Namespace, conn: Connection) -> str:
     reply = await conn.admin.pool_stats(
         adm.PoolStatsRequest(), timeout=conn.timeout, metadata=conn.call_metadata()
     )
     if args.output == "json":
-        print(json.dumps([snake(p) for p in reply.pools]))
+        return json.dumps([snake(p) for p in reply.pools])
+    return status_table(reply.pools)
+
+
+async def status(args: argparse.Namespace, conn: Connection) -> None:
+    if args.watch is None:
+        print(await _status_text(args, conn))
         return
-    print(status_table(reply.pools))
+    await watch(args, conn)
+
+
+async def watch(args: argparse.Namespace, conn: Connection) -> None:
+    """Redraw the status every --watch interval until Ctrl-C (exit 0). On a
+    terminal the screen is redrawn; piped, the table is printed again only when
+    it changed (JSON: one line per change). Errors are shown and retried: a
+    watch survives a server restart."""
+    interval = duration_flag("--watch", args.watch).total_seconds()
+    if interval < 0.5:
+        raise usage("--watch: at least 0.5s between refreshes")
+    tty = sys.stdout.isatty() and args.output == "text"
+    last = None
+    try:
+        while True:
+            try:
+                text = await _status_text(args, conn)
+            except (GRPCError, OSError, StreamTerminatedError, TimeoutError) as err:
+                why = f"{err.status.name}: {err.message}" if isinstance(err, GRPCError) else err
+                text = f"vmpool: cannot read the status ({why or type(err).__name__}); retrying"
+            if tty:
+                stamp = datetime.now().strftime("%H:%M:%S")
+                sys.stdout.write(f"\x1b[H\x1b[2J{stamp}  every {args.watch}  (Ctrl-C stops)\n")
+                print(text, flush=True)
+            elif text != last:
+                print(text, flush=True)
+                if args.output == "text":
+                    print(flush=True)
+            last = text
+            await asyncio.sleep(interval)
+    except asyncio.CancelledError:
+        return  # Ctrl-C: the way to stop watching
 
 
 def _records(items: list[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -87,11 +130,18 @@ async def admin(args: argparse.Namespace, conn: Connection) -> None:
 
 
 def register(reg: Registry) -> None:
-    reg.client(
+    p = reg.client(
         "status",
         status,
         help="pools as a table: VMs per state, queue, sizing (admin API)",
-        examples=["vmpool status", "vmpool status --output json"],
+        examples=["vmpool status", "vmpool status --watch 2s", "vmpool status --output json"],
+    )
+    p.add_argument(
+        "--watch",
+        metavar="INTERVAL",
+        nargs="?",
+        const="2s",
+        help="refresh every INTERVAL until Ctrl-C (default: no watching; --watch alone: 2s)",
     )
     p = reg.client(
         "admin",

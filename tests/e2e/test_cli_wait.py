@@ -314,3 +314,35 @@ async def test_cancel_of_a_served_reservation_releases_its_lease_only_when_asked
     assert (reply.outcome, reply.instance) == ("released", got.instance)
     with pytest.raises(Exception, match="NOT_FOUND"):
         await client.return_(got.instance, "cli-wait")
+
+
+async def read_table(proc: asyncio.subprocess.Process) -> dict[str, dict[str, str]]:
+    """One table of a piped `status --watch` (tables are separated by a blank line)."""
+    assert proc.stdout is not None
+    lines = []
+    while True:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().rstrip("\n")
+        if not line:
+            break
+        lines.append(line)
+    heads = lines[0].split()
+    return {r.split()[0]: dict(zip(heads, r.split(), strict=False)) for r in lines[1:]}
+
+
+async def test_status_watch_prints_a_table_when_it_changes(
+    server: Running, client_factory: Callable[[str, str], Client]
+) -> None:
+    client = client_factory("grpclib", server.address)
+    await server.wait_ready("wide", 2)
+    async with cli_running(server, "status", "--watch", "0.5s") as proc:
+        first = await read_table(proc)
+        assert first["wide"]["LEASED"] == "0" and "PROVISIONING" in first["wide"], first
+        got = await lease_when_free(client, "wide")
+        changed = await read_table(proc)  # only printed because something changed
+        assert changed["wide"]["LEASED"] == "1", changed
+        proc.send_signal(signal.SIGINT)
+        assert proc.stderr is not None
+        code = await asyncio.wait_for(proc.wait(), 20)
+        err = (await proc.stderr.read()).decode()
+    assert code == 0 and "Traceback" not in err, err
+    await client.return_(got.instance)
