@@ -430,12 +430,12 @@ async def test_rate_limit_holds_under_a_storm(fakekube: FakeKube, make_provider:
     started = time.monotonic()
     await asyncio.gather(*(provider.create(n, POOL) for n in names))
     elapsed = time.monotonic() - started
-    times = sorted(r.at for r in fakekube.requests)
-    assert len(times) >= len(names)
+    assert len(fakekube.requests) >= len(names)
+    # The storm takes at least as long as the rate allows. (That no window of
+    # a second holds more than burst + qps calls is tests/unit/
+    # test_pacing.py's, on a fake clock: on a loaded machine, late wake-ups
+    # bunch requests here without the limiter being wrong.)
     assert elapsed >= (len(names) - burst) / qps - 0.1
-    for i, t in enumerate(times):
-        in_window = sum(1 for u in times[i:] if u < t + 1.0)
-        assert in_window <= burst + qps + 1, f"{in_window} requests within 1s"
 
 
 async def test_api_down_no_hot_loop(tmp_path: Path, make_provider: Make) -> None:

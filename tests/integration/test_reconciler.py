@@ -91,7 +91,7 @@ async def test_boot_timeout(db: Database) -> None:
     await w.settle()
     assert first.isdisjoint(await w.vms())
     assert first.isdisjoint(await w.rows())
-    assert w.metrics.reconcile_actions.labels("boot failed")._value.get() == 1
+    assert w.metrics.reconcile_actions.labels("boot_failed")._value.get() == 1
 
 
 async def test_vm_deleted_behind_our_back(db: Database) -> None:

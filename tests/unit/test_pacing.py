@@ -1,0 +1,85 @@
+"""TokenBucket and backoff on injected clocks: no sleeps, no timing."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from vmpool.backoff import Backoff, Retry, backoff_delay
+from vmpool.providers.ratelimit import TokenBucket
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(qps=10, burst=3, clock=clock)
+    assert [bucket.reserve() for _ in range(3)] == [0.0, 0.0, 0.0]
+    # Then one token per 1/qps: each waiter is told when its turn comes.
+    assert [round(bucket.reserve(), 6) for _ in range(3)] == [0.1, 0.2, 0.3]
+    clock.now += 1.0  # refilled (to the burst, not beyond)
+    waits = [bucket.reserve() for _ in range(5)]
+    assert sum(1 for w in waits if w == 0.0) == 3
+
+
+def test_token_bucket_never_exceeds_burst_plus_rate_in_any_second() -> None:
+    clock = FakeClock()
+    qps, burst = 20.0, 5
+    bucket = TokenBucket(qps=qps, burst=burst, clock=clock)
+    start = clock.now
+    due = [start + bucket.reserve() for _ in range(100)]  # a storm in one instant
+    for i, t in enumerate(due):
+        in_window = sum(1 for u in due[i:] if u < t + 1.0)
+        assert in_window <= burst + qps
+    assert due[-1] - start == pytest.approx((100 - burst) / qps)
+
+
+def test_token_bucket_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="qps"):
+        TokenBucket(qps=0, burst=1)
+    with pytest.raises(ValueError, match="burst"):
+        TokenBucket(qps=1, burst=0)
+
+
+@pytest.mark.parametrize(("failures", "ceiling"), [(1, 2.0), (2, 4.0), (3, 8.0), (10, 60.0)])
+def test_backoff_delay_is_between_half_and_all_of_the_capped_ceiling(
+    failures: int, ceiling: float
+) -> None:
+    assert backoff_delay(failures, 2.0, 60.0, rng=lambda: 0.0) == ceiling / 2
+    assert backoff_delay(failures, 2.0, 60.0, rng=lambda: 1.0) == ceiling
+
+
+def test_backoff_per_key_blocks_until_its_delay_on_the_injected_clock() -> None:
+    clock = FakeClock()
+    backoff = Backoff(base=2.0, cap=60.0, clock=clock, rng=lambda: 1.0)
+    assert not backoff.blocked("pool")
+    assert backoff.failed("pool") == 2.0
+    assert backoff.blocked("pool") and not backoff.blocked("other")
+    assert backoff.until("pool") == clock.now + 2.0
+    clock.now += 1.9
+    assert backoff.blocked("pool")
+    clock.now += 0.1
+    assert not backoff.blocked("pool")
+    assert backoff.failed("pool") == 4.0  # doubles while failures repeat
+    assert backoff.failed("pool", at_least=30.0) == 30.0  # a server's Retry-After wins
+    assert backoff.failures("pool") == 3
+    backoff.succeeded("pool")
+    assert not backoff.blocked("pool") and backoff.failures("pool") == 0
+    assert backoff.until("pool") is None
+
+
+def test_retry_sequence_grows_to_the_cap_and_resets() -> None:
+    rng = itertools.cycle([1.0])
+    retry = Retry(base=0.5, cap=4.0, rng=lambda: next(rng))
+    assert [retry.next_delay() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert retry.attempt == 6
+    retry.reset()
+    assert retry.next_delay() == 0.5
+    assert retry.next_delay(at_least=9.0) == 9.0
