@@ -24,7 +24,9 @@ def _config_or_exit(path: str | None) -> Any:
     try:
         return load_config(path, dict(os.environ))
     except ConfigError as err:
-        raise SystemExit(_fail(f"bad config: {err}")) from None
+        for line in err.lines():  # every mistake at once, one line each
+            print(f"vmpool: bad config: {line}", file=sys.stderr)
+        raise SystemExit(cli_errors.USAGE) from None
 
 
 def _database_url(config: Any) -> tuple[str, Any]:
@@ -56,11 +58,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"{config.data_dir}, fake provider, pool 'small')",
             file=sys.stderr,
         )
-    url, embedded = _database_url(config)
+    from vmpool.store.errors import StoreError
+
+    try:
+        url, embedded = _database_url(config)
+    except (OSError, RuntimeError) as err:
+        return _fail(f"cannot start the embedded PostgreSQL under {config.data_dir}: {err}", 1)
     try:
         asyncio.run(serve(config, url, listen=args.listen))
     except StartupError as err:
         return _fail(f"cannot start: {err}", cli_errors.FAILURE)
+    except StoreError as err:
+        return _fail(f"cannot start: database_url: {err}", cli_errors.UNAVAILABLE)
+    except OSError as err:  # e.g. the port is taken
+        return _fail(f"cannot start: {err.strerror or err}", cli_errors.FAILURE)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -72,7 +83,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from vmpool.store.db import create_pool, migrate
     from vmpool.store.errors import StoreError
 
-    url, embedded = _database_url(config)
+    try:
+        url, embedded = _database_url(config)
+    except (OSError, RuntimeError) as err:
+        return _fail(f"cannot start the embedded PostgreSQL under {config.data_dir}: {err}", 1)
 
     async def run() -> list[str]:
         pool = await create_pool(url, min_size=1, max_size=1)
@@ -86,6 +100,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         applied = asyncio.run(run())
     except StoreError as err:
         return _fail(f"cannot migrate: database_url: {err}", cli_errors.UNAVAILABLE)
+    except OSError as err:
+        return _fail(f"cannot migrate: {err.strerror or err}", cli_errors.UNAVAILABLE)
     finally:
         if embedded is not None:
             embedded.stop()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import urllib.parse
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -29,7 +31,11 @@ def _duration(value: Any) -> timedelta:
     if isinstance(value, timedelta):
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=value)
+        # A bare number is ambiguous (seconds? minutes?): say which string to write.
+        raise ValueError(
+            f'{value!r} is a bare number; durations are strings with a unit, e.g. "{value}s"'
+            ' or "30m" (units ms, s, m, h, d)'
+        )
     if not isinstance(value, str):
         raise ValueError("must be a duration string such as 30m")
     return parse_duration(value)
@@ -46,6 +52,25 @@ def _optional_duration(value: Any) -> timedelta | None:
     if value is None or value == "":
         return None
     return _bounded_duration(value)
+
+
+def check_database_url(url: str) -> str:
+    """A PostgreSQL URL asyncpg can use, or ValueError saying what is wrong: a
+    typo is a configuration mistake now, not a minute of "unreachable" later."""
+    if not url:
+        return url
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be a postgresql://user:password@host:port/database URL")
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number in range)
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
+    query = urllib.parse.parse_qs(parts.query)
+    if not parts.hostname and "host" not in query:
+        raise ValueError("names no host (postgresql://user@host:5432/database)")
+    return url
 
 
 Duration = Annotated[timedelta, BeforeValidator(_bounded_duration)]
@@ -318,7 +343,7 @@ def _with_builtin(items: list[Any], builtin: Any) -> list[Any]:
 class Config(_Strict):
     listen: str = "0.0.0.0:50051"
     metrics_listen: str = "0.0.0.0:9090"
-    database_url: str = ""
+    database_url: Annotated[str, AfterValidator(check_database_url)] = ""
     data_dir: str = ".vmpool"
     reconcile_interval: Duration = timedelta(seconds=1)
     shutdown_grace: Duration = timedelta(seconds=20)
@@ -407,7 +432,15 @@ def _unique(items: list[Any], key: str) -> list[Any]:
 
 
 class ConfigError(Exception):
-    """A config file that cannot be used; the message names the key."""
+    """A config file that cannot be used. Each problem names its key; str() is
+    one line listing them all, ``lines()`` one line per problem."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
+
+    def lines(self) -> list[str]:
+        return self.problems
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -422,15 +455,31 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _explain(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = _location(first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
+def _explain_one(error: Any) -> str:
+    where = _location(error["loc"])
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
         msg = "unknown key"
     if where.endswith(("_consistent", "_pools")) or not where:
-        return msg
+        return str(msg)
     return f"{where}: {msg}"
+
+
+def _explain(err: ValidationError) -> list[str]:
+    """Every mistake pydantic found, one message each, in file order."""
+    out: list[str] = []
+    for error in err.errors():
+        text = _explain_one(error)
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def _problems(source: str, problems: list[str]) -> ConfigError:
+    lines = [f"{source}: {p}" for p in problems]
+    if len(lines) == 1:
+        return ConfigError(lines[0], lines)
+    return ConfigError(f"{source}: {len(lines)} mistakes: " + "; ".join(problems), lines)
 
 
 _NUL_MARK = "\ufdd0NUL\ufdd0"  # a noncharacter: stands for a NUL while YAML parses
@@ -467,7 +516,7 @@ def parse_config(data: Any, *, source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {_explain(err)}") from None
+        raise _problems(source, _explain(err)) from None
 
 
 def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
@@ -486,9 +535,23 @@ def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> C
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
         config = parse_config(data, source=str(path))
     url = (env or {}).get("VMPOOL_DATABASE_URL", "")
     if url:
+        try:
+            check_database_url(url)
+        except ValueError as err:
+            raise ConfigError(f"environment: VMPOOL_DATABASE_URL: {err}") from None
         config = config.model_copy(update={"database_url": url})
     return config
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line, with the line and column in the file (its own
+    text names the "<unicode string>" it was handed, not the file)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (f"{problem} ({context})" if context else str(problem))
