@@ -71,7 +71,7 @@ from vmpool.grpcframe import CallLimits, GuardedH2Stream, handle_request
 
 log = structlog.get_logger("vmpool.h2guard")
 
-SLICE = 16 * 1024  # bytes handed to h2 at once; a flood is judged between slices
+SLICE = 4096  # bytes handed to h2 at once: a flood is judged every ~240 frames
 MAX_HEADER_LIST = 64 * 1024  # what h2 advertises by default, kept
 LINGER = 1.0  # seconds a closing connection's input is still read (and dropped)
 
@@ -277,6 +277,9 @@ class GuardedProtocol(H2Protocol):
             additional_data=debug.encode(),
         )
         self.connection._transport.write(frame.serialize())
+        self._linger(reason)
+
+    def _linger(self, reason: str) -> None:
         self.connection.write_ready.clear()  # grpclib writes nothing more (the calls wait)
         self._closed = True  # data_received drops what comes now
         self._connections.discard(self)
@@ -365,7 +368,7 @@ class GuardedProtocol(H2Protocol):
             events = self._h2.receive_data(data)
         except ProtocolError as err:
             self.connection.flush()  # h2 queued a GOAWAY naming the error
-            self._close(f"protocol error: {type(err).__name__}")
+            self._linger(f"protocol error: {type(err).__name__}")
             return
         self.connection.flush()
         process = self.processor.process

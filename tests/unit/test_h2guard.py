@@ -10,6 +10,7 @@ import struct
 from collections.abc import AsyncIterator
 
 import h2.errors
+import h2.settings
 import pytest
 from google.protobuf.wrappers_pb2 import BytesValue
 from grpclib.client import Channel
@@ -425,3 +426,48 @@ async def test_graceful_goaway_lets_calls_in_flight_finish(served: Served) -> No
     # h2 (the client here) takes no frame after a GOAWAY: the answer came as bytes,
     # then the server closed the connection.
     assert b"held" in (raw.unparsed or b"")
+
+
+async def test_too_many_concurrent_streams_gets_goaway(served: Served) -> None:
+    raw = await served.raw()
+    await eventually(lambda: asyncio.sleep(0, raw.remote_settings), bool, 5, "SETTINGS")
+    # Ignore what the server said.
+    raw.h2.remote_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000}
+    )
+    for _ in range(SMALL.max_concurrent_streams + 1):
+        raw.data(raw.headers(HOLD), message(b"x"))
+    await raw.flush()
+    await raw.until_closed()
+    assert raw.goaway is not None
+    assert raw.goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+
+
+async def test_keepalive_pings_without_calls_are_fine() -> None:
+    # grpc-go keepalive with no call in flight: a PING every interval, no data.
+    async for s in _serve(GuardSettings(min_ping_interval=0.05, ping_strikes=2)):
+        raw = await s.raw()
+        for i in range(8):
+            raw.h2.ping(struct.pack(">Q", i))
+            await raw.flush()
+            await asyncio.sleep(0.1)
+        assert (await raw.call(ECHO, message(b"ok"))).status == Status.OK.value
+        assert raw.goaway is None
+        assert raw.pings_acked == 8
+
+
+def test_limits_config_is_checked() -> None:
+    from vmpool.config import ConfigError, parse_config
+
+    limits = parse_config({}).limits
+    assert (limits.max_message_bytes, limits.max_concurrent_streams) == (65536, 100)
+    settings = GuardSettings.from_limits(limits)
+    assert (settings.idle_timeout, settings.handshake_timeout) == (300.0, 10.0)
+    for bad in (
+        {"idle_timeout": "0s"},
+        {"handshake_timeout": "2d"},
+        {"max_message_bytes": 10},
+        {"max_concurrent_streams": 0},
+    ):
+        with pytest.raises(ConfigError, match=f"limits.{next(iter(bad))}"):
+            parse_config({"limits": bad})
