@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -22,8 +23,13 @@ def is_loopback(peer: Any) -> bool:
     """Whether a peer address (host, port, ...) is a loopback address."""
     if not isinstance(peer, tuple) or not peer:
         return False
+    return _loopback_host(str(peer[0]))
+
+
+@functools.lru_cache(maxsize=1024)
+def _loopback_host(host: str) -> bool:
     try:
-        return ipaddress.ip_address(str(peer[0]).split("%", 1)[0]).is_loopback
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
     except ValueError:
         return False
 
@@ -35,6 +41,13 @@ class Authenticator:
         self._verifier = verifier
         if self._mode in ("kubernetes", "jwt") and verifier is None:
             raise ValueError(f"auth.mode {self._mode} needs a token verifier")
+        # auth.mode none: two possible callers, decided once (the hot path).
+        self._anonymous = {
+            local: Caller(
+                ANONYMOUS, grant_for(ANONYMOUS, config.auth, config.limits, loopback=local)
+            )
+            for local in (False, True)
+        }
 
     @property
     def needs_cert(self) -> bool:
@@ -58,6 +71,8 @@ class Authenticator:
     async def authenticate(
         self, headers: Iterable[tuple[str, Any]], peer: Any, cert: dict[str, Any] | None
     ) -> Caller:
+        if self._mode == "none":
+            return self._anonymous[is_loopback(peer)]
         principal = await self.principal(headers, cert)
         grant = grant_for(
             principal, self._config.auth, self._config.limits, loopback=is_loopback(peer)
