@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vmpool import cli_admin, cli_lease, cli_server
+from vmpool import cli_admin, cli_lease, cli_pool, cli_server
 from vmpool.cli_base import Registry, default_env, run
 
 
@@ -17,6 +17,7 @@ def build_parser(env: dict[str, str] | None = None) -> Registry:
     cli_server.register(reg)
     cli_lease.register(reg)
     cli_admin.register(reg)
+    cli_pool.register(reg)
     return reg
 
 

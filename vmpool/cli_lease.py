@@ -120,6 +120,12 @@ async def pools(args: argparse.Namespace, conn: Connection) -> None:
 async def lease(args: argparse.Namespace, conn: Connection) -> None:
     from vmpool.cli_wait import lease_with_wait
 
+    if args.runtime or args.intrinsic_os:  # the ad-hoc flow: a throw-away pool
+        from vmpool.cli_pool import ad_hoc_lease
+
+        print_lease(args, await ad_hoc_lease(args, conn))
+        return
+
     wait = duration_flag("--wait", args.wait) if args.wait else timedelta(0)
     duration = duration_flag("--duration", args.duration) if args.duration else None
     rid = args.reservation_id or (str(uuid.uuid4()) if wait else None)
@@ -238,6 +244,9 @@ def register(reg: Registry) -> None:
         action="store_true",
         help="print only the instance name (for INSTANCE=$(vmpool lease -q))",
     )
+    from vmpool.cli_pool import add_ad_hoc_flags
+
+    add_ad_hoc_flags(p)  # --runtime, --intrinsic-os
 
     p = reg.client(
         "get",
