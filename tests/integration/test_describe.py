@@ -83,7 +83,7 @@ def test_fake_details_are_stable_and_follow_the_boot() -> None:
     up = fake_details(vm, now + timedelta(seconds=3))
     assert booting.phase == "Pending" and up.phase == "Running"
     assert booting.addresses == up.addresses and up.addresses[0].startswith("10.")
-    assert up.node == "fake-node-b"
+    assert up.node in {"fake-node-1", "fake-node-2", "fake-node-3"}
     other = fake_details(FakeVM("vmp-x-2", "p", now, now, False, "fake-zone-a"), now)
     assert other.addresses != up.addresses
     failed = fake_details(FakeVM("vmp-x-3", "p", now, now, True, "fake-zone-a"), now)

@@ -111,14 +111,12 @@ class FakeProvider:
 
 
 def fake_details(vm: FakeVM, now: datetime) -> VMDetails:
-    """Made-up but stable connection details: an address in 10.0.0.0/8 and a node
-    per zone, both from the VM's name; the phase as KubeVirt would word it."""
+    """Made-up but stable connection details: an address in 10.0.0.0/8 and one of
+    three nodes, both from the VM's name; the phase as KubeVirt would word it."""
     digest = hashlib.sha256(vm.name.encode()).digest()
     address = f"10.{digest[0]}.{digest[1]}.{digest[2] % 254 + 1}"
     phase = "Pending" if vm.ready_at > now else "Failed" if vm.fails else "Running"
-    return VMDetails(
-        addresses=(address,), node=f"fake-node-{vm.zone.rsplit('-', 1)[-1]}", phase=phase
-    )
+    return VMDetails(addresses=(address,), node=f"fake-node-{digest[3] % 3 + 1}", phase=phase)
 
 
 class FakeDescriber:

@@ -1,0 +1,38 @@
+"""docs/performance.md's results table is generated from bench-results/latest.json
+(tests/bench/report.py writes it); the two must agree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.bench import report
+
+REPO = Path(__file__).resolve().parents[2]
+LATEST = REPO / "bench-results" / "latest.json"
+
+
+def test_the_results_table_is_the_committed_runs() -> None:
+    result = json.loads(LATEST.read_text())
+    doc = (REPO / "docs" / "performance.md").read_text()
+    assert report.doc_block(doc) == report.doc_table(result), (
+        "docs/performance.md's results disagree with bench-results/latest.json: "
+        "`nox -s bench` regenerates both (or tests.bench.report.update_doc(result))"
+    )
+    block = report.doc_block(doc)
+    assert f"{result['ping_rps']:,.0f}" in block and f"{result['lease_calls_per_s']:,.0f}" in block
+
+
+def test_the_bench_regenerates_the_table(tmp_path: Path) -> None:
+    result = json.loads(LATEST.read_text())
+    result["ping_rps"] = 12345.6
+    result["targets"]["scale_p50_ratio <= 1.2"] = False
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# P\n\nbefore\n{report.DOC_BEGIN}\nold table\n{report.DOC_END}\nafter\n")
+    report.update_doc(result, doc)  # what report.write does after latest.json and .md
+    text = doc.read_text()
+    assert (
+        "old table" not in text and text.startswith("# P\n\nbefore\n") and text.endswith("after\n")
+    )
+    assert "| `ping_rps` (c=64) | 12,346 | — |" in text
+    assert "| `scale_p50_ratio` | 1.15 **FAIL** | ≤ 1.2 |" in text
