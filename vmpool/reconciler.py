@@ -459,7 +459,9 @@ class Reconciler:
         now = self._clock()
         for name, pool in summary.pools.items():
             age = (now - pool.oldest_enqueued).total_seconds() if pool.oldest_enqueued else 0.0
-            values = (*(pool.counts.get(s, 0) for s in INSTANCE_STATES), pool.queued, age)
+            cfg = self._pools.pool(name)  # config and API pools alike
+            sizing = (cfg.min_ready, cfg.max_size) if cfg is not None else (-1, -1)
+            values = (*(pool.counts.get(s, 0) for s in INSTANCE_STATES), pool.queued, age, *sizing)
             if self._exported.get(name) == values:
                 continue  # unchanged: with many pools, setting gauges is most of a pass
             self._exported[name] = values
@@ -467,6 +469,9 @@ class Reconciler:
                 self._metrics.instances.labels(name, state).set(pool.counts.get(state, 0))
             self._metrics.reservations_queued.labels(name).set(pool.queued)
             self._metrics.reservation_oldest_age.labels(name).set(max(age, 0.0))
+            if cfg is not None:
+                self._metrics.pool_min_ready.labels(name).set(sizing[0])
+                self._metrics.pool_max_size.labels(name).set(sizing[1])
 
     async def _mark_destroying(
         self, names: list[str], reason: str, now: datetime, from_states: tuple[str, ...]
