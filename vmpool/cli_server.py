@@ -111,10 +111,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     config = _config_or_exit(args.config)
+    from vmpool.cli_pool import render_api_pool
     from vmpool.providers.kubevirt_manifest import render_pool_preview
 
-    if config.pool(args.pool) is None:
-        return _fail(f'--pool: no pool named "{args.pool}" in {args.config}')
+    if config.pool(args.pool) is None or args.tier or args.hwtemplate:
+        return render_api_pool(args, config)  # an API pool: from the flags or the database
     print(render_pool_preview(config, args.pool), end="")
     return 0
 
@@ -152,7 +153,14 @@ def register(reg: Registry) -> None:
         "render",
         cmd_render,
         help="print the VirtualMachine a pool would create",
-        examples=["vmpool render --config config.yaml --pool small"],
+        examples=[
+            "vmpool render --config config.yaml --pool small",
+            "vmpool render --config config.yaml --pool my-api-pool     # from the database",
+            "vmpool render --config config.yaml --pool x --hwtemplate default --runtime R",
+        ],
     )
     p.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
     p.add_argument("--pool", metavar="NAME", required=True, help="a pool of that file")
+    from vmpool.cli_pool import add_render_flags
+
+    add_render_flags(p)

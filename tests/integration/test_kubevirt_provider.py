@@ -21,8 +21,15 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from tests.fakekube import VMIS, VMS, FakeKube
 from tests.fakekube.fixtures import NAMESPACE, ZONES, fakekube, kubeconfig
 from tests.fakekube.schema import CIRROS_EXAMPLE, vm_errors
-from vmpool.config import KubevirtProviderConfig, PoolConfig, parse_config
+from vmpool.config import (
+    HardwareTemplateConfig,
+    KubevirtProviderConfig,
+    PoolConfig,
+    TierConfig,
+    parse_config,
+)
 from vmpool.metrics import Metrics
+from vmpool.pools import PoolSpec, api_pool_config
 from vmpool.providers import errors
 from vmpool.providers.base import VMPhase, VMStatus
 from vmpool.providers.kubevirt import KubevirtProvider, build_kubevirt_provider
@@ -31,8 +38,11 @@ from vmpool.providers.kubevirt_manifest import (
     DEPLOYMENT_LABEL,
     INSTANCE_LABEL,
     MANAGED_BY_LABEL,
+    POOL_ANNOTATION,
     POOL_LABEL,
     PREVIEW_NAME,
+    check_label_value,
+    pool_label_value,
     render_pool_preview,
     render_vm,
 )
@@ -632,3 +642,36 @@ def test_factory_and_protocol_attributes() -> None:
     assert provider.orphan_grace == config.orphan_grace
     with pytest.raises(ValueError, match="deployment"):
         build_kubevirt_provider(KubevirtProviderConfig(deployment="not a label!"), [], None)
+
+
+# -- API pools (pool-api.md): VMs from a hardware template, versions substituted ------
+
+
+async def test_api_pool_vm_from_its_hardware_template_with_versions_substituted(
+    fakekube: FakeKube, make_provider: Make
+) -> None:
+    template = cirros_template()
+    disk = template["spec"]["template"]["spec"]["volumes"][0]["containerDisk"]
+    disk["image"] = disk["image"].split(":")[0] + ":${intrinsic_os}"
+    template.setdefault("metadata", {}).setdefault("labels", {})["runtime"] = "${runtime}"
+    hw = HardwareTemplateConfig(name="default", template=template)
+    tier = TierConfig(name="ad_hoc_single")
+    name = "adhoc-lease-Jürgen.Müller-" + "x" * 60  # not a valid label value
+    spec = PoolSpec("intrinsic.platform.20261201.RC00", "20261201.RC00", "default", "ad_hoc_single")
+    pool = api_pool_config(name, spec, tier, hw)
+
+    provider, _ = await make_provider()
+    await provider.create("vmp-00ap-aaaa", pool)
+    snapshot = await eventually(provider, ready("vmp-00ap-aaaa"), what="the API pool's VM ready")
+    assert snapshot["vmp-00ap-aaaa"].pool == name  # the real name, from the annotation
+
+    body = next(b for b in fakekube.created if b["metadata"]["name"] == "vmp-00ap-aaaa")
+    assert_valid_vm(body)  # KubeVirt's schema, as the fake API server checked on create
+    image = body["spec"]["template"]["spec"]["volumes"][0]["containerDisk"]["image"]
+    assert image.endswith(":20261201.RC00")
+    assert body["metadata"]["labels"]["runtime"] == "intrinsic.platform.20261201.RC00"
+    assert body["metadata"]["annotations"][POOL_ANNOTATION] == name
+    label = body["metadata"]["labels"][POOL_LABEL]
+    assert label == pool_label_value(name) and label != name
+    check_label_value(label, "pool label")
+    assert pool_label_value("Jürgen") != pool_label_value("Jurgen")  # hashed: no collisions

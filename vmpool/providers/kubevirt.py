@@ -30,6 +30,7 @@ from vmpool.providers.kubevirt_client import (
 from vmpool.providers.kubevirt_manifest import (
     API_GROUP,
     API_VERSION,
+    POOL_ANNOTATION,
     POOL_LABEL,
     check_label_value,
     is_ours,
@@ -346,7 +347,9 @@ class KubevirtProvider:
     def _vm_status(self, name: str, vm: dict[str, Any], now: float) -> VMStatus:
         meta = _meta(vm)
         labels = meta.get("labels") or {}
-        pool = str(labels.get(POOL_LABEL, ""))
+        annotations = meta.get("annotations") or {}
+        # The annotation has the real name (the label a safe stand-in).
+        pool = str(annotations.get(POOL_ANNOTATION) or labels.get(POOL_LABEL, ""))
         deleting = bool(meta.get("deletionTimestamp"))
         status = _status(vm)
         printable = str(status.get("printableStatus") or "")

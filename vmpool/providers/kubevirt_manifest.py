@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from typing import Any
 
@@ -18,6 +19,9 @@ MANAGED_BY = "vmpool"
 DEPLOYMENT_LABEL = "vmpool.dev/deployment"
 POOL_LABEL = "vmpool.dev/pool"
 INSTANCE_LABEL = "vmpool.dev/instance"
+#: The pool's real name, verbatim, when the pool label holds a stand-in: pool
+#: names (letters of any script, up to 128 characters) are wider than label values.
+POOL_ANNOTATION = "vmpool.dev/pool-name"
 
 #: What ``vmpool render`` prints as metadata.name: clearly not a real instance.
 PREVIEW_NAME = "vmp-xxxx-preview"
@@ -52,11 +56,23 @@ def label_selector(deployment: str) -> str:
     return f"{MANAGED_BY_LABEL}={MANAGED_BY},{DEPLOYMENT_LABEL}={deployment}"
 
 
+def pool_label_value(pool: str) -> str:
+    """A valid label value for ``pool``: the name itself when it is one, else
+    its ASCII letters, digits, '-', '_', '.' (cut) and a hash of the whole name,
+    so two pool names never share a value."""
+    if _LABEL_VALUE.match(pool) and pool.isascii():
+        return pool
+    digest = hashlib.sha256(pool.encode()).hexdigest()[:10]
+    kept = re.sub(r"[^A-Za-z0-9_.-]+", "-", pool.encode("ascii", "ignore").decode())
+    kept = re.sub(r"^[^A-Za-z0-9]+", "", kept)[:52].rstrip("-_.")
+    return f"{kept}-{digest}" if kept else f"p-{digest}"
+
+
 def our_labels(*, deployment: str, pool: str, name: str) -> dict[str, str]:
     return {
         MANAGED_BY_LABEL: MANAGED_BY,
         DEPLOYMENT_LABEL: deployment,
-        POOL_LABEL: pool,
+        POOL_LABEL: pool_label_value(pool),
         INSTANCE_LABEL: name,
     }
 
@@ -106,6 +122,8 @@ def render_vm(pool: PoolConfig, name: str, *, namespace: str, deployment: str) -
     labels.update(ours)
     meta["labels"] = labels
     annotations = _string_map(meta.get("annotations"), f"{where}.metadata.annotations")
+    if ours[POOL_LABEL] != pool.name:  # the label holds a stand-in: keep the real name
+        annotations[POOL_ANNOTATION] = pool.name
     if annotations:
         meta["annotations"] = annotations
     meta["name"] = name
@@ -131,6 +149,11 @@ def render_pool_preview(config: Config, pool_name: str) -> str:
     pool = config.pool(pool_name)
     if pool is None:
         raise ValueError(f"pool: no pool named {pool_name!r}")
+    return render_preview(config, pool)
+
+
+def render_preview(config: Config, pool: PoolConfig) -> str:
+    """The YAML of the VM ``pool`` (a config pool, or an API pool's) would create."""
     kv = config.provider.kubevirt
     vm = render_vm(pool, PREVIEW_NAME, namespace=kv.namespace, deployment=kv.deployment)
     return yaml.safe_dump(vm, sort_keys=False, default_flow_style=False)
