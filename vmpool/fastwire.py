@@ -8,7 +8,8 @@ nanoseconds. These take ~10 µs and keep the nanoseconds (``Instant``).
 The decoders follow the protobuf wire format as upb (the ``protobuf``
 package's parser) reads it, which tests/fuzz/test_wire_differential.py checks
 on arbitrary and mutated bytes: varints of up to ten bytes cut to 64 bits,
-keys of up to five bytes below 2**32, field number 0 refused, groups skipped,
+keys of up to five bytes below 2**32, field number 0 refused (but inside
+groups), length prefixes of up to five bytes below 2**31, groups skipped,
 a field of a wire type other than its declared one kept as unknown (that is,
 ignored), the last value of a repeated scalar wins, repeated occurrences of a
 message field merge, strings must be UTF-8.
@@ -53,18 +54,28 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
     raise WireError("truncated or overlong varint")
 
 
-def _read_key(data: bytes, pos: int) -> tuple[int, int, int]:
-    """(field number, wire type, next position)."""
+def _read_key(data: bytes, pos: int, *, in_group: bool = False) -> tuple[int, int, int]:
+    """(field number, wire type, next position). upb refuses field number 0,
+    except inside a group it skips."""
     start = pos
     key, pos = read_varint(data, pos)
     if pos - start > 5 or key >> 32:
         raise WireError("field key longer than 32 bits")
     number, wire_type = key >> 3, key & 7
-    if number == 0:
+    if number == 0 and not in_group:
         raise WireError("field number 0")
     if wire_type > _FIXED32:
         raise WireError(f"invalid wire type {wire_type}")
     return number, wire_type, pos
+
+
+def _read_length(data: bytes, pos: int) -> tuple[int, int]:
+    """A length prefix: at most five bytes, below 2**31 (as upb)."""
+    start = pos
+    length, pos = read_varint(data, pos)
+    if pos - start > 5 or length >> 31:
+        raise WireError("length prefix too long")
+    return length, pos
 
 
 def _skip(data: bytes, pos: int, number: int, wire_type: int, depth: int) -> int:
@@ -76,13 +87,13 @@ def _skip(data: bytes, pos: int, number: int, wire_type: int, depth: int) -> int
     elif wire_type == _FIXED32:
         pos += 4
     elif wire_type == _LEN:
-        length, pos = read_varint(data, pos)
+        length, pos = _read_length(data, pos)
         pos += length
     elif wire_type == _START_GROUP:
         if depth >= _MAX_DEPTH:
             raise WireError("groups nested too deep")
         while True:
-            inner, inner_type, pos = _read_key(data, pos)
+            inner, inner_type, pos = _read_key(data, pos, in_group=True)
             if inner_type == _END_GROUP:
                 if inner != number:
                     raise WireError("end of a group that was not started")
@@ -105,7 +116,7 @@ def fields(data: bytes) -> list[tuple[int, int, int, int]]:
         start = pos
         pos = _skip(data, pos, number, wire_type, 0)
         if wire_type == _LEN:
-            start = read_varint(data, start)[1]
+            start = _read_length(data, start)[1]
         out.append((number, wire_type, start, pos))
     return out
 
