@@ -17,6 +17,7 @@ from vmpool import leasing, pools
 from vmpool.catalog import api_spec_hash
 from vmpool.clock import Clock
 from vmpool.config import Config, PoolConfig
+from vmpool.echo import echo
 from vmpool.fastwire import timestamp_field
 from vmpool.leasing import AlreadyExists, NotFound
 from vmpool.metrics import Metrics
@@ -106,7 +107,7 @@ class PoolService(papi.VmPoolServiceBase):
     async def _listed(self, name: str) -> papi.Pool:
         rows = await self._store.list_with_counts(name)
         if not rows:
-            raise NotFound(f'name: no pool named "{name}"')
+            raise NotFound(f'name: no pool named "{echo(name)}"')
         return self.to_proto(rows[0])
 
     async def _existing(self, name: str) -> PoolRow:
