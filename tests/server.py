@@ -45,7 +45,11 @@ class ServerProcess:
         metrics_port: int | None = None,
         name: str = "server",
         env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
+        """``args``: more flags for `vmpool serve` (``--role reconciler`` listens
+        on no gRPC port: start() then waits for its metrics port)."""
+        self.args = args
         self.port = port or free_port()
         self.metrics_port = metrics_port if metrics_port is not None else free_port()
         self.config = {
@@ -72,14 +76,23 @@ class ServerProcess:
     def start(self, timeout: float = 30.0) -> ServerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmpool", "serve", "--config", str(self.config_path)],
+            [
+                sys.executable,
+                "-m",
+                "vmpool",
+                "serve",
+                "--config",
+                str(self.config_path),
+                *self.args,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
             env=self.env,
         )
         log.close()
-        wait_for_port(self.port, timeout, self.proc)
+        reconciler_only = "reconciler" in self.args and "--role" in self.args
+        wait_for_port(self.metrics_port if reconciler_only else self.port, timeout, self.proc)
         return self
 
     def kill(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 from typing import Any
@@ -41,7 +42,7 @@ from vmpool.waiters import Waiters
 
 log = structlog.get_logger("vmpool")
 
-__all__ = ["StartupError", "serve"]
+__all__ = ["AddressInUse", "StartupError", "serve"]
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -55,7 +56,12 @@ def start_metrics(config: Config, metrics: Metrics) -> None:
     from vmpool.metrics_http import start_metrics_server
 
     host, port = _split(config.metrics_listen)
-    start_metrics_server(host, port, metrics.registry)
+    try:
+        start_metrics_server(host, port, metrics.registry)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise AddressInUse(f"metrics_listen {host}:{port}: address already in use") from None
+        raise StartupError(f"metrics_listen {host}:{port}: {err.strerror or err}") from None
 
 
 def tls_context(config: Config) -> ReloadingContext | None:
@@ -67,24 +73,35 @@ def tls_context(config: Config) -> ReloadingContext | None:
         raise StartupError(str(err)) from None
 
 
-async def serve(config: Config, url: str, *, listen: str | None = None) -> None:
-    tls = tls_context(config)
-    exits = contextlib.AsyncExitStack()
-    try:
-        auth = await build_authenticator(config, exits)
-    except ValueError as err:
-        raise StartupError(str(err)) from None
-    try:
-        await _serve(config, url, listen or config.listen, tls, auth)
-    finally:
-        await exits.aclose()
+class AddressInUse(StartupError):
+    """A port to listen on is taken (exit 2, one line naming the address)."""
 
 
-async def _serve(
-    config: Config, url: str, listen: str, tls: ReloadingContext | None, auth: Any
-) -> None:
+async def listen_on(
+    server: GuardedServer,
+    what: str,
+    address: str,
+    *,
+    reuse_port: bool,
+    ssl: Any = None,
+) -> tuple[str, int]:
+    """Start ``server`` on ``address``; a busy port is AddressInUse naming it.
+    ``reuse_port`` (``--reuse-port``): share the port with other processes
+    (SO_REUSEPORT), as the benchmark's two-process mode does; off, a second
+    server on the same port is refused instead of silently sharing it."""
+    host, port = _split(address)
+    try:
+        await server.start(host, port, reuse_port=reuse_port, ssl=ssl)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise AddressInUse(f"{what} {host}:{port}: address already in use") from None
+        raise StartupError(f"{what} {host}:{port}: {err.strerror or err}") from None
+    return host, port
+
+
+def stop_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+    """The one stop signal: set by SIGTERM/SIGINT; a second signal exits at once."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     signals = 0
 
     def on_signal() -> None:
@@ -98,6 +115,50 @@ async def _serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    return stop
+
+
+async def serve(
+    config: Config,
+    url: str,
+    *,
+    listen: str | None = None,
+    role: str = "all",
+    reuse_port: bool = False,
+) -> None:
+    """``role``: ``all`` (RPCs and, when leader, the background work), ``api``
+    (RPCs only) or ``reconciler`` (the background work only, no port)."""
+    if role == "reconciler":
+        from vmpool.reconciler_process import serve_reconciler
+
+        await serve_reconciler(config, url)
+        return
+    tls = tls_context(config)
+    exits = contextlib.AsyncExitStack()
+    try:
+        auth = await build_authenticator(config, exits)
+    except ValueError as err:
+        raise StartupError(str(err)) from None
+    try:
+        await _serve(
+            config, url, listen or config.listen, tls, auth, role=role, reuse_port=reuse_port
+        )
+    finally:
+        await exits.aclose()
+
+
+async def _serve(
+    config: Config,
+    url: str,
+    listen: str,
+    tls: ReloadingContext | None,
+    auth: Any,
+    *,
+    role: str,
+    reuse_port: bool,
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop = stop_on_signals(loop)
 
     metrics = Metrics()
     metrics.set_pool_sizes((p.name, p.min_ready, p.max_size) for p in config.pools)
@@ -135,6 +196,7 @@ async def _serve(
             metrics,
             on_assigned=assigned,
             on_fatal=fatal,
+            reconcile=role == "all",
         )
         leaser = Leaser(
             leases,
@@ -191,8 +253,7 @@ async def _serve(
             settings=guard,
         )
         ssl = tls.context if tls is not None else None
-        host, port = _split(listen)
-        await server.start(host, port, reuse_port=True, ssl=ssl)
+        host, port = await listen_on(server, "listen", listen, reuse_port=reuse_port, ssl=ssl)
         servers: list[GuardedServer] = [server]
         if config.admin_listen:
             admin_server = GuardedServer(
@@ -200,19 +261,21 @@ async def _serve(
                 codec=SafeProtoCodec(),
                 settings=guard,
             )
-            admin_host, admin_port = _split(config.admin_listen)
-            await admin_server.start(admin_host, admin_port, reuse_port=True, ssl=ssl)
+            await listen_on(
+                admin_server, "admin_listen", config.admin_listen, reuse_port=reuse_port, ssl=ssl
+            )
             servers.append(admin_server)
         for warning in startup_warnings(config, [listen, config.admin_listen]):
             log.warning("insecure configuration", risk=warning)
         try:
             await background.start()
+            start_metrics(config, metrics)
         except StartupError:
             for s in servers:
                 s.close()
+            await background.stop()
             raise
         serving.set(True)
-        start_metrics(config, metrics)
         log.info(
             "serving",
             listen=f"{host}:{port}",

@@ -12,7 +12,9 @@ Every call that crosses the two threads, and how (tests/unit/test_background.py)
 - ``wake(pool)``     serving -> background: the pool goes into the reconciler's
                      Inbox (a lock); one ``call_soon_threadsafe`` is scheduled
                      unless one is already pending, so a wake-up is never
-                     dropped, only merged with one that has not run yet.
+                     dropped, only merged with one that has not run yet. With
+                     role api the hop sends a NOTIFY instead (the reconciler
+                     runs in another process).
 - ``is_leader()``    serving reads two fields the background thread writes
                      (a bool and a float: atomic under the GIL).
 - ``stop()``         serving -> background: ``call_soon_threadsafe(stop.set)``,
@@ -91,6 +93,7 @@ class Background:
         self._control: Control | None = None
         self._wake_pending = False
         self._inbox = Inbox()
+        self._notifies: set[asyncio.Task[None]] = set()  # role api: NOTIFYs in flight
 
     async def start(self) -> None:
         """Connect, start the provider, begin; StartupError if that fails."""
@@ -106,8 +109,10 @@ class Background:
         if self._wake_pending:
             return
         loop = self._loop
-        if loop is None or self._reconciler is None or loop.is_closed():
+        if loop is None or loop.is_closed():
             return  # not started (the first pass reads the inbox) or stopping
+        if (self._reconciler if self._reconcile else self._control) is None:
+            return  # still starting: the first pass reads the inbox
         self._wake_pending = True
         try:
             loop.call_soon_threadsafe(self._woken)
@@ -118,6 +123,11 @@ class Background:
         self._wake_pending = False  # first: a put after this schedules a new hop
         if self._reconciler is not None:
             self._reconciler.wake_pools(())  # the news is in its inbox
+        elif self._control is not None:  # role api: the reconciler is elsewhere
+            self._inbox.take()
+            task = asyncio.get_running_loop().create_task(self._control.notify_wake("api"))
+            self._notifies.add(task)
+            task.add_done_callback(self._notifies.discard)
 
     def is_leader(self) -> bool:
         return self._control is not None and self._control.is_leader()

@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ConfigError as err:
             return _fail(f"--listen: {str(err).split(': ', 2)[-1]}")
     from vmpool import logs
-    from vmpool.app import StartupError, serve
+    from vmpool.app import AddressInUse, StartupError, serve
 
     logs.setup(config.log_level)
     if args.config is None:
@@ -65,7 +65,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError) as err:
         return _fail(f"cannot start the embedded PostgreSQL under {config.data_dir}: {err}", 1)
     try:
-        asyncio.run(serve(config, url, listen=args.listen))
+        asyncio.run(
+            serve(config, url, listen=args.listen, role=args.role, reuse_port=args.reuse_port)
+        )
+    except AddressInUse as err:
+        return _fail(f"cannot start: {err}", cli_errors.USAGE)
     except StartupError as err:
         return _fail(f"cannot start: {err}", cli_errors.FAILURE)
     except StoreError as err:
@@ -129,7 +133,11 @@ def register(reg: Registry) -> None:
         description="Run the gRPC server, its metrics endpoint and the background "
         "reconciler. With no --config: the demo (embedded PostgreSQL, fake provider, "
         "one pool 'small').",
-        examples=["vmpool serve", "vmpool serve --config /etc/vmpool/config.yaml"],
+        examples=[
+            "vmpool serve",
+            "vmpool serve --config /etc/vmpool/config.yaml",
+            "vmpool serve --config /etc/vmpool/config.yaml --role reconciler",
+        ],
     )
     p.add_argument("--config", metavar="FILE", help=config_help)
     p.add_argument(
@@ -137,6 +145,19 @@ def register(reg: Registry) -> None:
         metavar="HOST:PORT",
         help="address for gRPC, overriding the config's listen (default: the config's, "
         "0.0.0.0:50051)",
+    )
+    p.add_argument(
+        "--role",
+        choices=("all", "api", "reconciler"),
+        default="all",
+        help="all: serve RPCs and run the background work when leader; api: RPCs only; "
+        "reconciler: the background work only, no gRPC port (default: all)",
+    )
+    p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share the gRPC port with other processes (SO_REUSEPORT); without it a "
+        "busy port stops start-up with exit status 2",
     )
 
     p = reg.local(

@@ -250,7 +250,12 @@ class Bench:
         url = await self.pg.fresh()
         cfg = server_config([pool(MAIN_POOL, 1000, 1000, 1000)])
         server = ServerProcess(
-            cfg, self.work / "main", database_url=url, metrics_port=0, name="main"
+            cfg,
+            self.work / "main",
+            database_url=url,
+            metrics_port=0,
+            name="main",
+            args=("--reuse-port",),  # the two-process phase shares its port
         )
         db = await asyncpg.connect(url)
         second: ServerProcess | None = None
@@ -315,6 +320,7 @@ class Bench:
                 port=server.port,
                 metrics_port=0,
                 name="second",
+                args=("--reuse-port",),
             )
             second.start()
             await wait_log(second, '"serving"')

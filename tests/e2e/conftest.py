@@ -94,6 +94,8 @@ async def start_server(
         *,
         db_url: str | None = None,
         name: str = "server",
+        args: tuple[str, ...] = (),
+        port: int | None = None,
         **extra: Any,
     ) -> Running:
         url = db_url or await postgres.fresh()
@@ -102,6 +104,8 @@ async def start_server(
             tmp_path_factory.mktemp(name),
             database_url=url,
             name=name,
+            args=args,
+            port=port,
         )
         started.append(proc)
         # In a thread: the database may sit behind a proxy running on this loop.

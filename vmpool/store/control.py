@@ -108,6 +108,16 @@ class Control:
         self._trusted_until = started + self._ttl - self._margin
         self._set_leader(True)
 
+    async def notify_wake(self, why: str) -> None:
+        """NOTIFY the leader's reconciler (wherever it runs): there is news."""
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            return  # the leader's periodic pass finds it
+        try:
+            await conn.execute(sql.WAKE, why, timeout=2)
+        except (*UNAVAILABLE_ERRORS,) as err:
+            log.debug("wake-up not sent", error=f"{type(err).__name__}: {err}")
+
     async def release(self) -> None:
         """End our term now (after the background work stopped)."""
         conn, term = self._conn, self._term

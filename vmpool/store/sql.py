@@ -489,6 +489,9 @@ WITH taken AS (
 SELECT term FROM taken UNION ALL SELECT term FROM first
 """
 
+# A process that never reconciles (role api) wakes the leader's reconciler.
+WAKE = "SELECT pg_notify('vmpool_wake', $1)"
+
 # The same key as the previous version's leader lock.
 LEADER_LOCK = "SELECT pg_try_advisory_lock(33334376925195265)"
 

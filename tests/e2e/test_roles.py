@@ -1,0 +1,105 @@
+"""`vmpool serve --role` and `--reuse-port`, as processes on one database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from tests.e2e.clients import Client
+from tests.e2e.conftest import Running, lease_when_free
+from tests.polling import eventually
+from tests.server import ServerProcess
+
+POOL = "roles"
+POOLS = [{"name": POOL, "min_ready": 2, "max_size": 4}]
+RECONCILER_EVENTS = {"provision", "create", "ready", "delete", "destroy", "lease expired"}
+
+
+def events(proc: ServerProcess) -> list[dict[str, Any]]:
+    out = []
+    for line in proc.log().splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+async def test_an_api_process_and_a_reconciler_process_share_only_the_database(
+    start_server: Callable[..., Awaitable[Running]],
+    client_factory: Callable[[str, str], Client],
+) -> None:
+    reconciler = await start_server(POOLS, name="reconciler", args=("--role", "reconciler"))
+    api = await start_server(POOLS, db_url=reconciler.db_url, name="api", args=("--role", "api"))
+    await api.wait_ready(POOL, 2)  # filled by the reconciler process
+    client = client_factory("grpclib", api.address)
+    lease = await lease_when_free(client, POOL)
+    await client.return_(lease.instance)
+
+    # The Return's NOTIFY wakes the other process: the VM goes, the pool refills.
+    async def state() -> tuple[int, int]:
+        rows = await api.sql("SELECT count(*) AS n FROM instances WHERE name = $1", lease.instance)
+        return int(rows[0]["n"]), await api.ready_count(POOL)
+
+    await eventually(state, lambda s: s == (0, 2), 15, "returned VM destroyed, pool refilled")
+    api_events = {e.get("event") for e in events(api.proc)}
+    assert not api_events & RECONCILER_EVENTS, api_events
+    assert not any(e.get("event") == "leadership acquired" for e in events(api.proc))
+    assert any(e.get("event") == "leadership acquired" for e in events(reconciler.proc))
+    for running in (api, reconciler):
+        assert running.proc.terminate() == 0
+        running.assert_clean_log()
+
+
+async def test_a_busy_port_is_one_line_naming_it_and_exit_2(
+    start_server: Callable[..., Awaitable[Running]],
+) -> None:
+    first = await start_server(POOLS, name="first")
+    second = ServerProcess(
+        {"pools": POOLS, "provider": {"kind": "fake"}},
+        first.proc.workdir / "second",
+        database_url=first.db_url,
+        port=first.proc.port,
+        name="second",
+    )
+    second.start()  # returns at once: the port answers (the first server)
+    assert second.proc is not None
+    code = await asyncio.to_thread(second.proc.wait, 30)
+    assert code == 2
+    lines = [line for line in second.log().splitlines() if line.strip()]
+    problem = [line for line in lines if "address already in use" in line]
+    assert problem == [
+        f"vmpool: cannot start: listen 127.0.0.1:{first.proc.port}: address already in use"
+    ], lines
+    assert "Traceback" not in second.log()
+
+
+async def test_reuse_port_shares_the_port_on_purpose(
+    start_server: Callable[..., Awaitable[Running]],
+    client_factory: Callable[[str, str], Client],
+) -> None:
+    first = await start_server(POOLS, name="shared1", args=("--reuse-port",))
+    second = await start_server(
+        POOLS,
+        db_url=first.db_url,
+        name="shared2",
+        args=("--reuse-port",),
+        port=first.proc.port,
+    )
+    await eventually(
+        lambda: asyncio.to_thread(second.proc.log),
+        lambda log: '"serving"' in log,
+        15,
+        "the second server serving",
+    )
+    await first.wait_ready(POOL, 2)
+    client = client_factory("grpclib", first.address)
+    assert (await lease_when_free(client, POOL)).pool == POOL
+    for running in (first, second):
+        assert running.proc.terminate() == 0
+        running.assert_clean_log()
+
+
+pytestmark = pytest.mark.usefixtures("no_leftover_tasks")

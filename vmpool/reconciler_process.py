@@ -1,0 +1,66 @@
+"""`vmpool serve --role reconciler`: the background work alone, no gRPC port.
+
+It talks to the API processes only through PostgreSQL: their NOTIFYs
+(``vmpool_wake``: a lease ended, a reservation queued) wake its reconciler,
+and its set-asides NOTIFY ``vmpool_assigned`` for their waiting Leases. Every
+process of a deployment can run this role; one leads at a time (vmpool.store.
+control), the others stand by. Metrics (with ``vmpool_reconciler_leader``) are
+served on ``metrics_listen`` as usual; that port is also its liveness signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from vmpool.app import StartupError, start_metrics, stop_on_signals
+from vmpool.background import Background
+from vmpool.config import Config
+from vmpool.metrics import Metrics
+from vmpool.store.db import connect, migrate
+from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
+from vmpool.store.inventory import Inventory
+
+log = structlog.get_logger("vmpool")
+
+
+async def serve_reconciler(config: Config, url: str) -> None:
+    loop = asyncio.get_running_loop()
+    stop = stop_on_signals(loop)
+    metrics = Metrics()
+    metrics.set_pool_sizes((p.name, p.min_ready, p.max_size) for p in config.pools)
+    try:
+        db = await connect(url, min_size=1, max_size=1)
+    except StoreUnavailable as err:
+        raise StartupError(f"database_url: {err}") from None
+    try:
+        async with db.acquire() as conn:
+            await migrate(conn)
+        await Inventory(db).sync_pools([(p.name, p.labels) for p in config.pools])
+    finally:
+        try:
+            await asyncio.wait_for(db.close(), 5)
+        except UNAVAILABLE_ERRORS:
+            db.terminate()
+
+    def fatal(reason: str) -> None:  # from the background thread
+        loop.call_soon_threadsafe(stop.set)
+
+    background = Background(config, url, metrics, on_assigned=lambda _rid: None, on_fatal=fatal)
+    await background.start()
+    try:
+        start_metrics(config, metrics)
+    except StartupError:
+        await background.stop()
+        raise
+    log.info(
+        "reconciling",
+        role="reconciler",
+        pools=[p.name for p in config.pools],
+        provider=config.provider.kind,
+        metrics=config.metrics_listen or None,
+    )
+    await stop.wait()
+    await background.stop()
+    log.info("stopped")
