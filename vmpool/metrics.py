@@ -47,6 +47,17 @@ class Metrics:
         self.instances = Gauge(
             "vmpool_instances", "Instances by pool and state.", ["pool", "state"], registry=r
         )
+        self.pools = Gauge(
+            "vmpool_pools",
+            "Pools (config and API) by current status (pool-api.md section 3).",
+            ["status"],
+            registry=r,
+        )
+        self.pools_reconciling = Gauge(
+            "vmpool_pools_reconciling",
+            "Pools not yet what their spec and desired status say.",
+            registry=r,
+        )
         self.reservations_queued = Gauge(
             "vmpool_reservations_queued", "Queued reservations by pool.", ["pool"], registry=r
         )
@@ -187,5 +198,7 @@ class Metrics:
     def clear_pool_gauges(self) -> None:
         """Forget per-pool gauges (only the leader exports them)."""
         self.instances.clear()
+        self.pools.clear()
+        self.pools_reconciling.set(0)
         self.reservations_queued.clear()
         self.reservation_oldest_age.clear()

@@ -375,6 +375,8 @@ class Reconciler:
             return False
         reached = []
         deleted = False
+        if summary.complete:
+            self._export_statuses(summary)
         for name, pool in summary.pools.items():
             deleted |= pool.desired_status == pool_rules.DELETED and not any(pool.counts.values())
             cfg = self._pools.pool(name)
@@ -389,6 +391,32 @@ class Reconciler:
         for name in gone:
             self._action("pool deleted", pool=name, reason="DeletePool, no VM left")
         return bool(gone)
+
+    def _export_statuses(self, summary: Summary) -> None:
+        """vmpool_pools{status} and vmpool_pools_reconciling, from a full summary."""
+        by_status = dict.fromkeys(pool_rules.CURRENT_STATUSES, 0)
+        reconciling = 0
+        for name, pool in summary.pools.items():
+            cfg = self._pools.pool(name)
+            if cfg is None and pool.desired_status == pool_rules.RUNNING:
+                continue  # removed from the config: not a pool any more
+            counts = _counts(pool)
+            if cfg is not None:
+                current = self._pools.spec_hash(cfg)
+                fresh = sum(pool.by_hash.get((st, current), 0) for st in ("ready", "provisioning"))
+                counts = replace(counts, stale_free=counts.ready + counts.provisioning - fresh)
+            status = pool_rules.pool_status(
+                pool.desired_status,
+                counts,
+                min_ready=cfg.min_ready if cfg is not None else 0,
+                max_size=cfg.max_size if cfg is not None else 0,
+                reached_running=pool.reached_running,
+            )
+            by_status[status.current] += 1
+            reconciling += status.reconciling
+        for status_name, n in by_status.items():
+            self._metrics.pools.labels(status_name).set(n)
+        self._metrics.pools_reconciling.set(reconciling)
 
     async def _apply(self, actions: list[Action], now: datetime) -> bool:
         """The executor of pool-level actions: True if any changed something."""

@@ -512,3 +512,30 @@ async def test_a_spec_change_rolls_the_pool_and_leased_vms_are_not_reused(
     await lease_client.return_(lease.instance)
     gone = await server.sql("SELECT state FROM instances WHERE name = $1", lease.instance)
     assert [r["state"] for r in gone] in ([], ["destroying"])
+
+
+async def test_metrics_count_pools_by_status(papi: PoolApi, server: Running) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        url = f"http://127.0.0.1:{server.proc.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "vmpool_pools":
+                    out[s.labels["status"]] = s.value
+        return out
+
+    async def paused() -> float:
+        return (await asyncio.to_thread(scrape)).get("PAUSED", 0.0)
+
+    before = await paused()
+    n = name()
+    await papi.create(n, pool_tier="cold")
+    await papi.call("PausePool", name=n)
+    await eventually(paused, lambda v: v >= before + 1, 15, "vmpool_pools{status=PAUSED} up by one")
+    assert set(await asyncio.to_thread(scrape)) >= {"RUNNING", "PAUSED", "DELETING"}
