@@ -270,9 +270,10 @@ class Leaser:
                 if queued.instance is None:
                     position, length = await self._store.position(pool.name, queued.seq)
                     return QueuePlace(rid, pool.name, position, length)
-            served = await self._store.serve_reserved(
-                rid, now, leasing.lease_expiry(expires, now, pool)
-            )
+            with self._quota(who):
+                served = await self._store.serve_reserved(
+                    rid, now, leasing.lease_expiry(expires, now, pool), who.max_active
+                )
             if served is not None:
                 return self._granted(*served)
         raise leasing.Unavailable("reservation_id: too much contention, retry")

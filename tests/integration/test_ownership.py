@@ -89,3 +89,34 @@ async def test_active_lease_quota_refuses_and_changes_nothing(db: Database) -> N
     assert ready == 3  # refused claims took no instance
     # Unlimited callers still share the batched path.
     assert await store.claim_free("p", "x", NOW, HOUR_ON) is not None
+
+
+async def test_serving_a_reservation_respects_the_lease_quota(db: Database) -> None:
+    names = await seed(db, "p", 2)
+    store = LeaseStore(db)
+    owner = alice(max_active=1, max_queued=5)
+    # Queue a reservation (nothing free: both instances go to a first lease and
+    # to a reservation set aside by hand, as the reconciler would).
+    assert await store.claim_free("p", "ci", NOW, HOUR_ON, owner) is not None
+    rid = uuid.uuid4()
+    await db.execute(
+        "UPDATE instances SET state = 'reserved', reservation_id = $1 WHERE name = $2",
+        rid,
+        names[1],
+    )
+    await db.execute(
+        """INSERT INTO reservations (id, pool, service_tag, enqueued_at, expires_at,
+                                     instance, principal, owner, queue_limit)
+           VALUES ($1, 'p', 'ci', $2, $3, $4, 'alice', 'alice', 5)""",
+        rid,
+        NOW,
+        HOUR,
+        names[1],
+    )
+    with pytest.raises(QuotaExceeded, match='owner "alice" has 1 active leases, the limit'):
+        await store.serve_reserved(rid, NOW, HOUR_ON, owner.max_active)
+    # Nothing changed: the reservation keeps its instance for a later retry.
+    state = await store.lookup_reservation(rid)
+    assert state is not None and state.kind == "queued" and state.instance == names[1]
+    served = await store.serve_reserved(rid, NOW, HOUR_ON, 2)
+    assert served is not None and served[0].principal == "alice"

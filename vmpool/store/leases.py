@@ -141,12 +141,14 @@ class LeaseStore:
         return out
 
     async def serve_reserved(
-        self, reservation: UUID, now: datetime, expires: Instant
+        self, reservation: UUID, now: datetime, expires: Instant, lease_limit: int = 0
     ) -> tuple[LeaseRow, datetime] | None:
-        """Lease the instance set aside for ``reservation``; (lease, enqueued_at)."""
+        """Lease the instance set aside for ``reservation``; (lease, enqueued_at).
+        Raises QuotaExceeded when the owner holds ``lease_limit`` leases already
+        (the reservation keeps its instance)."""
         async with translated():
             row = await self._pool.fetchrow(
-                sql.SERVE_RESERVED, reservation, now, *expiry_columns(expires)
+                sql.SERVE_RESERVED, reservation, now, *expiry_columns(expires), lease_limit
             )
         return (LeaseRow.of(row), row["enqueued_at"]) if row else None
 

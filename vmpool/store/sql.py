@@ -82,7 +82,8 @@ SELECT r.seq, r.served, l.instance, l.pool, l.service_tag, l.reservation_id, l.l
 FROM res r LEFT JOIN lease l ON true
 """
 
-# Serve a queued reservation from the instance set aside for it.
+# Serve a queued reservation from the instance set aside for it ($5: the
+# owner's active lease quota, checked by the leases trigger; 0: none).
 SERVE_RESERVED = """
 WITH r AS (
     DELETE FROM reservations r USING instances i
@@ -94,8 +95,8 @@ WITH r AS (
     RETURNING i.name, i.pool, i.zone, r.service_tag, r.principal, r.owner
 )
 INSERT INTO leases (instance, pool, service_tag, reservation_id, leased_at, expires_at,
-                    expires_round_ns, zone, principal, owner)
-SELECT name, pool, service_tag, $1, $2, $3, $4, zone, principal, owner FROM claimed
+                    expires_round_ns, zone, principal, owner, lease_limit)
+SELECT name, pool, service_tag, $1, $2, $3, $4, zone, principal, owner, $5 FROM claimed
 RETURNING instance, pool, service_tag, reservation_id, leased_at, expires_at,
           expires_round_ns, zone, principal, (SELECT enqueued_at FROM r) AS enqueued_at
 """
