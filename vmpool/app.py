@@ -265,6 +265,12 @@ async def _serve(
                 admin_server, "admin_listen", config.admin_listen, reuse_port=reuse_port, ssl=ssl
             )
             servers.append(admin_server)
+        if config.health_listen:
+            # Health only, never TLS: what the kubelet's gRPC probes can reach.
+            health_server = GuardedServer([health], settings=guard)
+            health_host, health_port = _split(config.health_listen)
+            await health_server.start(health_host, health_port, reuse_port=True)
+            servers.append(health_server)
         for warning in startup_warnings(config, [listen, config.admin_listen]):
             log.warning("insecure configuration", risk=warning)
         try:

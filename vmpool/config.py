@@ -354,6 +354,8 @@ class Config(_Strict):
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     admin_listen: str = ""
+    # Plaintext grpc.health.v1 only, for the kubelet's gRPC probes when TLS is on.
+    health_listen: str = ""
     limits: LimitsConfig = LimitsConfig()
     reconciler: ReconcilerConfig = ReconcilerConfig()
 
@@ -371,10 +373,10 @@ class Config(_Strict):
     def _hw_templates(cls, value: list[HardwareTemplateConfig]) -> list[HardwareTemplateConfig]:
         return _with_builtin(_unique(value, "hardware_templates"), BUILTIN_HW_TEMPLATE)
 
-    @field_validator("listen", "metrics_listen", "admin_listen")
+    @field_validator("listen", "metrics_listen", "admin_listen", "health_listen")
     @classmethod
     def _address(cls, value: str, info: Any) -> str:
-        if value == "" and info.field_name in ("metrics_listen", "admin_listen"):
+        if value == "" and info.field_name in ("metrics_listen", "admin_listen", "health_listen"):
             return value
         _, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:

@@ -340,7 +340,14 @@ def test_schema_config_keys_are_exactly_the_loaders(chart: Any) -> None:
     """A key the loader knows but the schema refuses (or the reverse) is a
     config an operator cannot write, or a typo that crash-loops the pods."""
     config = chart.schema["properties"]["config"]
-    owned_by_chart = {"listen", "metrics_listen", "database_url", "data_dir", "tls"}
+    owned_by_chart = {
+        "listen",
+        "metrics_listen",
+        "database_url",
+        "data_dir",
+        "tls",
+        "health_listen",
+    }
     assert _schema_keys(config) | owned_by_chart == set(Config.model_fields)
     assert "tls" not in _schema_keys(config)
     auth = config["properties"]["auth"]
@@ -695,11 +702,14 @@ def test_tls_from_cert_manager(render: Any) -> None:
     assert config.tls.cert_file == "/etc/vmpool/tls/tls.crt"
     assert config.tls.key_file == "/etc/vmpool/tls/tls.key"
     assert not config.tls.client_ca_file
-    # The probes speak TLS (readiness) or plain TCP (the kubelet's gRPC probe has no TLS).
-    ready = rendered.container["readinessProbe"]["exec"]["command"]
-    assert ready[ready.index("--tls-server-name") + 1] == f"{RELEASE}.{NAMESPACE}.svc"
-    assert "--ca" in ready
-    assert rendered.container["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    # The kubelet's gRPC probe has no TLS: the probes use the plaintext health-only port.
+    assert config.health_listen == "0.0.0.0:50052"
+    ports = {p["name"]: p["containerPort"] for p in rendered.container["ports"]}
+    assert ports["health"] == 50052
+    assert rendered.container["readinessProbe"]["grpc"] == {"port": 50052, "service": READY}
+    for probe in ("livenessProbe", "startupProbe"):
+        assert rendered.container[probe]["grpc"] == {"port": 50052}
+    assert "health_listen" not in yaml.safe_load(render(BASE).config_text())
     assert render(BASE).all("Certificate") == []
     assert "tls" not in yaml.safe_load(render(BASE).config_text())
 
@@ -712,8 +722,7 @@ def test_tls_from_an_existing_secret_with_client_certificates(render: Any) -> No
     assert config.tls.client_ca_file == "/etc/vmpool/tls/ca.crt"
     assert config.tls.require_client_cert
     assert config.auth.mode == "mtls"
-    ready = rendered.container["readinessProbe"]["exec"]["command"]
-    assert "--cert" in ready and "--key" in ready
+    assert rendered.container["readinessProbe"]["grpc"] == {"port": 50052, "service": READY}
 
 
 def test_tls_needs_a_certificate_source_and_config_tls_is_refused(chart: Any) -> None:

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
@@ -23,6 +25,7 @@ from tests.e2e.pgproxy import PgProxy
 from tests.ops.conftest import sample, scrape
 from tests.pg import TestPostgres
 from tests.polling import eventually
+from tests.server import free_port
 from vmpool.readiness import READY
 
 POOLS = [
@@ -30,6 +33,7 @@ POOLS = [
     {"name": "one", "min_ready": 0, "max_size": 1},
 ]
 LEASE_SERVICE = "intrinsic_proto.vmpoolleaseapi.v1.VMPoolLeaseService"
+HEALTH_PORT = free_port()  # health_listen: plaintext health only (probes when TLS is on)
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +49,18 @@ async def server(
 ) -> AsyncIterator[Running]:
     direct = await postgres.fresh()
     database = urllib.parse.urlsplit(direct).path.lstrip("/")
-    running = await start_server(POOLS, db_url=proxy.url(database), name="probes")
+    running = await start_server(
+        POOLS, db_url=proxy.url(database), name="probes", health_listen=f"127.0.0.1:{HEALTH_PORT}"
+    )
     running.db_url = direct
     await running.wait_ready("alpha", 1)
     yield running
     proxy.set_mode("pass")
 
 
-async def health(server: Running, service: str) -> str:
-    host, port = server.address.rsplit(":", 1)
-    channel = Channel(host, int(port))
+async def health(server: Running, service: str, port: int | None = None) -> str:
+    host, lease_port = server.address.rsplit(":", 1)
+    channel = Channel(host, port or int(lease_port))
     try:
         reply = await HealthStub(channel).Check(HealthCheckRequest(service=service), timeout=5)
     finally:
@@ -75,9 +81,13 @@ async def test_readiness_follows_the_database_and_liveness_does_not(
         )
         assert await health(server, LEASE_SERVICE) == "NOT_SERVING"
         assert await health(server, "") == "SERVING", "liveness never looks at the database"
+        # The health-only port says the same.
+        assert await health(server, READY, HEALTH_PORT) == "NOT_SERVING"
+        assert await health(server, "", HEALTH_PORT) == "SERVING"
     finally:
         proxy.set_mode("pass")
     await eventually(lambda: health(server, READY), lambda s: s == "SERVING", 15, "ready again")
+    assert await health(server, READY, HEALTH_PORT) == "SERVING"
     log = server.proc.log()
     assert "Health check failed" not in log, "readiness reports, it does not log tracebacks"
 
@@ -147,3 +157,15 @@ async def test_label_values_have_no_spaces(server: Running) -> None:
                 assert " " not in value, (s.name, key, value)
                 if key in ("action", "reason", "step", "kind", "state", "operation"):
                     assert re.fullmatch(r"[a-z0-9_]+", value), (s.name, key, value)
+
+
+async def test_the_health_port_serves_health_only(server: Running) -> None:
+    from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
+
+    channel = Channel("127.0.0.1", HEALTH_PORT)
+    try:
+        with pytest.raises(GRPCError) as refused:
+            await api.VmPoolLeaseServiceStub(channel).pools(api.PoolsRequest(), timeout=5)
+    finally:
+        channel.close()
+    assert refused.value.status == Status.UNIMPLEMENTED

@@ -140,6 +140,8 @@ url
 {{- $_ := set $tls "require_client_cert" .Values.tls.requireClientCert -}}
 {{- end -}}
 {{- $_ := set $cfg "tls" $tls -}}
+{{- /* The kubelet's gRPC probes speak no TLS: a plaintext health-only port. */ -}}
+{{- $_ := set $cfg "health_listen" "0.0.0.0:50052" -}}
 {{- end -}}
 {{- $_ := set $cfg "listen" "0.0.0.0:50051" -}}
 {{- $_ = set $cfg "metrics_listen" "0.0.0.0:9090" -}}
@@ -182,19 +184,6 @@ url
 {{- printf "%s.%s.svc" (include "vmpool.fullname" .) .Release.Namespace -}}
 {{- end -}}
 
-{{/* `vmpool ping` against the local pod, over TLS when it is on. */}}
-{{- define "vmpool.pingCommand" -}}
-{{- $cmd := list "vmpool" "ping" "--server" "127.0.0.1:50051" "--timeout" "2s" -}}
-{{- if .Values.tls.enabled -}}
-{{- $cmd = concat $cmd (list "--ca" "/etc/vmpool/tls/ca.crt" "--tls-server-name" (include "vmpool.serviceDNS" .)) -}}
-{{- if and .Values.tls.clientCA .Values.tls.requireClientCert -}}
-{{- $cmd = concat $cmd (list "--cert" "/etc/vmpool/tls/tls.crt" "--key" "/etc/vmpool/tls/tls.key") -}}
-{{- end -}}
-{{- end -}}
-{{- toJson $cmd -}}
-{{- end -}}
-
-
 {{/* The evaluation PostgreSQL (postgresql.enabled). */}}
 {{- define "vmpool.postgresqlName" -}}
 {{- printf "%s-postgresql" (include "vmpool.fullname" .) | trunc 63 | trimSuffix "-" -}}
@@ -211,4 +200,9 @@ helm.sh/chart: {{ include "vmpool.chart" . }}
 {{ include "vmpool.postgresqlSelectorLabels" . }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: vmpool
+{{- end -}}
+
+{{/* The port the kubelet's gRPC probes use: the lease port, or with TLS the plaintext health_listen port. */}}
+{{- define "vmpool.healthPort" -}}
+{{- if .Values.tls.enabled -}}50052{{- else -}}50051{{- end -}}
 {{- end -}}
