@@ -15,7 +15,7 @@ from grpclib.health.service import OVERALL, Health
 
 from vmpool.admin import AdminService
 from vmpool.auth.setup import build_authenticator, startup_warnings
-from vmpool.background import Background, StartupError
+from vmpool.background import Background, FatalError, StartupError
 from vmpool.catalog import PoolCatalog
 from vmpool.clock import utcnow
 from vmpool.codec import SafeProtoCodec
@@ -42,7 +42,7 @@ from vmpool.waiters import Waiters
 
 log = structlog.get_logger("vmpool")
 
-__all__ = ["AddressInUse", "StartupError", "serve"]
+__all__ = ["AddressInUse", "FatalError", "StartupError", "serve"]
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -160,6 +160,7 @@ async def _serve(
     loop = asyncio.get_running_loop()
     stop = stop_on_signals(loop)
 
+    fatal_reasons: list[str] = []  # why the background work stopped the server
     metrics = Metrics()
     metrics.set_pool_sizes((p.name, p.min_ready, p.max_size) for p in config.pools)
     try:
@@ -185,6 +186,7 @@ async def _serve(
 
         # Called from the background thread.
         def fatal(reason: str) -> None:
+            fatal_reasons.append(reason)
             loop.call_soon_threadsafe(stop.set)
 
         def assigned(reservation: str) -> None:
@@ -319,4 +321,7 @@ async def _serve(
         except UNAVAILABLE_ERRORS as err:  # TimeoutError is among them
             log.warning("database pool did not close cleanly", error=repr(err))
             db.terminate()
+    if fatal_reasons:  # not asked to stop: say so with the exit status
+        log.error("stopped after a fatal error", reason=fatal_reasons[0])
+        raise FatalError(fatal_reasons[0])
     log.info("stopped")

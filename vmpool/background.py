@@ -56,6 +56,10 @@ class StartupError(Exception):
     """The server cannot start; the message says why, in one line."""
 
 
+class FatalError(Exception):
+    """The server stopped by itself (a bug in the background work): exit non-zero."""
+
+
 def build_provider(config: Config, db: Database, metrics: Metrics) -> Provider:
     if config.provider.kind == "kubevirt":
         from vmpool.providers.kubevirt import build_kubevirt_provider

@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ConfigError as err:
             return _fail(f"--listen: {str(err).split(': ', 2)[-1]}")
     from vmpool import logs
-    from vmpool.app import AddressInUse, StartupError, serve
+    from vmpool.app import AddressInUse, FatalError, StartupError, serve
 
     logs.setup(config.log_level)
     if args.config is None:
@@ -72,6 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(f"cannot start: {err}", cli_errors.USAGE)
     except StartupError as err:
         return _fail(f"cannot start: {err}", cli_errors.FAILURE)
+    except FatalError as err:
+        return _fail(f"stopped after a fatal error: {err}", cli_errors.FAILURE)
     except StoreError as err:
         return _fail(f"cannot start: database_url: {err}", cli_errors.UNAVAILABLE)
     except OSError as err:  # e.g. the port is taken

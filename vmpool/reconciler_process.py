@@ -15,7 +15,7 @@ import asyncio
 import structlog
 
 from vmpool.app import StartupError, start_metrics, stop_on_signals
-from vmpool.background import Background
+from vmpool.background import Background, FatalError
 from vmpool.config import Config
 from vmpool.metrics import Metrics
 from vmpool.store.db import connect, migrate
@@ -44,7 +44,10 @@ async def serve_reconciler(config: Config, url: str) -> None:
         except UNAVAILABLE_ERRORS:
             db.terminate()
 
+    fatal_reasons: list[str] = []
+
     def fatal(reason: str) -> None:  # from the background thread
+        fatal_reasons.append(reason)
         loop.call_soon_threadsafe(stop.set)
 
     background = Background(config, url, metrics, on_assigned=lambda _rid: None, on_fatal=fatal)
@@ -63,4 +66,7 @@ async def serve_reconciler(config: Config, url: str) -> None:
     )
     await stop.wait()
     await background.stop()
+    if fatal_reasons:  # not asked to stop: exit non-zero
+        log.error("stopped after a fatal error", reason=fatal_reasons[0])
+        raise FatalError(fatal_reasons[0])
     log.info("stopped")

@@ -20,7 +20,7 @@ from vmpool.auth.caller import PUBLIC, current_caller, require_role
 from vmpool.auth.principal import AuthUnavailable, Unauthenticated
 from vmpool.echo import status_message
 from vmpool.metrics import Metrics
-from vmpool.store.errors import StoreUnavailable
+from vmpool.store.errors import unavailable
 
 log = structlog.get_logger("vmpool.rpc")
 audit_log = structlog.get_logger("vmpool.audit")
@@ -56,7 +56,7 @@ def to_grpc_error(err: Exception) -> GRPCError | None:
         return GRPCError(Status.UNAUTHENTICATED, str(err))
     if isinstance(err, AuthUnavailable):
         return GRPCError(Status.UNAVAILABLE, str(err))
-    if isinstance(err, StoreUnavailable):
+    if unavailable(err):  # translated by the store, or a lost connection it did not see
         return GRPCError(Status.UNAVAILABLE, "database unavailable, retry later")
     return None
 

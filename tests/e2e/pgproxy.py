@@ -1,7 +1,9 @@
 """A TCP proxy in front of the test PostgreSQL that a test can make unreachable:
 "refuse" closes every connection at once (database down), "blackhole" keeps
 connections open but holds every byte until the mode changes (database hangs,
-like a stalled network: nothing is lost, TCP would retransmit it)."""
+like a stalled network: nothing is lost, TCP would retransmit it). ``cut`` drops
+every open connection in the middle of the server's next reply (half of it is
+delivered): a connection lost mid-statement, while new connections still work."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class PgProxy:
         self._conns: set[asyncio.StreamWriter] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._cutting: set[asyncio.StreamWriter] = set()
         self.port = 0
 
     def url(self, database: str) -> str:
@@ -50,13 +53,22 @@ class PgProxy:
             self._flowing.set()
         if mode == "refuse":
             for w in list(self._conns):
-                w.transport.abort()
+                w.transport.abort()  # the upstream side follows (see _handle)
+
+    def cut(self) -> None:
+        """Drop each open connection halfway through the next reply it carries."""
+        self._cutting |= self._conns
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, ConnectionError):
             while data := await src.read(65536):
                 await self._flowing.wait()
                 if self.mode == "refuse":
+                    break
+                if dst in self._cutting:
+                    self._cutting.discard(dst)
+                    dst.write(data[: max(1, len(data) // 2)])
+                    await dst.drain()
                     break
                 dst.write(data)
                 await dst.drain()
@@ -71,11 +83,13 @@ class PgProxy:
         except OSError:
             writer.transport.abort()
             return
-        self._conns |= {writer, up_writer}
+        self._conns.add(writer)  # the client's side: replies are cut on their way there
         try:
             await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
         finally:
-            self._conns -= {writer, up_writer}
+            self._conns.discard(writer)
+            self._cutting.discard(writer)
+            up_writer.transport.abort()
 
     async def close(self) -> None:
         self.set_mode("refuse")

@@ -7,11 +7,13 @@ import asyncio
 import time
 import urllib.parse
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import asyncpg
 import pytest
 
-from tests.e2e.clients import Client, RpcError
+from tests.e2e.clients import Client, Lease, RpcError
 from tests.e2e.conftest import Running, lease_when_free
 from tests.e2e.pgproxy import PgProxy
 from tests.pg import TestPostgres
@@ -99,3 +101,71 @@ async def test_database_unreachable_is_unavailable_and_the_server_recovers(
     # The lease held through the outage is still there and can be returned.
     assert (await client.get_lease(held.instance)).instance == held.instance
     await client.return_(held.instance)
+
+
+async def terminate_backends(server: Running) -> None:
+    """What PostgreSQL does to every session when it is stopped or killed by an
+    operator: FATAL 57P01 to the client, then the connection closes."""
+    conn = await asyncpg.connect(server.db_url)
+    try:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("how", ["cut", "terminate"])
+async def test_connections_lost_mid_statement_under_load_are_unavailable_never_internal(
+    client: Client, server: Running, proxy: PgProxy, how: str
+) -> None:
+    """Every database connection (the pool's, the control and leader-lock one,
+    the reconciler's) dropped halfway through a reply, again and again, while
+    clients lease, extend and return: asyncpg then raises ConnectionDoesNotExist,
+    InternalClientError ("cannot switch to state ...") or InterfaceError. Each
+    is UNAVAILABLE; the server keeps running and recovers."""
+    await server.wait_ready("alpha", 1)
+    codes: Counter[str] = Counter()
+    held: set[str] = set()
+    stop = asyncio.Event()
+
+    async def call(rpc: Awaitable[object]) -> object | None:
+        try:
+            result = await rpc
+        except RpcError as err:
+            codes[err.code] += 1
+            return None
+        codes["OK"] += 1
+        return result
+
+    async def worker() -> None:
+        while not stop.is_set():
+            lease = await call(client.lease("alpha", timeout=5))
+            if not isinstance(lease, Lease):
+                await asyncio.sleep(0.02)
+                continue
+            held.add(lease.instance)
+            await call(client.get_lease(lease.instance))
+            await call(client.extend_to(lease.instance, lease.expires))
+            await call(client.return_(lease.instance))
+
+    workers = [asyncio.create_task(worker()) for _ in range(4)]
+    for _ in range(20):
+        await asyncio.sleep(0.15)
+        if how == "cut":
+            proxy.cut()
+        else:
+            await terminate_backends(server)
+    stop.set()
+    await asyncio.gather(*workers)
+
+    assert not {"INTERNAL", "UNKNOWN"} & set(codes), codes
+    assert codes["UNAVAILABLE"] > 0, f"no call saw a cut connection: {codes}"
+    for instance in held:  # a Return cut mid-statement may or may not have ended it
+        code = "UNAVAILABLE"
+        while code == "UNAVAILABLE":
+            code, _ = await code_and_time(client.return_(instance))
+        assert code in ("OK", "NOT_FOUND"), code
+    await recovered(client, server)
+    assert server.proc.proc is not None and server.proc.proc.poll() is None, "server exited"

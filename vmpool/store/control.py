@@ -27,7 +27,7 @@ import asyncpg
 import structlog
 
 from vmpool.store import sql
-from vmpool.store.errors import UNAVAILABLE_ERRORS
+from vmpool.store.errors import RETRYABLE_ERRORS, UNAVAILABLE_ERRORS
 
 log = structlog.get_logger("vmpool.control")
 
@@ -144,7 +144,7 @@ class Control:
             try:
                 await self._session(stop)
                 delay = 0.5
-            except UNAVAILABLE_ERRORS as err:
+            except RETRYABLE_ERRORS as err:  # connection lost, server gone: reconnect
                 log.warning("control connection lost", error=f"{type(err).__name__}: {err}")
             finally:
                 self._set_leader(False)

@@ -39,17 +39,24 @@ class QuotaExceeded(StoreError):
 # SQLSTATEs raised by the quota triggers (migration 0030).
 QUOTA_STATES = {"VPQ01", "VPQ02"}
 
+# Everything that means "the connection is lost" or "the server is gone", as
+# asyncpg raises it: the caller should retry (UNAVAILABLE at the gRPC layer;
+# the background work retries after a backoff and never stops for it).
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
+    OSError,  # ConnectionResetError, ConnectionRefusedError, BrokenPipeError, ssl errors
     TimeoutError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
+    # A closed connection ("connection is closed"), or one left mid-protocol.
     asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.QueryCanceledError,
+    # "cannot switch to state ...; another operation is in progress": what a
+    # connection lost under a busy statement leaves behind (and ProtocolError).
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.exceptions.CannotConnectNowError,  # 57P03: starting up, shutting down
+    # 57P01 admin shutdown, 57P02 crash shutdown, 57P04 database dropped,
+    # 57P05 idle session timeout, 57014 statement cancelled / timed out.
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,  # 53300
 )
 
 
@@ -59,6 +66,19 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
 )
+
+
+# What the background work retries (with a backoff) instead of stopping.
+RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
+    StoreUnavailable,
+    *UNAVAILABLE_ERRORS,
+    *TRANSIENT_ERRORS,
+)
+
+
+def unavailable(err: BaseException) -> bool:
+    """Whether ``err``, translated or not, means the database is out of reach."""
+    return isinstance(err, (StoreUnavailable, *UNAVAILABLE_ERRORS))
 
 
 @asynccontextmanager
