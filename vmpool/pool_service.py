@@ -23,6 +23,7 @@ from vmpool.leasing import AlreadyExists, NotFound
 from vmpool.metrics import Metrics
 from vmpool.pool_access import authorize_pool_call
 from vmpool.proto.intrinsic_proto.vmpoolapi import v1 as papi
+from vmpool.rpc import current_stream
 from vmpool.spec_hash import pool_spec_hash
 from vmpool.store import sql
 from vmpool.store.inventory import Inventory
@@ -30,6 +31,17 @@ from vmpool.store.leases import LeaseStore, NotLeased
 from vmpool.store.pools import PoolRow, PoolStore
 
 log = structlog.get_logger("vmpool.pools")
+
+
+ORG_HEADER = "x-intrinsic-org"
+
+
+def _bind_org() -> None:
+    """The Go client's org (x-intrinsic-org) is logged, not used to scope pools."""
+    stream = current_stream.get(None)
+    org = stream.metadata.get(ORG_HEADER) if stream is not None and stream.metadata else None
+    if org:
+        structlog.contextvars.bind_contextvars(org=echo(org))
 
 
 def _spec_of(row: PoolRow) -> pools.PoolSpec:
@@ -120,6 +132,7 @@ class PoolService(papi.VmPoolServiceBase):
     # --- pools ---------------------------------------------------------------------
 
     async def create_pool(self, request: papi.CreatePoolRequest) -> papi.Pool:
+        _bind_org()
         name = pools.check_pool_name(request.name)
         structlog.contextvars.bind_contextvars(pool=name)
         owner = self._authorize("create", None)
@@ -142,10 +155,12 @@ class PoolService(papi.VmPoolServiceBase):
         return await self._listed(name)
 
     async def list_pools(self, request: papi.ListPoolsRequest) -> papi.ListPoolsResponse:
+        _bind_org()
         rows = await self._store.list_with_counts()
         return papi.ListPoolsResponse(pools=[self.to_proto(r) for r in rows])
 
     async def update_pool(self, request: papi.UpdatePoolRequest) -> papi.Pool:
+        _bind_org()
         row = await self._existing(request.name)
         structlog.contextvars.bind_contextvars(pool=row.name)
         self._authorize("update", row)
@@ -203,6 +218,7 @@ class PoolService(papi.VmPoolServiceBase):
         return Empty()
 
     async def _set_desired(self, name: str, desired: str, what: str) -> None:
+        _bind_org()
         row = await self._existing(name)
         structlog.contextvars.bind_contextvars(pool=row.name)
         self._authorize(what, row)
@@ -227,6 +243,7 @@ class PoolService(papi.VmPoolServiceBase):
     # --- leases --------------------------------------------------------------------
 
     async def list_leases(self, request: papi.ListLeasesRequest) -> papi.ListLeasesResponse:
+        _bind_org()
         name = leasing.check_text("pool_name", request.pool_name)
         row = await self._existing(name) if name else None
         self._authorize("list_leases", row)
@@ -244,6 +261,7 @@ class PoolService(papi.VmPoolServiceBase):
         )
 
     async def stop_lease(self, request: papi.StopLeaseRequest) -> Empty:
+        _bind_org()
         instance = request.lease_name
         if not instance:
             raise leasing.InvalidArgument("lease_name: must not be empty")

@@ -141,6 +141,7 @@ async def test_reflection_lists_and_describes_the_services(channel: grpc.aio.Cha
     )
     names = {s.name for s in listed.list_services_response.service}
     assert {lease_service, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} <= names
+    assert "intrinsic_proto.vmpoolapi.v1.VMPoolService" in names  # grpcurl, docs/pools.md
     files = [
         descriptor_pb2.FileDescriptorProto.FromString(raw)
         for raw in described.file_descriptor_response.file_descriptor_proto
