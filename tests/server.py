@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+def json_records(lines: Iterable[str | bytes]) -> list[dict[str, Any]]:
+    """Each log line as its JSON record; AssertionError naming the first line that
+    is not exactly one record (two records on a line, or a record cut in two)."""
+    records = []
+    for number, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(
+                f"log line {number} is not one JSON record: {line[:300]!r}"
+            ) from None
+    return records
 
 
 def free_port() -> int:
@@ -73,7 +89,9 @@ class ServerProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> ServerProcess:
+    def start(self, timeout: float = 30.0, *, stdout: int | None = None) -> ServerProcess:
+        """``stdout``: where the log lines go (e.g. subprocess.PIPE); by default,
+        with stderr, to ``log_path``."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
@@ -85,8 +103,8 @@ class ServerProcess:
                 str(self.config_path),
                 *self.args,
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdout=log if stdout is None else stdout,
+            stderr=subprocess.STDOUT if stdout is None else log,
             cwd=self.workdir,
             env=self.env,
         )

@@ -1,9 +1,22 @@
-"""structlog: JSON lines on stdout, a readable console renderer on a terminal."""
+"""structlog: JSON lines on stdout, a readable console renderer on a terminal.
+
+Every record, from structlog or from the standard library (asyncpg, aiohttp,
+kubernetes-asyncio), from the serving thread or the background thread, goes
+through one ``LineWriter``: one lock, and each line written whole with its
+newline. (structlog's PrintLogger and logging's StreamHandler each had their
+own lock, and print() writes the text and the newline separately: with
+PYTHONUNBUFFERED=1 two records could share a line.) When stdout is closed
+(`vmpool serve | head -1`), logs are dropped and the server keeps serving.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import select
 import sys
+import threading
 
 import structlog
 
@@ -15,9 +28,80 @@ LEVELS = {
 }
 
 
-def setup(level: str = "info", *, json: bool | None = None) -> None:
+class LineWriter:
+    """Writes whole lines to a file descriptor, one at a time, from any thread."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def write_line(self, line: str) -> None:
+        data = memoryview((line + "\n").encode("utf-8", "backslashreplace"))
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                while data:
+                    try:
+                        data = data[os.write(self._fd, data) :]
+                    except BlockingIOError:  # a non-blocking stdout: wait until it drains
+                        select.select([], [self._fd], [], 1.0)
+            except OSError as err:
+                if err.errno not in (errno.EPIPE, errno.EBADF, errno.EINVAL):
+                    raise
+                self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        """Nobody reads our stdout any more: drop every later line, and point the
+        descriptor at /dev/null so nothing else (a print, the interpreter's final
+        flush) fails on it either."""
+        self.closed = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._fd)
+            os.close(devnull)
+        except OSError:
+            pass  # dropped all the same
+
+
+class _LineLogger:
+    """structlog's logger: hands the rendered line to the writer."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        self._writer = writer
+
+    def msg(self, message: str) -> None:
+        self._writer.write_line(message)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+class _LineHandler(logging.Handler):
+    """The standard library's handler: formats the record, hands it to the writer."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._writer.write_line(line)
+
+
+def setup(level: str = "info", *, json: bool | None = None, fd: int | None = None) -> LineWriter:
+    """Configure structlog and the standard library's root logger to write to
+    ``fd`` (stdout's descriptor by default)."""
+    if fd is None:
+        sys.stdout.flush()
+        fd = sys.stdout.fileno()
     if json is None:
-        json = not sys.stdout.isatty()
+        json = not os.isatty(fd)
+    writer = LineWriter(fd)
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )
@@ -30,13 +114,13 @@ def setup(level: str = "info", *, json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=lambda *_args: _LineLogger(writer),
         cache_logger_on_first_use=True,
     )
-    # Libraries that log through the standard library (asyncpg, aiohttp,
-    # kubernetes-asyncio) come out as the same one-line JSON records, with any
-    # traceback inside the record rather than spread over lines.
-    handler = logging.StreamHandler(sys.stdout)
+    # Libraries that log through the standard library come out as the same
+    # one-line JSON records, with any traceback inside the record rather than
+    # spread over lines.
+    handler = _LineHandler(writer)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[
@@ -54,3 +138,4 @@ def setup(level: str = "info", *, json: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(LEVELS[level], logging.WARNING))
+    return writer
