@@ -96,3 +96,43 @@ async def test_expiry_round_trips_to_the_nanosecond(
     assert ns(capped.lease.expires) < asked + 2 * HOUR_NS
     assert ns(capped.lease.expires) % 1000 == 0, "the cap is now + max_lease"
     await stub.Return(pb2.ReturnRequest(instance=lease.instance), timeout=10)
+
+
+async def test_every_ok_answer_carries_its_lease_as_inctl_sends_requests(
+    stub: Any, server: Running, grpcio_modules: GrpcioModules
+) -> None:
+    """inctl: empty tag, one reservation id reused on every retry, Go's zero time
+    for `--duration 0`; an OK without `lease` makes it spin (or panic)."""
+    pb2, ts = grpcio_modules.pb2, grpcio_modules.timestamp_pb2
+    await server.wait_ready("alpha", 1)
+    rid = str(uuid.uuid4())
+    zero = ts.Timestamp(seconds=-62135596800)
+    first = await stub.Lease(
+        pb2.LeaseRequest(pool="alpha", expires=zero, reservation_id=rid), timeout=10
+    )
+    assert first.HasField("lease") and first.lease.instance.startswith("vmp-")
+    default = first.lease.expires.seconds - time.time()
+    assert 25 * 60 < default <= 30 * 60 + 5, "Go's zero time means the default lease"
+    asked = time.time_ns() + HOUR_NS + 7
+    again = await stub.Lease(  # rule 1: the same lease, unchanged, expiry included
+        pb2.LeaseRequest(
+            pool="alpha",
+            expires=ts.Timestamp(seconds=asked // 10**9, nanos=asked % 10**9),
+            reservation_id=rid,
+        ),
+        timeout=10,
+    )
+    assert again.HasField("lease") and again.lease == first.lease
+    soon = ts.Timestamp(seconds=int(time.time()) + 60)
+    unchanged = await stub.ExtendTo(  # extend_only, earlier than the lease: unchanged
+        pb2.ExtendToRequest(instance=first.lease.instance, to=soon, extend_only=True), timeout=10
+    )
+    assert unchanged.HasField("lease") and unchanged.lease == first.lease
+    for not_given in (zero, ts.Timestamp()):  # Go's zero time, the epoch
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ExtendTo(
+                pb2.ExtendToRequest(instance=first.lease.instance, to=not_given), timeout=10
+            )
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "to" in (err.value.details() or "")
+    await stub.Return(pb2.ReturnRequest(instance=first.lease.instance), timeout=10)
