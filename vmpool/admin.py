@@ -9,6 +9,7 @@ from collections.abc import Callable
 import structlog
 
 from vmpool import leasing
+from vmpool.catalog import PoolCatalog
 from vmpool.clock import Clock
 from vmpool.config import Config
 from vmpool.fastwire import timestamp_field
@@ -33,8 +34,11 @@ class AdminService(adm.VmPoolAdminServiceBase):
         clock: Clock,
         metrics: Metrics,
         on_change: Callable[[], None],
+        catalog: PoolCatalog | None = None,
     ) -> None:
         self._inv = inventory
+        # Config pools and API pools: an API pool is "configured" too (not removed).
+        self._catalog = catalog if catalog is not None else PoolCatalog(config)
         self._leases = leases
         self._config = config
         self._clock = clock
@@ -43,13 +47,14 @@ class AdminService(adm.VmPoolAdminServiceBase):
 
     async def pool_stats(self, request: adm.PoolStatsRequest) -> adm.PoolStatsResponse:
         summary = await self._inv.summary()
+        await self._catalog.refresh()
         for cfg in self._config.pools:
             summary.pool(cfg.name)
         now = self._clock()
         out = []
         for name in sorted(summary.pools):
             p = summary.pools[name]
-            pool_cfg = self._config.pool(name)
+            pool_cfg = self._catalog.pool(name)
             age = (now - p.oldest_enqueued).total_seconds() if p.oldest_enqueued else 0.0
             out.append(
                 adm.PoolStats(

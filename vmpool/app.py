@@ -215,7 +215,15 @@ async def _serve(
         probe = ProbeConnection(url)  # readiness never waits behind client calls
         db_health = DatabaseHealth(probe)
         lease_service = LeaseService(leaser, config, db_health, pool_store)
-        admin = AdminService(inventory, leases, config, utcnow, metrics, background.wake)
+        admin = AdminService(
+            inventory,
+            leases,
+            config,
+            utcnow,
+            metrics,
+            background.wake,
+            catalog=PoolCatalog(config, pool_store),
+        )
         describer = build_describer(config, db)
         extension = ExtensionService(
             leaser, leases, utcnow, background.wake, describe=describer.describe

@@ -217,3 +217,13 @@ def test_go_time_format() -> None:
     assert go_time(datetime(2026, 8, 22, 10, 0, 0, 500000, tzinfo=UTC)) == (
         "2026-08-22 10:00:00.5 +0000 UTC"
     )
+
+
+async def test_status_shows_api_pools_with_their_tier_sizing(server: Running) -> None:
+    n = name()
+    assert (await vmpool(server, "pool", "create", "--pool", n, "--tier", "cold")).returncode == 0
+    r = await vmpool(server, "status", "--output", "json")
+    assert r.returncode == 0, r.stderr
+    row = next(p for p in json.loads(r.stdout) if p["name"] == n)
+    assert (row["configured"], row["min_ready"], row["max_size"]) == (True, 0, 2)
+    await vmpool(server, "pool", "delete", "--pool", n)
