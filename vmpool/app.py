@@ -316,7 +316,7 @@ async def _serve(
             log.warning("calls still running at shutdown_grace; cancelling them")
         for s in servers:
             s.close()
-            s.close_connections()
+        await asyncio.gather(*(s.close_connections() for s in servers))
         for s in servers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(s.wait_closed(), 5)

@@ -36,6 +36,7 @@ the end of shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -205,6 +206,7 @@ class GuardedProtocol(H2Protocol):
         self._last_ping = -1e9
         self._grpclib_peer: bool | None = None  # unknown until its first request
         self._goaway_sent = False  # the graceful one (shutdown)
+        self.gone = asyncio.Event()  # set once the socket is closed
 
     # -- connection lifecycle --------------------------------------------
 
@@ -250,6 +252,7 @@ class GuardedProtocol(H2Protocol):
 
     def _close(self, reason: str) -> None:
         self._closed = True
+        self.gone.set()
         self._connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -365,7 +368,7 @@ class GuardedProtocol(H2Protocol):
 
     def _feed(self, data: bytes) -> None:
         try:
-            events = self._h2.receive_data(data)
+            events: list[Any] = self._h2.receive_data(data)
         except ProtocolError as err:
             self.connection.flush()  # h2 queued a GOAWAY naming the error
             self._linger(f"protocol error: {type(err).__name__}")
@@ -374,7 +377,8 @@ class GuardedProtocol(H2Protocol):
         process = self.processor.process
         for event in events:
             kind = type(event)
-            if kind in _WATCHED and not self._admit(event):
+            watched = kind in _WATCHED or (kind is DataReceived and not event.data)
+            if watched and not self._admit(event):
                 if self._closed:
                     return
                 continue
@@ -409,8 +413,6 @@ class GuardedProtocol(H2Protocol):
                     self.calm("too_many_pings")
                     return False
             self._last_ping = now
-            return True
-        if kind is DataReceived and event.data:
             return True
         if kind is RemoteSettingsChanged:
             self._preface_seen = True
@@ -496,9 +498,16 @@ class GuardedServer(Server):
         for proto in list(self.connections):
             proto.goaway()
 
-    def close_connections(self) -> None:
-        for proto in list(self.connections):
+    async def close_connections(self) -> None:
+        """End of shutdown: GOAWAY and close every connection, and give clients
+        the linger time to read their last answers (a socket closed by the
+        exiting process with unread input is reset, and the reset discards what
+        the client had not read yet)."""
+        closing = list(self.connections)
+        for proto in closing:
             proto.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(p.gone.wait() for p in closing)), LINGER + 0.5)
 
 
 def _noop(reason: str) -> None:

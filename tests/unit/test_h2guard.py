@@ -102,7 +102,7 @@ async def _serve(settings: GuardSettings) -> AsyncIterator[Served]:
         for c in served.clients:
             await c.close()
         server.close()
-        server.close_connections()
+        await server.close_connections()
         await server.wait_closed()
 
 
@@ -471,3 +471,20 @@ def test_limits_config_is_checked() -> None:
     ):
         with pytest.raises(ConfigError, match=f"limits.{next(iter(bad))}"):
             parse_config({"limits": bad})
+
+
+async def test_empty_data_frames_are_dropped_and_a_flood_of_them_cut_off(served: Served) -> None:
+    raw = await served.raw()
+    sid = raw.headers(ECHO)
+    raw.data(sid, b"", end_stream=False)  # grpclib alone took this for the end of the data
+    raw.data(sid, message(b"after"))
+    await raw.flush()
+    answer = await raw.wait(sid)
+    assert answer.status == Status.OK.value, answer
+    sid = raw.headers(HOLD)
+    for _ in range(1000):
+        raw.data(sid, b"", end_stream=False)
+    await raw.flush()
+    await raw.until_closed()
+    assert raw.goaway is not None
+    assert raw.goaway.additional_data == b"control_flood"
