@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import jwt
 import pytest
@@ -242,3 +243,43 @@ def test_tls_context_reloads_changed_files_and_keeps_the_old_on_failure(tmp_path
     assert ctx.current() is first and ctx.reloads == 1
     with pytest.raises(TlsError, match=r"tls\.cert_file"):
         build_context(cfg)
+
+
+async def test_token_reviews_are_shared_cached_and_refusals_remembered() -> None:
+    import asyncio
+
+    from vmpool.auth.kubernetes import REJECTED_TTL, TokenReviewer
+
+    now = [100.0]
+    gate = asyncio.Event()
+
+    async def review(body: Any) -> Any:
+        await gate.wait()
+        if body.spec.token == "good":
+            user = SimpleNamespace(username="system:serviceaccount:a:ci", groups=[])
+            return SimpleNamespace(
+                status=SimpleNamespace(authenticated=True, user=user, audiences=["vmpool"])
+            )
+        return SimpleNamespace(
+            status=SimpleNamespace(authenticated=False, user=None, audiences=None, error="bad")
+        )
+
+    reviewer = TokenReviewer(None, ["vmpool"], 60.0, review=review, mono=lambda: now[0])
+    calls = [asyncio.ensure_future(reviewer.authenticate("good")) for _ in range(10)]
+    await asyncio.sleep(0)
+    gate.set()
+    assert {p.name for p in await asyncio.gather(*calls)} == {"system:serviceaccount:a:ci"}
+    assert reviewer.reviews == 1  # ten concurrent calls, one TokenReview
+    await reviewer.authenticate("good")
+    assert reviewer.reviews == 1  # cached
+    for _ in range(3):
+        with pytest.raises(Unauthenticated, match="bad"):
+            await reviewer.authenticate("forged")
+    assert reviewer.reviews == 2  # a refusal is remembered
+    now[0] += REJECTED_TTL
+    with pytest.raises(Unauthenticated):
+        await reviewer.authenticate("forged")
+    assert reviewer.reviews == 3
+    now[0] += 61
+    await reviewer.authenticate("good")
+    assert reviewer.reviews == 4  # the cache entry expired

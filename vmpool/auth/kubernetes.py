@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,7 +13,7 @@ import structlog
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from vmpool.auth.cache import TokenCache, cache_until
+from vmpool.auth.cache import MAX_ENTRIES, TokenCache, cache_until, token_key
 from vmpool.auth.principal import AuthUnavailable, Principal, Unauthenticated
 
 log = structlog.get_logger("vmpool.auth")
@@ -44,35 +45,78 @@ def principal_of_review(status: Any, audiences: list[str]) -> Principal:
     return Principal(user.username, tuple(user.groups or ()))
 
 
+REJECTED_TTL = 10.0  # a refused token is refused again without asking, for this long
+
+
 class TokenReviewer:
+    """Checks tokens with TokenReviews: accepted ones cached (``cache_ttl``,
+    never past their expiry), refused ones for REJECTED_TTL, and concurrent
+    checks of one token share a single review."""
+
     def __init__(
         self,
-        api_client: client.ApiClient,
+        api_client: client.ApiClient | None,
         audiences: list[str],
         cache_ttl: float,
         *,
+        review: Review | None = None,
         mono: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self._api = client.AuthenticationV1Api(api_client)
+        if review is None:
+            api = client.AuthenticationV1Api(api_client)
+
+            async def review(body: Any) -> Any:
+                return await api.create_token_review(body, _request_timeout=5)
+
+        self._review = review
         self._audiences = audiences
         self._ttl = cache_ttl
         self._cache = TokenCache()
+        self._rejected: dict[str, tuple[float, str]] = {}
+        self._inflight: dict[str, asyncio.Future[Principal]] = {}
         self._mono = mono
         self._wall = wall
+        self.reviews = 0
 
     async def authenticate(self, token: str) -> Principal:
         now = self._mono()
         cached = self._cache.get(token, now)
         if cached is not None:
             return cached
+        key = token_key(token)
+        refused = self._rejected.get(key)
+        if refused is not None and refused[0] > now:
+            raise Unauthenticated(refused[1])
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Principal] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            principal = await self._check(token, now)
+        except BaseException as err:
+            # Callers sharing this review get the same answer; a cancelled
+            # review is, for them, one to retry.
+            shared = err if isinstance(err, Exception) else AuthUnavailable("token review: retry")
+            future.set_exception(shared)
+            future.exception()  # retrieved: nobody else may be waiting
+            raise
+        else:
+            future.set_result(principal)
+            return principal
+        finally:
+            del self._inflight[key]
+
+    async def _check(self, token: str, now: float) -> Principal:
         body = client.V1TokenReview(
             api_version="authentication.k8s.io/v1",
             kind="TokenReview",
             spec=client.V1TokenReviewSpec(token=token, audiences=self._audiences or None),
         )
+        self.reviews += 1
         try:
-            review = await self._api.create_token_review(body, _request_timeout=5)
+            review = await self._review(body)
         except ApiException as err:
             log.warning("token review failed", status=err.status, reason=str(err.reason)[:200])
             raise AuthUnavailable(
@@ -81,7 +125,13 @@ class TokenReviewer:
         except (aiohttp.ClientError, OSError, TimeoutError) as err:
             log.warning("token review failed", error=repr(err)[:200])
             raise AuthUnavailable("token review: the Kubernetes API cannot be reached") from None
-        principal = principal_of_review(review.status, self._audiences)
+        try:
+            principal = principal_of_review(review.status, self._audiences)
+        except Unauthenticated as err:
+            if len(self._rejected) >= MAX_ENTRIES:
+                self._rejected.clear()
+            self._rejected[token_key(token)] = (now + REJECTED_TTL, str(err))
+            raise
         self._cache.put(
             token,
             principal,
