@@ -262,6 +262,9 @@ class Leaser:
                     f'"{state.instance}", whose lease has ended; use a new reservation_id'
                 )
             pool = await self._pool(state.pool)
+            # Paused, stopped or deleted since it queued: refused at once (the
+            # reconciler drops the queue on its next pass).
+            await self._refuse_if_drained(pool.name)
             now = self._clock()
             if state.instance is None:
                 queued = await self._store.touch(rid, now + pool.reservation_ttl)

@@ -400,6 +400,9 @@ async def test_queued_reservations_are_dropped_when_a_pool_stops(
         await lease_client.lease(n, reservation_id=rid)
     assert err.value.code == "RESOURCE_EXHAUSTED"
     await papi.call("StopPool", name=n)
+    with pytest.raises(RpcError) as refused:  # the queued reservation's retry
+        await lease_client.lease(n, reservation_id=rid)
+    assert refused.value.code == "FAILED_PRECONDITION" and "STOPPED" in refused.value.message
     await eventually(
         lambda: server.sql("SELECT id FROM reservations WHERE pool = $1 AND NOT served", n),
         lambda rows: rows == [],
