@@ -17,7 +17,7 @@ from grpclib.server import Stream
 from vmpool import calltime, leasing
 from vmpool.auth.authenticator import Authenticator
 from vmpool.auth.caller import PUBLIC, current_caller, require_role
-from vmpool.auth.principal import AuthUnavailable, Unauthenticated
+from vmpool.auth.principal import AuthUnavailable, Principal, Unauthenticated
 from vmpool.echo import status_message
 from vmpool.metrics import Metrics
 from vmpool.store.errors import unavailable
@@ -28,6 +28,17 @@ audit_log = structlog.get_logger("vmpool.audit")
 # Calls that change nothing; every other call is a state change and gets an audit line.
 _READS = ("Get", "List", "Describe", "Watch", "Check")
 _READ_METHODS = {"Ping", "Pools", "PoolStats"}
+
+
+def bind_principal(principal: Principal) -> None:
+    """The caller on the call's log lines (and audit line): name and groups, cut."""
+    if principal.groups:
+        groups = [g[:64] for g in principal.groups[:8]]
+        if len(principal.groups) > 8:
+            groups.append(f"...({len(principal.groups) - 8} more)")
+        structlog.contextvars.bind_contextvars(principal=principal.name[:128], groups=groups)
+    else:
+        structlog.contextvars.bind_contextvars(principal=principal.name[:128])
 
 
 def is_state_change(method: str) -> bool:
@@ -158,7 +169,7 @@ def _wrap(
                     stream.peer.cert() if auth.needs_cert and stream.peer else None,
                 )
                 current_caller.set(caller)
-                structlog.contextvars.bind_contextvars(principal=caller.principal.name[:128])
+                bind_principal(caller.principal)
             else:
                 current_caller.set(PUBLIC)
             if role is not None:

@@ -152,14 +152,22 @@ async def test_mtls_identities_cannot_touch_each_others_work(
     running.assert_clean_log()
 
 
-def _audit_lines(running: Running) -> list[dict[str, Any]]:
+def _log_lines(running: Running, event: str) -> list[dict[str, Any]]:
     out = []
     for line in running.proc.log().splitlines():
-        if '"audit"' in line:
+        if f'"{event}"' in line:
             record = json.loads(line)
-            if record.get("event") == "audit":
+            if record.get("event") == event:
                 out.append(record)
     return out
+
+
+def _audit_lines(running: Running) -> list[dict[str, Any]]:
+    return _log_lines(running, "audit")
+
+
+def _rpc_lines(running: Running) -> list[dict[str, Any]]:
+    return _log_lines(running, "rpc")
 
 
 @pytest.fixture
@@ -216,6 +224,8 @@ async def test_jwt_mode(
 
     admin = client(token=issuer.token("carol", groups=("vmpool-admins",)))
     assert leases_of(await admin.admin("ListLeases")) == []
+    carol = [r for r in _rpc_lines(running) if r.get("principal") == "carol"]
+    assert carol and carol[-1]["groups"] == ["vmpool-admins"]  # who, on the call's line
     assert (await code_of(bob.admin("ListLeases")))[0] == "PERMISSION_DENIED"
 
     # The CLI over TLS with a token (flag, file, env).
