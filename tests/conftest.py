@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,9 +39,21 @@ async def db(db_url: str) -> AsyncIterator[Database]:
     await pool.close()
 
 
+REPO = Path(__file__).resolve().parents[1]
+OURS = (str(REPO / "vmpool"), str(REPO / "tests"))
+
+
+def _ours(task: asyncio.Task[object]) -> bool:
+    """A task running our code (vmpool, tests), not a library's own (an HTTP
+    server's connection handler belongs to the fixture that runs the server)."""
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and code.co_filename.startswith(OURS)
+
+
 @pytest.fixture
 async def no_leftover_tasks() -> AsyncIterator[None]:
-    """Fail a test that leaves tasks running on the shared loop (use via usefixtures)."""
+    """Fail a test that leaves tasks of ours running on the shared loop (use via
+    usefixtures; tasks a module fixture keeps are named "keep:...")."""
     before = set(asyncio.all_tasks())
     yield
     await asyncio.sleep(0)
@@ -48,8 +61,8 @@ async def no_leftover_tasks() -> AsyncIterator[None]:
     left = [
         t
         for t in asyncio.all_tasks() - before
-        if t is not current and not t.done() and not t.get_name().startswith("keep:")
+        if t is not current and not t.done() and not t.get_name().startswith("keep:") and _ours(t)
     ]
     for t in left:
         t.cancel()
-    assert not left, f"test left tasks running: {[t.get_name() for t in left]}"
+    assert not left, f"test left tasks running: {[(t.get_name(), t.get_coro()) for t in left]}"

@@ -160,19 +160,22 @@ class Background:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         config = self._config
+        interval = config.reconcile_interval.total_seconds()
+        if not self._reconcile:  # role api: the control connection (LISTEN) only
+            control = Control(self._url, interval, lambda: None, self._on_assigned, lead=False)
+            self._control = control
+            self._ready.set_result(None)
+            try:
+                await self._work(None, control)
+            finally:
+                await control.close()
+            return
         try:
             db = await connect(self._url, min_size=1, max_size=4)
         except StoreUnavailable as err:
             self._ready.set_exception(StartupError(f"database_url: {err}"))
             return
         try:
-            interval = config.reconcile_interval.total_seconds()
-            if not self._reconcile:
-                control = Control(self._url, interval, lambda: None, self._on_assigned, lead=False)
-                self._control = control
-                self._ready.set_result(None)
-                await self._work(None, control)
-                return
             reconciler: Reconciler | None = None
 
             def woken() -> None:

@@ -70,7 +70,12 @@ class Rendered:
 
     @property
     def deployment(self) -> dict[str, Any]:
-        return self.one("Deployment")
+        """The server Deployment (not the optional -reconciler one)."""
+        servers = [
+            d for d in self.all("Deployment") if not d["metadata"]["name"].endswith("-reconciler")
+        ]
+        assert len(servers) == 1, f"expected one server Deployment, got {len(servers)}"
+        return servers[0]
 
     @property
     def pod(self) -> dict[str, Any]:
@@ -182,6 +187,7 @@ def kubevirt(zones: list[str], namespace: str = "vms") -> dict[str, Any]:
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": BASE,
+    "separate-reconciler": merged(BASE, {"reconciler": {"separate": True}}),
     "external-secret": {
         "database": {"existingSecret": "pg-credentials", "existingSecretKey": "dsn"}
     },
@@ -504,6 +510,32 @@ def test_container_runs_the_server_with_the_mounted_config(render: Any) -> None:
     assert rendered.pod["enableServiceLinks"] is False
 
 
+def test_a_separate_reconciler_deployment_runs_the_background_work_alone(
+    render: Any,
+) -> None:
+    rendered = render(merged(BASE, {"reconciler": {"separate": True, "replicaCount": 3}}))
+    deployments = {d["metadata"]["name"]: d for d in rendered.all("Deployment")}
+    assert set(deployments) == {RELEASE, f"{RELEASE}-reconciler"}
+    api, rec = deployments[RELEASE], deployments[f"{RELEASE}-reconciler"]
+    api_container = api["spec"]["template"]["spec"]["containers"][0]
+    rec_container = rec["spec"]["template"]["spec"]["containers"][0]
+    assert api_container["command"][-2:] == ["--role", "api"]
+    assert rec_container["command"][-2:] == ["--role", "reconciler"]
+    assert rec["spec"]["replicas"] == 3
+    assert [p["name"] for p in rec_container["ports"]] == ["metrics"]  # no gRPC port
+    # Neither the server Deployment nor any Service selects the reconciler pods.
+    rec_labels = rec["spec"]["template"]["metadata"]["labels"]
+    for selector in [api["spec"]["selector"]["matchLabels"]] + [
+        s["spec"]["selector"] for s in rendered.all("Service")
+    ]:
+        assert not all(rec_labels.get(k) == v for k, v in selector.items()), selector
+    assert rec["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    # Off (the default): one Deployment whose pods may all lead.
+    default = render(BASE)
+    assert [d["metadata"]["name"] for d in default.all("Deployment")] == [RELEASE]
+    assert "--role" not in default.container["command"]
+
+
 def test_pod_is_hardened(render: Any) -> None:
     rendered = render(BASE)
     pod_sc = rendered.pod["securityContext"]
@@ -802,6 +834,7 @@ def test_dockerfile_user_and_entrypoint_match_the_chart(render: Any) -> None:
 # (which has its own table).
 WHOLE_BLOCKS = {
     "config",
+    "reconciler.resources",
     "podSecurityContext",
     "securityContext",
     "resources",

@@ -19,14 +19,22 @@ from vmpool.waiters import Waiters
 
 
 class Clock:
+    """Wall and monotonic time that move only when the test says so."""
+
     def __init__(self) -> None:
         self.now = datetime(2026, 1, 1, 12, tzinfo=UTC)
+        self.mono = 1000.0
 
     def __call__(self) -> datetime:
         return self.now
 
+    def monotonic(self) -> float:
+        return self.mono
+
     def advance(self, **kw: float) -> None:
-        self.now += timedelta(**kw)
+        step = timedelta(**kw)
+        self.now += step
+        self.mono += step.total_seconds()
 
 
 @dataclass
@@ -46,6 +54,11 @@ class World:
     async def full_pass(self) -> bool:
         self.reconciler.wake()  # over every pool, as the periodic pass is
         return await self.reconciler.pass_once()
+
+    async def settle_once(self) -> None:
+        """One full pass and its provider calls."""
+        await self.full_pass()
+        await self.reconciler.drain_calls()
 
     async def settle(self, passes: int = 20) -> None:
         """Run full reconcile passes until nothing changes."""
@@ -82,7 +95,16 @@ async def make_world(db: Database, config: dict[str, Any]) -> World:
         FakeCloud(db), cfg.provider.fake, clock=clock, orphan_grace=timedelta(minutes=10)
     )
     inbox = Inbox()
-    reconciler = Reconciler(inventory, provider, cfg, clock, metrics, waiters.wake, inbox=inbox)
+    reconciler = Reconciler(
+        inventory,
+        provider,
+        cfg,
+        clock,
+        metrics,
+        waiters.wake,
+        inbox=inbox,
+        monotonic=clock.monotonic,
+    )
     leaser = Leaser(store, cfg, clock, waiters, metrics)
     return World(
         cfg, clock, db, store, inventory, provider, reconciler, leaser, waiters, metrics, inbox

@@ -132,9 +132,14 @@ FROM reservations WHERE pool = $1 AND NOT served
 RETURN_LEASES = """
 WITH req AS (
     SELECT * FROM unnest($1::text[], $2::text[], $5::text[]) AS r(instance, tag, principal)
+), locked AS MATERIALIZED (
+    -- Rows taken in a fixed order: batches and expiries never deadlock.
+    SELECT l.instance FROM leases l JOIN req r
+        ON l.instance = r.instance AND l.service_tag = r.tag AND l.principal = r.principal
+    ORDER BY l.instance
+    FOR UPDATE OF l
 ), ended AS (
-    DELETE FROM leases l USING req r
-    WHERE l.instance = r.instance AND l.service_tag = r.tag AND l.principal = r.principal
+    DELETE FROM leases l USING locked WHERE l.instance = locked.instance
     RETURNING l.*
 ), hist AS (
     INSERT INTO lease_history (instance, pool, service_tag, reservation_id, leased_at,
@@ -313,9 +318,11 @@ SUMMARY_OF = _SUMMARY.format(
 )
 
 EXPIRE_LEASES = """
-WITH ended AS (
-    DELETE FROM leases WHERE expires_at <= $1
-    RETURNING *
+WITH locked AS MATERIALIZED (
+    SELECT instance FROM leases WHERE expires_at <= $1 ORDER BY instance FOR UPDATE
+), ended AS (
+    DELETE FROM leases l USING locked WHERE l.instance = locked.instance
+    RETURNING l.*
 ), hist AS (
     INSERT INTO lease_history (instance, pool, service_tag, reservation_id, leased_at,
                                expires_at, ended_at, end_reason, zone)
@@ -333,9 +340,11 @@ SELECT instance, pool, service_tag, leased_at FROM ended
 # An expired reservation leaves the queue; its set-aside instance is free again.
 # Reservations served at once are only kept until their expiry (= when served).
 EXPIRE_RESERVATIONS = """
-WITH gone AS (
-    DELETE FROM reservations WHERE expires_at <= $1
-    RETURNING id, pool, instance, served
+WITH locked AS MATERIALIZED (
+    SELECT id FROM reservations WHERE expires_at <= $1 ORDER BY id FOR UPDATE
+), gone AS (
+    DELETE FROM reservations r USING locked WHERE r.id = locked.id
+    RETURNING r.id, r.pool, r.instance, r.served
 ), freed AS (
     UPDATE instances i SET state = 'ready', reservation_id = NULL, state_changed_at = $1
     FROM gone WHERE i.name = gone.instance AND i.state = 'reserved'
@@ -419,9 +428,14 @@ RETURNING i.name, i.pool, i.created_at
 
 # Free or booting instances to destroy (boot failure, timeout, recycling, drain).
 MARK_DESTROYING = """
-UPDATE instances SET state = 'destroying', destroy_reason = $2, state_changed_at = $3
-WHERE name = ANY ($1::text[]) AND state = ANY ($4::text[])
-RETURNING name, pool, state_changed_at
+WITH locked AS MATERIALIZED (
+    SELECT name FROM instances WHERE name = ANY ($1::text[]) AND state = ANY ($4::text[])
+    ORDER BY name
+    FOR UPDATE
+)
+UPDATE instances i SET state = 'destroying', destroy_reason = $2, state_changed_at = $3
+FROM locked WHERE i.name = locked.name
+RETURNING i.name, i.pool, i.state_changed_at
 """
 
 READY_OLDER_THAN = """
@@ -444,9 +458,11 @@ FORGET = "DELETE FROM instances WHERE name = ANY ($1::text[]) AND state = 'destr
 # VMs that disappeared behind our back: leases end (logged), set-aside
 # reservations wait again, rows go.
 VANISHED = """
-WITH ended AS (
-    DELETE FROM leases WHERE instance = ANY ($1::text[])
-    RETURNING *
+WITH locked AS MATERIALIZED (
+    SELECT instance FROM leases WHERE instance = ANY ($1::text[]) ORDER BY instance FOR UPDATE
+), ended AS (
+    DELETE FROM leases l USING locked WHERE l.instance = locked.instance
+    RETURNING l.*
 ), hist AS (
     INSERT INTO lease_history (instance, pool, service_tag, reservation_id, leased_at,
                                expires_at, ended_at, end_reason, zone)

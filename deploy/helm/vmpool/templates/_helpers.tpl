@@ -206,3 +206,19 @@ app.kubernetes.io/part-of: vmpool
 {{- define "vmpool.healthPort" -}}
 {{- if .Values.tls.enabled -}}50052{{- else -}}50051{{- end -}}
 {{- end -}}
+
+{{/* The reconciler Deployment's pods (reconciler.separate): a name of their
+own, so neither the server Deployment nor the Service selects them. */}}
+{{- define "vmpool.reconcilerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "vmpool.name" . }}-reconciler
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: reconciler
+{{- end }}
+
+{{- define "vmpool.reconcilerLabels" -}}
+{{ include "vmpool.reconcilerSelectorLabels" . }}
+helm.sh/chart: {{ include "vmpool.chart" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: vmpool
+{{- end }}
