@@ -338,6 +338,48 @@ async def test_broken_watch_relists_and_converges(fakekube: FakeKube, make_provi
     assert provider.vms.lists > lists_before  # relisted after the lost connection
 
 
+async def test_a_crashed_watch_is_restarted_and_passes_fail_only_meanwhile(
+    fakekube: FakeKube, make_provider: Make
+) -> None:
+    provider, _ = await make_provider()
+    await settled(fakekube, provider)
+    assert provider.vms is not None
+    informer = provider.vms
+    real = informer._watch
+    crashes = 0
+
+    async def buggy(until: float) -> None:  # an error the watch does not expect
+        nonlocal crashes
+        crashes += 1
+        raise RuntimeError("a bug in the watch loop")
+
+    informer._watch = buggy  # type: ignore[method-assign]
+    fakekube.drop_watches()  # the running watch ends; the next one crashes
+    down = False
+    deadline = time.monotonic() + 10
+    while not down:
+        assert time.monotonic() < deadline, "the crash was not reported"
+        try:
+            await provider.observe()
+        except errors.ProviderError as err:
+            down = "restarting" in str(err)
+        await asyncio.sleep(0.01)
+    informer._watch = real  # type: ignore[method-assign]
+    # Restarted (with backoff), it relists and the view is usable again.
+    await provider.create("vmp-0042-rest", POOL)
+    deadline = time.monotonic() + 10
+    while True:
+        assert time.monotonic() < deadline, "the watch did not come back"
+        try:
+            view = await provider.observe()
+        except errors.ProviderError:
+            view = None  # still restarting
+        if view is not None and ready("vmp-0042-rest")(dict(view)):
+            break
+        await asyncio.sleep(0.02)
+    assert crashes >= 1
+
+
 async def test_expired_resource_version_relists(fakekube: FakeKube, make_provider: Make) -> None:
     # Short watches: the provider resumes from its last resourceVersion each second.
     provider, _ = await make_provider(watch_timeout=1.0)

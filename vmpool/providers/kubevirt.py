@@ -18,6 +18,7 @@ import structlog
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from vmpool.backoff import Retry
 from vmpool.config import KubevirtProviderConfig, PoolConfig
 from vmpool.metrics import Metrics
 from vmpool.providers import errors
@@ -140,7 +141,8 @@ class KubevirtProvider:
         self.vms: Informer | None = None
         self.vmis: Informer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._broken: BaseException | None = None
+        self._broken: dict[str, BaseException] = {}  # watch -> why it is down
+        self._restarts: dict[str, Retry] = {}
         # Failure bookkeeping, by VM name.
         self._bad_since: dict[str, float] = {}
         self._grace_timers: dict[str, asyncio.TimerHandle] = {}
@@ -179,7 +181,7 @@ class KubevirtProvider:
         self.vms = Informer(self._custom, self.caller, plural=VMS, **common)
         self.vmis = Informer(self._custom, self.caller, plural=VMIS, **common)
         for informer in (self.vms, self.vmis):
-            self._spawn(informer.run(), name=f"kubevirt-watch-{informer.what}", vital=True)
+            self._supervise(informer)
         log.info(
             "kubevirt_provider_started",
             host=configuration.host,
@@ -199,7 +201,38 @@ class KubevirtProvider:
             await self._api_client.close()
             self._api_client = None
 
-    def _spawn(self, coro: Any, *, name: str, vital: bool = False) -> None:
+    def _supervise(self, informer: Informer) -> None:
+        """Run ``informer`` and restart it, with backoff, if it crashes (a bug
+        or an error it does not expect): while it is down, ``observe`` raises,
+        so passes fail loudly instead of acting on a stale view; once it runs
+        again (relisting first), passes go on."""
+        retry = self._restarts.setdefault(informer.what, Retry(self._backoff_base, 60.0))
+
+        async def run() -> None:
+            informer.resource_version = None  # start from a fresh list
+            self._broken.pop(informer.what, None)
+            await informer.run()
+
+        async def restart(delay: float) -> None:
+            await asyncio.sleep(delay)
+            self._supervise(informer)
+
+        def crashed(exc: BaseException) -> None:
+            self._broken[informer.what] = exc
+            delay = retry.next_delay()
+            log.warning("kubevirt_watch_restarting", what=informer.what, retry_in_s=round(delay, 2))
+            self._spawn(restart(delay), name=f"kubevirt-restart-{informer.what}")
+            self._on_change()
+
+        self._spawn(run(), name=f"kubevirt-watch-{informer.what}", on_crash=crashed)
+
+    def _spawn(
+        self,
+        coro: Any,
+        *,
+        name: str,
+        on_crash: Callable[[BaseException], None] | None = None,
+    ) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
 
@@ -210,9 +243,8 @@ class KubevirtProvider:
             exc = t.exception()
             if exc is not None:
                 log.error("kubevirt_task_crashed", task=name, error=repr(exc), exc_info=exc)
-                if vital:
-                    self._broken = exc
-                    self._on_change()
+                if on_crash is not None:
+                    on_crash(exc)
 
         task.add_done_callback(done)
 
@@ -337,8 +369,9 @@ class KubevirtProvider:
 
     async def observe(self, *, full: bool = False) -> Mapping[str, VMStatus] | None:
         # The watch cache is the fresh view: `full` asks for nothing more.
-        if self._broken is not None:
-            raise errors.ProviderError(f"KubeVirt watch stopped: {self._broken!r}")
+        if self._broken:
+            what, exc = next(iter(self._broken.items()))
+            raise errors.ProviderError(f"KubeVirt watch of {what} down (restarting): {exc!r}")
         if self.vms is None or self.vmis is None or not (self.vms.synced and self.vmis.synced):
             return None
         now = self._clock()
