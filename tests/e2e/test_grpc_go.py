@@ -1,6 +1,6 @@
 """The lease API through grpc-go, the stack `inctl` is built on.
 
-tests/gogrpc/acceptance.go calls every RPC as today's `inctl vm` does (empty
+tests/gogrpc/ calls every RPC as today's `inctl vm` does (empty
 service_tag, expiry with nanoseconds compared exactly, one reservation id
 reused on retry, gzip, health, unknown methods, 200 concurrent streams,
 keepalive pings) and prints one PASS/FAIL line per check. It needs Go and
@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.conftest import Running
 
-SOURCE = Path(__file__).parent.parent / "gogrpc" / "acceptance.go"
+SOURCES = sorted((Path(__file__).parent.parent / "gogrpc").glob("*.go"))
 GOPATH_SYSTEM = Path("/usr/share/gocode")
 POOL = {"name": "go", "min_ready": 2, "max_size": 4, "zone": "zone-go"}
 
@@ -31,7 +31,8 @@ def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("Go with grpc-go sources (golang-google-grpc-dev) is not installed")
     work = tmp_path_factory.mktemp("gogrpc")
     (work / "src/acc").mkdir(parents=True)
-    shutil.copy(SOURCE, work / "src/acc/main.go")
+    for source in SOURCES:
+        shutil.copy(source, work / "src/acc" / source.name)
     env = {
         **os.environ,
         "GOPATH": f"{work}:{GOPATH_SYSTEM}",
@@ -70,4 +71,21 @@ async def test_inctl_calls_through_grpc_go(go_client: Path, server: Running) -> 
     passed = [line for line in lines if line.startswith("PASS")]
     # Every check ran (a client that stopped early prints fewer lines).
     assert len(passed) == 18, result.stdout
+    server.assert_clean_log()
+
+
+async def test_inctl_pool_commands_through_grpc_go(go_client: Path, server: Running) -> None:
+    """`inctl vm pool create/update/pause/resume/delete`, `leases list/stop` and
+    the ad-hoc `vm lease --runtime` flow, with inctl's waits (fields compared exactly)."""
+    result = subprocess.run(
+        [str(go_client), server.address, "--pools"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    lines = result.stdout.splitlines()
+    failed = [line for line in lines if line.startswith("FAIL")]
+    assert failed == [], result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len([line for line in lines if line.startswith("PASS")]) == 33, result.stdout
     server.assert_clean_log()

@@ -107,6 +107,10 @@ func call(ctx context.Context, cc *grpc.ClientConn, method string, req []byte, o
 }
 
 func main() {
+	if len(os.Args) < 3 {
+		fmt.Println("usage: acc ADDRESS POOL [KEEPALIVE] | acc ADDRESS --pools")
+		os.Exit(2)
+	}
 	addr := os.Args[1]
 	pool := os.Args[2]
 	cc, err := grpc.Dial(addr, grpc.WithInsecure(), grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}))
@@ -114,6 +118,14 @@ func main() {
 		panic(err)
 	}
 	ctx := context.Background()
+	if pool == "--pools" {
+		runPools(cc)
+		fmt.Printf("%d failures\n", fails)
+		if fails > 0 {
+			os.Exit(1)
+		}
+		return
+	}
 
 	r, err := call(ctx, cc, svc+"Ping", nil)
 	check(err == nil && len(parse(r)[1]) > 0, "Ping: %v", err)
