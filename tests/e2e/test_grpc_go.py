@@ -10,6 +10,7 @@ grpc-go's sources in GOPATH form (Debian: golang-go, golang-google-grpc-dev;
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import Running
+from tests.e2e.identity_kit import Issuer, Pki
 
 SOURCES = sorted((Path(__file__).parent.parent / "gogrpc").glob("*.go"))
 GOPATH_SYSTEM = Path("/usr/share/gocode")
@@ -89,3 +91,49 @@ async def test_inctl_pool_commands_through_grpc_go(go_client: Path, server: Runn
     assert result.returncode == 0, result.stdout + result.stderr
     assert len([line for line in lines if line.startswith("PASS")]) == 33, result.stdout
     server.assert_clean_log()
+
+
+@pytest.mark.parametrize("cookie", [False, True], ids=["bearer", "auth-proxy-cookie"])
+async def test_grpc_go_over_tls_with_a_token(
+    go_client: Path,
+    start_server,  # type: ignore[no-untyped-def]
+    tmp_path_factory: pytest.TempPathFactory,
+    cookie: bool,
+) -> None:
+    """jwt mode over TLS: grpc-go sends the token per call (bearer, or inctl's
+    cookie); the same checks pass, and a call without the token is UNAUTHENTICATED."""
+    pki = Pki(tmp_path_factory.mktemp("go-pki"))
+    issuer = Issuer()
+    jwks = tmp_path_factory.mktemp("go-jwks") / "jwks.json"
+    jwks.write_text(json.dumps(issuer.jwks()))
+    cert = pki.server()
+    running: Running = await start_server(
+        [POOL],
+        name="go-tls",
+        tls={"cert_file": str(cert.cert), "key_file": str(cert.key)},
+        auth={
+            "mode": "jwt",
+            "jwt": {"issuer": issuer.url, "audiences": ["vmpool"], "jwks_file": str(jwks)},
+        },
+    )
+    await running.wait_ready("go", 2)
+    env = {
+        **os.environ,
+        "ACC_CA": str(pki.ca),
+        "ACC_TOKEN": issuer.token("ci-bot", lifetime=3600),
+        "ACC_COOKIE": "1" if cookie else "",
+    }
+    result = subprocess.run(
+        [str(go_client), running.address, "go"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if line.startswith("FAIL")] == [], result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len([line for line in lines if line.startswith("PASS")]) == 18, result.stdout
+    owners = await running.sql("SELECT DISTINCT principal FROM lease_history")
+    assert [r["principal"] for r in owners] == ["ci-bot"]
+    running.assert_clean_log()

@@ -113,7 +113,8 @@ func main() {
 	}
 	addr := os.Args[1]
 	pool := os.Args[2]
-	cc, err := grpc.Dial(addr, grpc.WithInsecure(), grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}))
+	keep := grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true})
+	cc, err := grpc.Dial(addr, append(dialOptions(true), keep)...)
 	if err != nil {
 		panic(err)
 	}
@@ -125,6 +126,16 @@ func main() {
 			os.Exit(1)
 		}
 		return
+	}
+
+	if os.Getenv("ACC_TOKEN") != "" {
+		anon, err := grpc.Dial(addr, dialOptions(false)...)
+		if err != nil {
+			panic(err)
+		}
+		_, err = call(ctx, anon, svc+"Lease", str(nil, 1, pool))
+		check(status.Code(err) == codes.Unauthenticated, "Lease over TLS without a token -> %v", status.Code(err))
+		anon.Close()
 	}
 
 	r, err := call(ctx, cc, svc+"Ping", nil)
