@@ -27,7 +27,7 @@ from vmpool.h2guard import GuardedServer, GuardSettings
 from vmpool.leaser import Leaser
 from vmpool.metrics import Metrics
 from vmpool.pool_service import PoolService
-from vmpool.readiness import READY, HealthName, database_check
+from vmpool.readiness import PROVIDER, READY, HealthName, database_check, provider_check
 from vmpool.reflection import with_reflection
 from vmpool.rpc import Gate, instrument
 from vmpool.service import LeaseService
@@ -244,6 +244,7 @@ async def _serve(
                 lease_service: ready,
                 pool_service: [serving],
                 HealthName(READY): ready,
+                HealthName(PROVIDER): [provider_check(background.provider_usable)],
             }
         )
         # Services for operators (the admin API and VMPoolService): on the

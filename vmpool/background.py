@@ -15,8 +15,8 @@ Every call that crosses the two threads, and how (tests/unit/test_background.py)
                      dropped, only merged with one that has not run yet. With
                      role api the hop sends a NOTIFY instead (the reconciler
                      runs in another process).
-- ``is_leader()``    serving reads two fields the background thread writes
-                     (a bool and a float: atomic under the GIL).
+- ``is_leader()``, ``provider_usable()``  serving reads fields the background
+                     thread writes (bools and a float: atomic under the GIL).
 - ``stop()``         serving -> background: ``call_soon_threadsafe(stop.set)``,
                      then joins the thread (bounded).
 - ``on_assigned``, ``on_fatal``  background -> serving: the callbacks given
@@ -132,6 +132,12 @@ class Background:
             task = asyncio.get_running_loop().create_task(self._control.notify_wake("api"))
             self._notifies.add(task)
             task.add_done_callback(self._notifies.discard)
+
+    def provider_usable(self) -> bool:
+        """False while this process leads and its provider cannot be used (its
+        last look at the VMs failed); a follower or an api process says True."""
+        r = self._reconciler
+        return r is None or not self.is_leader() or r.provider_usable
 
     def is_leader(self) -> bool:
         return self._control is not None and self._control.is_leader()

@@ -5,12 +5,18 @@ at the database (a database outage must not restart every replica)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from grpclib.health.check import CheckBase, ServiceCheck
 
 from vmpool.dbhealth import DatabaseHealth
 from vmpool.store.errors import StoreUnavailable
 
 READY = "vmpool.ready"
+#: SERVING unless this process leads and cannot use its provider (VM backend):
+#: for alerts and dashboards, not for a Kubernetes probe (leases of free
+#: instances still work, and restarting would not fix the backend).
+PROVIDER = "vmpool.provider"
 
 
 class HealthName:
@@ -33,3 +39,10 @@ def database_check(db: DatabaseHealth) -> CheckBase:
         return True
 
     return ServiceCheck(reachable, check_ttl=1.0, check_timeout=2.0)
+
+
+def provider_check(usable: Callable[[], bool]) -> CheckBase:
+    async def check() -> bool:
+        return usable()
+
+    return ServiceCheck(check, check_ttl=1.0, check_timeout=1.0)

@@ -149,6 +149,9 @@ class Reconciler:
         self._failing = Retry(base=0.2, cap=10.0)  # consecutive failed passes
         self._failing_delay = 0.0
         self._last_prune = -1e18
+        #: False from a failed look at the provider until the next good one
+        #: (read from the serving thread: a bool, atomic under the GIL).
+        self.provider_usable = True
         self._created_at: dict[str, float] = {}  # name -> monotonic of a successful create
         self._orphans: dict[str, datetime] = {}  # name -> first seen without a row
         self._last_resync = -1e9
@@ -562,7 +565,12 @@ class Reconciler:
     async def _sync_with_provider(self, now: datetime) -> bool:
         """Compare rows with VMs: boots done or failed, deletions confirmed, drift."""
         full = self._resync_due()
-        statuses = await self._provider.observe(full=full)
+        try:
+            statuses = await self._provider.observe(full=full)
+        except ProviderError:
+            self.provider_usable = False  # health: vmpool.provider NOT_SERVING
+            raise
+        self.provider_usable = True
         if statuses is None:
             return False  # the provider's view is not complete yet
         self._provider_changed = False

@@ -26,7 +26,7 @@ from tests.ops.conftest import sample, scrape
 from tests.pg import TestPostgres
 from tests.polling import eventually
 from tests.server import free_port
-from vmpool.readiness import READY
+from vmpool.readiness import PROVIDER, READY
 
 POOLS = [
     {"name": "alpha", "min_ready": 1, "max_size": 3},
@@ -169,3 +169,10 @@ async def test_the_health_port_serves_health_only(server: Running) -> None:
     finally:
         channel.close()
     assert refused.value.status == Status.UNIMPLEMENTED
+
+
+async def test_the_provider_health_name_is_served(server: Running) -> None:
+    # SERVING while the leader's provider answers (the fake one always does);
+    # NOT_SERVING only while it cannot be used (tests/integration/
+    # test_reconciler.py drives that state).
+    assert await health(server, PROVIDER) == "SERVING"

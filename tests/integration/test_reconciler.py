@@ -12,6 +12,7 @@ import pytest
 from tests.integration.helpers import make_world
 from tests.polling import eventually
 from vmpool import reconciler as reconciler_module
+from vmpool.providers.errors import ProviderError
 from vmpool.spec_hash import pool_spec_hash
 from vmpool.store.control import Control
 from vmpool.store.db import Database
@@ -381,3 +382,23 @@ async def test_lease_history_is_kept_for_the_retention_then_deleted_in_batches(
     await w.reconciler.drain_calls()
     left = await db.fetch("SELECT instance FROM lease_history")
     assert [r["instance"] for r in left] == ["vmp-recent"]
+
+
+async def test_provider_usable_is_false_only_while_the_provider_fails(db: Database) -> None:
+    w = await make_world(db, {"pools": [{"name": "p", "min_ready": 1, "max_size": 1}]})
+    await w.settle()
+    assert w.reconciler.provider_usable
+    real = w.provider.observe
+
+    async def down(*, full: bool = False) -> None:
+        raise ProviderError("the VM API is down")
+
+    w.provider.observe = down  # type: ignore[method-assign]
+    w.reconciler.resync_soon()
+    with pytest.raises(ProviderError):
+        await w.full_pass()
+    assert not w.reconciler.provider_usable  # health vmpool.provider: NOT_SERVING
+    w.provider.observe = real  # type: ignore[method-assign]
+    w.reconciler.resync_soon()
+    await w.settle()
+    assert w.reconciler.provider_usable
