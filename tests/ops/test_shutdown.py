@@ -262,7 +262,7 @@ async def test_second_sigterm_during_drain_exits_at_once(server: OpsServer) -> N
         assert server.proc.poll() is None, "the drain should wait for the blocked Lease"
         second = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        rc = await asyncio.to_thread(server.proc.wait, 5)
+        rc = await asyncio.to_thread(server.proc.wait, 10)
         took = time.monotonic() - second
         with contextlib.suppress(Outcome):
             await stuck
@@ -273,5 +273,8 @@ async def test_second_sigterm_during_drain_exits_at_once(server: OpsServer) -> N
         client.close()
         probe.close()
     assert rc != 0
-    assert took < 1.0, f"second SIGTERM took {took:.2f}s to end the process"
+    # Without the second signal the drain would wait for the blocked Lease up to
+    # shutdown_grace (20 s); "at once" is judged against that, with room for a
+    # loaded machine.
+    assert took < 5.0, f"second SIGTERM took {took:.2f}s to end the process"
     assert "second signal: exiting at once" in server.log()
