@@ -93,6 +93,24 @@ class _LineHandler(logging.Handler):
         self._writer.write_line(line)
 
 
+# Libraries that log a traceback for an expected, retried condition: asyncpg's
+# pool logs one for every failed reconnect while PostgreSQL is down. The error
+# itself is kept (type and message, cut short) on the record's line.
+QUIET_TRACEBACK_LOGGERS = ("asyncpg.pool",)
+MAX_ERROR_CHARS = 300
+
+
+def without_traceback(record: logging.LogRecord) -> bool:
+    """A logging filter: ``record``'s exception as an ``error`` text instead of
+    a traceback. Always keeps the record."""
+    if record.exc_info and record.exc_info[1] is not None:
+        err = record.exc_info[1]
+        record.error = f"{type(err).__name__}: {err}"[:MAX_ERROR_CHARS]
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
 def setup(level: str = "info", *, json: bool | None = None, fd: int | None = None) -> LineWriter:
     """Configure structlog and the standard library's root logger to write to
     ``fd`` (stdout's descriptor by default)."""
@@ -125,6 +143,7 @@ def setup(level: str = "info", *, json: bool | None = None, fd: int | None = Non
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[
                 structlog.stdlib.add_logger_name,
+                structlog.stdlib.ExtraAdder(allow=["error"]),
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
             ],
@@ -135,6 +154,10 @@ def setup(level: str = "info", *, json: bool | None = None, fd: int | None = Non
             ],
         )
     )
+    for name in QUIET_TRACEBACK_LOGGERS:
+        quiet = logging.getLogger(name)
+        if without_traceback not in quiet.filters:
+            quiet.addFilter(without_traceback)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(LEVELS[level], logging.WARNING))

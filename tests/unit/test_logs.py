@@ -97,3 +97,43 @@ def test_a_closed_stdout_drops_the_logs_and_the_process_carries_on() -> None:
     assert json.loads(first)["event"] == "first"
     assert "still running" in err
     assert "Traceback" not in err and "BrokenPipe" not in err, err[-2000:]
+
+
+RECONNECT = textwrap.dedent(
+    """
+    import asyncio, logging
+    import asyncpg
+    from vmpool import logs
+
+    logs.setup("info", json=True)
+
+    async def main():
+        # Nothing listens on port 1: every reconnect of the pool's floor fails.
+        try:
+            pool = await asyncpg.create_pool("postgresql://u@127.0.0.1:1/db", min_size=1)
+        except OSError as err:
+            # As asyncpg's pool logs a failed reconnect while PostgreSQL is down.
+            try:
+                raise err
+            except OSError:
+                logging.getLogger("asyncpg.pool").warning(
+                    "Failed to restore the pool connection floor; retrying", exc_info=True
+                )
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_the_database_pool_reconnect_warning_is_one_line_without_a_traceback() -> None:
+    """PostgreSQL down: asyncpg logs each failed reconnect with exc_info; the log
+    keeps the error on the line, not a traceback."""
+    done = subprocess.run(
+        [sys.executable, "-c", RECONNECT], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    records = json_records(done.stdout.decode().splitlines())
+    assert [r["logger"] for r in records] == ["asyncpg.pool"]
+    assert "Traceback" not in done.stdout.decode()
+    assert "exception" not in records[0]
+    assert "Connect" in records[0]["error"] or "refused" in records[0]["error"]
