@@ -122,11 +122,11 @@ class PoolService(papi.VmPoolServiceBase):
             raise NotFound(f'name: no pool named "{echo(name)}"')
         return self.to_proto(rows[0])
 
-    async def _existing(self, name: str) -> PoolRow:
-        pools.check_pool_name(name)
+    async def _existing(self, name: str, field: str = "name") -> PoolRow:
+        pools.check_pool_name(name, field)
         row = await self._store.get(name)
         if row is None or not (row.is_api or row.configured):
-            raise NotFound(f'name: no pool named "{name}"')
+            raise NotFound(f'{field}: no pool named "{name}"')
         return row
 
     # --- pools ---------------------------------------------------------------------
@@ -245,7 +245,7 @@ class PoolService(papi.VmPoolServiceBase):
     async def list_leases(self, request: papi.ListLeasesRequest) -> papi.ListLeasesResponse:
         _bind_org()
         name = leasing.check_text("pool_name", request.pool_name)
-        row = await self._existing(name) if name else None
+        row = await self._existing(name, "pool_name") if name else None
         self._authorize("list_leases", row)
         leases = await self._inv.list_leases(name)
         leases.sort(key=lambda r: (r.expires_at, r.instance))

@@ -429,6 +429,11 @@ async def test_list_leases_and_stop_lease(papi: PoolApi, lease_client: Client) -
     every = (await papi.call("ListLeases", pool_name="")).leases
     assert {a.instance, b.instance} <= {x.name for x in every}
     assert await papi.code("ListLeases", pool_name="nope") == "NOT_FOUND"
+    for bad, code in (("x" * 5000, "INVALID_ARGUMENT"), ("nope", "NOT_FOUND")):
+        with pytest.raises(RpcError) as err:
+            await papi.call("ListLeases", pool_name=bad)
+        assert (err.value.code, err.value.message[:10]) == (code, "pool_name:")
+        assert len(err.value.message) < 200
 
     await papi.call("StopLease", lease_name=a.instance)  # no service tag needed
     with pytest.raises(RpcError) as err:
