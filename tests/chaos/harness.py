@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import re
+import signal
 import tempfile
 import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -52,8 +55,41 @@ class ChaosPostgres(TestPostgres):
             timeout=30,
         )
 
+    def kill(self) -> None:
+        """SIGKILL of the postmaster and every backend at once, as when its
+        container or machine dies: no shutdown at all, shared memory left behind."""
+        pidfile = Path(self._server.pgdata) / "postmaster.pid"
+        postmaster = int(pidfile.read_text().split()[0])
+        children = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _parent(p) == postmaster
+        ]
+        for pid in [postmaster, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+            Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in [postmaster, *children]
+        ):
+            time.sleep(0.05)
+
     def restart(self) -> None:
         self._server.ensure_postgres_running()
+
+
+def _parent(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
 
 
 async def sql(url: str, query: str, *args: Any) -> list[asyncpg.Record]:

@@ -309,13 +309,14 @@ async def sigkill(pg: ChaosPostgres, mode: Mode, workdir: Path) -> Outcome:
 # --- (b) PostgreSQL stopped and restarted --------------------------------------------------
 
 
-async def inject_pg_outage(ctx: Context, seconds: float) -> None:
+async def inject_pg_outage(ctx: Context, seconds: float, *, sigkill: bool = False) -> None:
     end = time.monotonic() + seconds
     await asyncio.sleep(seconds / 3)
     pid = ctx.server.proc.pid if ctx.server.proc else None
     client = Client(ctx.server.address, Log())
     t = time.time()
-    await asyncio.to_thread(ctx.pg.crash)
+    await asyncio.to_thread(ctx.pg.kill if sigkill else ctx.pg.crash)
+    ctx.notes.append("PostgreSQL SIGKILLed" if sigkill else "PostgreSQL stopped -m immediate")
     await asyncio.sleep(0.6)  # past the health check's cache of a good answer
     pings = []
     outage_end = time.monotonic() + ctx.mode.outage_seconds
@@ -364,6 +365,21 @@ async def postgres_outage(pg: ChaosPostgres, mode: Mode, workdir: Path) -> Outco
         workdir,
         provider={"kind": "fake", "fake": {"boot_seconds": 0.3}},
         inject=inject_pg_outage,
+    )
+
+
+async def inject_pg_sigkill(ctx: Context, seconds: float) -> None:
+    await inject_pg_outage(ctx, seconds, sigkill=True)
+
+
+async def postgres_sigkill(pg: ChaosPostgres, mode: Mode, workdir: Path) -> Outcome:
+    return await run(
+        "f-pg-sigkill",
+        pg,
+        mode,
+        workdir,
+        provider={"kind": "fake", "fake": {"boot_seconds": 0.3}},
+        inject=inject_pg_sigkill,
     )
 
 
@@ -500,4 +516,7 @@ SCENARIOS: dict[str, Callable[[ChaosPostgres, Mode, Path], Awaitable[Outcome]]] 
     "c-provider": provider_failures,
     "d-kube": kube_faults,
     "e-expiry": expiry_storm,
+    "f-pg-sigkill": postgres_sigkill,
 }
+# Run only in --long mode or when named with --only (CI runs the quick set).
+OPT_IN = {"f-pg-sigkill"}
