@@ -79,6 +79,8 @@ def report(err: CliError, output: str) -> int:
     if output == "json":
         print(err.as_json(), file=sys.stderr, flush=True)
     else:
-        rid = f" (reservation {err.reservation_id})" if err.reservation_id else ""
+        # Named once: messages that already say which reservation get no suffix.
+        rid = err.reservation_id
+        rid = f" (reservation {rid})" if rid and rid not in err.message else ""
         print(f"vmpool: {err.code}: {err.message}{rid}", file=sys.stderr, flush=True)
     return err.exit

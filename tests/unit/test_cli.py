@@ -90,3 +90,21 @@ def test_unreachable_server_is_exit_6(capsys: pytest.CaptureFixture[str]) -> Non
         main(["ping", "--server", "127.0.0.1:1", "-o", "json"])
     assert stop.value.code == cli_errors.UNAVAILABLE
     assert json.loads(capsys.readouterr().err)["code"] == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            "interrupted: reservation r-1 cancelled",
+            "vmpool: CANCELLED: interrupted: reservation r-1 cancelled\n",
+        ),
+        ("interrupted", "vmpool: CANCELLED: interrupted (reservation r-1)\n"),
+    ],
+)
+def test_text_errors_name_the_reservation_once(
+    message: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = cli_errors.CliError("CANCELLED", message, cli_errors.INTERRUPTED, "r-1")
+    assert cli_errors.report(err, "text") == cli_errors.INTERRUPTED
+    assert capsys.readouterr().err == expected
