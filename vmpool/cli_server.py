@@ -146,7 +146,7 @@ def register(reg: Registry) -> None:
         "--listen",
         metavar="HOST:PORT",
         help="address for gRPC, overriding the config's listen (default: the config's, "
-        "0.0.0.0:50051)",
+        "0.0.0.0:50051 unless set; the demo's 127.0.0.1:50051)",
     )
     p.add_argument(
         "--role",
