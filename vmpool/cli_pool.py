@@ -407,7 +407,7 @@ async def _lease_from(
 async def ad_hoc_lease(args: argparse.Namespace, conn: Connection) -> dict[str, Any]:
     """Create a throw-away pool, lease from it, delete it (also when interrupted);
     the lease as `vmpool lease` prints it."""
-    from vmpool.cli_lease import lease_dict
+    from vmpool.cli_lease import describe
 
     if args.pool:
         raise usage("--pool: not with --runtime / --intrinsic-os (they make their own pool)")
@@ -429,7 +429,7 @@ async def ad_hoc_lease(args: argparse.Namespace, conn: Connection) -> dict[str, 
         got = await _lease_from(conn, args, pool.name, time.monotonic() + wait)
     finally:
         await _cleanup(conn, pool.name)
-    return lease_dict(got)
+    return await describe(conn, got)  # how to reach it, as `vmpool lease` prints
 
 
 async def _cleanup(conn: Connection, name: str) -> None:

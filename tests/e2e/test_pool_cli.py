@@ -153,6 +153,8 @@ async def test_ad_hoc_lease_creates_leases_and_deletes_its_pool(server: Running)
     assert r.returncode == 0, r.stderr
     lease = json.loads(r.stdout)
     assert lease["pool"].startswith("adhoc-lease-")
+    # Connection details as a plain `vmpool lease` gives them (the fake provider's address).
+    assert lease["addresses"] and lease["owner"] and lease["leased_at"], lease
     assert "Cleaned up temporary pool" in r.stderr
     # The pool is deleting (it disappears once the VM is gone); the lease works.
     listed = await pools_json(server)
