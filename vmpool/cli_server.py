@@ -48,6 +48,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             parse_config({"listen": args.listen})
         except ConfigError as err:
             return _fail(f"--listen: {str(err).split(': ', 2)[-1]}")
+    if args.metrics_listen is not None:
+        from vmpool.config import parse_config
+
+        try:
+            parse_config({"metrics_listen": args.metrics_listen})
+        except ConfigError as err:
+            return _fail(f"--metrics-listen: {str(err).split(': ', 2)[-1]}")
+        config = config.model_copy(update={"metrics_listen": args.metrics_listen})
     from vmpool import logs
     from vmpool.app import AddressInUse, FatalError, StartupError, serve
 
@@ -69,7 +77,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             serve(config, url, listen=args.listen, role=args.role, reuse_port=args.reuse_port)
         )
     except AddressInUse as err:
-        return _fail(f"cannot start: {err}", cli_errors.USAGE)
+        flag = {"listen": "--listen", "metrics_listen": "--metrics-listen"}.get(str(err).split()[0])
+        hint = f" (another process has it: choose another address with {flag})" if flag else ""
+        return _fail(f"cannot start: {err}{hint}", cli_errors.USAGE)
     except StartupError as err:
         return _fail(f"cannot start: {err}", cli_errors.FAILURE)
     except FatalError as err:
@@ -138,6 +148,7 @@ def register(reg: Registry) -> None:
         examples=[
             "vmpool serve",
             "vmpool serve --config /etc/vmpool/config.yaml",
+            "vmpool serve --metrics-listen 127.0.0.1:9191   # the demo, 9090 being taken",
             "vmpool serve --config /etc/vmpool/config.yaml --role reconciler",
         ],
     )
@@ -147,6 +158,13 @@ def register(reg: Registry) -> None:
         metavar="HOST:PORT",
         help="address for gRPC, overriding the config's listen (default: the config's, "
         "0.0.0.0:50051 unless set; the demo's 127.0.0.1:50051)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help='address for /metrics, overriding the config\'s metrics_listen; "" turns '
+        "it off, e.g. when Prometheus has 9090 (default: the config's, 0.0.0.0:9090 "
+        "unless set; the demo's 127.0.0.1:9090)",
     )
     p.add_argument(
         "--role",

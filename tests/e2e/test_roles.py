@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 from tests.e2e.clients import Client
 from tests.e2e.conftest import Running, lease_when_free
 from tests.polling import eventually
-from tests.server import ServerProcess
+from tests.server import ServerProcess, free_port
 
 POOL = "roles"
 POOLS = [{"name": POOL, "min_ready": 2, "max_size": 4}]
@@ -72,8 +74,53 @@ async def test_a_busy_port_is_one_line_naming_it_and_exit_2(
     problem = [line for line in lines if "address already in use" in line]
     assert problem == [
         f"vmpool: cannot start: listen 127.0.0.1:{first.proc.port}: address already in use"
+        " (another process has it: choose another address with --listen)"
     ], lines
     assert "Traceback" not in second.log()
+
+
+async def test_a_busy_metrics_port_names_the_flag_that_moves_it(
+    start_server: Callable[..., Awaitable[Running]],
+) -> None:
+    # Prometheus's own default is 9090, the demo's metrics port: a newcomer running
+    # Prometheus must be told how to start the demo anyway, and --metrics-listen must work.
+    first = await start_server(POOLS, name="first")
+    config = {"pools": POOLS, "provider": {"kind": "fake"}}
+    workdir = first.proc.workdir
+    second = ServerProcess(
+        config, workdir / "second", database_url=first.db_url, metrics_port=first.proc.metrics_port
+    )
+    with contextlib.suppress(RuntimeError):  # "exited before listening": expected
+        second.start()
+    assert second.proc is not None
+    assert await asyncio.to_thread(second.proc.wait, 30) == 2
+    assert (
+        f"vmpool: cannot start: metrics_listen 127.0.0.1:{first.proc.metrics_port}: address "
+        "already in use (another process has it: choose another address with --metrics-listen)"
+    ) in second.log().splitlines()
+    moved = free_port()
+    third = ServerProcess(
+        config,
+        workdir / "third",
+        database_url=first.db_url,
+        metrics_port=first.proc.metrics_port,
+        name="third",
+        args=("--metrics-listen", f"127.0.0.1:{moved}"),
+    )
+
+    def scrape() -> bytes:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{moved}/metrics", timeout=10) as r:
+                return bytes(r.read())
+        except OSError:  # gRPC answers first; /metrics is bound just after
+            return b""
+
+    async def scraped() -> bytes:
+        return await asyncio.to_thread(scrape)
+
+    with third:
+        body = await eventually(scraped, bool, 30, "/metrics on the --metrics-listen port")
+    assert b"vmpool_build_info" in body
 
 
 async def test_reuse_port_shares_the_port_on_purpose(
