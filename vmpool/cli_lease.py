@@ -236,7 +236,8 @@ def register(reg: Registry) -> None:
         "--wait",
         metavar="DURATION",
         help="keep trying this long when no VM is free, e.g. 20m, showing the queue "
-        "position (default: no waiting)",
+        "position (default: no waiting; with --runtime / --intrinsic-os: 20m for the "
+        "whole flow)",
     )
     p.add_argument(
         "--quiet",
