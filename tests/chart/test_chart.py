@@ -1051,3 +1051,34 @@ def test_no_value_or_schema_refers_to_documents_operators_lack() -> None:
     ):
         text = path.read_text()
         assert not re.search(r"spec(\'s)? section|section 7", text), path
+
+
+def _notes(rendered: Rendered) -> str:
+    return rendered.manifests[next(p for p in rendered.manifests if p.endswith("NOTES.txt"))]
+
+
+@pytest.mark.parametrize(
+    ("variant", "secret", "credentials"),
+    [
+        ("tls-cert-manager", "vmpool-tls", None),
+        ("auth-kubernetes", "vmpool-serving", "--token-file TOKEN"),
+        ("tls-mtls", "vmpool-serving", "--cert client.crt --key client.key"),
+    ],
+)
+def test_notes_say_where_the_ca_and_the_credentials_come_from(
+    render: Any, variant: str, secret: str, credentials: str | None
+) -> None:
+    # An operator copying the NOTES must not be left with a `--ca ca.crt` they
+    # have no file for, a token flag in mtls mode, or a status command that is
+    # refused for want of credentials.
+    notes = _notes(render(VARIANTS[variant]))
+    assert f"get secret {secret} -o jsonpath='{{.data.ca\\.crt}}' | base64 -d > ca.crt" in notes
+    lease = next(ln for ln in notes.splitlines() if ln.strip().startswith("vmpool lease"))
+    if credentials is None:
+        assert "--token-file" not in lease and "--cert" not in lease, lease
+        assert "exec deployment/vmpool -- vmpool status" in notes
+    else:
+        assert lease.endswith(credentials), lease
+        assert "exec deployment/vmpool -- vmpool status" not in notes, notes
+    token_made = "create token SERVICEACCOUNT --audience vmpool > TOKEN" in notes
+    assert token_made == (variant == "auth-kubernetes"), notes
