@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import betterproto
-from betterproto.lib.google.protobuf import Timestamp
+from betterproto.lib.google.protobuf import FieldMask, Timestamp
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
@@ -32,6 +32,9 @@ from vmpool.instant import MAX_SECONDS, MIN_SECONDS
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+# An update_mask names Spec fields (a handful): more paths than this are refused
+# before betterproto decodes them (a million paths took seconds of CPU).
+MAX_MASK_PATHS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,7 @@ class _Field:
     name: str
     wire_types: frozenset[int]
     timestamp: bool
+    mask: bool = False
 
 
 _layouts: dict[type, dict[int, _Field]] = {}
@@ -66,17 +70,19 @@ def _layout(cls: type) -> dict[int, _Field]:
                 if meta.default_gen.get(name) is list:
                     wire.add(_LEN)  # packed repeated scalars
                 is_ts = meta.cls_by_field.get(name) is datetime
-                found[field_meta.number] = _Field(name, frozenset(wire), is_ts)
+                is_mask = meta.cls_by_field.get(name) is FieldMask
+                found[field_meta.number] = _Field(name, frozenset(wire), is_ts, is_mask)
         _layouts[cls] = found
     return found
 
 
-def scan(data: bytes) -> list[tuple[int, int, int, int]]:
+def scan(data: bytes, limit: int | None = None) -> list[tuple[int, int, int, int]]:
     """(number, wire type, start, end) of each top-level field; ValueError if the
-    bytes are not a well-formed protobuf message."""
-    fields = []
+    bytes are not a well-formed protobuf message. ``limit``: stop after that many
+    fields more than it (the caller refuses the message)."""
+    fields: list[tuple[int, int, int, int]] = []
     pos = 0
-    while pos < len(data):
+    while pos < len(data) and (limit is None or len(fields) <= limit):
         key, pos = read_varint(data, pos)
         wire_type, number = key & 7, key >> 3
         if number == 0:
@@ -113,12 +119,25 @@ def _check_timestamp(name: str, raw: bytes) -> None:
         raise GRPCError(Status.INVALID_ARGUMENT, f"{name}: nanos {ts.nanos} outside [0, 1e9)")
 
 
+def _check_mask(name: str, raw: bytes, before: int) -> int:
+    """Paths in this FieldMask plus ``before`` (from earlier copies of the field,
+    which protobuf merges); INVALID_ARGUMENT past MAX_MASK_PATHS."""
+    try:
+        paths = before + len(scan(raw, MAX_MASK_PATHS - before))
+    except WireError as err:
+        raise GRPCError(Status.INVALID_ARGUMENT, f"{name}: malformed FieldMask: {err}") from None
+    if paths > MAX_MASK_PATHS:
+        raise GRPCError(Status.INVALID_ARGUMENT, f"{name}: more than {MAX_MASK_PATHS} paths")
+    return paths
+
+
 def check(data: bytes, cls: type) -> list[tuple[int, int, int, int]]:
     """Well-formed bytes, each known field of its declared wire type, and
     Timestamps within 0001-01-01..9999-12-31 with nanos in [0, 1e9). Returns
     the fields as ``scan`` found them."""
     layout = _layout(cls)
     fields = scan(data)
+    paths = 0
     for number, wire_type, start, end in fields:
         field = layout.get(number)
         if field is None:
@@ -130,6 +149,8 @@ def check(data: bytes, cls: type) -> list[tuple[int, int, int, int]]:
             )
         if field.timestamp:
             _check_timestamp(field.name, data[start:end])
+        elif field.mask:
+            paths = _check_mask(field.name, data[start:end], paths)
     return fields
 
 

@@ -49,3 +49,28 @@ def test_valid_message_round_trips() -> None:
     req = api.ExtendToRequest(instance="vmp-1", service_tag="t", extend_only=True)
     out = codec.decode(codec.encode(req, api.ExtendToRequest), api.ExtendToRequest)
     assert out.instance == "vmp-1" and out.extend_only
+
+
+def test_an_update_mask_of_a_million_paths_is_refused_before_it_is_decoded() -> None:
+    """A million paths took betterproto seconds of CPU (the whole server's loop);
+    a mask names a handful of Spec fields, so past 64 paths is INVALID_ARGUMENT,
+    also when the paths are spread over repeated copies of the mask field
+    (each copy is decoded too)."""
+    from betterproto.lib.google.protobuf import FieldMask
+
+    from vmpool.codec import MAX_MASK_PATHS
+    from vmpool.proto.intrinsic_proto.vmpoolapi import v1 as papi
+
+    one = bytes(papi.UpdatePoolRequest(name="p", update_mask=FieldMask(paths=["runtime"])))
+    huge = papi.UpdatePoolRequest(name="p", update_mask=FieldMask(paths=["runtime"] * 1_000_000))
+    spread = one * (MAX_MASK_PATHS + 1)  # protobuf merges the copies: 65 paths
+    for data in (bytes(huge), spread):
+        with pytest.raises(GRPCError) as err:
+            codec.decode(data, papi.UpdatePoolRequest)
+        assert err.value.status is Status.INVALID_ARGUMENT
+        assert err.value.message == f"update_mask: more than {MAX_MASK_PATHS} paths"
+    at_limit = papi.UpdatePoolRequest(
+        name="p", update_mask=FieldMask(paths=["runtime"] * MAX_MASK_PATHS)
+    )
+    decoded = codec.decode(bytes(at_limit), papi.UpdatePoolRequest)
+    assert decoded.update_mask.paths == ["runtime"] * MAX_MASK_PATHS
