@@ -453,6 +453,23 @@ async def test_ping_needs_no_credentials_but_leasing_does(
     assert await anonymous.ping() == "pong"  # readiness probes carry no token
     assert (await code_of(anonymous.pools()))[0] == "UNAUTHENTICATED"
     assert (await code_of(anonymous.admin("PoolStats")))[0] == "UNAUTHENTICATED"
+    # Without credentials nobody's lease or reservation can be touched, even
+    # knowing the instance, the tag and the reservation id.
+    alice = TlsClient(running.address, grpcio_modules, pki.ca, token=issuer.token("alice"))
+    clients.append(alice)
+    lease = await lease_when_free(alice, "p", service_tag="ci")
+    rid = str(uuid.uuid4())
+    code, msg = await code_of(alice.lease("q", service_tag="ci", reservation_id=rid))
+    assert code == "RESOURCE_EXHAUSTED" and "queued at position" in msg, msg
+    later = datetime.now(UTC) + timedelta(minutes=40)
+    for call in (
+        anonymous.return_(lease.instance, "ci"),
+        anonymous.extend_to(lease.instance, later, "ci"),
+        anonymous.lease("q", service_tag="ci", reservation_id=rid),
+    ):
+        assert (await code_of(call))[0] == "UNAUTHENTICATED"
+    await alice.extend_to(lease.instance, later, "ci")  # still alice's
+    await alice.return_(lease.instance, "ci")
 
 
 def _non_loopback_address() -> str | None:
