@@ -145,6 +145,13 @@ def run_client(handler: ClientHandler, args: argparse.Namespace) -> int:
         return cli_errors.report(err, args.output)
     except GRPCError as err:
         return cli_errors.report(cli_errors.from_status(err.status, err.message or ""), args.output)
+    except BrokenPipeError as err:
+        if _stdout_gone():  # `vmpool ... | head`: the reader left; not the server's fault
+            return _quiet_after_broken_stdout()
+        return cli_errors.report(
+            CliError("UNAVAILABLE", f"cannot reach {args.server}: {err}", cli_errors.UNAVAILABLE),
+            args.output,
+        )
     except (OSError, StreamTerminatedError, TimeoutError) as err:
         why = str(err) or type(err).__name__
         return cli_errors.report(
@@ -156,6 +163,28 @@ def run_client(handler: ClientHandler, args: argparse.Namespace) -> int:
             CliError("CANCELLED", "interrupted", cli_errors.INTERRUPTED), args.output
         )
     return cli_errors.OK
+
+
+def _stdout_gone() -> bool:
+    """True when stdout is a pipe whose reader has closed it."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _quiet_after_broken_stdout() -> int:
+    """Exit as a tool killed by SIGPIPE would, without Python's "Exception ignored" at exit."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return cli_errors.BROKEN_PIPE
 
 
 def _wants_json(argv: Sequence[str]) -> bool:

@@ -10,6 +10,7 @@ Exit codes (documented in README.md, "Exit codes"):
     5  permission or authentication (PERMISSION_DENIED, UNAUTHENTICATED)
     6  server unavailable (UNAVAILABLE, unreachable, DEADLINE_EXCEEDED)
   130  interrupted (Ctrl-C)
+  141  stdout closed by its reader (`vmpool ... | head`), as a tool killed by SIGPIPE
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ NOT_FOUND = 4
 DENIED = 5
 UNAVAILABLE = 6
 INTERRUPTED = 130
+BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 _BY_STATUS = {
     Status.INVALID_ARGUMENT: USAGE,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -202,3 +203,22 @@ async def test_cli_with_the_empty_service_tag(server: Running) -> None:
     extended = tagged(server, "", "extend", name, "1h", "--output", "json")
     assert extended.returncode == 0, extended.stderr
     assert tagged(server, "", "return", name).returncode == 0
+
+
+def test_a_reader_that_leaves_early_is_not_an_unreachable_server(server: Running) -> None:
+    # `vmpool admin leases | head -1`: stdout's reader has gone when the table is
+    # printed. That is no "cannot reach the server" (exit 6), and no traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "vmpool", "pools", "--server", server.address],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
