@@ -633,6 +633,8 @@ def register(reg: Registry) -> None:
             "vmpool pool delete --pool my-pool --wait-timeout 5m",
         ],
     )
+    # Client flags between the words too (`vmpool pool --server X list`), as everywhere.
+    add_connection_flags(top.add_argument_group("client flags"), reg.env, top_level=False)
     sub = _nested(top, "POOL-COMMAND")
 
     p = _client_in(
@@ -735,6 +737,7 @@ def register(reg: Registry) -> None:
         _pool_flag(p, required=False)
 
     leases = _group_in(sub, "leases", "list and stop leases")
+    add_connection_flags(leases.add_argument_group("client flags"), reg.env, top_level=False)
     lsub = _nested(leases, "LEASES-COMMAND")
     p = _client_in(
         reg,
