@@ -1082,3 +1082,5 @@ def test_notes_say_where_the_ca_and_the_credentials_come_from(
         assert "exec deployment/vmpool -- vmpool status" not in notes, notes
     token_made = "create token SERVICEACCOUNT --audience vmpool > TOKEN" in notes
     assert token_made == (variant == "auth-kubernetes"), notes
+    # With client certificates required, the in-pod ping cannot go without one.
+    assert ("this ping too: add --cert FILE --key FILE" in notes) == (variant == "tls-mtls")
