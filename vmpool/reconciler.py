@@ -146,6 +146,8 @@ class Reconciler:
         self._pool_backoff = Backoff(base=5.0, cap=300.0, clock=monotonic)  # per pool: boots fail
         self._targets: dict[str, PoolTarget] = {}  # as of the last plan
         self._on_fenced = on_fenced  # a write found we no longer lead
+        # Set by run(); passes called directly (tests) lead.
+        self._is_leader: Callable[[], bool] = lambda: True
         self._failing = Retry(base=0.2, cap=10.0)  # consecutive failed passes
         self._failing_delay = 0.0
         self._last_prune = -1e18
@@ -195,6 +197,7 @@ class Reconciler:
         finish or are cancelled before this returns (and leadership is released
         by the caller only after that)."""
         interval = self._config.reconcile_interval.total_seconds()
+        self._is_leader = is_leader
         was_leading = False
         while not stop.is_set():
             busy = False
@@ -703,8 +706,19 @@ class Reconciler:
             return  # the backend may just not show it yet
         self._spawn(name, self._create(name, pool))
 
+    def _may_call_provider(self, name: str, what: str) -> bool:
+        """Re-checked just before each provider call: a leader that was frozen
+        (SIGSTOP, a long GC or VM pause) past its trusted term must not act on
+        what it decided before, since a new leader may already be doing it."""
+        if self._is_leader():
+            return True
+        log.info("provider call skipped: leadership not held", instance=name, call=what)
+        return False
+
     async def _create(self, name: str, pool: PoolConfig) -> None:
         async with self._calls:
+            if not self._may_call_provider(name, "create"):
+                return
             try:
                 await self._provider.create(name, pool)
             except Invalid as err:
@@ -742,7 +756,7 @@ class Reconciler:
 
     async def _delete(self, name: str, reason: str) -> None:
         async with self._calls:
-            if self._attempts.blocked(name):
+            if self._attempts.blocked(name) or not self._may_call_provider(name, "delete"):
                 return
             try:
                 await self._provider.delete(name)

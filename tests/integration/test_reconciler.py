@@ -402,3 +402,36 @@ async def test_provider_usable_is_false_only_while_the_provider_fails(db: Databa
     w.reconciler.resync_soon()
     await w.settle()
     assert w.reconciler.provider_usable
+
+
+async def test_a_leader_that_stops_being_trusted_mid_pass_makes_no_provider_call(
+    db: Database,
+) -> None:
+    """A leader frozen (SIGSTOP) between deciding and calling the provider finds,
+    on waking, that its term may be another's: it must not create the VMs it
+    decided on (the new leader does), or both would."""
+    world = await make_world(db, {"pools": [{"name": "p", "min_ready": 2, "max_size": 4}]})
+    answers = iter([True])  # leading when the pass starts, no longer when its calls run
+
+    def is_leader() -> bool:
+        return next(answers, False)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(world.reconciler.run(stop, is_leader))
+    await eventually(
+        lambda: world.counts("p"),
+        lambda c: c.get("provisioning", 0) == 2,
+        5,
+        "the pass's rows",
+    )
+    stop.set()
+    await task
+    assert await world.vms() == set()
+    # The rows stay for the next leader, which creates their VMs.
+    stop = asyncio.Event()
+    task = asyncio.create_task(world.reconciler.run(stop, lambda: True))
+    try:
+        await eventually(world.vms, lambda vms: len(vms) == 2, 10, "the next leader's creates")
+    finally:
+        stop.set()
+        await task
