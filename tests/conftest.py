@@ -50,19 +50,26 @@ def _ours(task: asyncio.Task[object]) -> bool:
     return code is not None and code.co_filename.startswith(OURS)
 
 
-@pytest.fixture
-async def no_leftover_tasks() -> AsyncIterator[None]:
-    """Fail a test that leaves tasks of ours running on the shared loop (use via
-    usefixtures; tasks a module fixture keeps are named "keep:...")."""
-    before = set(asyncio.all_tasks())
-    yield
-    await asyncio.sleep(0)
-    current = asyncio.current_task()
-    left = [
+def leftover_tasks(
+    before: set[asyncio.Task[object]], current: asyncio.Task[object] | None
+) -> list[asyncio.Task[object]]:
+    """Tasks of ours created since ``before`` that are still running: tasks that
+    longer-scoped fixtures started before the test are in ``before`` and are
+    not the test's; tasks a module fixture keeps on purpose are named "keep:..."."""
+    return [
         t
         for t in asyncio.all_tasks() - before
         if t is not current and not t.done() and not t.get_name().startswith("keep:") and _ours(t)
     ]
+
+
+@pytest.fixture(autouse=True)
+async def no_leftover_tasks() -> AsyncIterator[None]:
+    """Fail every test that leaves tasks of ours running on the shared loop."""
+    before = set(asyncio.all_tasks())
+    yield
+    await asyncio.sleep(0)
+    left = leftover_tasks(before, asyncio.current_task())
     for t in left:
         t.cancel()
     assert not left, f"test left tasks running: {[(t.get_name(), t.get_coro()) for t in left]}"

@@ -24,6 +24,10 @@ class PgProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._cutting: set[asyncio.StreamWriter] = set()
+        # A connection's tasks belong to whoever opened it (often a module-scoped
+        # server's pool), not to the test running meanwhile: named "keep:" for the
+        # leftover-task guard, and ended by close().
+        self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
 
     def url(self, database: str) -> str:
@@ -75,6 +79,11 @@ class PgProxy:
         dst.transport.abort()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        me = asyncio.current_task()
+        if me is not None:
+            me.set_name("keep:pgproxy-connection")
+            self._tasks.add(me)
+            me.add_done_callback(self._tasks.discard)
         if self.mode == "refuse":
             writer.transport.abort()
             return
@@ -85,7 +94,10 @@ class PgProxy:
             return
         self._conns.add(writer)  # the client's side: replies are cut on their way there
         try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            await asyncio.gather(
+                asyncio.create_task(self._pipe(reader, up_writer), name="keep:pgproxy-pipe"),
+                asyncio.create_task(self._pipe(up_reader, writer), name="keep:pgproxy-pipe"),
+            )
         finally:
             self._conns.discard(writer)
             self._cutting.discard(writer)
@@ -96,3 +108,5 @@ class PgProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        # "refuse" aborted every connection; wait for their tasks to see it.
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -9,8 +9,6 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
-
 from tests.e2e.clients import Client
 from tests.e2e.conftest import Running, lease_when_free
 from tests.polling import eventually
@@ -147,6 +145,3 @@ async def test_reuse_port_shares_the_port_on_purpose(
     for running in (first, second):
         assert running.proc.terminate() == 0
         running.assert_clean_log()
-
-
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")

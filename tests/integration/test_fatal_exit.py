@@ -12,8 +12,6 @@ from vmpool.app import FatalError, serve
 from vmpool.background import Background
 from vmpool.config import parse_config
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
-
 CONFIG = {
     "listen": "127.0.0.1:0",
     "metrics_listen": "",

@@ -13,8 +13,6 @@ from vmpool import leasing
 from vmpool.instant import Instant
 from vmpool.store.db import Database
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
-
 POOLS = {
     "pools": [
         {"name": "alpha", "min_ready": 2, "max_size": 2, "reservation_ttl": "1m"},

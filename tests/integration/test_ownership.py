@@ -17,7 +17,6 @@ from vmpool.store.errors import QuotaExceeded
 from vmpool.store.leases import LeaseStore, WrongPrincipal, WrongTag
 from vmpool.store.records import Owner
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 HOUR = NOW + timedelta(hours=1)
 HOUR_ON = Instant.from_datetime(HOUR)  # a lease's expiry
 

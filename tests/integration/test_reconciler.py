@@ -19,8 +19,6 @@ from vmpool.store.db import Database
 from vmpool.store.errors import NotLeader
 from vmpool.store.inventory import Inventory
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
-
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
 

@@ -18,7 +18,6 @@ from vmpool.store.errors import Duplicate
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 HOUR_ON = Instant.from_datetime(NOW + timedelta(hours=1))
 

@@ -8,8 +8,6 @@ import pytest
 
 from vmpool.batching import MicroBatcher
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
-
 
 class Flush:
     """A flush that records its batches and can be held until released."""
