@@ -46,6 +46,7 @@ def test_vmpool_serve_exits_non_zero_after_a_fatal_error(
     class Args:
         config = None
         listen = None
+        metrics_listen = None
         role = "all"
         reuse_port = False
 
