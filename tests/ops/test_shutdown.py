@@ -158,7 +158,7 @@ async def test_sigterm_under_load_drains_in_flight_calls_and_exits_0(server: Ops
         await tx.start()
         await lock.execute("LOCK TABLE leases IN EXCLUSIVE MODE")
         blocked = await eventually(
-            lambda: lock_waiters(admin), lambda n: n >= 3, 5, "calls blocked on the lock"
+            lambda: lock_waiters(admin), lambda n: n >= 3, 20, "calls blocked on the lock"
         )
 
         signalled = time.monotonic()
