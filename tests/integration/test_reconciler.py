@@ -233,6 +233,40 @@ async def test_a_frozen_leader_is_replaced_after_its_ttl_and_stops_trusting_itse
             await c.close()
 
 
+async def test_a_thawed_leader_does_not_take_its_term_back(db_url: str) -> None:
+    """A leader frozen past its ttl still holds the advisory lock on its open
+    session when it wakes. That lock proves nothing then: the follower that took
+    the expired term keeps it, and the thawed process lets go of the lock so the
+    new leader can hold it (and be replaced at once if it dies)."""
+    stops = [asyncio.Event() for _ in range(2)]
+    controls = [Control(db_url, 0.1, lambda: None, lambda _: None, ttl=1.0) for _ in stops]
+    tasks = [asyncio.create_task(c.run(s)) for c, s in zip(controls, stops, strict=True)]
+    thaw = asyncio.Event()
+    try:
+        leader = await _leader_of(controls)
+        follower = next(c for c in controls if c is not leader)
+
+        async def frozen(conn: object) -> None:  # as SIGSTOP: session open, no renewals
+            await thaw.wait()
+
+        leader._acquire_or_renew = frozen  # type: ignore[method-assign]
+        await _until(follower.is_leader, 1.0 + 2, "takeover after the ttl")
+        term = follower.fence()
+        assert term is not None
+        del leader._acquire_or_renew  # SIGCONT: renewing again, lock still held
+        thaw.set()
+        await _until(lambda: follower._locked, 3, "the new leader holds the lock")
+        assert follower.fence() == term, "the thawed leader took the term back"
+        assert not leader.is_leader()
+    finally:
+        thaw.set()
+        for s in stops:
+            s.set()
+        await asyncio.gather(*tasks)
+        for c in controls:
+            await c.close()
+
+
 async def test_a_released_term_is_taken_over_at_once(db_url: str) -> None:
     stops = [asyncio.Event() for _ in range(2)]
     controls = [Control(db_url, 0.1, lambda: None, lambda _: None, ttl=30) for _ in stops]

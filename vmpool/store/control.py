@@ -88,19 +88,28 @@ class Control:
 
     async def _acquire_or_renew(self, conn: asyncpg.Connection) -> None:
         started = self._mono()
+        fresh = False
         if not self._locked:
             # Held by every leader on this session: whoever gets it knows the
             # last leader's session is gone (killed, not merely slow).
-            self._locked = bool(await conn.fetchval(sql.LEADER_LOCK, timeout=5))
+            self._locked = fresh = bool(await conn.fetchval(sql.LEADER_LOCK, timeout=5))
         if self._leader and started < self._trusted_until:
             term = await conn.fetchval(
-                sql.LEADER_RENEW, self.holder, self._term, self._ttl, timeout=5
+                sql.LEADER_RENEW, self.holder, self._term, self._ttl, self._locked, timeout=5
             )
         else:
             self._set_leader(False)
+            # Only a lock just taken proves the last leader's session gone: one
+            # kept from our own earlier term (we were frozen or cut off while
+            # another took the expired term) gives no right to take it back.
             term = await conn.fetchval(
-                sql.LEADER_ACQUIRE, self.holder, self._ttl, self._locked, timeout=5
+                sql.LEADER_ACQUIRE, self.holder, self._ttl, fresh, self._locked, timeout=5
             )
+            if term is None and self._locked and not fresh:
+                # Another leads now: let it hold the lock, so that its death is
+                # noticed at once again.
+                await conn.fetchval(sql.LEADER_UNLOCK, timeout=5)
+                self._locked = False
         if term is None:
             self._set_leader(False)
             return
