@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -179,11 +180,38 @@ async def _leader_of(controls: list[Control], within: float = 5.0) -> Control:
     return next(c for c in controls if c.is_leader())
 
 
-async def test_one_leader_and_a_quick_takeover_when_its_session_dies(db_url: str) -> None:
-    stops = [asyncio.Event() for _ in range(3)]
-    controls = [Control(db_url, 0.1, lambda: None, lambda _: None, ttl=30) for _ in stops]
+@contextlib.asynccontextmanager
+async def _running(
+    db_url: str, n: int, ttl: float, thaw: asyncio.Event | None = None
+) -> AsyncIterator[tuple[list[Control], list[asyncio.Event]]]:
+    """``n`` control loops on one database (0.1 s interval), all stopped and
+    closed at the end (``thaw`` set first, so a frozen one can stop)."""
+    stops = [asyncio.Event() for _ in range(n)]
+    controls = [Control(db_url, 0.1, lambda: None, lambda _: None, ttl=ttl) for _ in stops]
     tasks = [asyncio.create_task(c.run(s)) for c, s in zip(controls, stops, strict=True)]
     try:
+        yield controls, stops
+    finally:
+        if thaw is not None:
+            thaw.set()
+        for s in stops:
+            s.set()
+        await asyncio.gather(*tasks)
+        for c in controls:
+            await c.close()
+
+
+def _freeze(control: Control, thaw: asyncio.Event) -> None:
+    """As SIGSTOP: its session stays open, it renews nothing until ``thaw``."""
+
+    async def frozen(conn: object) -> None:
+        await thaw.wait()
+
+    control._acquire_or_renew = frozen  # type: ignore[method-assign]
+
+
+async def test_one_leader_and_a_quick_takeover_when_its_session_dies(db_url: str) -> None:
+    async with _running(db_url, 3, ttl=30) as (controls, stops):
         leader = await _leader_of(controls)
         first_term = leader.fence()
         assert first_term is not None
@@ -196,41 +224,21 @@ async def test_one_leader_and_a_quick_takeover_when_its_session_dies(db_url: str
         new = await _leader_of(others, within=0.1 * 2 + 1)
         term = new.fence()
         assert term is not None and term[1] > first_term[1]
-    finally:
-        for s in stops:
-            s.set()
-        await asyncio.gather(*tasks)
-        for c in controls:
-            await c.close()
 
 
 async def test_a_frozen_leader_is_replaced_after_its_ttl_and_stops_trusting_itself(
     db_url: str,
 ) -> None:
-    stops = [asyncio.Event() for _ in range(2)]
-    controls = [Control(db_url, 0.1, lambda: None, lambda _: None, ttl=1.0) for _ in stops]
-    tasks = [asyncio.create_task(c.run(s)) for c, s in zip(controls, stops, strict=True)]
     thaw = asyncio.Event()
-    try:
+    async with _running(db_url, 2, ttl=1.0, thaw=thaw) as (controls, _):
         leader = await _leader_of(controls)
         follower = next(c for c in controls if c is not leader)
-
-        async def frozen(conn: object) -> None:  # as SIGSTOP: session open, no renewals
-            await thaw.wait()
-
-        leader._acquire_or_renew = frozen  # type: ignore[method-assign]
+        _freeze(leader, thaw)
         start = time.monotonic()
         await _until(follower.is_leader, 1.0 + 2, "takeover after the ttl")
         assert time.monotonic() - start >= 0.3, "took over while the term was still valid"
         assert not leader.is_leader()  # its own trust ended with the ttl, less a margin
         assert leader.fence() is None
-    finally:
-        thaw.set()
-        for s in stops:
-            s.set()
-        await asyncio.gather(*tasks)
-        for c in controls:
-            await c.close()
 
 
 async def test_a_thawed_leader_does_not_take_its_term_back(db_url: str) -> None:
@@ -238,18 +246,11 @@ async def test_a_thawed_leader_does_not_take_its_term_back(db_url: str) -> None:
     session when it wakes. That lock proves nothing then: the follower that took
     the expired term keeps it, and the thawed process lets go of the lock so the
     new leader can hold it (and be replaced at once if it dies)."""
-    stops = [asyncio.Event() for _ in range(2)]
-    controls = [Control(db_url, 0.1, lambda: None, lambda _: None, ttl=1.0) for _ in stops]
-    tasks = [asyncio.create_task(c.run(s)) for c, s in zip(controls, stops, strict=True)]
     thaw = asyncio.Event()
-    try:
+    async with _running(db_url, 2, ttl=1.0, thaw=thaw) as (controls, _):
         leader = await _leader_of(controls)
         follower = next(c for c in controls if c is not leader)
-
-        async def frozen(conn: object) -> None:  # as SIGSTOP: session open, no renewals
-            await thaw.wait()
-
-        leader._acquire_or_renew = frozen  # type: ignore[method-assign]
+        _freeze(leader, thaw)
         await _until(follower.is_leader, 1.0 + 2, "takeover after the ttl")
         term = follower.fence()
         assert term is not None
@@ -258,30 +259,14 @@ async def test_a_thawed_leader_does_not_take_its_term_back(db_url: str) -> None:
         await _until(lambda: follower._locked, 3, "the new leader holds the lock")
         assert follower.fence() == term, "the thawed leader took the term back"
         assert not leader.is_leader()
-    finally:
-        thaw.set()
-        for s in stops:
-            s.set()
-        await asyncio.gather(*tasks)
-        for c in controls:
-            await c.close()
 
 
 async def test_a_released_term_is_taken_over_at_once(db_url: str) -> None:
-    stops = [asyncio.Event() for _ in range(2)]
-    controls = [Control(db_url, 0.1, lambda: None, lambda _: None, ttl=30) for _ in stops]
-    tasks = [asyncio.create_task(c.run(s)) for c, s in zip(controls, stops, strict=True)]
-    try:
+    async with _running(db_url, 2, ttl=30) as (controls, stops):
         leader = await _leader_of(controls)
         stops[controls.index(leader)].set()  # graceful: the term is released
         follower = next(c for c in controls if c is not leader)
         await _until(follower.is_leader, 2, "takeover")  # far sooner than the 30 s ttl
-    finally:
-        for s in stops:
-            s.set()
-        await asyncio.gather(*tasks)
-        for c in controls:
-            await c.close()
 
 
 async def test_writes_of_a_leader_whose_term_ended_fail(db: Database, db_url: str) -> None:
