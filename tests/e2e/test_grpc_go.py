@@ -59,37 +59,29 @@ async def server(start_server) -> Running:  # type: ignore[no-untyped-def]
     return running
 
 
-async def test_inctl_calls_through_grpc_go(go_client: Path, server: Running) -> None:
+def _all_checks_pass(
+    go_client: Path, args: list[str], checks: int, timeout: float, env: dict[str, str] | None = None
+) -> None:
+    """Run the Go client; no FAIL line, exit 0, and every one of its ``checks``
+    printed PASS (a client that stopped early prints fewer lines)."""
     result = subprocess.run(
-        [str(go_client), server.address, "go", "12s"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [str(go_client), *args], capture_output=True, text=True, timeout=timeout, env=env
     )
     lines = result.stdout.splitlines()
-    failed = [line for line in lines if line.startswith("FAIL")]
-    assert failed == [], result.stdout + result.stderr
+    assert [line for line in lines if line.startswith("FAIL")] == [], result.stdout + result.stderr
     assert result.returncode == 0, result.stdout + result.stderr
-    passed = [line for line in lines if line.startswith("PASS")]
-    # Every check ran (a client that stopped early prints fewer lines).
-    assert len(passed) == 18, result.stdout
+    assert len([line for line in lines if line.startswith("PASS")]) == checks, result.stdout
+
+
+async def test_inctl_calls_through_grpc_go(go_client: Path, server: Running) -> None:
+    _all_checks_pass(go_client, [server.address, "go", "12s"], 18, timeout=120)
     server.assert_clean_log()
 
 
 async def test_inctl_pool_commands_through_grpc_go(go_client: Path, server: Running) -> None:
     """`inctl vm pool create/update/pause/resume/delete`, `leases list/stop` and
     the ad-hoc `vm lease --runtime` flow, with inctl's waits (fields compared exactly)."""
-    result = subprocess.run(
-        [str(go_client), server.address, "--pools"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    lines = result.stdout.splitlines()
-    failed = [line for line in lines if line.startswith("FAIL")]
-    assert failed == [], result.stdout + result.stderr
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert len([line for line in lines if line.startswith("PASS")]) == 33, result.stdout
+    _all_checks_pass(go_client, [server.address, "--pools"], 33, timeout=400)
     server.assert_clean_log()
 
 
@@ -123,17 +115,7 @@ async def test_grpc_go_over_tls_with_a_token(
         "ACC_TOKEN": issuer.token("ci-bot", lifetime=3600),
         "ACC_COOKIE": "1" if cookie else "",
     }
-    result = subprocess.run(
-        [str(go_client), running.address, "go"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    lines = result.stdout.splitlines()
-    assert [line for line in lines if line.startswith("FAIL")] == [], result.stdout
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert len([line for line in lines if line.startswith("PASS")]) == 18, result.stdout
+    _all_checks_pass(go_client, [running.address, "go"], 18, timeout=120, env=env)
     owners = await running.sql("SELECT DISTINCT principal FROM lease_history")
     assert [r["principal"] for r in owners] == ["ci-bot"]
     running.assert_clean_log()
