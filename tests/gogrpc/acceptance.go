@@ -44,27 +44,15 @@ func msg(b []byte, n protowire.Number, m []byte) []byte {
 	return protowire.AppendBytes(b, m)
 }
 
-// fields of a message: number -> raw bytes (last wins) / varint
+// parse: each field's last occurrence (what protobuf keeps of a scalar).
 func parse(b []byte) map[protowire.Number][]byte {
 	out := map[protowire.Number][]byte{}
-	for len(b) > 0 {
-		n, t, l := protowire.ConsumeTag(b)
-		b = b[l:]
-		switch t {
-		case protowire.BytesType:
-			v, l := protowire.ConsumeBytes(b)
-			out[n] = v
-			b = b[l:]
-		case protowire.VarintType:
-			v, l := protowire.ConsumeVarint(b)
-			out[n] = protowire.AppendVarint(nil, v)
-			b = b[l:]
-		default:
-			panic("unexpected wire type")
-		}
+	for n, vs := range parseAll(b) {
+		out[n] = vs[len(vs)-1]
 	}
 	return out
 }
+
 func varint(b []byte) int64 {
 	if b == nil {
 		return 0
