@@ -10,9 +10,9 @@ nox.options.reuse_existing_virtualenvs = True
 
 @nox.session
 def protos(session: nox.Session) -> None:
-    """Regenerate the betterproto code under vmpool/proto from api/ (vmpool/protogen.py)."""
+    """Regenerate the betterproto code under vmpool/proto from api/ (vmpool/wire/protogen.py)."""
     session.install("-e", ".[dev]")
-    session.run("python", "-m", "vmpool.protogen", "vmpool/proto")
+    session.run("python", "-m", "vmpool.wire.protogen", "vmpool/proto")
 
 
 @nox.session

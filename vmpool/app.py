@@ -13,32 +13,32 @@ import structlog
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
 
-from vmpool.admin import AdminService
+from vmpool.api.admin import AdminService
+from vmpool.api.extension import ExtensionService
+from vmpool.api.lease import LeaseService
+from vmpool.api.pool_api import PoolService
+from vmpool.api.rpc import Gate, instrument
 from vmpool.auth.setup import build_authenticator, startup_warnings
-from vmpool.background import Background, FatalError, StartupError
-from vmpool.catalog import PoolCatalog
-from vmpool.clock import utcnow
-from vmpool.codec import SafeProtoCodec
-from vmpool.config import Config
-from vmpool.dbhealth import DatabaseHealth
-from vmpool.describers import build_describer
-from vmpool.extension import ExtensionService
-from vmpool.h2guard import GuardedServer, GuardSettings
-from vmpool.leaser import Leaser
-from vmpool.metrics import Metrics
-from vmpool.pool_service import PoolService
-from vmpool.readiness import PROVIDER, READY, HealthName, database_check, provider_check
-from vmpool.reflection import with_reflection
-from vmpool.rpc import Gate, instrument
-from vmpool.service import LeaseService
+from vmpool.config.schema import Config
+from vmpool.control.background import Background, FatalError, StartupError
+from vmpool.core.clock import utcnow
+from vmpool.ops.metrics import Metrics
+from vmpool.providers.describers import build_describer
+from vmpool.services.catalog import PoolCatalog
+from vmpool.services.dbhealth import DatabaseHealth
+from vmpool.services.leaser import Leaser
+from vmpool.services.readiness import PROVIDER, READY, HealthName, database_check, provider_check
+from vmpool.services.waiters import Waiters
 from vmpool.store.db import connect, migrate
 from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
 from vmpool.store.pools import PoolStore
 from vmpool.store.probe import ProbeConnection
-from vmpool.tls import ReloadingContext, TlsError
-from vmpool.waiters import Waiters
+from vmpool.wire.codec import SafeProtoCodec
+from vmpool.wire.h2guard import GuardedServer, GuardSettings
+from vmpool.wire.reflection import with_reflection
+from vmpool.wire.tls import ReloadingContext, TlsError
 
 log = structlog.get_logger("vmpool")
 
@@ -53,7 +53,7 @@ def _split(address: str) -> tuple[str, int]:
 def start_metrics(config: Config, metrics: Metrics) -> None:
     if not config.metrics_listen:
         return
-    from vmpool.metrics_http import start_metrics_server
+    from vmpool.ops.metrics_http import start_metrics_server
 
     host, port = _split(config.metrics_listen)
     try:

@@ -15,9 +15,9 @@ import asyncio
 import structlog
 
 from vmpool.app import StartupError, start_metrics, stop_on_signals
-from vmpool.background import Background, FatalError
-from vmpool.config import Config
-from vmpool.metrics import Metrics
+from vmpool.config.schema import Config
+from vmpool.control.background import Background, FatalError
+from vmpool.ops.metrics import Metrics
 from vmpool.store.db import connect, migrate
 from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
 from vmpool.store.inventory import Inventory

@@ -27,7 +27,7 @@ import psutil
 from tests.bench import report
 from tests.pg import TestPostgres, with_database
 from tests.server import ServerProcess
-from vmpool.spec_hash import spec_hash
+from vmpool.domain.spec_hash import spec_hash
 
 CONCURRENCY = (1, 16, 64)
 CHANNELS = 8  # HTTP/2 connections per load phase (workers share them round-robin)

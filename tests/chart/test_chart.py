@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from vmpool.config import (
+from vmpool.config.schema import (
     AuthConfig,
     Config,
     FakeProviderConfig,
@@ -36,7 +36,7 @@ from vmpool.config import (
     VersionsConfig,
     parse_config,
 )
-from vmpool.readiness import READY
+from vmpool.services.readiness import READY
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "deploy" / "helm" / "vmpool"
@@ -865,7 +865,7 @@ def test_readme_documents_every_value() -> None:
 
 
 def test_operations_doc_explains_every_metric() -> None:
-    from vmpool.metrics import Metrics
+    from vmpool.ops.metrics import Metrics
 
     doc = (REPO / "docs" / "operations.md").read_text()
     names = {
@@ -953,7 +953,7 @@ def _documented_alerts() -> dict[str, Any]:
 
 
 def _known_metric_names() -> set[str]:
-    from vmpool.metrics import Metrics
+    from vmpool.ops.metrics import Metrics
 
     names = set()
     for family in Metrics().registry.collect():

@@ -17,7 +17,7 @@ import pytest
 
 from tests.e2e.conftest import Running
 from tests.polling import eventually
-from vmpool.cli_pool import ad_hoc_pool_name, go_time
+from vmpool.cli.pool import ad_hoc_pool_name, go_time
 
 EXTRA = {
     "tiers": [{"name": "cold", "description": "nothing warm", "min_ready": 0, "max_size": 2}],

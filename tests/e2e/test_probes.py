@@ -26,7 +26,7 @@ from tests.ops.conftest import sample, scrape
 from tests.pg import TestPostgres
 from tests.polling import eventually
 from tests.server import free_port
-from vmpool.readiness import PROVIDER, READY
+from vmpool.services.readiness import PROVIDER, READY
 
 POOLS = [
     {"name": "alpha", "min_ready": 1, "max_size": 3},

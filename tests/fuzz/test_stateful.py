@@ -35,8 +35,8 @@ from hypothesis.stateful import (
 
 from tests.integration.helpers import World, make_world
 from tests.pg import TestPostgres
-from vmpool import leasing
-from vmpool.instant import Instant
+from vmpool.core.instant import Instant
+from vmpool.domain import leasing
 from vmpool.store.db import Database, create_pool
 from vmpool.store.records import expiry_of
 

@@ -1,4 +1,4 @@
-"""Differential fuzz: vmpool.fastwire's request decoders against protobuf's own
+"""Differential fuzz: vmpool.wire.fastwire's request decoders against protobuf's own
 parser (upb, the `protobuf` package, with messages compiled from api/ at test
 time). On arbitrary and mutated bytes (non-canonical varints, repeated and
 unknown fields, groups, fields out of order, unknowns nested inside a
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.e2e.grpcio_stack import GrpcioModules
-from vmpool import fastwire
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
+from vmpool.wire import fastwire
 
 # request type -> (protobuf message name, {field: kind}) as the .proto declares them
 REQUESTS: dict[type, tuple[str, dict[str, str]]] = {

@@ -6,16 +6,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from vmpool.config import Config, parse_config
-from vmpool.leaser import Leaser
-from vmpool.metrics import Metrics
+from vmpool.config.schema import Config, parse_config
+from vmpool.control.reconciler import Inbox, Reconciler
+from vmpool.ops.metrics import Metrics
 from vmpool.providers.fake import FakeProvider
-from vmpool.reconciler import Inbox, Reconciler
+from vmpool.services.leaser import Leaser
+from vmpool.services.waiters import Waiters
 from vmpool.store.db import Database
 from vmpool.store.fakecloud import FakeCloud
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
-from vmpool.waiters import Waiters
 
 
 class Clock:

@@ -12,7 +12,7 @@ from tests.fakekube import VMIS, FakeKube
 from tests.fakekube.fixtures import NAMESPACE, ZONES, fakekube, kubeconfig
 from tests.fakekube.schema import vmi_errors
 from tests.integration.test_kubevirt_provider import POOL, eventually
-from vmpool.config import KubevirtProviderConfig
+from vmpool.config.schema import KubevirtProviderConfig
 from vmpool.providers.base import VMPhase
 from vmpool.providers.fake import fake_details
 from vmpool.providers.kubevirt import KubevirtProvider

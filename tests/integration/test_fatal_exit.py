@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from vmpool import cli_server
 from vmpool.app import FatalError, serve
-from vmpool.background import Background
-from vmpool.config import parse_config
+from vmpool.cli import serve as cli_server
+from vmpool.config.schema import parse_config
+from vmpool.control.background import Background
 
 CONFIG = {
     "listen": "127.0.0.1:0",
@@ -39,7 +39,7 @@ def test_vmpool_serve_exits_non_zero_after_a_fatal_error(
         raise FatalError("background: RuntimeError('boom')")
 
     monkeypatch.setattr("vmpool.app.serve", stopped)
-    monkeypatch.setattr("vmpool.logs.setup", lambda *a, **k: None)
+    monkeypatch.setattr("vmpool.ops.logs.setup", lambda *a, **k: None)
     monkeypatch.setattr(cli_server, "_database_url", lambda config: ("postgresql://x/y", None))
     monkeypatch.setattr(cli_server, "_config_or_exit", lambda path: parse_config(CONFIG))
 

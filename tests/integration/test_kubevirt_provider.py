@@ -21,15 +21,15 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from tests.fakekube import VMIS, VMS, FakeKube
 from tests.fakekube.fixtures import NAMESPACE, ZONES, fakekube, kubeconfig
 from tests.fakekube.schema import CIRROS_EXAMPLE, vm_errors
-from vmpool.config import (
+from vmpool.config.schema import (
     HardwareTemplateConfig,
     KubevirtProviderConfig,
     PoolConfig,
     TierConfig,
     parse_config,
 )
-from vmpool.metrics import Metrics
-from vmpool.pools import PoolSpec, api_pool_config
+from vmpool.domain.pools import PoolSpec, api_pool_config
+from vmpool.ops.metrics import Metrics
 from vmpool.providers import errors
 from vmpool.providers.base import VMPhase, VMStatus
 from vmpool.providers.kubevirt import KubevirtProvider, build_kubevirt_provider

@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 
 from tests.integration.helpers import World, make_world
-from vmpool import leasing
-from vmpool.instant import Instant
+from vmpool.core.instant import Instant
+from vmpool.domain import leasing
 from vmpool.store.db import Database
 
 POOLS = {
@@ -192,7 +192,7 @@ async def test_return_and_extend_rules(world: World) -> None:
 
 
 async def test_a_paused_pool_refuses_leases(world: World) -> None:
-    # What PausePool writes (vmpool/pool_service.py): the desired status.
+    # What PausePool writes (vmpool/api/pool_api.py): the desired status.
     await world.db.execute("UPDATE pools SET desired_status = 'PAUSED' WHERE name = 'beta'")
     with pytest.raises(leasing.FailedPrecondition, match="PAUSED"):
         await world.leaser.lease("beta", None, "t", None)

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 
 from tests.integration.test_store import NOW, seed
-from vmpool.instant import Instant
+from vmpool.core.instant import Instant
 from vmpool.store.db import Database
 from vmpool.store.errors import QuotaExceeded
 from vmpool.store.leases import LeaseStore, WrongPrincipal, WrongTag

@@ -12,9 +12,9 @@ import pytest
 
 from tests.integration.helpers import make_world
 from tests.polling import eventually
-from vmpool import reconciler as reconciler_module
+from vmpool.control import reconciler as reconciler_module
+from vmpool.domain.spec_hash import pool_spec_hash
 from vmpool.providers.errors import ProviderError
-from vmpool.spec_hash import pool_spec_hash
 from vmpool.store.control import Control
 from vmpool.store.db import Database
 from vmpool.store.errors import NotLeader

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from tests.pg import TestPostgres
-from vmpool.instant import Instant
+from vmpool.core.instant import Instant
 from vmpool.store import sql
 from vmpool.store.db import Database, create_pool, migrate, migrations
 from vmpool.store.errors import Duplicate

@@ -18,7 +18,7 @@ from vmpool.auth.oidc import claims_principal
 from vmpool.auth.policy import glob_allows, grant_for, subject_matches
 from vmpool.auth.principal import ANONYMOUS, AuthUnavailable, Principal, Unauthenticated
 from vmpool.auth.tokens import bearer_token
-from vmpool.config import parse_config
+from vmpool.config.schema import parse_config
 
 
 def test_bearer_token_from_the_header_or_the_auth_proxy_cookie() -> None:
@@ -180,7 +180,7 @@ async def test_mode_mtls_needs_a_certificate() -> None:
 async def test_jwt_keys_are_fetched_again_for_an_unknown_kid(tmp_path: Path) -> None:
     from tests.e2e.identity_kit import Issuer
     from vmpool.auth.oidc import REFRESH_GAP, JwtVerifier
-    from vmpool.config import JwtAuthConfig
+    from vmpool.config.schema import JwtAuthConfig
 
     issuer = Issuer()
     jwks = tmp_path / "jwks.json"
@@ -225,8 +225,8 @@ def test_startup_warnings_name_the_risk() -> None:
 
 def test_tls_context_reloads_changed_files_and_keeps_the_old_on_failure(tmp_path: Path) -> None:
     from tests.e2e.identity_kit import Pki
-    from vmpool.config import TlsConfig
-    from vmpool.tls import ReloadingContext, TlsError, build_context
+    from vmpool.config.schema import TlsConfig
+    from vmpool.wire.tls import ReloadingContext, TlsError, build_context
 
     pki = Pki(tmp_path)
     served = pki.server("s")

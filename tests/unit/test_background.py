@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from vmpool.background import Background
-from vmpool.config import parse_config
-from vmpool.metrics import Metrics
+from vmpool.config.schema import parse_config
+from vmpool.control.background import Background
+from vmpool.ops.metrics import Metrics
 
 
 class FakeReconciler:

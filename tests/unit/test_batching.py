@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from vmpool.batching import MicroBatcher
+from vmpool.core.batching import MicroBatcher
 
 
 class Flush:

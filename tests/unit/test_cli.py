@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from vmpool import cli_errors
 from vmpool.cli import build_parser, main
-from vmpool.version import package_version
+from vmpool.cli import errors as cli_errors
+from vmpool.core.version import package_version
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from vmpool.cli_wait import (
+from vmpool.cli.wait import (
     MAX_BACKOFF,
     MIN_GAP,
     PLAIN_EVERY,

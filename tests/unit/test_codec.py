@@ -5,9 +5,9 @@ from betterproto.lib.google.protobuf import Timestamp
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from vmpool.codec import SafeProtoCodec
-from vmpool.instant import GO_ZERO_TIME
+from vmpool.core.instant import GO_ZERO_TIME
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
+from vmpool.wire.codec import SafeProtoCodec
 
 codec = SafeProtoCodec()
 
@@ -58,8 +58,8 @@ def test_an_update_mask_of_a_million_paths_is_refused_before_it_is_decoded() -> 
     (each copy is decoded too)."""
     from betterproto.lib.google.protobuf import FieldMask
 
-    from vmpool.codec import MAX_MASK_PATHS
     from vmpool.proto.intrinsic_proto.vmpoolapi import v1 as papi
+    from vmpool.wire.codec import MAX_MASK_PATHS
 
     one = bytes(papi.UpdatePoolRequest(name="p", update_mask=FieldMask(paths=["runtime"])))
     huge = papi.UpdatePoolRequest(name="p", update_mask=FieldMask(paths=["runtime"] * 1_000_000))

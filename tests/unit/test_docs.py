@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from vmpool.config import Config, parse_config
+from vmpool.config.schema import Config, parse_config
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -28,7 +28,7 @@ def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
 def test_every_key_is_documented() -> None:
     text = DOC.read_text()
     documented = set(re.findall(r"^\| `([a-z_.]+)` \|", text, flags=re.M))
-    from vmpool.config import PoolConfig
+    from vmpool.config.schema import PoolConfig
 
     expected = _keys(Config) - {"pools"} | {"pools"} | _keys(PoolConfig)
     assert expected - documented == set(), "undocumented config keys"

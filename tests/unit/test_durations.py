@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import pytest
 
-from vmpool.durations import format_duration, parse_duration
+from vmpool.core.durations import format_duration, parse_duration
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tests.e2e.grpcio_stack import GrpcioModules
-from vmpool.codec import SafeProtoCodec
-from vmpool.fastwire import ExtendCall, LeaseCall, LeaseReply
-from vmpool.instant import MAX_SECONDS, MIN_SECONDS, Instant
+from vmpool.core.instant import MAX_SECONDS, MIN_SECONDS, Instant
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
+from vmpool.wire.codec import SafeProtoCodec
+from vmpool.wire.fastwire import ExtendCall, LeaseCall, LeaseReply
 
 codec = SafeProtoCodec()
 instants = st.builds(
@@ -100,8 +100,8 @@ def test_instant_text() -> None:
 def test_admin_listings_keep_the_nanoseconds() -> None:
     from google.protobuf.timestamp_pb2 import Timestamp
 
-    from vmpool.fastwire import fields, timestamp_field
     from vmpool.proto.vmpool.admin import v1 as adm
+    from vmpool.wire.fastwire import fields, timestamp_field
 
     expires = Instant.of(1_790_000_000, 123_456_789)
     data = bytes(

@@ -8,7 +8,7 @@ import pytest
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from vmpool.rpc import Gate
+from vmpool.api.rpc import Gate
 
 
 async def test_drain_refuses_new_calls_with_unavailable_and_waits_for_those_running() -> None:

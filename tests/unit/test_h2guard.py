@@ -1,4 +1,4 @@
-"""The HTTP/2 and gRPC guard (vmpool.h2guard, vmpool.grpcframe), in process: a
+"""The HTTP/2 and gRPC guard (vmpool.wire.h2guard, vmpool.wire.grpcframe), in process: a
 GuardedServer with a small echo service, driven by a raw h2 client that sends
 exactly the frames each case needs, and by grpclib for the well-behaved path."""
 
@@ -22,9 +22,9 @@ from grpclib.server import Stream
 
 from tests.h2raw import RawH2, frame, gzipped
 from tests.polling import eventually
-from vmpool.echo import echo, status_message
-from vmpool.grpcframe import Refusal, check_headers, gunzip, parse_timeout
-from vmpool.h2guard import Budget, GuardedServer, GuardSettings
+from vmpool.core.echo import echo, status_message
+from vmpool.wire.grpcframe import Refusal, check_headers, gunzip, parse_timeout
+from vmpool.wire.h2guard import Budget, GuardedServer, GuardSettings
 
 ECHO = "/test.Echo/Echo"
 HOLD = "/test.Echo/Hold"
@@ -457,7 +457,7 @@ async def test_keepalive_pings_without_calls_are_fine() -> None:
 
 
 def test_limits_config_is_checked() -> None:
-    from vmpool.config import ConfigError, parse_config
+    from vmpool.config.schema import ConfigError, parse_config
 
     limits = parse_config({}).limits
     assert (limits.max_message_bytes, limits.max_concurrent_streams) == (65536, 100)

@@ -5,9 +5,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from vmpool import leasing
-from vmpool.config import PoolConfig
-from vmpool.instant import GO_ZERO_TIME, UNIX_EPOCH, Instant
+from vmpool.config.schema import PoolConfig
+from vmpool.core.instant import GO_ZERO_TIME, UNIX_EPOCH, Instant
+from vmpool.domain import leasing
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 POOL = PoolConfig(name="p", default_lease=timedelta(minutes=30), max_lease=timedelta(hours=2))

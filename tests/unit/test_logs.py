@@ -21,7 +21,7 @@ CONCURRENT = textwrap.dedent(
     """
     import logging, threading
     import structlog
-    from vmpool import logs
+    from vmpool.ops import logs
 
     logs.setup("info", json=True)
     log = structlog.get_logger("vmpool.test")
@@ -68,7 +68,7 @@ CLOSED = textwrap.dedent(
     """
     import logging, sys, time
     import structlog
-    from vmpool import logs
+    from vmpool.ops import logs
 
     logs.setup("info", json=True)
     log = structlog.get_logger("vmpool.test")
@@ -103,7 +103,7 @@ RECONNECT = textwrap.dedent(
     """
     import asyncio, logging
     import asyncpg
-    from vmpool import logs
+    from vmpool.ops import logs
 
     logs.setup("info", json=True)
 

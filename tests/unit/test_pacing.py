@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from vmpool.backoff import Backoff, Retry, backoff_delay
+from vmpool.core.backoff import Backoff, Retry, backoff_delay
 from vmpool.providers.ratelimit import TokenBucket
 
 

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from vmpool.config import parse_config
-from vmpool.planner import (
+from vmpool.config.schema import parse_config
+from vmpool.domain.planner import (
     VM,
     BootFailed,
     Create,
@@ -36,7 +36,7 @@ from vmpool.planner import (
     plan_rows,
     target_from_config,
 )
-from vmpool.spec_hash import pool_spec_hash, spec_hash
+from vmpool.domain.spec_hash import pool_spec_hash, spec_hash
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 MONO = 1000.0

@@ -1,4 +1,4 @@
-"""The pure API-pool rules (vmpool/pools.py) and who may call what (pool_access.py)."""
+"""The pure API-pool rules (vmpool/domain/pools.py) and who may call what (pool_access.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from datetime import UTC, datetime
 
 import pytest
 
-from vmpool import pools
+from vmpool.api.pool_access import authorize_pool_call
 from vmpool.auth.caller import Caller, current_caller
 from vmpool.auth.policy import Grant
 from vmpool.auth.principal import Principal
-from vmpool.config import parse_config
-from vmpool.leasing import FailedPrecondition, InvalidArgument, PermissionDenied
-from vmpool.pool_access import authorize_pool_call
-from vmpool.pools import Counts, PoolSpec, pool_status
+from vmpool.config.schema import parse_config
+from vmpool.domain import pools
+from vmpool.domain.leasing import FailedPrecondition, InvalidArgument, PermissionDenied
+from vmpool.domain.pools import Counts, PoolSpec, pool_status
 from vmpool.store.pools import PoolRow
 
 CONFIG = parse_config(

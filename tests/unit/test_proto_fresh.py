@@ -5,7 +5,7 @@ from __future__ import annotations
 import filecmp
 from pathlib import Path
 
-from vmpool import protogen
+from vmpool.wire import protogen
 
 ROOT = Path(__file__).resolve().parents[2]
 

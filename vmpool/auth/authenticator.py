@@ -12,7 +12,7 @@ from vmpool.auth.mtls import identity_of
 from vmpool.auth.policy import grant_for
 from vmpool.auth.principal import ANONYMOUS, Principal, Unauthenticated
 from vmpool.auth.tokens import bearer_token
-from vmpool.config import Config
+from vmpool.config.schema import Config
 
 
 class TokenVerifier(Protocol):

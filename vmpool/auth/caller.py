@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from vmpool.auth.policy import Grant, glob_allows
 from vmpool.auth.principal import ANONYMOUS, Principal
-from vmpool.leasing import PermissionDenied
+from vmpool.domain.leasing import PermissionDenied
 
 
 @dataclass(frozen=True, slots=True)

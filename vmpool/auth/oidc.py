@@ -16,7 +16,7 @@ import jwt
 import structlog
 
 from vmpool.auth.principal import AuthUnavailable, Principal, Unauthenticated
-from vmpool.config import JwtAuthConfig
+from vmpool.config.schema import JwtAuthConfig
 
 log = structlog.get_logger("vmpool.auth")
 

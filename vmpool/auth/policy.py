@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from vmpool.auth.principal import Principal
-from vmpool.config import AuthConfig, LimitsConfig, PolicyDefault, Role
+from vmpool.config.schema import AuthConfig, LimitsConfig, PolicyDefault, Role
 
 
 @dataclass(frozen=True, slots=True)

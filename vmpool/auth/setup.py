@@ -6,7 +6,7 @@ import ipaddress
 from contextlib import AsyncExitStack
 
 from vmpool.auth.authenticator import Authenticator
-from vmpool.config import Config
+from vmpool.config.schema import Config
 
 
 def _is_loopback_host(host: str) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
-from vmpool.config import PoolConfig
+from vmpool.config.schema import PoolConfig
 
 
 class VMPhase(enum.StrEnum):

@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from types import MappingProxyType
 
-from vmpool.batching import MicroBatcher
-from vmpool.clock import Clock, utcnow
-from vmpool.config import FakeProviderConfig, PoolConfig
+from vmpool.config.schema import FakeProviderConfig, PoolConfig
+from vmpool.core.batching import MicroBatcher
+from vmpool.core.clock import Clock, utcnow
 from vmpool.providers.base import VMDetails, VMPhase, VMStatus
 from vmpool.store.fakecloud import FakeCloud, FakeVM
 

@@ -18,9 +18,9 @@ import structlog
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from vmpool.backoff import Retry
-from vmpool.config import KubevirtProviderConfig, PoolConfig
-from vmpool.metrics import Metrics
+from vmpool.config.schema import KubevirtProviderConfig, PoolConfig
+from vmpool.core.backoff import Retry
+from vmpool.ops.metrics import Metrics
 from vmpool.providers import errors
 from vmpool.providers.base import VMPhase, VMStatus
 from vmpool.providers.kubevirt_client import (

@@ -19,8 +19,8 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
-from vmpool.backoff import Retry
-from vmpool.metrics import Metrics
+from vmpool.core.backoff import Retry
+from vmpool.ops.metrics import Metrics
 from vmpool.providers import errors
 from vmpool.providers.ratelimit import TokenBucket
 

@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 from kubernetes_asyncio import client
 
-from vmpool.config import KubevirtProviderConfig
+from vmpool.config.schema import KubevirtProviderConfig
 from vmpool.providers import errors
 from vmpool.providers.base import VMDetails
 from vmpool.providers.kubevirt_client import ApiCaller, load_client_configuration

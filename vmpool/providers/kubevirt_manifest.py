@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from vmpool.config import Config, PoolConfig
+from vmpool.config.schema import Config, PoolConfig
 from vmpool.providers import errors
 
 API_GROUP = "kubevirt.io"

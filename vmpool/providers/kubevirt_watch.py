@@ -18,7 +18,7 @@ import structlog
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from vmpool.backoff import Retry
+from vmpool.core.backoff import Retry
 from vmpool.providers import errors
 from vmpool.providers.kubevirt_client import CONNECTION_ERRORS, ApiCaller, translate
 

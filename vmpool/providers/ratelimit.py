@@ -1,4 +1,4 @@
-"""Client-side pacing for a remote API: a token bucket (backoff: vmpool.backoff)."""
+"""Client-side pacing for a remote API: a token bucket (backoff: vmpool.core.backoff)."""
 
 from __future__ import annotations
 

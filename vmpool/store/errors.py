@@ -10,7 +10,7 @@ from typing import TypeVar
 import asyncpg
 import structlog
 
-from vmpool.backoff import backoff_delay
+from vmpool.core.backoff import backoff_delay
 
 log = structlog.get_logger("vmpool.store")
 T = TypeVar("T")

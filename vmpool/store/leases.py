@@ -10,8 +10,8 @@ from uuid import UUID
 
 import structlog
 
-from vmpool.batching import MAX_BATCH, MicroBatcher
-from vmpool.instant import Instant
+from vmpool.core.batching import MAX_BATCH, MicroBatcher
+from vmpool.core.instant import Instant
 from vmpool.store import sql
 from vmpool.store.db import Database
 from vmpool.store.errors import StoreError, StoreUnavailable, translated

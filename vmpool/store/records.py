@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from vmpool.instant import Instant
+from vmpool.core.instant import Instant
 
 
 def expiry_columns(expires: Instant) -> tuple[datetime, int]:

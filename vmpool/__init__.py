@@ -1,0 +1,1 @@
+"""vmpool: pools of pre-warmed VMs leased over gRPC."""

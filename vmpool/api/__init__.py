@@ -1,0 +1,1 @@
+"""The gRPC handlers: lease API, pool API, extension and admin APIs, and their call wrapper."""

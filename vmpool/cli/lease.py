@@ -1,0 +1,278 @@
+"""The lease commands (`vmpool ping|pools|lease|get|extend|return`), like `inctl vm`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from betterproto import Casing
+from betterproto.lib.google.protobuf import Empty
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from vmpool.cli.base import Registry
+from vmpool.cli.connection import Connection
+from vmpool.cli.errors import usage
+from vmpool.core.durations import format_duration, parse_duration
+from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
+from vmpool.proto.vmpool.admin import v1 as adm
+
+
+def rfc3339(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def duration_flag(flag: str, text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise usage(f"{flag}: {err}") from None
+
+
+def snake(message: Any) -> dict[str, Any]:
+    """A message as a dict with the proto's snake_case names and every field."""
+    out: dict[str, Any] = message.to_pydict(casing=Casing.SNAKE, include_default_values=True)
+    return {k: rfc3339(v) if isinstance(v, datetime) else v for k, v in out.items()}
+
+
+def lease_dict(lease: api.Lease) -> dict[str, Any]:
+    return {
+        "instance": lease.instance,
+        "pool": lease.pool,
+        "expires": rfc3339(lease.expires),
+        "zone": lease.zone,
+    }
+
+
+def details_dict(details: adm.InstanceDetails) -> dict[str, Any]:
+    """DescribeInstance's answer, as the keys `vmpool get --output json` adds."""
+    return {
+        "addresses": list(details.addresses),
+        "node": details.node,
+        "phase": details.phase,
+        "leased_at": rfc3339(details.leased_at),
+        "owner": details.owner,
+        "reservation_id": details.reservation_id,
+    }
+
+
+async def describe(conn: Connection, lease: api.Lease) -> dict[str, Any]:
+    """The lease with its connection details; just the lease from a server that
+    has no DescribeInstance (or has ended the lease meanwhile)."""
+    out = lease_dict(lease)
+    try:
+        reply = await conn.extension.describe_instance(
+            adm.DescribeInstanceRequest(instance=lease.instance),
+            timeout=conn.timeout,
+            metadata=conn.call_metadata(),
+        )
+    except GRPCError as err:
+        if err.status in (Status.UNIMPLEMENTED, Status.NOT_FOUND):
+            return out
+        raise
+    return out | details_dict(reply.instance)
+
+
+def print_lease(args: argparse.Namespace, d: dict[str, Any]) -> None:
+    if args.output == "json":
+        print(json.dumps(d))
+        return
+    if getattr(args, "quiet", False):
+        print(d["instance"])
+        return
+    expires = datetime.fromisoformat(d["expires"].replace("Z", "+00:00"))
+    left = timedelta(seconds=round((expires - datetime.now(UTC)).total_seconds()))
+    print(
+        f"{d['instance']}  pool={d['pool']}  zone={d['zone'] or '-'}  "
+        f"expires={d['expires']} (in {format_duration(left)})"
+    )
+    if "addresses" in d:
+        print(
+            f"  address={','.join(d['addresses']) or '-'}  node={d['node'] or '-'}  "
+            f"phase={d['phase'] or '-'}  leased_at={d['leased_at']}  owner={d['owner'] or '-'}"
+        )
+
+
+async def ping(args: argparse.Namespace, conn: Connection) -> None:
+    reply = await conn.lease.ping(Empty(), timeout=conn.timeout, metadata=conn.call_metadata())
+    print(json.dumps({"msg": reply.msg}) if args.output == "json" else reply.msg)
+
+
+async def pools(args: argparse.Namespace, conn: Connection) -> None:
+    reply = await conn.lease.pools(
+        api.PoolsRequest(), timeout=conn.timeout, metadata=conn.call_metadata()
+    )
+    if args.output == "json":
+        out = [
+            {"name": p.name, "labels": {lb.key: lb.value for lb in p.labels}} for p in reply.pools
+        ]
+        print(json.dumps(out))
+        return
+    for p in reply.pools:
+        labels = ",".join(f"{lb.key}={lb.value}" for lb in p.labels)
+        print(f"{p.name}\t{labels}")
+
+
+async def lease(args: argparse.Namespace, conn: Connection) -> None:
+    from vmpool.cli.wait import lease_with_wait
+
+    if args.runtime or args.intrinsic_os:  # the ad-hoc flow: a throw-away pool
+        from vmpool.cli.pool import ad_hoc_lease
+
+        print_lease(args, await ad_hoc_lease(args, conn))
+        return
+
+    wait = duration_flag("--wait", args.wait) if args.wait else timedelta(0)
+    duration = duration_flag("--duration", args.duration) if args.duration else None
+    rid = args.reservation_id or (str(uuid.uuid4()) if wait else None)
+    if rid is not None:
+        try:
+            uuid.UUID(rid)
+        except ValueError:
+            raise usage(f"--reservation-id: {rid!r} is not a UUID") from None
+    got = await lease_with_wait(
+        conn,
+        pool=args.pool,
+        service_tag=args.service_tag,
+        duration=duration,
+        reservation_id=rid,
+        wait=wait,
+        progress=sys.stderr,
+        progress_json=args.output == "json",
+    )
+    # -q prints the name only: no need for the details.
+    print_lease(args, lease_dict(got) if args.quiet else await describe(conn, got))
+
+
+async def get(args: argparse.Namespace, conn: Connection) -> None:
+    reply = await conn.lease.get_lease(
+        api.GetLeaseRequest(instance=args.instance),
+        timeout=conn.timeout,
+        metadata=conn.call_metadata(),
+    )
+    print_lease(args, await describe(conn, reply.lease))
+
+
+async def extend(args: argparse.Namespace, conn: Connection) -> None:
+    to = datetime.now(UTC) + duration_flag("DURATION", args.duration)
+    reply = await conn.lease.extend_to(
+        api.ExtendToRequest(
+            instance=args.instance,
+            to=to,
+            service_tag=args.service_tag,
+            extend_only=args.extend_only,
+        ),
+        timeout=conn.timeout,
+        metadata=conn.call_metadata(),
+    )
+    if abs((reply.lease.expires - to).total_seconds()) > 1 and args.output == "text":
+        print(
+            f"note: expiry is {rfc3339(reply.lease.expires)}, not the {rfc3339(to)} "
+            "asked for (capped by the pool, or --extend-only)",
+            file=sys.stderr,
+        )
+    print_lease(args, lease_dict(reply.lease))
+
+
+async def return_(args: argparse.Namespace, conn: Connection) -> None:
+    await conn.lease.return_(
+        api.ReturnRequest(instance=args.instance, service_tag=args.service_tag),
+        timeout=conn.timeout,
+        metadata=conn.call_metadata(),
+    )
+    if args.output == "json":
+        print(json.dumps({"returned": args.instance}))
+    else:
+        print(f"returned {args.instance}; its VM is being destroyed")
+
+
+def register(reg: Registry) -> None:
+    reg.client(
+        "ping",
+        ping,
+        help="check the server and its database",
+        examples=["vmpool ping", "vmpool --server vmpool.example:50051 ping"],
+    )
+    reg.client(
+        "pools",
+        pools,
+        help="list the pools and their labels",
+        examples=["vmpool pools", "vmpool pools --output json"],
+    )
+    p = reg.client(
+        "lease",
+        lease,
+        help="lease a VM",
+        description="Lease a free VM. With --wait, join the pool's queue with one "
+        "reservation id and keep trying until a VM is yours or the wait runs out.",
+        examples=[
+            "vmpool lease",
+            "vmpool lease --pool small --duration 2h",
+            "vmpool lease --pool small --wait 20m --output json",
+            "INSTANCE=$(vmpool lease -q)",
+        ],
+    )
+    p.add_argument(
+        "--pool",
+        default="",
+        help="pool to lease from (default: the server's default_pool, else the pool "
+        "with the most free VMs)",
+    )
+    p.add_argument(
+        "--duration",
+        metavar="DURATION",
+        help="how long the lease lasts, e.g. 30m or 8h (default: the pool's default_lease)",
+    )
+    p.add_argument(
+        "--reservation-id",
+        metavar="UUID",
+        help="keeps your place in the queue across runs (default: a new UUID with --wait)",
+    )
+    p.add_argument(
+        "--wait",
+        metavar="DURATION",
+        help="keep trying this long when no VM is free, e.g. 20m, showing the queue "
+        "position (default: no waiting; with --runtime / --intrinsic-os: 20m for the "
+        "whole flow)",
+    )
+    p.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="print only the instance name (for INSTANCE=$(vmpool lease -q))",
+    )
+    from vmpool.cli.pool import add_ad_hoc_flags
+
+    add_ad_hoc_flags(p)  # --runtime, --intrinsic-os
+
+    p = reg.client(
+        "get",
+        get,
+        help="show an instance's lease and how to reach it (addresses, node, phase)",
+        examples=["vmpool get vmp-3f30-x9t7q72u", "vmpool get $INSTANCE --output json"],
+    )
+    p.add_argument("instance", metavar="INSTANCE", help="the instance name (vmp-...)")
+
+    p = reg.client(
+        "extend",
+        extend,
+        help="move a lease's expiry to now + DURATION",
+        examples=["vmpool extend $INSTANCE 2h", "vmpool extend $INSTANCE 1h --extend-only"],
+    )
+    p.add_argument("instance", metavar="INSTANCE", help="the instance name (vmp-...)")
+    p.add_argument("duration", metavar="DURATION", help="from now, e.g. 1h")
+    p.add_argument(
+        "--extend-only", action="store_true", help="never shorten the lease (default: off)"
+    )
+
+    p = reg.client(
+        "return",
+        return_,
+        help="return a VM (it is destroyed)",
+        examples=["vmpool return $INSTANCE"],
+    )
+    p.add_argument("instance", metavar="INSTANCE", help="the instance name (vmp-...)")

@@ -1,0 +1,1 @@
+"""The configuration model, its loading and the demo configuration."""

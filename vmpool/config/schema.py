@@ -1,0 +1,559 @@
+"""Typed, validated configuration (spec section 7), loaded once at start-up."""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from vmpool.core.durations import parse_duration
+
+POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+MAX_DURATION = timedelta(days=3650)  # 10 years: anything longer is a typo, and overflows dates
+MAX_POOL_SIZE = 10_000
+
+
+def _duration(value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # A bare number is ambiguous (seconds? minutes?): say which string to write.
+        raise ValueError(
+            f'{value!r} is a bare number; durations are strings with a unit, e.g. "{value}s"'
+            ' or "30m" (units ms, s, m, h, d)'
+        )
+    if not isinstance(value, str):
+        raise ValueError("must be a duration string such as 30m")
+    return parse_duration(value)
+
+
+def _bounded_duration(value: Any) -> timedelta:
+    out = _duration(value)
+    if abs(out) > MAX_DURATION:
+        raise ValueError("must be at most 10 years")
+    return out
+
+
+def _optional_duration(value: Any) -> timedelta | None:
+    if value is None or value == "":
+        return None
+    return _bounded_duration(value)
+
+
+def check_database_url(url: str) -> str:
+    """A PostgreSQL URL asyncpg can use, or ValueError saying what is wrong: a
+    typo is a configuration mistake now, not a minute of "unreachable" later."""
+    if not url:
+        return url
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be a postgresql://user:password@host:port/database URL")
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number in range)
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
+    query = urllib.parse.parse_qs(parts.query)
+    if not parts.hostname and "host" not in query:
+        raise ValueError("names no host (postgresql://user@host:5432/database)")
+    return url
+
+
+Duration = Annotated[timedelta, BeforeValidator(_bounded_duration)]
+OptionalDuration = Annotated[timedelta | None, BeforeValidator(_optional_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FakeProviderConfig(_Strict):
+    boot_seconds: float = Field(default=2.0, ge=0, le=86_400)
+    failure_rate: float = Field(default=0.0, ge=0, le=1)
+    seed: int | None = None  # fixed seed: reproducible failures
+
+
+class KubevirtProviderConfig(_Strict):
+    namespace: str = "vmpool"
+    kubeconfig: str = ""
+    deployment: str = "vmpool"
+    qps: float = Field(default=20.0, gt=0, le=10_000)
+    burst: int = Field(default=40, ge=1, le=100_000)
+    orphan_grace: Duration = timedelta(minutes=10)
+
+
+class ProviderConfig(_Strict):
+    kind: Literal["fake", "kubevirt"] = "fake"
+    fake: FakeProviderConfig = FakeProviderConfig()
+    kubevirt: KubevirtProviderConfig = KubevirtProviderConfig()
+
+
+class PoolConfig(_Strict):
+    name: str
+    labels: dict[str, str] = {}
+    zone: str = ""
+    min_ready: int = Field(default=2, ge=0, le=MAX_POOL_SIZE)
+    max_size: int = Field(default=10, ge=0, le=MAX_POOL_SIZE)
+    max_provisioning: int = Field(default=5, ge=1, le=MAX_POOL_SIZE)
+    default_lease: Duration = timedelta(minutes=30)
+    max_lease: Duration = timedelta(hours=24)
+    max_lifetime: OptionalDuration = None
+    reservation_ttl: Duration = timedelta(minutes=5)
+    boot_timeout: Duration = timedelta(minutes=10)
+    max_ready_age: OptionalDuration = None
+    template: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not POOL_NAME.match(value):
+            raise ValueError("must be a DNS label: lowercase letters, digits and '-'")
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, value: Any) -> Any:
+        # YAML turns `size: 2` into an int; labels are strings on the wire.
+        if isinstance(value, dict):
+            return {str(k): "" if v is None else str(v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoolConfig:
+        if self.min_ready > self.max_size:
+            raise ValueError(f"min_ready ({self.min_ready}) exceeds max_size ({self.max_size})")
+        if self.default_lease <= timedelta(0):
+            raise ValueError("default_lease must be positive")
+        if self.default_lease > self.max_lease:
+            raise ValueError("default_lease exceeds max_lease")
+        if self.reservation_ttl <= timedelta(0):
+            raise ValueError("reservation_ttl must be positive")
+        return self
+
+
+# --- identity (identity.md): TLS, authentication, policy, quotas -------------
+
+MAX_QUOTA = 1_000_000
+
+
+class TlsConfig(_Strict):
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+    require_client_cert: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TlsConfig:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+        if (self.client_ca_file or self.require_client_cert) and not self.cert_file:
+            raise ValueError("client certificates need cert_file and key_file")
+        if self.require_client_cert and not self.client_ca_file:
+            raise ValueError("require_client_cert needs client_ca_file")
+        return self
+
+
+class KubernetesAuthConfig(_Strict):
+    kubeconfig: str = ""
+    audiences: list[str] = ["vmpool"]
+    cache_ttl: Duration = timedelta(seconds=60)
+
+
+class JwtAuthConfig(_Strict):
+    issuer: str = ""
+    audiences: list[str] = []
+    jwks_url: str = ""
+    jwks_file: str = ""
+    username_claim: str = Field(default="sub", min_length=1)
+    groups_claim: str = "groups"
+
+
+Role = Literal["lease", "pools", "admin"]
+
+
+class PolicyDefault(_Strict):
+    roles: list[Role] = ["lease"]
+    service_tags: list[str] = ["*"]
+    pools: list[str] = ["*"]
+    max_active_leases: int | None = Field(default=None, ge=0, le=MAX_QUOTA)
+    max_queued_reservations: int | None = Field(default=None, ge=0, le=MAX_QUOTA)
+
+
+class PolicyEntry(PolicyDefault):
+    subject: str = Field(min_length=1)
+
+
+class AuthConfig(_Strict):
+    mode: Literal["none", "kubernetes", "jwt", "mtls"] = "none"
+    kubernetes: KubernetesAuthConfig = KubernetesAuthConfig()
+    jwt: JwtAuthConfig = JwtAuthConfig()
+    mtls: dict[str, Any] = {}
+    policy: list[PolicyEntry] = []
+    default: PolicyDefault = PolicyDefault()
+    allow_anonymous_admin: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AuthConfig:
+        if self.mtls:
+            raise ValueError("mtls: takes no keys (use {})")
+        if self.mode == "jwt":
+            if not self.jwt.issuer:
+                raise ValueError("jwt.issuer: required with auth.mode jwt")
+            if bool(self.jwt.jwks_url) == bool(self.jwt.jwks_file):
+                raise ValueError("jwt: set exactly one of jwks_url and jwks_file")
+        return self
+
+
+class LimitsConfig(_Strict):
+    # Quotas per owner, counted in the database (identity.md section 5).
+    max_queued_reservations: int = Field(default=100, ge=0, le=MAX_QUOTA)
+    max_active_leases: int = Field(default=0, ge=0, le=MAX_QUOTA)
+    # What one process lets its clients cost, enforced by vmpool.wire.h2guard and the
+    # waiting-call cap (identity.md sections 5-6).
+    max_waiting_calls: int = Field(default=500, ge=0, le=1_000_000)
+    max_message_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
+    max_concurrent_streams: int = Field(default=100, ge=1, le=10_000)
+    max_connections: int = Field(default=2000, ge=1, le=1_000_000)
+    idle_timeout: Duration = timedelta(minutes=5)
+    handshake_timeout: Duration = timedelta(seconds=10)
+
+    @field_validator("idle_timeout", "handshake_timeout")
+    @classmethod
+    def _bounded_duration(cls, value: timedelta) -> timedelta:
+        if not timedelta(0) < value <= timedelta(days=1):
+            raise ValueError("must be positive and at most 24h")
+        return value
+
+
+class ReconcilerConfig(_Strict):
+    """The background work's own keys (leadership, housekeeping)."""
+
+    # A leader trusts itself until its last renewal + leader_ttl (less a
+    # margin); a follower takes over once that has passed in the database.
+    leader_ttl: Duration = timedelta(seconds=10)
+    # Ended leases kept in lease_history this long, then deleted in batches.
+    lease_history_retention: Duration = timedelta(days=30)
+
+    @field_validator("leader_ttl", "lease_history_retention")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be positive")
+        return value
+
+
+# --- API pools: tiers, hardware templates, versions (pool-api.md section 5) ---
+
+
+class TierConfig(_Strict):
+    """A sizing preset for API pools (the sizing half of a PoolConfig)."""
+
+    name: str
+    description: str = ""
+    min_ready: int = Field(default=1, ge=0)
+    max_size: int = Field(default=1, ge=0)
+    max_provisioning: int = Field(default=1, ge=1)
+    default_lease: Duration = timedelta(minutes=30)
+    max_lease: Duration = timedelta(hours=24)
+    max_lifetime: OptionalDuration = None
+    reservation_ttl: Duration = timedelta(minutes=1)
+    boot_timeout: Duration = timedelta(minutes=10)
+    max_ready_age: OptionalDuration = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TierConfig:
+        if self.min_ready > self.max_size:
+            raise ValueError(f"min_ready ({self.min_ready}) exceeds max_size ({self.max_size})")
+        if self.default_lease <= timedelta(0) or self.default_lease > self.max_lease:
+            raise ValueError("default_lease must be positive and at most max_lease")
+        if self.reservation_ttl <= timedelta(0):
+            raise ValueError("reservation_ttl must be positive")
+        return self
+
+
+class HardwareTemplateConfig(_Strict):
+    """A VM shape for API pools; ${runtime} and ${intrinsic_os} are substituted."""
+
+    name: str
+    description: str = ""
+    has_gpu: bool = False
+    template: dict[str, Any] = {}
+
+
+class VersionsConfig(_Strict):
+    runtime: str = "intrinsic.platform.20261201.RC00"
+    intrinsic_os: str = "20261201.RC00"
+    runtime_pattern: str = ""
+    intrinsic_os_pattern: str = ""
+
+    @field_validator("runtime_pattern", "intrinsic_os_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a regular expression: {err}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _current_matches(self) -> VersionsConfig:
+        for key in ("runtime", "intrinsic_os"):
+            pattern = getattr(self, f"{key}_pattern")
+            if pattern and not re.search(pattern, getattr(self, key)):
+                raise ValueError(f"versions.{key} does not match versions.{key}_pattern")
+        return self
+
+
+BUILTIN_TIER = TierConfig(
+    name="ad_hoc_single",
+    description="One VM, made on demand",
+    min_ready=1,
+    max_size=1,
+    max_provisioning=1,
+)
+BUILTIN_HW_TEMPLATE = HardwareTemplateConfig(name="default", description="The default VM")
+
+
+def _with_builtin(items: list[Any], builtin: Any) -> list[Any]:
+    """The Go client sends ``ad_hoc_single`` / ``default`` when the user names
+    none, so both always exist: appended when the file does not define them."""
+    if any(i.name == builtin.name for i in items):
+        return items
+    return [*items, builtin]
+
+
+class Config(_Strict):
+    listen: str = "0.0.0.0:50051"
+    metrics_listen: str = "0.0.0.0:9090"
+    database_url: Annotated[str, AfterValidator(check_database_url)] = ""
+    data_dir: str = ".vmpool"
+    reconcile_interval: Duration = timedelta(seconds=1)
+    shutdown_grace: Duration = timedelta(seconds=20)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    default_pool: str = ""
+    provider: ProviderConfig = ProviderConfig()
+    pools: list[PoolConfig] = []
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
+    admin_listen: str = ""
+    # Plaintext grpc.health.v1 only, for the kubelet's gRPC probes when TLS is on.
+    health_listen: str = ""
+    limits: LimitsConfig = LimitsConfig()
+    reconciler: ReconcilerConfig = ReconcilerConfig()
+
+    tiers: list[TierConfig] = Field(default=[], validate_default=True)
+    hardware_templates: list[HardwareTemplateConfig] = Field(default=[], validate_default=True)
+    versions: VersionsConfig = VersionsConfig()
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers(cls, value: list[TierConfig]) -> list[TierConfig]:
+        return _with_builtin(_unique(value, "tiers"), BUILTIN_TIER)
+
+    @field_validator("hardware_templates")
+    @classmethod
+    def _hw_templates(cls, value: list[HardwareTemplateConfig]) -> list[HardwareTemplateConfig]:
+        return _with_builtin(_unique(value, "hardware_templates"), BUILTIN_HW_TEMPLATE)
+
+    @field_validator("listen", "metrics_listen", "admin_listen", "health_listen")
+    @classmethod
+    def _address(cls, value: str, info: Any) -> str:
+        if value == "" and info.field_name in ("metrics_listen", "admin_listen", "health_listen"):
+            return value
+        _, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not HOST:PORT")
+        return value
+
+    @field_validator("reconcile_interval")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _pools(self) -> Config:
+        names = [p.name for p in self.pools]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"pools: duplicate pool name {name!r}")
+        if self.default_pool and self.default_pool not in names:
+            raise ValueError(f"default_pool: no pool named {self.default_pool!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _identity(self) -> Config:
+        if self.auth.mode == "mtls" and not self.tls.client_ca_file:
+            raise ValueError(
+                "auth.mode mtls: needs tls.client_ca_file to verify client certificates"
+            )
+        if self.admin_listen and self.admin_listen == self.listen:
+            raise ValueError("admin_listen: must differ from listen")
+        return self
+
+    def pool(self, name: str) -> PoolConfig | None:
+        for p in self.pools:
+            if p.name == name:
+                return p
+        return None
+
+    def tier(self, name: str) -> TierConfig | None:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    def hw_template(self, name: str) -> HardwareTemplateConfig | None:
+        return next((t for t in self.hardware_templates if t.name == name), None)
+
+
+def _unique(items: list[Any], key: str) -> list[Any]:
+    names = [i.name for i in items]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"duplicate name {name!r}")
+        if not name:
+            raise ValueError("a name must not be empty")
+    return items
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used. Each problem names its key; str() is
+    one line listing them all, ``lines()`` one line per problem."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
+
+    def lines(self) -> list[str]:
+        return self.problems
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("function-") or part in {"constrained-str", "lax-or-strict"}:
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _explain_one(error: Any) -> str:
+    where = _location(error["loc"])
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        msg = "unknown key"
+    if where.endswith(("_consistent", "_pools")) or not where:
+        return str(msg)
+    return f"{where}: {msg}"
+
+
+def _explain(err: ValidationError) -> list[str]:
+    """Every mistake pydantic found, one message each, in file order."""
+    out: list[str] = []
+    for error in err.errors():
+        text = _explain_one(error)
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def _problems(source: str, problems: list[str]) -> ConfigError:
+    lines = [f"{source}: {p}" for p in problems]
+    if len(lines) == 1:
+        return ConfigError(lines[0], lines)
+    return ConfigError(f"{source}: {len(lines)} mistakes: " + "; ".join(problems), lines)
+
+
+_NUL_MARK = "\ufdd0NUL\ufdd0"  # a noncharacter: stands for a NUL while YAML parses
+
+
+def _nul_key(data: Any, where: str = "") -> str | None:
+    """The key path of the first NUL (or stand-in for one) in parsed config data."""
+    if isinstance(data, str):
+        return where if ("\x00" in data or _NUL_MARK in data) else None
+    if isinstance(data, dict):
+        for key, value in data.items():
+            path = f"{where}.{key}" if where else str(key)
+            if _nul_key(key, path) is not None:
+                return path
+            found = _nul_key(value, path)
+            if found is not None:
+                return found
+    if isinstance(data, list):
+        for i, value in enumerate(data):
+            found = _nul_key(value, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def parse_config(data: Any, *, source: str = "config") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    nul = _nul_key(data)
+    if nul is not None:
+        raise ConfigError(f"{source}: {nul}: contains a NUL character")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise _problems(source, _explain(err)) from None
+
+
+def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
+    """Read and validate a YAML file; ``None`` means the built-in demo."""
+    if path is None:
+        from vmpool.config.demo import DEMO_CONFIG
+
+        config = parse_config(DEMO_CONFIG, source="demo config")
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+        if "\x00" in text:  # YAML refuses it without naming a key; find the key ourselves
+            text = text.replace("\x00", _NUL_MARK)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+        config = parse_config(data, source=str(path))
+    url = (env or {}).get("VMPOOL_DATABASE_URL", "")
+    if url:
+        try:
+            check_database_url(url)
+        except ValueError as err:
+            raise ConfigError(f"environment: VMPOOL_DATABASE_URL: {err}") from None
+        config = config.model_copy(update={"database_url": url})
+    return config
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line, with the line and column in the file (its own
+    text names the "<unicode string>" it was handed, not the file)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (f"{problem} ({context})" if context else str(problem))

@@ -1,0 +1,1 @@
+"""The background control loop: the reconciler and its thread."""

@@ -1,0 +1,1 @@
+"""Building blocks with no project imports: time, durations, backoff, batching, echo."""

@@ -1,0 +1,1 @@
+"""The rules, as pure functions: leasing, pools, the reconciler's planner."""

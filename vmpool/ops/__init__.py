@@ -1,0 +1,1 @@
+"""Observability primitives: logs, metrics, the metrics listener."""

@@ -1,0 +1,204 @@
+"""Prometheus metrics. One registry per process, passed to whoever records."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from vmpool.core.version import package_version
+
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_SLOW = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400)
+
+
+OWNER_LABELS = 50  # distinct owners a process labels; later ones are counted as "other"
+
+
+class BoundedLabels:
+    """Label values from clients (owners) kept to a bounded set: the first
+    ``limit`` seen, then "other" (a flood of made-up tags cannot grow the registry)."""
+
+    def __init__(self, limit: int = OWNER_LABELS) -> None:
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return "other"
+        self._seen.add(value)
+        return value
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.instances = Gauge(
+            "vmpool_instances", "Instances by pool and state.", ["pool", "state"], registry=r
+        )
+        self.pools = Gauge(
+            "vmpool_pools",
+            "Pools (config and API) by current status (pool-api.md section 3).",
+            ["status"],
+            registry=r,
+        )
+        self.pools_reconciling = Gauge(
+            "vmpool_pools_reconciling",
+            "Pools not yet what their spec and desired status say.",
+            registry=r,
+        )
+        self.reservations_queued = Gauge(
+            "vmpool_reservations_queued", "Queued reservations by pool.", ["pool"], registry=r
+        )
+        self.reservation_oldest_age = Gauge(
+            "vmpool_reservation_oldest_age_seconds",
+            "Age of the oldest queued reservation by pool.",
+            ["pool"],
+            registry=r,
+        )
+        self.rpc_requests = Counter(
+            "vmpool_rpc_requests_total",
+            "RPCs by method and status.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.rpc_duration = Histogram(
+            "vmpool_rpc_duration_seconds",
+            "RPC latency by method.",
+            ["method"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.leases_granted = Counter(
+            "vmpool_leases_granted_total", "Leases granted by pool.", ["pool"], registry=r
+        )
+        self.lease_duration = Histogram(
+            "vmpool_lease_duration_seconds",
+            "How long ended leases lasted, by pool and why they ended.",
+            ["pool", "reason"],
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.reservation_wait = Histogram(
+            "vmpool_reservation_wait_seconds",
+            "From enqueue to lease for reservations served from the queue.",
+            ["pool"],
+            buckets=sorted({*_FAST, *_SLOW}),
+            registry=r,
+        )
+        self.boot_duration = Histogram(
+            "vmpool_boot_duration_seconds",
+            "From create to ready, by pool.",
+            ["pool"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200),
+            registry=r,
+        )
+        self.reconcile_duration = Histogram(
+            "vmpool_reconcile_duration_seconds",
+            "Reconciler pass duration.",
+            buckets=_FAST,
+            registry=r,
+        )
+        self.reconcile_errors = Counter(
+            "vmpool_reconcile_errors_total",
+            "Reconciler pass failures by step.",
+            ["step"],
+            registry=r,
+        )
+        self.reconcile_actions = Counter(
+            "vmpool_reconcile_actions_total",
+            "Reconciler actions by kind (create, delete, expire, ...).",
+            ["action"],
+            registry=r,
+        )
+        self.provider_errors = Counter(
+            "vmpool_provider_errors_total",
+            "Provider API errors by operation and kind.",
+            ["operation", "kind"],
+            registry=r,
+        )
+        self.owner_label = BoundedLabels()
+        self.owner_leases = Counter(
+            "vmpool_owner_leases_total",
+            "Leases granted by owner (the first 50 owners seen; the rest as other).",
+            ["owner"],
+            registry=r,
+        )
+        self.owner_reservations = Counter(
+            "vmpool_owner_reservations_total",
+            "Reservations queued by owner (bounded as vmpool_owner_leases_total).",
+            ["owner"],
+            registry=r,
+        )
+        self.owner_refusals = Counter(
+            "vmpool_owner_refusals_total",
+            "Calls refused by owner and reason (queued_quota, lease_quota, "
+            "permission_denied, unauthenticated).",
+            ["owner", "reason"],
+            registry=r,
+        )
+        self.abandoned_claims = Counter(
+            "vmpool_abandoned_claims_total",
+            "Claims whose caller was gone (deadline, disconnect) when they committed; "
+            "the instance went back to the pool, free.",
+            ["pool"],
+            registry=r,
+        )
+        self.leader = Gauge(
+            "vmpool_reconciler_leader", "1 while this process runs the background work.", registry=r
+        )
+        self._operator_metrics(r)
+
+    def _operator_metrics(self, r: CollectorRegistry) -> None:
+        """What dashboards and alerts need beside the service's own counters."""
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes...
+        PlatformCollector(registry=r)  # python_info
+        self.build_info = Gauge(
+            "vmpool_build_info",
+            "Always 1; the labels say which vmpool and Python this process runs.",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(package_version(), platform.python_version()).set(1)
+        self.pool_min_ready = Gauge(
+            "vmpool_pool_min_ready", "Configured min_ready by pool.", ["pool"], registry=r
+        )
+        self.pool_max_size = Gauge(
+            "vmpool_pool_max_size", "Configured max_size by pool.", ["pool"], registry=r
+        )
+        # Lease calls with x-vmpool-wait spend most of their time queued on
+        # purpose: that part is measured here and left out of rpc_duration.
+        self.lease_wait = Histogram(
+            "vmpool_lease_wait_seconds",
+            "Time Lease calls spent waiting server-side for an instance (x-vmpool-wait); "
+            "not part of vmpool_rpc_duration_seconds.",
+            buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60),
+            registry=r,
+        )
+
+    def set_pool_sizes(self, pools: Iterable[tuple[str, int, int]]) -> None:
+        """(name, min_ready, max_size) of every pool this process serves."""
+        self.pool_min_ready.clear()
+        self.pool_max_size.clear()
+        for name, min_ready, max_size in pools:
+            self.pool_min_ready.labels(name).set(min_ready)
+            self.pool_max_size.labels(name).set(max_size)
+
+    def clear_pool_gauges(self) -> None:
+        """Forget per-pool gauges (only the leader exports them)."""
+        self.instances.clear()
+        self.pools.clear()
+        self.pools_reconciling.set(0)
+        self.reservations_queued.clear()
+        self.reservation_oldest_age.clear()

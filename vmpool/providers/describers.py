@@ -1,0 +1,18 @@
+"""The serving side's view of VMs for DescribeInstance, by provider kind."""
+
+from __future__ import annotations
+
+from vmpool.config.schema import Config
+from vmpool.providers.base import Describer
+from vmpool.store.db import Database
+from vmpool.store.fakecloud import FakeCloud
+
+
+def build_describer(config: Config, db: Database) -> Describer:
+    if config.provider.kind == "kubevirt":
+        from vmpool.providers.kubevirt_describe import KubevirtDescriber
+
+        return KubevirtDescriber(config.provider.kubevirt)
+    from vmpool.providers.fake import FakeDescriber
+
+    return FakeDescriber(FakeCloud(db))

@@ -1,0 +1,1 @@
+"""gRPC on the wire: HTTP/2 limits, framing, the hot messages' codec, TLS, reflection."""
