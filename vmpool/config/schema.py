@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from vmpool.config.autoscale import AutoscaleConfig, check_against_size
 from vmpool.core.durations import parse_duration
 
 POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -115,6 +116,7 @@ class PoolConfig(_Strict):
     reservation_ttl: Duration = timedelta(minutes=5)
     boot_timeout: Duration = timedelta(minutes=10)
     max_ready_age: OptionalDuration = None
+    autoscale: AutoscaleConfig | None = None  # None: a fixed min_ready, as always
     template: dict[str, Any] = {}
 
     @field_validator("name")
@@ -142,6 +144,7 @@ class PoolConfig(_Strict):
             raise ValueError("default_lease exceeds max_lease")
         if self.reservation_ttl <= timedelta(0):
             raise ValueError("reservation_ttl must be positive")
+        check_against_size(self.autoscale, self.max_size)
         return self
 
 
@@ -277,6 +280,7 @@ class TierConfig(_Strict):
     reservation_ttl: Duration = timedelta(minutes=1)
     boot_timeout: Duration = timedelta(minutes=10)
     max_ready_age: OptionalDuration = None
+    autoscale: AutoscaleConfig | None = None  # API pools of the tier get it
 
     @model_validator(mode="after")
     def _consistent(self) -> TierConfig:
@@ -286,6 +290,7 @@ class TierConfig(_Strict):
             raise ValueError("default_lease must be positive and at most max_lease")
         if self.reservation_ttl <= timedelta(0):
             raise ValueError("reservation_ttl must be positive")
+        check_against_size(self.autoscale, self.max_size)
         return self
 
 

@@ -1,0 +1,316 @@
+"""Adaptive warm pools (issue 24): the desired ready buffer S of a pool.
+
+The planner keeps ready + booting = S (+ waiting calls) and boots one
+replacement per lease: a base-stock policy. With arrivals at rate λ and a mean
+boot time L, the VMs booting are Poisson(λL) (Palm), so a Lease finds no VM
+with probability P(Poisson(λL) >= S). S is therefore
+
+- the rate term: the Poisson quantile of λL for the target wait share, λ the
+  largest of several sliding-window estimates (each short window discounted by
+  its noise, so a rise is seen within a boot time or two and a steady rate is
+  not over-counted);
+- the profile term (``learn_daily``): per bin of the period (UTC time of day),
+  the peak arrivals within one mean boot time seen in that bin, the second
+  largest over the last PROFILE_DAYS periods (a burst seen on two days is
+  served on the third; one random burst teaches nothing), applied from one
+  boot-time quantile before the bin starts;
+- the larger of the two, bounded by floor, ceiling and max_size; a rise is
+  taken at once, a fall only after scale_down_delay and then linearly over
+  another scale_down_delay.
+
+No I/O: times are seconds since the epoch passed in by the caller (the
+reconciler's clock, or a simulation's). tests/unit/test_autoscale.py has the
+table tests; tests/bench/autoscale.py drives these functions in a simulation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from vmpool.config.autoscale import AutoscaleConfig
+
+DEFAULT_BOOT_S = 60.0  # before a pool's first boot is seen
+BOOT_SAMPLES = 64  # recent boot times kept per pool
+BOOT_QUANTILE = 0.95  # how early to start booting for a learned bin
+PROFILE_DAYS = 7  # periods of profile kept
+NOISE_Z = 2.0  # a short window's count is discounted by this many standard deviations
+SHORT_WINDOWS = 4  # windows of window/2, /4, /8, /16 besides the whole window
+SLOTS_PER_WINDOW = 120
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """An ``autoscale:`` block in seconds (see vmpool.config.autoscale)."""
+
+    floor: int = 0
+    ceiling: int = 10_000
+    target: float = 0.01
+    delay: float = 600.0
+    learn_daily: bool = True
+    period: float = 86_400.0
+    bin: float = 300.0
+    window: float = 1800.0
+    act: bool = True
+
+    @property
+    def slot(self) -> float:
+        """Resolution of the demand record: at least 1 s (what replicas flush)."""
+        return max(1.0, math.floor(min(self.window / SLOTS_PER_WINDOW, self.bin)))
+
+    @property
+    def bins(self) -> int:
+        return max(1, round(self.period / self.bin))
+
+
+def poisson_quantile(mean: float, share: float) -> int:
+    """The least S with P(Poisson(mean) >= S) <= share (0 when nothing arrives)."""
+    if mean <= 0:
+        return 0
+    if mean > 500:  # exp(-mean) underflows: the normal approximation is close there
+        z = _normal_upper(share)
+        return math.ceil(mean + z * math.sqrt(mean) + 0.5)
+    k = 0
+    p = math.exp(-mean)
+    cdf = p
+    while 1.0 - cdf > share and k < 100_000:
+        k += 1
+        p *= mean / k
+        cdf += p
+    return k + 1
+
+
+def _normal_upper(share: float) -> float:
+    """z with P(Z > z) = share (bisection on erfc; only for very large means)."""
+    lo, hi = -10.0, 10.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if 0.5 * math.erfc(mid / math.sqrt(2)) > share:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+class Demand:
+    """Lease attempts per slot over the last ``keep`` seconds (in memory)."""
+
+    __slots__ = ("_slots", "keep", "since", "slot")
+
+    def __init__(self, slot: float, keep: float, since: float) -> None:
+        self.slot = slot
+        self.keep = keep
+        self.since = since  # demand is known from here on (start-up, or what was read back)
+        self._slots: deque[list[int]] = deque()  # [slot index, count], ascending
+
+    def add(self, at: float, count: int = 1) -> None:
+        idx = int(at // self.slot)
+        slots = self._slots
+        if slots and slots[-1][0] == idx:
+            slots[-1][1] += count
+            return
+        if not slots or slots[-1][0] < idx:
+            slots.append([idx, count])
+            return
+        for item in reversed(slots):  # a late flush from another replica: rare
+            if item[0] == idx:
+                item[1] += count
+                return
+            if item[0] < idx:
+                break
+        slots.append([idx, count])
+        self._slots = deque(sorted(slots))
+
+    def trim(self, now: float) -> None:
+        oldest = int((now - self.keep) // self.slot)
+        while self._slots and self._slots[0][0] < oldest:
+            self._slots.popleft()
+
+    def counts_within(self, now: float, spans: list[float]) -> list[int]:
+        """Arrivals in (now - span, now] for each span (spans ascending)."""
+        out = [0] * len(spans)
+        last = int(now // self.slot)
+        firsts = [last - max(1, round(s / self.slot)) for s in spans]
+        total = 0
+        i = 0
+        for idx, n in reversed(self._slots):
+            if idx > last:
+                continue
+            while i < len(spans) and idx <= firsts[i]:
+                out[i] = total
+                i += 1
+            if i == len(spans):
+                return out
+            total += n
+        while i < len(spans):
+            out[i] = total
+            i += 1
+        return out
+
+    def total(self) -> int:
+        return sum(n for _, n in self._slots)
+
+
+@dataclass(slots=True)
+class Learned:
+    """What survives a restart or a new leader (stored in PostgreSQL)."""
+
+    boots: list[float] = field(default_factory=list)  # recent boot times, newest last
+    profile_days: list[int] = field(default_factory=lambda: [-1] * PROFILE_DAYS)
+    profile: list[list[int]] = field(default_factory=list)  # PROFILE_DAYS rows x bins
+    s: int = 0  # the desired S now
+    hold: int = 0  # S when it last rose
+    raised_at: float | None = None  # when S last rose
+
+
+def boot_mean(learned: Learned) -> float:
+    return sum(learned.boots) / len(learned.boots) if learned.boots else DEFAULT_BOOT_S
+
+
+def boot_quantile(learned: Learned, q: float = BOOT_QUANTILE) -> float:
+    if not learned.boots:
+        return DEFAULT_BOOT_S
+    ordered = sorted(learned.boots)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def observe_boot(learned: Learned, seconds: float) -> None:
+    learned.boots.append(max(seconds, 0.0))
+    del learned.boots[:-BOOT_SAMPLES]
+
+
+def arrival_rate(settings: Settings, demand: Demand, now: float, boot: float) -> float:
+    """Arrivals per second: the largest of the window's plain rate and each
+    shorter window's rate less NOISE_Z standard deviations (a steady rate is
+    measured over the whole window; a rise shows in the short ones at once)."""
+    known = max(now - demand.since, demand.slot, boot)
+    spans = sorted({settings.window / 2**k for k in range(SHORT_WINDOWS + 1)} | {boot})
+    counts = demand.counts_within(now, spans)
+    best = 0.0
+    for span, count in zip(spans, counts, strict=True):
+        seconds = max(min(span, known), demand.slot)
+        if span >= settings.window:
+            best = max(best, count / seconds)
+        elif count:
+            best = max(best, (count - NOISE_Z * math.sqrt(count)) / seconds)
+    return best
+
+
+def _row(learned: Learned, settings: Settings, day: int) -> list[int]:
+    bins = settings.bins
+    if len(learned.profile) != PROFILE_DAYS or any(len(r) != bins for r in learned.profile):
+        learned.profile = [[0] * bins for _ in range(PROFILE_DAYS)]
+        learned.profile_days = [-1] * PROFILE_DAYS
+    r = day % PROFILE_DAYS
+    if learned.profile_days[r] != day:
+        learned.profile_days[r] = day
+        learned.profile[r] = [0] * bins
+    return learned.profile[r]
+
+
+def record_peak(settings: Settings, learned: Learned, now: float, within_boot: int) -> None:
+    """The arrivals within one mean boot time up to ``now``: the bin's peak today."""
+    if not settings.learn_daily:
+        return
+    day, offset = divmod(now, settings.period)
+    row = _row(learned, settings, int(day))
+    b = min(int(offset // settings.bin), settings.bins - 1)
+    row[b] = max(row[b], within_boot)
+
+
+def profile_term(settings: Settings, learned: Learned, now: float, lead: float) -> int:
+    """For the bins from now to now + lead: the second largest peak of recent days."""
+    if not settings.learn_daily or not learned.profile:
+        return 0
+    today = int(now // settings.period)
+    rows = [
+        row
+        for day, row in zip(learned.profile_days, learned.profile, strict=False)
+        if 0 <= today - day < PROFILE_DAYS
+    ]
+    if len(rows) < 2:
+        return 0
+    first = int((now % settings.period) // settings.bin)
+    last = int(((now + lead) % settings.period) // settings.bin)
+    count = (last - first) % settings.bins + 1
+    best = 0
+    for k in range(count):
+        b = (first + k) % settings.bins
+        top = second = 0
+        for row in rows:
+            v = row[b] if b < len(row) else 0
+            if v > top:
+                top, second = v, top
+            elif v > second:
+                second = v
+        best = max(best, second)
+    return best
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The desired S and what it came from (status, metrics, the log line)."""
+
+    s: int
+    rate: float  # arrivals per second
+    boot_mean: float
+    boot_quantile: float
+    rate_term: int
+    profile_term: int
+    reason: str
+
+
+def decide(
+    settings: Settings,
+    learned: Learned,
+    demand: Demand,
+    now: float,
+    max_size: int,
+) -> Decision:
+    """The desired S at ``now``; updates ``learned`` (profile peak, S, its hold)."""
+    mean = boot_mean(learned)
+    lead = boot_quantile(learned)
+    within = demand.counts_within(now, [mean])[0]
+    record_peak(settings, learned, now, within)
+    rate = arrival_rate(settings, demand, now, mean)
+    rate_term = poisson_quantile(rate * mean, settings.target)
+    prof = profile_term(settings, learned, now, lead)
+    wanted, reason = (prof, "profile") if prof > rate_term else (rate_term, "rate")
+    top = min(settings.ceiling, max_size)
+    if wanted < settings.floor:
+        wanted, reason = settings.floor, "floor"
+    if wanted > top:
+        wanted, reason = top, "ceiling" if settings.ceiling <= max_size else "max_size"
+    s = held(settings, learned, wanted, now)
+    if s != wanted:
+        reason = "holding" if s == learned.hold else "falling"
+    return Decision(s, rate, mean, lead, rate_term, prof, reason)
+
+
+def held(settings: Settings, learned: Learned, wanted: int, now: float) -> int:
+    """Fast up, slow down: a rise at once; a fall after the delay, linearly."""
+    if learned.raised_at is None or wanted > learned.s or now < learned.raised_at:
+        learned.s = learned.hold = wanted
+        learned.raised_at = now
+        return wanted
+    since = now - learned.raised_at - settings.delay
+    if since <= 0:
+        return learned.s
+    decayed = math.ceil(learned.hold * (1.0 - since / settings.delay))
+    learned.s = max(wanted, min(learned.s, decayed))
+    return learned.s
+
+
+def settings_of(block: AutoscaleConfig, max_size: int) -> Settings:
+    return Settings(
+        floor=block.floor,
+        ceiling=block.ceiling if block.ceiling is not None else max_size,
+        target=block.target_wait_share,
+        delay=block.scale_down_delay.total_seconds(),
+        learn_daily=block.learn_daily,
+        period=block.period.total_seconds(),
+        bin=block.bin.total_seconds(),
+        window=block.window.total_seconds(),
+        act=block.acts,
+    )
