@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -465,6 +466,60 @@ def test_database_url_reaches_the_pod_through_a_secret(render: Any) -> None:
     ref = env["VMPOOL_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
     assert rendered.secret_value(ref["name"], ref["key"]) == DATABASE_URL
     assert DATABASE_URL not in json.dumps(rendered.deployment)
+
+
+def _derived_forms(secret: str) -> set[str]:
+    """What a reader of an annotation could check a guessed secret against."""
+    raw = secret.encode()
+    forms = {secret, base64.b64encode(raw).decode(), raw.hex()}
+    for name in ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "blake2b", "sha3_256"):
+        digest = hashlib.new(name, raw)
+        forms |= {digest.hexdigest(), base64.b64encode(digest.digest()).decode()}
+    return forms
+
+
+def _all_annotations(rendered: Rendered) -> dict[str, str]:
+    """Every annotation of every object and pod template, by "object/key"."""
+    found: dict[str, str] = {}
+    for obj in rendered.objects:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        metas = [obj["metadata"], obj.get("spec", {}).get("template", {}).get("metadata", {})]
+        for meta in metas:
+            for key, value in (meta.get("annotations") or {}).items():
+                found[f"{where}/{key}"] = str(value)
+    return found
+
+
+def test_no_annotation_is_derived_from_the_database_secret(render: Any) -> None:
+    """Anyone allowed to get pods reads their annotations: an unsalted hash of the
+    URL falls to a dictionary of passwords in seconds."""
+    password = "hunter2"
+    url = f"postgresql://vmpool:{password}@db.example.internal:5432/vmpool"
+    for variant in (
+        {"database": {"url": url}},
+        {"database": {"url": url}, "reconciler": {"separate": True}},
+    ):
+        rendered = render(variant)
+        annotations = _all_annotations(rendered)
+        assert any(k.startswith("Deployment/") for k in annotations)
+        forms = _derived_forms(password) | _derived_forms(url)
+        leaked = {k: v for k, v in annotations.items() if any(f in v for f in forms)}
+        assert not leaked, f"annotations derived from the database secret: {leaked}"
+
+
+def test_database_url_change_rolls_the_pods_through_a_salted_hash(render: Any) -> None:
+    """The roll annotation is sha256(salt + URL) with the salt from the chart's own
+    Secret (kept across upgrades by lookup), the same in both Deployments."""
+    rendered = render(merged(BASE, {"reconciler": {"separate": True}}))
+    salt = rendered.secret_value(f"{RELEASE}-database", "roll-salt")
+    assert len(salt) >= 32
+    expected = hashlib.sha256((salt + DATABASE_URL).encode()).hexdigest()
+    for deployment in rendered.all("Deployment"):
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["vmpool.dev/database-revision"] == expected
+    # Rendered without a cluster there is nothing to look up: a fresh salt.
+    again = render(merged(BASE, {"reconciler": {"separate": True}, "replicaCount": 3}))
+    assert again.secret_value(f"{RELEASE}-database", "roll-salt") != salt
 
 
 def test_existing_secret_is_referenced_and_none_is_created(render: Any) -> None:

@@ -91,6 +91,33 @@ url
 {{- end -}}
 {{- end -}}
 
+{{/*
+  A random salt per install, kept in the chart's database Secret (key
+  roll-salt) and reused on upgrade (lookup). The pods' roll annotation is
+  sha256(salt + URL): it changes when the URL does, yet anyone who may only
+  get pods cannot test a guessed password against it. Memoised in .Values so
+  the Secret and both Deployments use the same salt within one render
+  (`helm template` has no cluster to look up: a new salt each time).
+*/}}
+{{- define "vmpool.databaseRollSalt" -}}
+{{- if not (hasKey .Values "_vmpoolRollSalt") -}}
+{{- $salt := randAlphaNum 32 -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "vmpool.databaseSecretName" .) -}}
+{{- if and $existing $existing.data (hasKey $existing.data "roll-salt") -}}
+{{- $salt = index $existing.data "roll-salt" | b64dec -}}
+{{- end -}}
+{{- $_ := set .Values "_vmpoolRollSalt" $salt -}}
+{{- end -}}
+{{- index .Values "_vmpoolRollSalt" -}}
+{{- end -}}
+
+{{/* The pods' annotation that rolls them when database.url changes (see above). */}}
+{{- define "vmpool.databaseRollAnnotation" -}}
+{{- if .Values.database.url -}}
+vmpool.dev/database-revision: {{ printf "%s%s" (include "vmpool.databaseRollSalt" .) .Values.database.url | sha256sum | quote }}
+{{- end -}}
+{{- end -}}
+
 {{/* Fails rendering unless exactly one database source is set. */}}
 {{- define "vmpool.checkDatabase" -}}
 {{- if and .Values.postgresql.enabled (or .Values.database.url .Values.database.existingSecret) -}}
