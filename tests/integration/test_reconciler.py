@@ -12,7 +12,7 @@ import pytest
 
 from tests.integration.helpers import make_world
 from tests.polling import eventually
-from vmpool.control import reconciler as reconciler_module
+from vmpool.control.executor import new_instance_name
 from vmpool.domain.spec_hash import pool_spec_hash
 from vmpool.providers.errors import ProviderError
 from vmpool.store.control import Control
@@ -303,11 +303,11 @@ async def test_writes_of_a_leader_whose_term_ended_fail(db: Database, db_url: st
 
 
 def test_instance_names_look_like_inctl_expects() -> None:
-    name = reconciler_module.new_instance_name("small")
+    name = new_instance_name("small")
     assert name.startswith("vmp-")
     assert len(name) == len("vmp-3f30-x9t7q72u")
     assert name == name.lower()
-    assert name != reconciler_module.new_instance_name("small")
+    assert name != new_instance_name("small")
 
 
 async def test_event_driven_pass_refills_the_pool_it_was_woken_for(db: Database) -> None:

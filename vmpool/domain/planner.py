@@ -5,7 +5,7 @@ and says what to expire, drop, destroy, set aside and create;
 ``plan_rows(...)`` looks at instance rows next to the provider's VMs and says
 which boots are done or failed, which deletions are confirmed, which VMs
 vanished, and which VMs to create or delete. Each decision is a small frozen
-dataclass; the executor (vmpool.control.reconciler) applies them. tests/unit/
+dataclass; the executor (vmpool.control.executor) applies them. tests/unit/
 test_planner.py has one test per rule of the spec.
 """
 

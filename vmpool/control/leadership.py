@@ -1,0 +1,46 @@
+"""What the reconciler knows of its own leadership (the election itself is
+vmpool.store.control): asked before each pass and re-checked before each
+provider call; told when a write finds it fenced."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+
+from vmpool.ops.metrics import Metrics
+from vmpool.store.errors import NotLeader
+
+log = structlog.get_logger("vmpool.reconciler")
+
+
+class Leadership:
+    def __init__(self, metrics: Metrics, on_fenced: Callable[[], None]) -> None:
+        self._metrics = metrics
+        self._on_fenced = on_fenced  # a write found we no longer lead
+        # Set by Reconciler.run(); passes called directly (tests) lead.
+        self.is_leader: Callable[[], bool] = lambda: True
+        self._was_leading = False
+
+    def poll(self) -> tuple[bool, bool]:
+        """(leading now, stepped down since the last poll); exports the gauge."""
+        leading = self.is_leader()
+        self._metrics.leader.set(1 if leading else 0)
+        stepped_down = self._was_leading and not leading
+        self._was_leading = leading
+        return leading, stepped_down
+
+    def may_call_provider(self, name: str, what: str) -> bool:
+        """Re-checked just before each provider call: a leader that was frozen
+        (SIGSTOP, a long GC or VM pause) past its trusted term must not act on
+        what it decided before, since a new leader may already be doing it."""
+        if self.is_leader():
+            return True
+        log.info("provider call skipped: leadership not held", instance=name, call=what)
+        return False
+
+    def fenced(self, err: NotLeader) -> None:
+        """A write was refused: we no longer lead; step down at once."""
+        self._metrics.reconcile_errors.labels("fenced").inc()
+        log.warning("reconcile pass stopped: leadership lost", error=str(err))
+        self._on_fenced()
