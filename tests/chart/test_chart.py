@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import re
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.chart.crd_schema import load_crd_schema, reach, to_json_schema
 from vmpool.config.schema import (
     AuthConfig,
     Config,
@@ -35,6 +37,7 @@ from vmpool.config.schema import (
     ProviderConfig,
     TierConfig,
     VersionsConfig,
+    check_database_url,
     parse_config,
 )
 from vmpool.services.readiness import READY
@@ -125,7 +128,7 @@ def render(chart: Any) -> Any:
 K8S_VERSION = "1.31"
 # Custom resources: kubernetes-validate has no schema for them; their shape is
 # checked by the tests below instead.
-CUSTOM_API_GROUPS = ("monitoring.coreos.com/", "cert-manager.io/")
+CUSTOM_API_GROUPS = ("monitoring.coreos.com/", "cert-manager.io/", "postgresql.cnpg.io/")
 
 BASE: dict[str, Any] = {"database": {"url": DATABASE_URL}}
 
@@ -253,6 +256,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "database": {"existingSecret": "pg-credentials"},
         "migrations": {"job": {"enabled": True}},
     },
+    # A CloudNativePG Cluster: `--set database.cloudnativepg.enabled=true` alone.
+    "cloudnativepg": {"database": {"cloudnativepg": {"enabled": True}}},
+    "cloudnativepg-separate-reconciler": {
+        "database": {"cloudnativepg": {"enabled": True}},
+        "reconciler": {"separate": True},
+    },
+    "database-ca": {
+        "database": {
+            "existingSecret": "pg-credentials",
+            "caSecret": "pg-server-ca",
+            "caSecretKey": "root.crt",
+        },
+        "migrations": {"job": {"enabled": True}},
+    },
     # `helm install --set postgresql.enabled=true` and nothing else.
     "evaluation-postgresql": {"postgresql": {"enabled": True}},
     "evaluation-postgresql-ephemeral": {
@@ -296,7 +313,13 @@ def test_chart_metadata_and_default_image(chart: Any, render: Any) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["default", "kubevirt-zones-from-nodes", "migrations-job", "evaluation-postgresql"],
+    [
+        "default",
+        "kubevirt-zones-from-nodes",
+        "migrations-job",
+        "evaluation-postgresql",
+        "cloudnativepg",
+    ],
 )
 def test_lint_is_clean(name: str) -> None:
     report = helm.lint(CHART_DIR, VARIANTS[name], strict=True, kube_version="v1.31.0")
@@ -1139,3 +1162,226 @@ def test_notes_say_where_the_ca_and_the_credentials_come_from(
     assert token_made == (variant == "auth-kubernetes"), notes
     # With client certificates required, the in-pod ping cannot go without one.
     assert ("this ping too: add --cert FILE --key FILE" in notes) == (variant == "tls-mtls")
+
+
+# --- CloudNativePG (database.cloudnativepg) --------------------------------------
+
+#: The CRD of CloudNativePG's Cluster, from shared/ beside the checkout.
+CNPG_CRD = (REPO / ".." / "shared" / "cnpg" / "postgresql.cnpg.io_clusters.yaml").resolve()
+CNPG_NAME = f"{RELEASE}-pg"
+
+#: The Cluster CRD's CEL rules (x-kubernetes-validations), in Python, for the
+#: ones a rendered Cluster can reach. A rule missing here fails the test that
+#: reaches it: translate it when the CRD gains one.
+CEL_CHECKS: dict[str, Any] = {
+    "!has(self.builtinLocale) || self.localeProvider == 'builtin'": lambda s: (
+        "builtinLocale" not in s or s.get("localeProvider") == "builtin"
+    ),
+    "!has(self.icuLocale) || self.localeProvider == 'icu'": lambda s: (
+        "icuLocale" not in s or s.get("localeProvider") == "icu"
+    ),
+    "!has(self.icuRules) || self.localeProvider == 'icu'": lambda s: (
+        "icuRules" not in s or s.get("localeProvider") == "icu"
+    ),
+    "self > 0": lambda s: s > 0,
+    "self.dataDurability!='preferred' || ((!has(self.standbyNamesPre) || "
+    "self.standbyNamesPre.size()==0) && (!has(self.standbyNamesPost) || "
+    "self.standbyNamesPost.size()==0))": lambda s: (
+        s.get("dataDurability") != "preferred"
+        or (not s.get("standbyNamesPre") and not s.get("standbyNamesPost"))
+    ),
+    "!(has(self.podFailureDomainKeys) && self.podFailureDomainKeys.size() > 0 && "
+    "has(self.nodeFailureDomainKeys) && self.nodeFailureDomainKeys.size() > 0)": lambda s: (
+        not (s.get("podFailureDomainKeys") and s.get("nodeFailureDomainKeys"))
+    ),
+    "!(has(self.syncReplicaElectionConstraint) && self.syncReplicaElectionConstraint.enabled "
+    "&& has(self.synchronous) && ((has(self.synchronous.podFailureDomainKeys) && "
+    "self.synchronous.podFailureDomainKeys.size() > 0) || "
+    "(has(self.synchronous.nodeFailureDomainKeys) && "
+    "self.synchronous.nodeFailureDomainKeys.size() > 0)))": lambda s: (
+        not (
+            s.get("syncReplicaElectionConstraint", {}).get("enabled")
+            and (
+                s.get("synchronous", {}).get("podFailureDomainKeys")
+                or s.get("synchronous", {}).get("nodeFailureDomainKeys")
+            )
+        )
+    ),
+    "!(has(self.imageCatalogRef) && has(self.imageName))": lambda s: (
+        not ("imageCatalogRef" in s and "imageName" in s)
+    ),
+    # A transition rule: the API server checks it on updates only.
+    "self == oldSelf": lambda s: True,
+}
+
+
+def _cluster_errors(cluster: dict[str, Any]) -> list[str]:
+    """Every way a Cluster breaks the CRD: its schema, strictly, and its CEL rules."""
+    import jsonschema
+
+    schema, rules = to_json_schema(load_crd_schema(CNPG_CRD, "v1"))
+    found = sorted(
+        jsonschema.Draft7Validator(schema).iter_errors(cluster), key=lambda e: list(e.path)
+    )
+    errors = [f"{'.'.join(str(p) for p in e.path) or '<root>'}: {e.message}" for e in found]
+    for rule in rules:
+        for value in reach(cluster, rule.path):
+            check = CEL_CHECKS.get(rule.rule)
+            if check is None:
+                errors.append(f"{rule.path}: CEL rule this test cannot check: {rule.rule}")
+            elif not check(value):
+                errors.append(f"{rule.path}: {rule.message}")
+    return errors
+
+
+def test_cloudnativepg_cluster_is_valid_against_the_crd(render: Any) -> None:
+    cluster = render(VARIANTS["cloudnativepg"]).one("Cluster", CNPG_NAME)
+    assert cluster["apiVersion"] == "postgresql.cnpg.io/v1"
+    assert _cluster_errors(cluster) == []
+    # The check is strict: a misspelt field, a value outside an enum, a
+    # broken CEL rule, a missing required field are each found.
+    for path, bad in (
+        (("spec", "instance"), 3),
+        (("spec", "postgresql", "synchronous", "dataDurability"), "strict"),
+        (("spec", "postgresql", "synchronous", "number"), 0),
+        (("spec", "storage", "size"), {"gi": 10}),
+    ):
+        broken = copy.deepcopy(cluster)
+        node = broken
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = bad
+        assert _cluster_errors(broken) != [], path
+    no_method = copy.deepcopy(cluster)
+    del no_method["spec"]["postgresql"]["synchronous"]["method"]
+    assert any("'method' is a required property" in e for e in _cluster_errors(no_method))
+
+
+def test_cloudnativepg_cluster_replicates_synchronously_and_owns_the_database(
+    render: Any,
+) -> None:
+    spec = render(VARIANTS["cloudnativepg"]).one("Cluster", CNPG_NAME)["spec"]
+    assert spec["instances"] == 3
+    # A commit is acknowledged only once a standby has it, and writes wait
+    # rather than go on without one: a promotion never loses a granted lease.
+    assert spec["postgresql"]["synchronous"] == {
+        "method": "any",
+        "number": 1,
+        "dataDurability": "required",
+    }
+    assert spec["postgresql"]["parameters"]["synchronous_commit"] == "on"
+    assert spec["bootstrap"]["initdb"] == {"database": "vmpool", "owner": "vmpool"}
+    assert spec["storage"]["size"]
+    assert "enableSuperuserAccess" not in spec  # the operator's default: off
+
+    tuned = render(
+        {
+            "database": {
+                "cloudnativepg": {
+                    "enabled": True,
+                    "instances": 5,
+                    "synchronous": {"method": "first", "number": 2, "dataDurability": "required"},
+                    "parameters": {"max_connections": 300, "synchronous_commit": "remote_apply"},
+                    "storage": {"size": "50Gi", "storageClass": "fast"},
+                    "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+                    "imageName": "ghcr.io/cloudnative-pg/postgresql:17.2",
+                }
+            }
+        }
+    ).one("Cluster", CNPG_NAME)
+    assert _cluster_errors(tuned) == []
+    assert tuned["spec"]["postgresql"]["parameters"] == {
+        "max_connections": "300",
+        "synchronous_commit": "remote_apply",
+    }
+    assert tuned["spec"]["storage"] == {"size": "50Gi", "storageClass": "fast"}
+
+
+def test_cloudnativepg_refuses_settings_that_acknowledge_unreplicated_commits(chart: Any) -> None:
+    def values(**cnpg: Any) -> dict[str, Any]:
+        return {"database": {"cloudnativepg": {"enabled": True, **cnpg}}}
+
+    for bad, message in (
+        (values(parameters={"synchronous_commit": "local"}), "synchronous_commit"),
+        (values(parameters={"synchronous_commit": "off"}), "synchronous_commit"),
+        (
+            values(synchronous={"method": "any", "number": 3, "dataDurability": "required"}),
+            "synchronous.number",
+        ),
+    ):
+        with pytest.raises(helm.HelmRenderError, match=message):
+            chart.render(bad, name=RELEASE, namespace=NAMESPACE)
+    with pytest.raises(helm.HelmValuesError, match="instances"):
+        chart.render(values(instances=1), name=RELEASE, namespace=NAMESPACE)
+
+
+def test_cloudnativepg_excludes_other_database_sources(chart: Any) -> None:
+    cnpg = {"cloudnativepg": {"enabled": True}}
+    for values in (
+        {"database": {**cnpg, "url": DATABASE_URL}},
+        {"database": {**cnpg, "existingSecret": "pg"}},
+        {"database": cnpg, "postgresql": {"enabled": True}},
+        {"database": cnpg, "migrations": {"job": {"enabled": True}}},
+    ):
+        with pytest.raises(helm.HelmRenderError, match=r"database\.cloudnativepg\.enabled"):
+            chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    with pytest.raises(helm.HelmRenderError, match=r"database\.cloudnativepg\.enabled"):
+        chart.render({}, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize("name", ["cloudnativepg", "cloudnativepg-separate-reconciler"])
+def test_cloudnativepg_pods_reach_the_primary_verified_with_the_app_password(
+    render: Any, name: str
+) -> None:
+    rendered = render(VARIANTS[name])
+    cluster = rendered.one("Cluster", CNPG_NAME)
+    pods = [d["spec"]["template"]["spec"] for d in rendered.all("Deployment")]
+    assert len(pods) == (2 if "separate" in name else 1)
+    for pod in pods:
+        (container,) = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        # The password from the operator's app Secret; asyncpg takes PGPASSWORD
+        # when the URL has none, so no password is escaped into a URL.
+        assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": f"{CNPG_NAME}-app",
+            "key": "password",
+        }
+        url = env["VMPOOL_DATABASE_URL"]["value"]
+        assert check_database_url(url) == url
+        parts = urllib.parse.urlsplit(url)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        # The -rw Service follows the primary; a standby behind it is refused.
+        assert parts.hostname == f"{CNPG_NAME}-rw.{NAMESPACE}.svc"
+        assert parts.port == 5432 and parts.password is None
+        assert parts.username == cluster["spec"]["bootstrap"]["initdb"]["owner"]
+        assert parts.path == "/" + cluster["spec"]["bootstrap"]["initdb"]["database"]
+        assert query["target_session_attrs"] == "read-write"
+        # The server is verified against the cluster's own CA; its key stays out.
+        assert query["sslmode"] == "verify-full"
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        ca_dir, ca_file = query["sslrootcert"].rsplit("/", 1)
+        volume = next(v for v in pod["volumes"] if v["name"] == mounts[ca_dir])
+        assert volume["secret"] == {
+            "secretName": f"{CNPG_NAME}-ca",
+            "items": [{"key": "ca.crt", "path": ca_file}],
+        }
+    # No URL Secret and no evaluation database of the chart's own.
+    assert rendered.all("StatefulSet") == []
+    assert [s["metadata"]["name"] for s in rendered.all("Secret")] == []
+    assert "Cluster" not in render(BASE).kinds()
+    assert "PGPASSWORD" not in json.dumps(render(BASE).objects)
+
+
+def test_database_ca_secret_is_mounted_for_a_verify_full_url(render: Any) -> None:
+    rendered = render(VARIANTS["database-ca"])
+    job = rendered.one("Job", f"{RELEASE}-migrate")["spec"]["template"]["spec"]
+    for pod in (rendered.pod, job):
+        (container,) = pod["containers"]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "database-ca")
+        assert mount["mountPath"] == "/etc/vmpool/database-ca" and mount["readOnly"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "database-ca")
+        assert volume["secret"] == {
+            "secretName": "pg-server-ca",
+            "items": [{"key": "root.crt", "path": "ca.crt"}],
+        }
+    assert "database-ca" not in json.dumps(render(BASE).deployment)

@@ -120,6 +120,14 @@ vmpool.dev/database-revision: {{ printf "%s%s" (include "vmpool.databaseRollSalt
 
 {{/* Fails rendering unless exactly one database source is set. */}}
 {{- define "vmpool.checkDatabase" -}}
+{{- if .Values.database.cloudnativepg.enabled -}}
+{{- if or .Values.database.url .Values.database.existingSecret .Values.postgresql.enabled -}}
+{{- fail "vmpool: database.cloudnativepg.enabled (a CloudNativePG Cluster) excludes database.url, database.existingSecret and postgresql.enabled: set one" -}}
+{{- end -}}
+{{- if .Values.migrations.job.enabled -}}
+{{- fail "vmpool: migrations.job runs before install, before the CloudNativePG Cluster (database.cloudnativepg.enabled) exists; leave it off (the server migrates at start)" -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.postgresql.enabled (or .Values.database.url .Values.database.existingSecret) -}}
 {{- fail "vmpool: postgresql.enabled (the evaluation database) and database.url/database.existingSecret exclude each other: set one" -}}
 {{- end -}}
@@ -129,8 +137,8 @@ vmpool.dev/database-revision: {{ printf "%s%s" (include "vmpool.databaseRollSalt
 {{- if and .Values.database.url .Values.database.existingSecret -}}
 {{- fail "vmpool: set only one of database.url and database.existingSecret" -}}
 {{- end -}}
-{{- if not (or .Values.database.url .Values.database.existingSecret .Values.postgresql.enabled) -}}
-{{- fail "vmpool: a PostgreSQL database is required: set database.url (the chart creates a Secret) or database.existingSecret (and database.existingSecretKey, default \"url\") naming a Secret that holds the URL; to try the chart out, --set postgresql.enabled=true (an evaluation database, not for production)" -}}
+{{- if not (or .Values.database.url .Values.database.existingSecret .Values.postgresql.enabled .Values.database.cloudnativepg.enabled) -}}
+{{- fail "vmpool: a PostgreSQL database is required: set database.url (the chart creates a Secret) or database.existingSecret (and database.existingSecretKey, default \"url\") naming a Secret that holds the URL, or database.cloudnativepg.enabled (a CloudNativePG Cluster; needs the operator); to try the chart out, --set postgresql.enabled=true (an evaluation database, not for production)" -}}
 {{- end -}}
 {{- end -}}
 
@@ -188,6 +196,76 @@ vmpool.dev/database-revision: {{ printf "%s%s" (include "vmpool.databaseRollSalt
     secretKeyRef:
       name: {{ .name }}
       key: {{ .key }}
+{{- end -}}
+
+{{/* The server pods' database env: the URL from its Secret, or with
+database.cloudnativepg the Cluster's -rw Service in the URL and the password
+of the operator's app Secret in PGPASSWORD (asyncpg's fallback when the URL
+has none), so no password needs escaping in a URL. */}}
+{{- define "vmpool.serverDatabaseEnv" -}}
+{{- if .Values.database.cloudnativepg.enabled -}}
+- name: PGPASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "vmpool.cnpgName" . }}-app
+      key: password
+- name: VMPOOL_DATABASE_URL
+  value: {{ include "vmpool.cnpgURL" . | quote }}
+{{- else -}}
+{{- include "vmpool.databaseEnv" (dict "name" (include "vmpool.databaseSecretName" .) "key" (include "vmpool.databaseSecretKey" .)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The CloudNativePG Cluster (database.cloudnativepg). */}}
+{{- define "vmpool.cnpgName" -}}
+{{- printf "%s-pg" (include "vmpool.fullname" .) | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Its primary through the -rw Service, verified against the cluster's CA;
+read-write sessions only (a standby behind the Service is refused). */}}
+{{- define "vmpool.cnpgURL" -}}
+{{- $c := .Values.database.cloudnativepg -}}
+{{- printf "postgresql://%s@%s-rw.%s.svc:5432/%s?sslmode=verify-full&sslrootcert=%s/ca.crt&target_session_attrs=read-write" $c.owner (include "vmpool.cnpgName" .) .Release.Namespace $c.database (include "vmpool.databaseCADir" .) -}}
+{{- end -}}
+
+{{- define "vmpool.cnpgLabels" -}}
+helm.sh/chart: {{ include "vmpool.chart" . }}
+app.kubernetes.io/name: {{ include "vmpool.name" . }}-pg
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: database
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: vmpool
+{{- end -}}
+
+{{/* The database server's CA: database.caSecret, or the CloudNativePG
+cluster's <cluster>-ca (only its ca.crt is mounted, never ca.key). */}}
+{{- define "vmpool.databaseCADir" -}}/etc/vmpool/database-ca{{- end -}}
+
+{{- define "vmpool.databaseCASecret" -}}
+{{- if .Values.database.cloudnativepg.enabled -}}
+{{- include "vmpool.cnpgName" . }}-ca
+{{- else -}}
+{{- .Values.database.caSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vmpool.databaseCAVolumeMount" -}}
+{{- if include "vmpool.databaseCASecret" . -}}
+- name: database-ca
+  mountPath: {{ include "vmpool.databaseCADir" . }}
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{- define "vmpool.databaseCAVolume" -}}
+{{- with include "vmpool.databaseCASecret" . -}}
+- name: database-ca
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: {{ if $.Values.database.cloudnativepg.enabled }}ca.crt{{ else }}{{ $.Values.database.caSecretKey | default "ca.crt" }}{{ end }}
+        path: ca.crt
+{{- end -}}
 {{- end -}}
 
 {{/* auth.mode from the config ("none" when unset). */}}
