@@ -15,12 +15,11 @@ from datetime import datetime
 from typing import Any
 
 import betterproto
-from betterproto.lib.google.protobuf import FieldMask, Timestamp
+from betterproto.lib.google.protobuf import FieldMask
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
-from vmpool.core.instant import MAX_SECONDS, MIN_SECONDS
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 from vmpool.wire.fastwire import (
     BadField,
@@ -28,10 +27,13 @@ from vmpool.wire.fastwire import (
     WireError,
     decoder,
     encode_lease_reply,
-    read_varint,
+    fields,
+    instant,
+    merge_timestamp,
 )
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+_BETTERPROTO_WIRE = frozenset({_VARINT, _FIXED64, _LEN, _FIXED32})
 # An update_mask names Spec fields (a handful): more paths than this are refused
 # before betterproto decodes them (a million paths took seconds of CPU).
 MAX_MASK_PATHS = 64
@@ -76,82 +78,45 @@ def _layout(cls: type) -> dict[int, _Field]:
     return found
 
 
-def scan(data: bytes, limit: int | None = None) -> list[tuple[int, int, int, int]]:
-    """(number, wire type, start, end) of each top-level field; ValueError if the
-    bytes are not a well-formed protobuf message. ``limit``: stop after that many
-    fields more than it (the caller refuses the message)."""
-    fields: list[tuple[int, int, int, int]] = []
-    pos = 0
-    while pos < len(data) and (limit is None or len(fields) <= limit):
-        key, pos = read_varint(data, pos)
-        wire_type, number = key & 7, key >> 3
-        if number == 0:
-            raise WireError("field number 0")
-        start = pos
-        if wire_type == _VARINT:
-            _, pos = read_varint(data, pos)
-        elif wire_type == _FIXED64:
-            pos += 8
-        elif wire_type == _LEN:
-            length, start = read_varint(data, pos)
-            pos = start + length
-        elif wire_type == _FIXED32:
-            pos += 4
-        else:
-            raise WireError(f"unsupported wire type {wire_type}")
-        if pos > len(data):
-            raise WireError("field runs past the end of the message")
-        fields.append((number, wire_type, start, pos))
-    return fields
-
-
 def _check_timestamp(name: str, raw: bytes) -> None:
     try:
-        scan(raw)
+        instant(name, merge_timestamp(raw))
     except WireError as err:
-        raise GRPCError(Status.INVALID_ARGUMENT, f"{name}: malformed Timestamp: {err}") from None
-    ts = Timestamp().parse(raw)
-    if not MIN_SECONDS <= ts.seconds <= MAX_SECONDS:
-        raise GRPCError(
-            Status.INVALID_ARGUMENT, f"{name}: seconds {ts.seconds} outside 0001-01-01..9999-12-31"
-        )
-    if not 0 <= ts.nanos <= 999_999_999:
-        raise GRPCError(Status.INVALID_ARGUMENT, f"{name}: nanos {ts.nanos} outside [0, 1e9)")
+        raise BadField(f"{name}: malformed Timestamp: {err}") from None
 
 
 def _check_mask(name: str, raw: bytes, before: int) -> int:
     """Paths in this FieldMask plus ``before`` (from earlier copies of the field,
-    which protobuf merges); INVALID_ARGUMENT past MAX_MASK_PATHS."""
+    which protobuf merges); BadField past MAX_MASK_PATHS."""
     try:
-        paths = before + len(scan(raw, MAX_MASK_PATHS - before))
+        paths = before + len(fields(raw, MAX_MASK_PATHS - before))
     except WireError as err:
-        raise GRPCError(Status.INVALID_ARGUMENT, f"{name}: malformed FieldMask: {err}") from None
+        raise BadField(f"{name}: malformed FieldMask: {err}") from None
     if paths > MAX_MASK_PATHS:
-        raise GRPCError(Status.INVALID_ARGUMENT, f"{name}: more than {MAX_MASK_PATHS} paths")
+        raise BadField(f"{name}: more than {MAX_MASK_PATHS} paths")
     return paths
 
 
 def check(data: bytes, cls: type) -> list[tuple[int, int, int, int]]:
     """Well-formed bytes, each known field of its declared wire type, and
     Timestamps within 0001-01-01..9999-12-31 with nanos in [0, 1e9). Returns
-    the fields as ``scan`` found them."""
+    the fields as ``fastwire.fields`` found them. WireError / BadField if not."""
     layout = _layout(cls)
-    fields = scan(data)
+    found = fields(data)
     paths = 0
-    for number, wire_type, start, end in fields:
+    for number, wire_type, start, end in found:
+        if wire_type not in _BETTERPROTO_WIRE:
+            raise WireError(f"unsupported wire type {wire_type}")  # betterproto has no groups
         field = layout.get(number)
         if field is None:
             continue  # unknown fields are allowed (newer clients)
         if wire_type not in field.wire_types:
-            raise GRPCError(
-                Status.INVALID_ARGUMENT,
-                f"{field.name}: wire type {wire_type} does not match the field's type",
-            )
+            raise BadField(f"{field.name}: wire type {wire_type} does not match the field's type")
         if field.timestamp:
             _check_timestamp(field.name, data[start:end])
         elif field.mask:
             paths = _check_mask(field.name, data[start:end], paths)
-    return fields
+    return found
 
 
 class SafeProtoCodec(ProtoCodec):
@@ -175,8 +140,6 @@ class SafeProtoCodec(ProtoCodec):
                 return fast(data)
             check(data, message_type)
             return message_type.FromString(data)
-        except GRPCError:
-            raise
         except BadField as err:
             raise GRPCError(Status.INVALID_ARGUMENT, str(err)) from None
         except WireError as err:

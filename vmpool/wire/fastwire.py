@@ -106,12 +106,14 @@ def _skip(data: bytes, pos: int, number: int, wire_type: int, depth: int) -> int
     return pos
 
 
-def fields(data: bytes) -> list[tuple[int, int, int, int]]:
+def fields(data: bytes, limit: int | None = None) -> list[tuple[int, int, int, int]]:
     """(number, wire type, start, end) of each top-level field; for a
-    length-delimited field start..end is its payload."""
-    out = []
+    length-delimited field start..end is its payload. WireError if the bytes are
+    not a well-formed message. ``limit``: stop after that many fields and one
+    more (the caller refuses the message)."""
+    out: list[tuple[int, int, int, int]] = []
     pos = 0
-    while pos < len(data):
+    while pos < len(data) and (limit is None or len(out) <= limit):
         number, wire_type, pos = _read_key(data, pos)
         start = pos
         pos = _skip(data, pos, number, wire_type, 0)
@@ -126,7 +128,7 @@ def _signed(value: int, bits: int) -> int:
     return value - (1 << bits) if value >> (bits - 1) else value
 
 
-def _merge_timestamp(raw: bytes, seconds: int, nanos: int) -> tuple[int, int]:
+def merge_timestamp(raw: bytes, seconds: int = 0, nanos: int = 0) -> tuple[int, int]:
     """A Timestamp's (seconds, nanos) after merging ``raw`` into the given ones."""
     for number, wire_type, start, _ in fields(raw):
         if wire_type == _VARINT and number in (1, 2):
@@ -172,7 +174,7 @@ def parse(data: bytes, schema: dict[int, tuple[str, str]]) -> dict[str, Any]:
         if kind == _BOOL:
             values[name] = read_varint(data, start)[0] != 0
         elif kind == _TIMESTAMP:
-            values[name] = _merge_timestamp(data[start:end], *values.get(name, (0, 0)))
+            values[name] = merge_timestamp(data[start:end], *values.get(name, (0, 0)))
         else:
             try:
                 values[name] = data[start:end].decode()
