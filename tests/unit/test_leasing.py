@@ -42,7 +42,9 @@ def test_reservation_ids_are_uuids_of_any_version_any_case() -> None:
 @pytest.mark.parametrize("ts", [None, UNIX_EPOCH, GO_ZERO_TIME])
 def test_timestamps_not_given(ts: Instant | None) -> None:
     assert not leasing.given(ts)
-    assert leasing.lease_expiry(ts, NOW, POOL) == at(timedelta(minutes=30))
+    requested = leasing.requested_expiry(ts, NOW)
+    assert requested is None
+    assert leasing.lease_expiry(requested, NOW, POOL) == at(timedelta(minutes=30))
 
 
 def test_expiry_is_kept_to_the_nanosecond_or_capped_at_max_lease() -> None:
@@ -54,11 +56,13 @@ def test_expiry_is_kept_to_the_nanosecond_or_capped_at_max_lease() -> None:
 
 def test_expiry_in_the_past_is_refused() -> None:
     with pytest.raises(leasing.InvalidArgument, match="expires"):
-        leasing.lease_expiry(at(-timedelta(seconds=1)), NOW, POOL)
+        leasing.requested_expiry(at(-timedelta(seconds=1)), NOW)
     with pytest.raises(leasing.InvalidArgument, match="expires"):
-        leasing.lease_expiry(at(timedelta(0)), NOW, POOL)
+        leasing.requested_expiry(at(timedelta(0)), NOW)
     with pytest.raises(leasing.InvalidArgument, match="expires"):
-        leasing.lease_expiry(Instant(1), NOW, POOL)  # the epoch plus 1 ns is given
+        leasing.requested_expiry(Instant(1), NOW)  # the epoch plus 1 ns is given
+    asked = at(timedelta(0), 1)
+    assert leasing.requested_expiry(asked, NOW) == asked
 
 
 def test_max_lifetime_caps_leases_and_extensions() -> None:

@@ -88,13 +88,21 @@ def _cap(pool: PoolConfig, now: datetime, leased_at: datetime) -> Instant:
     return Instant.from_datetime(cap)
 
 
+def requested_expiry(expires: Instant | None, now: datetime) -> Instant | None:
+    """A Lease's ``expires`` as it arrives: None if not given; refused if not in
+    the future. Checked once, when the call comes in."""
+    if not given(expires):
+        return None
+    if expires <= Instant.from_datetime(now):
+        raise InvalidArgument(f"expires: {expires.isoformat()} is not in the future")
+    return expires
+
+
 def lease_expiry(requested: Instant | None, now: datetime, pool: PoolConfig) -> Instant:
-    """Expiry of a lease starting now: the request (to the nanosecond), or the
-    default, capped."""
-    if requested is None or not given(requested):
+    """Expiry of a lease starting now: ``requested_expiry``'s answer (to the
+    nanosecond), or the default, capped."""
+    if requested is None:
         return min(Instant.from_datetime(now + pool.default_lease), _cap(pool, now, now))
-    if requested <= Instant.from_datetime(now):
-        raise InvalidArgument(f"expires: {requested.isoformat()} is not in the future")
     return min(requested, _cap(pool, now, now))
 
 

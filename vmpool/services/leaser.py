@@ -156,8 +156,7 @@ class Leaser:
         pool globs the caller's policy allows."""
         leasing.check_service_tag(tag)
         who = owner or Owner.anonymous(tag)
-        if leasing.given(expires) and expires <= Instant.from_datetime(self._clock()):
-            raise leasing.InvalidArgument(f"expires: {expires.isoformat()} is not in the future")
+        expires = leasing.requested_expiry(expires, self._clock())
         if reservation is None:
             pool = await self._resolve_pool(pool_name, pools)
             structlog.contextvars.bind_contextvars(pool=pool.name)
