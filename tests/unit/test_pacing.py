@@ -83,3 +83,9 @@ def test_retry_sequence_grows_to_the_cap_and_resets() -> None:
     retry.reset()
     assert retry.next_delay() == 0.5
     assert retry.next_delay(at_least=9.0) == 9.0
+
+
+def test_retry_without_jitter_doubles_exactly() -> None:
+    """The database connection's reconnects (store/db.py, store/control.py)."""
+    retry = Retry(base=0.5, cap=5.0, rng=lambda: 0.0, jitter=False)
+    assert [retry.next_delay() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]

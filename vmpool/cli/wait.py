@@ -25,6 +25,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from vmpool.cli import errors as cli_errors
 from vmpool.cli.connection import Connection
 from vmpool.cli.errors import CliError
+from vmpool.core.backoff import backoff_ceiling
 from vmpool.core.durations import format_duration
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 from vmpool.proto.vmpool.admin import v1 as adm
@@ -60,9 +61,7 @@ def retry_delay(failures_in_a_row: int, call_seconds: float) -> float:
     sooner than MIN_GAP after its start). Calls that fail at once back off
     1, 2, 4 s... up to MAX_BACKOFF.
     """
-    backoff = min(MAX_BACKOFF, MIN_GAP * 2.0 ** max(failures_in_a_row - 1, 0))
-    if failures_in_a_row == 0:
-        backoff = 0.0
+    backoff = backoff_ceiling(failures_in_a_row, MIN_GAP, MAX_BACKOFF) if failures_in_a_row else 0.0
     return max(backoff, MIN_GAP - call_seconds, 0.0)
 
 

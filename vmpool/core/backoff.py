@@ -17,11 +17,17 @@ from dataclasses import dataclass
 Monotonic = Callable[[], float]
 
 
+def backoff_ceiling(failures: int, base: float, cap: float) -> float:
+    """min(cap, base * 2**(failures - 1)): the longest wait after the
+    ``failures``-th failure in a row (1 = the first)."""
+    return min(cap, base * 2.0 ** max(failures - 1, 0))
+
+
 def backoff_delay(
     failures: int, base: float, cap: float, rng: Callable[[], float] = random.random
 ) -> float:
     """The wait after the ``failures``-th failure in a row (1 = the first)."""
-    ceiling = min(cap, base * 2.0 ** max(failures - 1, 0))
+    ceiling = backoff_ceiling(failures, base, cap)
     return ceiling / 2 + float(rng()) * ceiling / 2
 
 
@@ -75,15 +81,26 @@ class Backoff:
         return state.failures if state else 0
 
 
+def _no_jitter() -> float:
+    return 1.0
+
+
 class Retry:
-    """One retrying loop's backoff: try n waits ``backoff_delay(n + 1, ...)``."""
+    """One retrying loop's backoff: try n waits ``backoff_delay(n + 1, ...)``;
+    with ``jitter=False`` exactly ``backoff_ceiling(n + 1, ...)`` (one client of
+    its own server: the database connection of this process)."""
 
     def __init__(
-        self, base: float, cap: float, *, rng: Callable[[], float] = random.random
+        self,
+        base: float,
+        cap: float,
+        *,
+        rng: Callable[[], float] = random.random,
+        jitter: bool = True,
     ) -> None:
         self.base = base
         self.cap = cap
-        self._rng = rng
+        self._rng = rng if jitter else _no_jitter
         self.attempt = 0
 
     def next_delay(self, at_least: float = 0.0) -> float:

@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from vmpool.core.backoff import Retry
 from vmpool.store import sql
 from vmpool.store.errors import RETRYABLE_ERRORS, UNAVAILABLE_ERRORS
 
@@ -148,11 +149,11 @@ class Control:
         self._on_assigned(payload)
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.5
+        retry = Retry(0.5, 10.0, jitter=False)
         while not stop.is_set():
             try:
                 await self._session(stop)
-                delay = 0.5
+                retry.reset()
             except RETRYABLE_ERRORS as err:  # connection lost, server gone: reconnect
                 log.warning("control connection lost", error=f"{type(err).__name__}: {err}")
             finally:
@@ -163,8 +164,7 @@ class Control:
             if stop.is_set():
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, 10.0)
+                await asyncio.wait_for(stop.wait(), retry.next_delay())
 
     async def _session(self, stop: asyncio.Event) -> None:
         conn = await asyncpg.connect(

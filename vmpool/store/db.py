@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from vmpool.core.backoff import Retry
 from vmpool.store.errors import StoreUnavailable, retrying, translated
 
 log = structlog.get_logger("vmpool.store")
@@ -115,16 +116,16 @@ async def connect(
     """create_pool, retried with backoff for ``patience`` seconds (the database
     may start after us); then StoreUnavailable."""
     deadline = time.monotonic() + patience
-    delay = 0.5
+    retry = Retry(0.5, 5.0, jitter=False)
     while True:
         try:
             return await create_pool(url, min_size=min_size, max_size=max_size)
         except StoreUnavailable as err:
             if time.monotonic() > deadline:
                 raise
+            delay = retry.next_delay()
             log.warning("database not reachable yet", error=str(err), retry_in_s=delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 def migrations() -> list[tuple[int, str, str]]:
