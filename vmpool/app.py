@@ -21,6 +21,7 @@ from vmpool.api.rpc import Gate, instrument
 from vmpool.auth.setup import build_authenticator, startup_warnings
 from vmpool.config.schema import Config
 from vmpool.control.background import Background, FatalError, StartupError
+from vmpool.core.address import split_host_port
 from vmpool.core.clock import utcnow
 from vmpool.ops.metrics import Metrics
 from vmpool.providers.describers import build_describer
@@ -45,17 +46,12 @@ log = structlog.get_logger("vmpool")
 __all__ = ["AddressInUse", "FatalError", "StartupError", "serve"]
 
 
-def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def start_metrics(config: Config, metrics: Metrics) -> None:
     if not config.metrics_listen:
         return
     from vmpool.ops.metrics_http import start_metrics_server
 
-    host, port = _split(config.metrics_listen)
+    host, port = split_host_port(config.metrics_listen, "0.0.0.0")
     try:
         start_metrics_server(host, port, metrics.registry)
     except OSError as err:
@@ -89,7 +85,7 @@ async def listen_on(
     ``reuse_port`` (``--reuse-port``): share the port with other processes
     (SO_REUSEPORT), as the benchmark's two-process mode does; off, a second
     server on the same port is refused instead of silently sharing it."""
-    host, port = _split(address)
+    host, port = split_host_port(address, "0.0.0.0")
     try:
         await server.start(host, port, reuse_port=reuse_port, ssl=ssl)
     except OSError as err:
@@ -279,7 +275,7 @@ async def _serve(
         if config.health_listen:
             # Health only, never TLS: what the kubelet's gRPC probes can reach.
             health_server = GuardedServer([health], settings=guard)
-            health_host, health_port = _split(config.health_listen)
+            health_host, health_port = split_host_port(config.health_listen, "0.0.0.0")
             await health_server.start(health_host, health_port, reuse_port=True)
             servers.append(health_server)
         for warning in startup_warnings(config, [listen, config.admin_listen]):

@@ -7,13 +7,14 @@ from contextlib import AsyncExitStack
 
 from vmpool.auth.authenticator import Authenticator
 from vmpool.config.schema import Config
+from vmpool.core.address import split_host_port
 
 
 def _is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
@@ -29,8 +30,7 @@ def startup_warnings(config: Config, addresses: list[str]) -> list[str]:
         )
     if config.auth.mode == "none":
         for address in addresses:
-            host = address.rpartition(":")[0]
-            if address and not _is_loopback_host(host):
+            if address and not _is_loopback_host(split_host_port(address)[0]):
                 out.append(
                     f"auth.mode none on {address}: anyone who can reach it can lease, extend "
                     "and return anyone's VMs by naming their service_tag; set auth.mode"

@@ -18,6 +18,7 @@ from grpclib.client import Channel
 from grpclib.config import Configuration
 
 from vmpool.cli.errors import usage
+from vmpool.core.address import split_host_port
 from vmpool.core.durations import parse_duration
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 from vmpool.proto.vmpool.admin import v1 as adm
@@ -137,10 +138,13 @@ class Connection:
 
 
 def parse_server(server: str) -> tuple[str, int]:
-    host, sep, port = server.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    try:
+        host, port = split_host_port(server, "localhost")
+    except ValueError as err:
+        raise usage(f"--server: {err}") from None
+    if port == 0:
         raise usage(f"--server: {server!r} is not HOST:PORT")
-    return host.strip("[]") or "localhost", int(port)
+    return host, port
 
 
 def timeout_seconds(args: argparse.Namespace) -> float:

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from vmpool.config.autoscale import AutoscaleConfig, check_against_size
+from vmpool.core.address import split_host_port
 from vmpool.core.durations import parse_duration
 
 POOL_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -383,9 +384,7 @@ class Config(_Strict):
     def _address(cls, value: str, info: Any) -> str:
         if value == "" and info.field_name in ("metrics_listen", "admin_listen", "health_listen"):
             return value
-        _, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"{value!r} is not HOST:PORT")
+        split_host_port(value)
         return value
 
     @field_validator("reconcile_interval")
