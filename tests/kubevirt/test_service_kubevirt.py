@@ -490,6 +490,53 @@ async def test_vanished_free_vm_is_replaced_promptly(svc: Svc) -> None:
     await svc.assert_consistent()
 
 
+async def test_vm_deleted_while_booting_is_replaced_at_once(make_svc: Make) -> None:
+    """A VM deleted (VM and VMI) before it was ever ready: its row goes from the
+    watch's DELETED event and a replacement under a new name is created at once, not
+    the same name again after the 30 s full comparison. The template's image never
+    pulls, so every VM stays booting for the test (failure grace 30 s)."""
+    booting = pool("stuck", min_ready=2, max_size=3, template=cirros_template("broken/img:1"))
+    svc = await make_svc("booting", [booting])
+
+    async def probe() -> tuple[dict[str, tuple[str, str]], set[str]]:
+        return await svc.rows("stuck"), set(svc.vms("stuck"))
+
+    rows, _ = await eventually(
+        probe,
+        lambda got: len(got[0]) == 2 and set(got[0]) == got[1],
+        timeout=10,
+        what="two booting VMs",
+    )
+    assert {state for state, _ in rows.values()} == {"provisioning"}
+    victim = sorted(rows)[0]
+    svc.fake.delete_now(svc.namespace, victim)
+    start = time.monotonic()
+    rows, vms = await eventually(
+        probe,
+        lambda got: victim not in got[0] and len(got[0]) == 2 and set(got[0]) == got[1],
+        timeout=5,
+        what=f"booting {victim} deleted and replaced",
+        interval=0.02,
+    )
+    print(f"VM deleted while booting replaced after {time.monotonic() - start:.2f}s")
+    assert victim not in vms and svc.fake.get_object(VMIS, svc.namespace, victim) is None
+    assert svc.creates("stuck").count(victim) == 1, "the same name was not created again"
+    assert "vm vanished" in svc.log()
+    await svc.assert_consistent()
+    svc.assert_clean_log()
+    # The never-booting VMs' simulations run until their VMs are gone.
+    await svc.close()
+    for name in svc.vms("stuck"):
+        svc.fake.delete_now(svc.namespace, name)
+    await eventually(
+        lambda: asyncio.sleep(0, result=svc.vms("stuck", deleting=True)),
+        lambda left: not left,
+        timeout=5,
+        what="the stuck VMs deleted",
+    )
+    await asyncio.sleep(svc.fake.boot_step * 4)  # their simulations notice and end
+
+
 async def test_vanished_leased_vm_ends_the_lease(svc: Svc) -> None:
     """Spec 5: a leased instance whose VM disappears: the lease ends."""
     await svc.wait_filled("small", 2)

@@ -205,6 +205,18 @@ def test_a_leased_instance_whose_vm_disappears_ends_its_lease() -> None:
     assert plan_rows(rows, {"c": VM("c", ready=True)}, {}, NOW) == [Vanished(("a", "b"))]
 
 
+def test_a_booting_vm_that_disappears_is_vanished_not_waited_for() -> None:
+    """Seen, then deleted while booting: the row goes now (a replacement under a new
+    name follows), not a re-create of the same name after RECREATE_AFTER."""
+    row = Row("a", "p", "provisioning", NOW)
+    gone = frozenset({"a"})
+    assert plan_rows([row], {}, {"p": target()}, NOW, disappeared=gone) == [Vanished(("a",))]
+    # Never seen yet (a create the backend does not show yet): create, as before.
+    assert plan_rows([row], {}, {"p": target()}, NOW) == [CreateVM("a", "p")]
+    # A create in flight for it is left alone.
+    assert plan_rows([row], {}, {"p": target()}, NOW, busy=gone, disappeared=gone) == []
+
+
 def test_a_vm_is_created_only_after_its_row_exists() -> None:
     # Sizing writes rows (Create); a VM is made for a provisioning row without one.
     assert creates(plan(pool(), target())) == 2

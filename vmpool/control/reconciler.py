@@ -400,6 +400,7 @@ class Reconciler:
             busy=self._exec.busy,
             orphans_since=self._exec.orphans if full else None,
             orphan_grace=self._provider.orphan_grace,
+            disappeared=frozenset(disappeared),
         )
         return await self._exec.apply_rows(actions, pool_of, now)
 

@@ -303,7 +303,8 @@ class Forget:
 
 @dataclass(frozen=True, slots=True)
 class Vanished:
-    """VMs of free or leased rows disappeared behind our back."""
+    """VMs of free or leased rows, or of booting rows that had been seen, disappeared
+    behind our back."""
 
     names: tuple[str, ...]
 
@@ -320,10 +321,14 @@ def plan_rows(
     busy: frozenset[str] = frozenset(),
     orphans_since: Mapping[str, datetime] | None = None,
     orphan_grace: timedelta = timedelta(minutes=10),
+    disappeared: frozenset[str] = frozenset(),
 ) -> list[RowAction]:
     """Boots, deletions and drift. ``busy``: names with a provider call in flight
     (left alone). ``orphans_since``: VMs with no row and when they were first
-    seen so (None: ``rows`` is not every row, so no orphan check)."""
+    seen so (None: ``rows`` is not every row, so no orphan check).
+    ``disappeared``: VMs the provider showed last time and no longer does (deleted,
+    not "not shown yet"): a booting row among them is vanished at once, so the
+    pool gets a replacement under a new name now rather than after RECREATE_AFTER."""
     out: list[RowAction] = []
     gone: list[str] = []
     lost: list[str] = []
@@ -340,6 +345,8 @@ def plan_rows(
             timeout = target.boot_timeout if target is not None else timedelta(minutes=10)
             if vm is not None and vm.failed:
                 out.append(BootFailed(row.name, vm.reason or "boot failed"))
+            elif vm is None and row.name in disappeared and row.name not in busy:
+                lost.append(row.name)
             elif row.created_at + timeout <= wall_now:
                 out.append(BootFailed(row.name, "boot_timeout"))
             elif vm is None and target is not None and row.name not in busy:

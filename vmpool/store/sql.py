@@ -473,7 +473,7 @@ WITH locked AS MATERIALIZED (
     UPDATE reservations SET instance = NULL WHERE instance = ANY ($1::text[])
 ), rows AS (
     DELETE FROM instances
-    WHERE name = ANY ($1::text[]) AND state IN ('ready', 'reserved', 'leased')
+    WHERE name = ANY ($1::text[]) AND state IN ('provisioning', 'ready', 'reserved', 'leased')
     RETURNING name, pool, state
 )
 SELECT r.name, r.pool, r.state, e.service_tag
