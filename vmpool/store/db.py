@@ -56,36 +56,27 @@ class Database:
     # Single statements run in autocommit: one that hit a deadlock or a
     # serialization failure was rolled back whole, so it is run again.
 
-    async def execute(self, query: str, *args: Any) -> str:
-        async def once() -> str:
-            async with self.acquire() as conn:
-                result: str = await conn.execute(query, *args)
-                return result
-
-        return await retrying(once)
-
-    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        async def once() -> list[asyncpg.Record]:
-            async with self.acquire() as conn:
-                rows: list[asyncpg.Record] = await conn.fetch(query, *args)
-                return rows
-
-        return await retrying(once)
-
-    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        async def once() -> asyncpg.Record | None:
-            async with self.acquire() as conn:
-                row: asyncpg.Record | None = await conn.fetchrow(query, *args)
-                return row
-
-        return await retrying(once)
-
-    async def fetchval(self, query: str, *args: Any) -> Any:
+    async def _run(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
         async def once() -> Any:
             async with self.acquire() as conn:
-                return await conn.fetchval(query, *args)
+                return await getattr(conn, method)(query, *args)
 
         return await retrying(once)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        result: str = await self._run("execute", query, args)
+        return result
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._run("fetch", query, args)
+        return rows
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await self._run("fetchrow", query, args)
+        return row
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self._run("fetchval", query, args)
 
     async def close(self) -> None:
         await self.pool.close()
