@@ -9,6 +9,7 @@ import structlog
 
 from vmpool.api.lease import owner_of
 from vmpool.core.clock import Clock
+from vmpool.core.echo import echo
 from vmpool.domain import leasing
 from vmpool.proto.vmpool.admin import v1 as adm
 from vmpool.providers.base import VMDetails
@@ -57,7 +58,7 @@ class ExtensionService(adm.VmPoolExtensionServiceBase):
     ) -> adm.CancelReservationResponse:
         rid = leasing.parse_reservation_id(request.reservation_id)
         tag = leasing.check_service_tag(request.service_tag)
-        structlog.contextvars.bind_contextvars(reservation=str(rid), service_tag=tag[:128])
+        structlog.contextvars.bind_contextvars(reservation=str(rid), service_tag=echo(tag, 128))
         who = owner_of(tag)
         cancelled = await self._leases.cancel_reservation(rid, tag, who.principal, self._clock())
         if cancelled is not None:

@@ -18,6 +18,7 @@ from vmpool.api.rpc import current_stream
 from vmpool.auth.caller import caller, check_service_tag_allowed
 from vmpool.config.schema import Config
 from vmpool.core.durations import parse_duration
+from vmpool.core.echo import echo
 from vmpool.domain import leasing
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
 from vmpool.services.dbhealth import DatabaseHealth
@@ -71,7 +72,7 @@ def requested_wait() -> timedelta:
         wait = parse_duration(raw)
     except ValueError:
         raise leasing.InvalidArgument(
-            f"{WAIT_HEADER}: {raw[:32]!r} is not a duration (e.g. 20s)"
+            f"{WAIT_HEADER}: {echo(raw, 32)!r} is not a duration (e.g. 20s)"
         ) from None
     wait = min(wait, leasing.MAX_WAIT)
     if stream.deadline is not None:
@@ -131,7 +132,7 @@ class LeaseService:
         return api.PingResponse(msg="pong")
 
     async def lease(self, request: LeaseCall) -> LeaseReply:
-        structlog.contextvars.bind_contextvars(service_tag=request.service_tag[:128])
+        structlog.contextvars.bind_contextvars(service_tag=echo(request.service_tag, 128))
         reservation = None
         if request.reservation_id is not None:
             reservation = leasing.parse_reservation_id(request.reservation_id)
@@ -149,13 +150,13 @@ class LeaseService:
         return to_reply(lease)
 
     async def return_(self, request: ReturnCall) -> api.ReturnResponse:
-        structlog.contextvars.bind_contextvars(service_tag=request.service_tag[:128])
+        structlog.contextvars.bind_contextvars(service_tag=echo(request.service_tag, 128))
         owner = owner_of(request.service_tag)
         await self._leaser.return_(request.instance, request.service_tag, owner.principal)
         return _RETURNED
 
     async def extend_to(self, request: ExtendCall) -> LeaseReply:
-        structlog.contextvars.bind_contextvars(service_tag=request.service_tag[:128])
+        structlog.contextvars.bind_contextvars(service_tag=echo(request.service_tag, 128))
         owner = owner_of(request.service_tag)
         lease = await self._leaser.extend_to(
             request.instance,

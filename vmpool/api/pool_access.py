@@ -14,6 +14,7 @@ auth.allow_anonymous_admin): identity.md section 4.
 from __future__ import annotations
 
 from vmpool.auth.caller import caller, has_role, require_role
+from vmpool.core.echo import echo
 from vmpool.domain.leasing import PermissionDenied
 from vmpool.store.pools import PoolRow
 
@@ -36,8 +37,8 @@ def authorize_pool_call(action: str, pool: PoolRow | None) -> str:
         return name
     require_role("pools")
     if not pool.is_api or pool.owner != name:
-        owner = "the configuration file" if not pool.is_api else f'"{pool.owner[:64]}"'
+        owner = "the configuration file" if not pool.is_api else f'"{echo(pool.owner)}"'
         raise PermissionDenied(
-            f'name: pool "{pool.name[:64]}" belongs to {owner}; {action} needs its owner or admin'
+            f'name: pool "{echo(pool.name)}" belongs to {owner}; {action} needs its owner or admin'
         )
     return name

@@ -268,12 +268,12 @@ class PoolService(papi.VmPoolServiceBase):
         leasing.check_text("lease_name", instance)
         lease = await self._leases.get_lease(instance)
         if lease is None:
-            raise NotFound(f'lease_name: no active lease "{instance[:64]}"')
+            raise NotFound(f'lease_name: no active lease "{echo(instance)}"')
         self._authorize("stop_lease", await self._store.get(lease.pool))
         try:
             ended = await self._leases.force_return(instance, self._clock(), "StopLease")
         except NotLeased:
-            raise NotFound(f'lease_name: no active lease "{instance[:64]}"') from None
+            raise NotFound(f'lease_name: no active lease "{echo(instance)}"') from None
         held = (self._clock() - ended.leased_at).total_seconds()
         self._metrics.lease_duration.labels(ended.pool, "stopped").observe(max(held, 0.0))
         log.info("lease stopped", instance=instance, pool=ended.pool)

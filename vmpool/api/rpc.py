@@ -18,7 +18,7 @@ from vmpool.auth.authenticator import Authenticator
 from vmpool.auth.caller import PUBLIC, current_caller, require_role
 from vmpool.auth.principal import AuthUnavailable, Principal, Unauthenticated
 from vmpool.core import calltime
-from vmpool.core.echo import status_message
+from vmpool.core.echo import echo, status_message
 from vmpool.domain import leasing
 from vmpool.ops.metrics import Metrics
 from vmpool.store.errors import unavailable
@@ -34,12 +34,12 @@ _READ_METHODS = {"Ping", "Pools", "PoolStats"}
 def bind_principal(principal: Principal) -> None:
     """The caller on the call's log lines (and audit line): name and groups, cut."""
     if principal.groups:
-        groups = [g[:64] for g in principal.groups[:8]]
+        groups = [echo(g) for g in principal.groups[:8]]
         if len(principal.groups) > 8:
             groups.append(f"...({len(principal.groups) - 8} more)")
-        structlog.contextvars.bind_contextvars(principal=principal.name[:128], groups=groups)
+        structlog.contextvars.bind_contextvars(principal=echo(principal.name, 128), groups=groups)
     else:
-        structlog.contextvars.bind_contextvars(principal=principal.name[:128])
+        structlog.contextvars.bind_contextvars(principal=echo(principal.name, 128))
 
 
 def is_state_change(method: str) -> bool:

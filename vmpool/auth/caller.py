@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from vmpool.auth.policy import Grant, glob_allows
 from vmpool.auth.principal import ANONYMOUS, Principal
+from vmpool.core.echo import echo
 from vmpool.domain.leasing import PermissionDenied
 
 
@@ -50,7 +51,7 @@ def require_role(role: str) -> Caller:
                 f"role {role}: anonymous callers get it only from loopback "
                 "(set auth.allow_anonymous_admin or enable authentication)"
             )
-        raise PermissionDenied(f'role {role}: not granted to "{who.principal.name[:64]}"')
+        raise PermissionDenied(f'role {role}: not granted to "{echo(who.principal.name)}"')
     return who
 
 
@@ -58,7 +59,7 @@ def check_service_tag_allowed(tag: str) -> None:
     who = caller()
     if not glob_allows(who.grant.service_tags, tag):
         raise PermissionDenied(
-            f'service_tag: "{tag[:64]}" is not allowed for "{who.principal.name[:64]}"'
+            f'service_tag: "{echo(tag)}" is not allowed for "{echo(who.principal.name)}"'
         )
 
 
@@ -66,5 +67,5 @@ def check_pool_allowed(pool: str) -> None:
     who = caller()
     if not glob_allows(who.grant.pools, pool):
         raise PermissionDenied(
-            f'pool: "{pool[:64]}" is not allowed for "{who.principal.name[:64]}"'
+            f'pool: "{echo(pool)}" is not allowed for "{echo(who.principal.name)}"'
         )

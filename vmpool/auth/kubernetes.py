@@ -15,6 +15,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from vmpool.auth.cache import MAX_ENTRIES, TokenCache, cache_until, token_key
 from vmpool.auth.principal import AuthUnavailable, Principal, Unauthenticated
+from vmpool.core.echo import echo
 
 log = structlog.get_logger("vmpool.auth")
 
@@ -35,7 +36,7 @@ def unverified_expiry(token: str) -> float | None:
 def principal_of_review(status: Any, audiences: list[str]) -> Principal:
     """The caller a TokenReview status names; Unauthenticated when it does not."""
     if status is None or not status.authenticated:
-        reason = (getattr(status, "error", None) or "token rejected")[:200]
+        reason = echo(getattr(status, "error", None) or "token rejected", 200)
         raise Unauthenticated(f"token: {reason}")
     if audiences and not set(status.audiences or []) & set(audiences):
         raise Unauthenticated(f"token: not issued for audience {', '.join(audiences)}")
@@ -118,12 +119,12 @@ class TokenReviewer:
         try:
             review = await self._review(body)
         except ApiException as err:
-            log.warning("token review failed", status=err.status, reason=str(err.reason)[:200])
+            log.warning("token review failed", status=err.status, reason=echo(str(err.reason), 200))
             raise AuthUnavailable(
                 f"token review: the Kubernetes API answered {err.status}; retry later"
             ) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as err:
-            log.warning("token review failed", error=repr(err)[:200])
+            log.warning("token review failed", error=echo(repr(err), 200))
             raise AuthUnavailable("token review: the Kubernetes API cannot be reached") from None
         try:
             principal = principal_of_review(review.status, self._audiences)
@@ -162,6 +163,6 @@ async def load_api_client(kubeconfig: str) -> client.ApiClient:
     except (ConfigException, OSError) as err:
         raise ValueError(
             f"auth.kubernetes.kubeconfig: cannot load {kubeconfig or 'in-cluster or ~/.kube/config'}: "
-            f"{str(err)[:200]}"
+            f"{echo(str(err), 200)}"
         ) from None
     return client.ApiClient(configuration)

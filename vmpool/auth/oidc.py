@@ -17,6 +17,7 @@ import structlog
 
 from vmpool.auth.principal import AuthUnavailable, Principal, Unauthenticated
 from vmpool.config.schema import JwtAuthConfig
+from vmpool.core.echo import echo
 
 log = structlog.get_logger("vmpool.auth")
 
@@ -91,10 +92,10 @@ class JwtVerifier:
                 raise AuthUnavailable("jwks_url: key set larger than 1 MiB")
             return parse_jwks(json.loads(body))
         except (aiohttp.ClientError, OSError, TimeoutError) as err:
-            log.warning("jwks fetch failed", error=repr(err)[:200])
+            log.warning("jwks fetch failed", error=echo(repr(err), 200))
             raise AuthUnavailable("jwks: the key set cannot be fetched; retry later") from None
         except ValueError as err:  # bad JSON or not a key set
-            log.warning("jwks unusable", error=str(err)[:200])
+            log.warning("jwks unusable", error=echo(str(err), 200))
             raise AuthUnavailable("jwks: the key set is not usable; retry later") from None
 
     async def _key(self, kid: str) -> jwt.PyJWK:
@@ -114,7 +115,7 @@ class JwtVerifier:
         if key is None and not kid and len(self._keys) == 1:
             key = next(iter(self._keys.values()))
         if key is None:
-            raise Unauthenticated(f"token: signed with unknown key {kid[:64]!r}")
+            raise Unauthenticated(f"token: signed with unknown key {echo(kid)!r}")
         return key
 
     async def authenticate(self, token: str) -> Principal:
@@ -124,7 +125,7 @@ class JwtVerifier:
             raise Unauthenticated("token: not a JWT") from None
         alg = header.get("alg")
         if alg not in ALGORITHMS:
-            raise Unauthenticated(f"token: algorithm {str(alg)[:16]!r} is not accepted")
+            raise Unauthenticated(f"token: algorithm {echo(str(alg), 16)!r} is not accepted")
         kid = header.get("kid") or ""
         if not isinstance(kid, str):
             raise Unauthenticated("token: kid is not a string")
@@ -143,5 +144,5 @@ class JwtVerifier:
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("token: expired") from None
         except jwt.PyJWTError as err:
-            raise Unauthenticated(f"token: {str(err)[:200]}") from None
+            raise Unauthenticated(f"token: {echo(str(err), 200)}") from None
         return claims_principal(claims, cfg.username_claim, cfg.groups_claim)

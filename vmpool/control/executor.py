@@ -24,6 +24,7 @@ from vmpool.config.schema import PoolConfig
 from vmpool.control.leadership import Leadership
 from vmpool.core.backoff import Backoff, Monotonic
 from vmpool.core.clock import Clock
+from vmpool.core.echo import echo
 from vmpool.domain.planner import (
     Action,
     BootFailed,
@@ -338,7 +339,7 @@ class Executor:
                 try:
                     await self._mark_destroying(
                         [name],
-                        f"create rejected: {str(err)[:200]}",
+                        f"create rejected: {echo(str(err), 200)}",
                         self._clock(),
                         ("provisioning",),
                     )
@@ -348,7 +349,7 @@ class Executor:
                     "boot failed",
                     instance=name,
                     pool=pool.name,
-                    reason=str(err)[:256],
+                    reason=echo(str(err), 256),
                     pool_backoff_s=round(delay, 1),
                 )
                 return
@@ -358,7 +359,7 @@ class Executor:
                     "create failed",
                     instance=name,
                     pool=pool.name,
-                    error=str(err)[:256],
+                    error=echo(str(err), 256),
                     retry_in_s=round(delay, 1),
                 )
                 return
@@ -379,7 +380,7 @@ class Executor:
                 log.warning(
                     "delete failed",
                     instance=name,
-                    error=str(err)[:256],
+                    error=echo(str(err), 256),
                     retry_in_s=round(delay, 1),
                 )
                 return

@@ -26,6 +26,7 @@ from vmpool.control.gauges import PoolGauges, counts_of
 from vmpool.control.leadership import Leadership
 from vmpool.core.backoff import Monotonic, Retry
 from vmpool.core.clock import Clock
+from vmpool.core.echo import echo
 from vmpool.domain import pools as pool_rules
 from vmpool.domain.planner import (
     VM,
@@ -227,7 +228,7 @@ class Reconciler:
             self._metrics.reconcile_errors.labels("provider").inc()
             self._failed_pass()
             log.warning(
-                "reconcile pass failed", error=str(err)[:256], retry_in_s=self._failing_delay
+                "reconcile pass failed", error=echo(str(err), 256), retry_in_s=self._failing_delay
             )
         except Exception:  # a bug or an untranslated error: the next pass still runs
             self._metrics.reconcile_errors.labels("unexpected").inc()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
+from vmpool.core.echo import echo
+
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -26,7 +28,7 @@ def parse_duration(text: str) -> timedelta:
     try:
         return timedelta(seconds=total)
     except OverflowError:  # e.g. 99999999999999999999h: out of timedelta's range
-        raise ValueError(f"duration {text[:32]!r} is too long") from None
+        raise ValueError(f"duration {echo(text, 32)!r} is too long") from None
 
 
 def format_duration(value: timedelta) -> str:

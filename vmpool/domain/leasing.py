@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from typing import TypeGuard
 
 from vmpool.config.schema import PoolConfig
+from vmpool.core.echo import echo
 from vmpool.core.instant import GO_ZERO_TIME, UNIX_EPOCH, Instant
 
 MAX_TAG = 128
@@ -72,7 +73,7 @@ def parse_reservation_id(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise InvalidArgument(f"reservation_id: {value[:64]!r} is not a UUID") from None
+        raise InvalidArgument(f"reservation_id: {echo(value)!r} is not a UUID") from None
 
 
 def given(ts: Instant | None) -> TypeGuard[Instant]:

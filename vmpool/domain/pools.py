@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vmpool.config.schema import Config, HardwareTemplateConfig, PoolConfig, TierConfig
+from vmpool.core.echo import echo
 from vmpool.domain.leasing import FailedPrecondition, InvalidArgument, check_text
 
 MAX_NAME = 128
@@ -54,7 +55,7 @@ def check_pool_name(name: str, field: str = "name") -> str:
         raise InvalidArgument(f"{field}: longer than {MAX_NAME} characters ({len(name)})")
     for i, c in enumerate(name):
         if not _name_char(c, i == 0):
-            shown = name if len(name) <= 64 else name[:64] + "..."
+            shown = echo(name)
             where = "must start with a letter or digit" if i == 0 else f"has {c!r} at {i}"
             raise InvalidArgument(
                 f"{field}: {shown!r} {where} (allowed: letters, digits, '-', '_', '.')"
@@ -73,7 +74,7 @@ class PoolSpec:
 def _check_choice(field: str, value: str, valid: list[str]) -> None:
     if value not in valid:
         names = ", ".join(repr(v) for v in valid)
-        raise InvalidArgument(f"spec.{field}: no such {field} {value[:64]!r} (valid: {names})")
+        raise InvalidArgument(f"spec.{field}: no such {field} {echo(value)!r} (valid: {names})")
 
 
 def _check_version(config: Config, field: str, value: str) -> None:
@@ -82,7 +83,7 @@ def _check_version(config: Config, field: str, value: str) -> None:
     if len(value) > 256:
         raise InvalidArgument(f"spec.{field}: longer than 256 characters")
     if pattern and not re.search(pattern, value):
-        raise InvalidArgument(f"spec.{field}: {value[:64]!r} does not match {pattern!r}")
+        raise InvalidArgument(f"spec.{field}: {echo(value)!r} does not match {pattern!r}")
 
 
 def resolve_field(config: Config, field: str, value: str) -> str:
@@ -116,7 +117,7 @@ def mask_fields(paths: list[str] | None) -> tuple[str, ...]:
         if field not in SPEC_FIELDS:
             valid = ", ".join(SPEC_FIELDS)
             raise InvalidArgument(
-                f"update_mask: unknown path {path[:64]!r} (valid: {valid}, optionally 'spec.'-prefixed)"
+                f"update_mask: unknown path {echo(path)!r} (valid: {valid}, optionally 'spec.'-prefixed)"
             )
         if field not in out:
             out.append(field)

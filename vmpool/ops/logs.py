@@ -20,6 +20,8 @@ import threading
 
 import structlog
 
+from vmpool.core.echo import echo
+
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -105,7 +107,7 @@ def without_traceback(record: logging.LogRecord) -> bool:
     a traceback. Always keeps the record."""
     if record.exc_info and record.exc_info[1] is not None:
         err = record.exc_info[1]
-        record.error = f"{type(err).__name__}: {err}"[:MAX_ERROR_CHARS]
+        record.error = echo(f"{type(err).__name__}: {err}", MAX_ERROR_CHARS)
         record.exc_info = None
         record.exc_text = None
     return True

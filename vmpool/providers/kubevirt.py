@@ -20,6 +20,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from vmpool.config.schema import KubevirtProviderConfig, PoolConfig
 from vmpool.core.backoff import Retry
+from vmpool.core.echo import echo
 from vmpool.ops.metrics import Metrics
 from vmpool.providers import errors
 from vmpool.providers.base import VMPhase, VMStatus
@@ -86,7 +87,7 @@ def _status(obj: Mapping[str, Any]) -> dict[str, Any]:
 def _condition_message(status: Mapping[str, Any]) -> str:
     for cond in status.get("conditions") or []:
         if isinstance(cond, dict) and cond.get("message"):
-            return str(cond["message"])[:MAX_REMOTE_TEXT]
+            return echo(str(cond["message"]), MAX_REMOTE_TEXT)
     return ""
 
 

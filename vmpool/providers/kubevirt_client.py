@@ -20,6 +20,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
 from vmpool.core.backoff import Retry
+from vmpool.core.echo import echo
 from vmpool.ops.metrics import Metrics
 from vmpool.providers import errors
 from vmpool.providers.ratelimit import TokenBucket
@@ -85,8 +86,7 @@ async def load_client_configuration(kubeconfig: str) -> client.Configuration:
 
 
 def _truncate(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_REMOTE_TEXT else text[: MAX_REMOTE_TEXT - 3] + "..."
+    return echo(" ".join(text.split()), MAX_REMOTE_TEXT)
 
 
 def _status_body(exc: ApiException) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from vmpool.core.backoff import Retry
+from vmpool.core.echo import echo
 from vmpool.providers import errors
 from vmpool.providers.kubevirt_client import CONNECTION_ERRORS, ApiCaller, translate
 
@@ -177,7 +178,9 @@ class Informer:
 
     def _apply(self, event: Any) -> None:
         if not isinstance(event, dict) or not isinstance(event.get("raw_object"), dict):
-            raise errors.ServerError(f"watch of {self.what}: malformed event {str(event)[:200]}")
+            raise errors.ServerError(
+                f"watch of {self.what}: malformed event {echo(str(event), 200)}"
+            )
         kind = event.get("type")
         obj: dict[str, Any] = event["raw_object"]
         rv = (obj.get("metadata") or {}).get("resourceVersion")

@@ -51,7 +51,7 @@ def _owned_lease(instance: str) -> Iterator[None]:
 
 def _allowed(pool: str, allowed: tuple[str, ...]) -> str:
     if not glob_allows(allowed, pool):
-        raise PermissionDenied(f'pool: "{pool[:64]}" is not among the pools this caller may use')
+        raise PermissionDenied(f'pool: "{echo(pool)}" is not among the pools this caller may use')
     return pool
 
 
@@ -124,7 +124,7 @@ class Leaser:
         except QuotaExceeded as err:
             reason = "queued_quota" if "queued" in str(err) else "lease_quota"
             self._metrics.owner_refusals.labels(self._metrics.owner_label(who.key), reason).inc()
-            raise Exhausted(str(err)[:300]) from None
+            raise Exhausted(echo(str(err), 300)) from None
 
     def _count(self, who: Owner, lease: LeaseRow | QueuePlace) -> None:
         label = self._metrics.owner_label(who.key)

@@ -11,6 +11,7 @@ import asyncpg
 import structlog
 
 from vmpool.core.backoff import backoff_delay
+from vmpool.core.echo import echo
 
 log = structlog.get_logger("vmpool.store")
 T = TypeVar("T")
@@ -124,7 +125,7 @@ async def retrying(
             delay = backoff_delay(attempt, base, cap)
             log.info(
                 "transient database error; retrying",
-                error=f"{type(err).__name__}: {str(err)[:200]}",
+                error=f"{type(err).__name__}: {echo(str(err), 200)}",
                 attempt=attempt,
                 retry_in_s=round(delay, 3),
             )
