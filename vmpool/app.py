@@ -18,6 +18,7 @@ from vmpool.api.extension import ExtensionService
 from vmpool.api.lease import LeaseService
 from vmpool.api.pool_api import PoolService
 from vmpool.api.rpc import Gate, instrument
+from vmpool.api.watch import Watch, encode_shared
 from vmpool.auth.setup import build_authenticator, startup_warnings
 from vmpool.config.schema import Config
 from vmpool.control.background import Background, FatalError, StartupError
@@ -27,11 +28,13 @@ from vmpool.ops.metrics import Metrics
 from vmpool.providers.describers import build_describer
 from vmpool.services.catalog import PoolCatalog
 from vmpool.services.dbhealth import DatabaseHealth
+from vmpool.services.lease_events import EventHub, WatchLimits
 from vmpool.services.leaser import Leaser
 from vmpool.services.readiness import PROVIDER, READY, HealthName, database_check, provider_check
 from vmpool.services.waiters import Waiters
 from vmpool.store.db import connect, migrate
 from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
+from vmpool.store.events import EventStore
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
 from vmpool.store.pools import PoolStore
@@ -67,6 +70,16 @@ def tls_context(config: Config) -> ReloadingContext | None:
         return ReloadingContext(config.tls)
     except TlsError as err:
         raise StartupError(str(err)) from None
+
+
+def watch_limits(config: Config) -> WatchLimits:
+    lim = config.limits
+    return WatchLimits(
+        max_streams=lim.max_watch_streams,
+        max_streams_per_connection=lim.max_watch_streams_per_connection,
+        buffer=lim.watch_buffer,
+        heartbeat_s=lim.watch_heartbeat.total_seconds(),
+    )
 
 
 class AddressInUse(StartupError):
@@ -221,8 +234,21 @@ async def _serve(
             catalog=PoolCatalog(config, pool_store),
         )
         describer = build_describer(config, db)
+        event_store = EventStore(db)
+        hub = EventHub(
+            url,
+            event_store,
+            watch_limits(config),
+            encode=encode_shared,
+            on_streams=metrics.watch_streams.set,
+        )
         extension = ExtensionService(
-            leaser, leases, utcnow, background.wake, describe=describer.describe
+            leaser,
+            leases,
+            utcnow,
+            background.wake,
+            describe=describer.describe,
+            watch=Watch(hub, event_store, metrics),
         )
         pool_service = PoolService(
             pool_store,
@@ -300,10 +326,12 @@ async def _serve(
             metrics=config.metrics_listen or None,
         )
         await stop.wait()
-        # Shutdown order: not serving, stop taking calls (GOAWAY on every
-        # connection: clients move to another replica), drain those in flight,
-        # close the port, stop the background work, close the pool.
+        # Shutdown order: not serving, end watch streams (UNAVAILABLE with a
+        # resume cursor), stop taking calls (GOAWAY on every connection:
+        # clients move to another replica), drain those in flight, close the
+        # port, stop the background work, close the pool.
         serving.set(False)
+        await hub.shutdown()
         for s in servers:
             s.goaway()
         waiters.wake_all()

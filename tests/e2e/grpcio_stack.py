@@ -22,8 +22,10 @@ class GrpcioModules:
     empty_pb2: ModuleType
 
 
-def compile_proto(out: Path, proto: str) -> tuple[ModuleType, ModuleType]:
-    """The grpcio (pb2, pb2_grpc) modules of ``proto`` (a path under api/)."""
+def compile_proto(
+    out: Path, proto: str, root: Path = REPO / "api"
+) -> tuple[ModuleType, ModuleType]:
+    """The grpcio (pb2, pb2_grpc) modules of ``proto`` (a path under ``root``)."""
     from grpc_tools import protoc
 
     well_known = resources.files("grpc_tools") / "_proto"
@@ -31,7 +33,7 @@ def compile_proto(out: Path, proto: str) -> tuple[ModuleType, ModuleType]:
     rc = protoc.main(
         [
             "grpc_tools.protoc",
-            f"-I{REPO / 'api'}",
+            f"-I{root}",
             f"-I{well_known}",
             f"--python_out={out}",
             f"--grpc_python_out={out}",

@@ -3,11 +3,13 @@ CancelReservation and DescribeInstance, checked against the owner, not operator-
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import structlog
 
 from vmpool.api.lease import owner_of
+from vmpool.api.watch import Watch
 from vmpool.core.clock import Clock
 from vmpool.core.echo import echo
 from vmpool.domain import leasing
@@ -46,12 +48,14 @@ class ExtensionService(adm.VmPoolExtensionServiceBase):
         clock: Clock,
         on_change: Callable[[str], None],
         describe: Describe = _nothing_known,
+        watch: Watch | None = None,
     ) -> None:
         self._leaser = leaser
         self._leases = leases
         self._clock = clock
         self._on_change = on_change
         self._describe = describe
+        self._watch = watch
 
     async def cancel_reservation(
         self, request: adm.CancelReservationRequest
@@ -110,3 +114,9 @@ class ExtensionService(adm.VmPoolExtensionServiceBase):
                 reservation_id=str(lease.reservation_id) if lease.reservation_id else "",
             )
         )
+
+    async def watch_leases(self, request: adm.WatchLeasesRequest) -> AsyncIterator[Any]:
+        if self._watch is None:
+            raise leasing.Unavailable("watch: not served by this process")
+        async for event in self._watch.stream(request):
+            yield event

@@ -15,6 +15,7 @@ from betterproto.lib.google.protobuf import Empty
 
 from vmpool.api.pool_access import authorize_pool_call
 from vmpool.api.rpc import current_stream
+from vmpool.auth.caller import caller
 from vmpool.config.schema import Config, PoolConfig
 from vmpool.core.clock import Clock
 from vmpool.core.echo import echo
@@ -271,7 +272,9 @@ class PoolService(papi.VmPoolServiceBase):
             raise NotFound(f'lease_name: no active lease "{echo(instance)}"')
         self._authorize("stop_lease", await self._store.get(lease.pool))
         try:
-            ended = await self._leases.force_return(instance, self._clock(), "StopLease")
+            ended = await self._leases.force_return(
+                instance, self._clock(), "StopLease", by=caller().principal.name
+            )
         except NotLeased:
             raise NotFound(f'lease_name: no active lease "{echo(instance)}"') from None
         held = (self._clock() - ended.leased_at).total_seconds()

@@ -238,8 +238,14 @@ class LimitsConfig(_Strict):
     max_connections: int = Field(default=2000, ge=1, le=1_000_000)
     idle_timeout: Duration = timedelta(minutes=5)
     handshake_timeout: Duration = timedelta(seconds=10)
+    # WatchLeases streams (docs/api.md): per process, per connection, the
+    # events one stream may fall behind before it is ended, the heartbeat.
+    max_watch_streams: int = Field(default=2000, ge=0, le=100_000)
+    max_watch_streams_per_connection: int = Field(default=100, ge=1, le=10_000)
+    watch_buffer: int = Field(default=1000, ge=10, le=1_000_000)
+    watch_heartbeat: Duration = timedelta(seconds=15)
 
-    @field_validator("idle_timeout", "handshake_timeout")
+    @field_validator("idle_timeout", "handshake_timeout", "watch_heartbeat")
     @classmethod
     def _bounded_duration(cls, value: timedelta) -> timedelta:
         if not timedelta(0) < value <= timedelta(days=1):
@@ -255,8 +261,10 @@ class ReconcilerConfig(_Strict):
     leader_ttl: Duration = timedelta(seconds=10)
     # Ended leases kept in lease_history this long, then deleted in batches.
     lease_history_retention: Duration = timedelta(days=30)
+    # Lease events kept for WatchLeases to resume from (older cursors: OUT_OF_RANGE).
+    lease_events_retention: Duration = timedelta(hours=1)
 
-    @field_validator("leader_ttl", "lease_history_retention")
+    @field_validator("leader_ttl", "lease_history_retention", "lease_events_retention")
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:
         if value <= timedelta(0):

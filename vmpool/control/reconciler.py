@@ -59,6 +59,9 @@ MIN_GAP = 0.1  # at least this between pass starts: under a storm, batch, don't 
 PRUNE_EVERY = 60.0  # seconds between lease_history retention runs
 PRUNE_BATCH = 1000  # rows per delete: short transactions, no long locks
 PRUNE_BATCHES = 20  # per run at most; the next run goes on
+# Lease events come at the rate of leases (thousands a second under load).
+EVENT_PRUNE_BATCH = 5000
+EVENT_PRUNE_BATCHES = 100
 
 
 class Inbox:
@@ -312,6 +315,20 @@ class Reconciler:
         if total:
             self._metrics.reconcile_actions.labels("history pruned").inc(total)
             log.info("history pruned", rows=total, ended_before=before.isoformat())
+        await self._prune_events()
+
+    async def _prune_events(self) -> None:
+        """lease_events retention (WatchLeases), by the database's clock."""
+        keep = self._config.reconciler.lease_events_retention
+        total = 0
+        for _ in range(EVENT_PRUNE_BATCHES):
+            n = await self._inv.prune_events(keep, EVENT_PRUNE_BATCH)
+            total += n
+            if n < EVENT_PRUNE_BATCH:
+                break
+        if total:
+            self._metrics.reconcile_actions.labels("events pruned").inc(total)
+            log.info("lease events pruned", rows=total, older_than=str(keep))
 
     async def _statuses(self, summary: Summary) -> bool:
         """Pool statuses the counts reached (pool-api.md section 3): RUNNING once

@@ -187,6 +187,19 @@ class Metrics:
             registry=r,
         )
 
+        self.watch_streams = Gauge(
+            "vmpool_watch_streams",
+            "WatchLeases streams open in this process (limits.max_watch_streams).",
+            registry=r,
+        )
+        self.watch_refused = Counter(
+            "vmpool_watch_refused_total",
+            "WatchLeases streams refused or ended by the server, by status "
+            "(RESOURCE_EXHAUSTED: a cap or a slow reader; UNAVAILABLE: shutdown).",
+            ["code"],
+            registry=r,
+        )
+
     def set_pool_sizes(self, pools: Iterable[tuple[str, int, int]]) -> None:
         """(name, min_ready, max_size) of every pool this process serves."""
         self.pool_min_ready.clear()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from vmpool.store import sql
+from vmpool.store import events, sql
 from vmpool.store.db import Database
 from vmpool.store.errors import NotLeader, retrying, translated
 from vmpool.store.records import EndedLease, LeaseRow
@@ -234,6 +234,10 @@ class Inventory:
         async with translated():
             status = await self._write_status(sql.PRUNE_HISTORY, (before, batch))
         return int(status.rsplit(" ", 1)[-1])
+
+    async def prune_events(self, older_than: timedelta, batch: int) -> int:
+        """Delete one batch of lease events older than ``older_than``; how many."""
+        return await events.prune(self._pool, older_than, batch)
 
     async def mark_reached_running(self, pools: Sequence[str]) -> None:
         """These pools reached min_ready: INITIALIZING becomes RUNNING (pool-api.md)."""

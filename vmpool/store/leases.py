@@ -264,9 +264,12 @@ class LeaseStore:
             )
         return out
 
-    async def force_return(self, instance: str, now: datetime, reason: str) -> EndedLease:
+    async def force_return(
+        self, instance: str, now: datetime, reason: str, by: str = "anonymous"
+    ) -> EndedLease:
+        """End the lease as an operator ``by`` (the principal its event names)."""
         async with translated():
-            row = await self._pool.fetchrow(sql.FORCE_RETURN, instance, now, reason)
+            row = await self._pool.fetchrow(sql.FORCE_RETURN, instance, now, reason, by)
         if row is None:
             raise NotLeased(instance)
         return EndedLease(

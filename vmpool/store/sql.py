@@ -349,7 +349,9 @@ WITH locked AS MATERIALIZED (
     UPDATE instances i SET state = 'ready', reservation_id = NULL, state_changed_at = $1
     FROM gone WHERE i.name = gone.instance AND i.state = 'reserved'
 )
-SELECT id, pool, instance, served FROM gone
+SELECT id, pool, instance, served,
+       set_config('vmpool.reason', 'expired', true) AS why  -- the lease event's kind
+FROM gone
 """
 
 # Set the oldest free instance aside for the oldest waiting reservation. The
@@ -579,7 +581,9 @@ WITH ended AS (
     UPDATE instances i SET state = 'destroying', destroy_reason = $3, state_changed_at = $2
     FROM ended WHERE i.name = ended.instance
 )
-SELECT pool, leased_at, service_tag, principal, pg_notify('vmpool_wake', 'return') FROM ended
+SELECT pool, leased_at, service_tag, principal, pg_notify('vmpool_wake', 'return'),
+       set_config('vmpool.principal', $4, true) AS cause  -- the lease event's cause
+FROM ended
 """
 
 # --- the fake provider's cloud --------------------------------------------------
@@ -607,7 +611,9 @@ WITH gone AS (
     UPDATE instances i SET state = 'ready', reservation_id = NULL, state_changed_at = $3
     FROM gone WHERE i.name = gone.instance AND i.state = 'reserved'
 )
-SELECT pool, instance, pg_notify('vmpool_wake', 'cancel') FROM gone
+SELECT pool, instance, pg_notify('vmpool_wake', 'cancel'),
+       set_config('vmpool.principal', $4, true) AS cause  -- the lease event's cause
+FROM gone
 """
 
 FAKE_GET = FAKE_LIST + " WHERE name = $1"

@@ -119,6 +119,11 @@ def check(data: bytes, cls: type) -> list[tuple[int, int, int, int]]:
     return found
 
 
+class Encoded(bytes):
+    """A reply message already encoded (a lease event shared by many streams):
+    sent as it is."""
+
+
 class SafeProtoCodec(ProtoCodec):
     """The lease requests and replies go through vmpool.wire.fastwire (nanosecond
     Timestamps, and fast); every other message through betterproto, checked first."""
@@ -126,6 +131,8 @@ class SafeProtoCodec(ProtoCodec):
     def encode(self, message: Any, message_type: Any) -> bytes:
         if isinstance(message, LeaseReply):
             return encode_lease_reply(message)
+        if type(message) is Encoded:
+            return message
         if message_type is api.ReturnResponse:
             return b""  # no fields
         return super().encode(message, message_type)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import (
     TYPE_CHECKING,
+    AsyncIterator,
     Dict,
     List,
     Optional,
@@ -20,6 +21,44 @@ if TYPE_CHECKING:
     import grpclib.server
     from betterproto.grpc.grpclib_client import MetadataLike
     from grpclib.metadata import Deadline
+
+
+class LeaseEventType(betterproto.Enum):
+    UNSPECIFIED = 0
+    LEASED = 1
+    EXTENDED = 2
+    EXPIRING = 3
+    """
+    Derived, not stored: the lease expires within the requested lead time.
+     Sent once per stream for each expiry it sees (again after an extension).
+    """
+
+    EXPIRED = 4
+    RETURNED = 5
+    STOPPED = 6
+    """
+    Ended by an operator (VMPoolService.StopLease); `principal` names who.
+    """
+
+    VANISHED = 7
+    """The VM disappeared; the lease ended."""
+
+    RELEASED = 8
+    """Undone at once: the caller of Lease was gone when it was granted."""
+
+    RESERVATION_QUEUED = 9
+    RESERVATION_SERVED = 10
+    RESERVATION_CANCELLED = 11
+    RESERVATION_EXPIRED = 12
+    HEARTBEAT = 13
+    """
+    Nothing new for this stream (every `limits.watch_heartbeat`); its
+     cursor is where to resume.
+    """
+
+    SNAPSHOT_LEASE = 14
+    SNAPSHOT_RESERVATION = 15
+    SNAPSHOT_END = 16
 
 
 @dataclass(eq=False, repr=False)
@@ -150,6 +189,68 @@ class DescribeInstanceResponse(betterproto.Message):
     instance: "InstanceDetails" = betterproto.message_field(1)
 
 
+@dataclass(eq=False, repr=False)
+class WatchLeasesRequest(betterproto.Message):
+    after: str = betterproto.string_field(1)
+    """Resume after this cursor (any event's); "" starts from now."""
+
+    snapshot: bool = betterproto.bool_field(2)
+    """
+    First the current leases and queued reservations (SNAPSHOT_LEASE,
+     SNAPSHOT_RESERVATION, then SNAPSHOT_END), then what happens after them.
+     Not with `after`.
+    """
+
+    pool: str = betterproto.string_field(3)
+    """
+    Filters ("" or unset: any). A lease client's stream is always narrowed to
+     its own leases; a filter on what it may not see shows nothing.
+    """
+
+    instance: str = betterproto.string_field(4)
+    service_tag: Optional[str] = betterproto.string_field(5, optional=True)
+    """
+    The owner's service_tag. Unset: any tag (a lease client with
+     auth.mode none: the empty tag, its owner then being the tag alone).
+    """
+
+    principal: str = betterproto.string_field(6)
+    """Admin only: the owner's principal."""
+
+    expiring_lead_seconds: int = betterproto.int32_field(7)
+    """
+    EXPIRING this many seconds before a lease's expiry; 0: 300; negative: never.
+    """
+
+
+@dataclass(eq=False, repr=False)
+class LeaseEvent(betterproto.Message):
+    cursor: str = betterproto.string_field(1)
+    """Opaque; resume after it with WatchLeasesRequest.after."""
+
+    time: datetime = betterproto.message_field(2)
+    """When it was recorded (database clock); EXPIRING: when it was sent."""
+
+    type: "LeaseEventType" = betterproto.enum_field(3)
+    instance: str = betterproto.string_field(4)
+    pool: str = betterproto.string_field(5)
+    service_tag: str = betterproto.string_field(6)
+    """The owner: its service_tag and principal."""
+
+    owner_principal: str = betterproto.string_field(7)
+    expires: datetime = betterproto.message_field(8)
+    """The lease's expiry (to the nanosecond) or the reservation's."""
+
+    reservation_id: str = betterproto.string_field(9)
+    principal: str = betterproto.string_field(10)
+    """Who caused it: the caller, an operator, or "vmpool:reconciler"."""
+
+    reason: str = betterproto.string_field(11)
+    """
+    More on why (e.g. "StopLease", "not renewed in time", "queue dropped").
+    """
+
+
 class VmPoolAdminServiceStub(betterproto.ServiceStub):
     async def pool_stats(
         self,
@@ -238,6 +339,24 @@ class VmPoolExtensionServiceStub(betterproto.ServiceStub):
             metadata=metadata,
         )
 
+    async def watch_leases(
+        self,
+        watch_leases_request: "WatchLeasesRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> AsyncIterator[LeaseEvent]:
+        async for response in self._unary_stream(
+            "/vmpool.admin.v1.VMPoolExtensionService/WatchLeases",
+            watch_leases_request,
+            LeaseEvent,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
 
 class VmPoolAdminServiceBase(ServiceBase):
 
@@ -313,6 +432,12 @@ class VmPoolExtensionServiceBase(ServiceBase):
     ) -> "DescribeInstanceResponse":
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def watch_leases(
+        self, watch_leases_request: "WatchLeasesRequest"
+    ) -> AsyncIterator[LeaseEvent]:
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield LeaseEvent()
+
     async def __rpc_cancel_reservation(
         self,
         stream: "grpclib.server.Stream[CancelReservationRequest, CancelReservationResponse]",
@@ -329,6 +454,16 @@ class VmPoolExtensionServiceBase(ServiceBase):
         response = await self.describe_instance(request)
         await stream.send_message(response)
 
+    async def __rpc_watch_leases(
+        self, stream: "grpclib.server.Stream[WatchLeasesRequest, LeaseEvent]"
+    ) -> None:
+        request = await stream.recv_message()
+        await self._call_rpc_handler_server_stream(
+            self.watch_leases,
+            stream,
+            request,
+        )
+
     def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
         return {
             "/vmpool.admin.v1.VMPoolExtensionService/CancelReservation": grpclib.const.Handler(
@@ -342,5 +477,11 @@ class VmPoolExtensionServiceBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 DescribeInstanceRequest,
                 DescribeInstanceResponse,
+            ),
+            "/vmpool.admin.v1.VMPoolExtensionService/WatchLeases": grpclib.const.Handler(
+                self.__rpc_watch_leases,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                WatchLeasesRequest,
+                LeaseEvent,
             ),
         }

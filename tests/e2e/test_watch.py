@@ -1,0 +1,208 @@
+"""WatchLeases through grpcio (an independent stack compiled from api/): server
+streaming, every event once and in order, resume from a cursor on another
+replica after one is killed, cancellation, deadlines, bad cursors, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from types import ModuleType
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.e2e.clients import Client
+from tests.e2e.conftest import Running, lease_when_free
+from tests.e2e.grpcio_stack import REPO, compile_proto
+
+ADMIN_PROTO = "vmpool/admin/v1/admin.proto"
+POOLS = [{"name": "w", "min_ready": 3, "max_size": 6, "default_lease": "10m"}]
+
+
+@pytest.fixture(scope="module")
+def admin_pb(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleType]:
+    """Compiled from a copy under another directory: the module path
+    vmpool.admin.v1 would collide with the vmpool package (the wire names come
+    from the proto package, which stays)."""
+    src = tmp_path_factory.mktemp("admin_src")
+    target = src / "watchtest" / "admin.proto"
+    target.parent.mkdir(parents=True)
+    shutil.copy(REPO / "api" / ADMIN_PROTO, target)
+    return compile_proto(tmp_path_factory.mktemp("admin_pb"), "watchtest/admin.proto", src)
+
+
+@pytest.fixture(scope="module")
+async def server(start_server: Callable[..., Awaitable[Running]]) -> Running:
+    running = await start_server(POOLS)
+    await running.wait_ready("w", 3)
+    return running
+
+
+class Watcher:
+    """One WatchLeases call; events are collected as they arrive."""
+
+    def __init__(self, address: str, pb: tuple[ModuleType, ModuleType], **request: Any) -> None:
+        pb2, pb2_grpc = pb
+        self.pb2 = pb2
+        self.channel = grpc.aio.insecure_channel(address)
+        stub = pb2_grpc.VMPoolExtensionServiceStub(self.channel)
+        timeout = request.pop("timeout", None)
+        self.call = stub.WatchLeases(pb2.WatchLeasesRequest(**request), timeout=timeout)
+        self.events: list[Any] = []
+        self.error: grpc.aio.AioRpcError | None = None
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for event in self.call:
+                self.events.append(event)
+        except grpc.aio.AioRpcError as err:
+            self.error = err
+        except asyncio.CancelledError:
+            pass
+
+    def named(self, *types: str) -> list[Any]:
+        wanted = {self.pb2.LeaseEventType.Value(t) for t in types}
+        return [e for e in self.events if e.type in wanted]
+
+    async def wait_for(self, pred: Callable[[list[Any]], bool], timeout: float = 10) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not pred(self.events):
+            if self.task.done() or asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"not seen in time: {self.events} error={self.error}")
+            await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.task
+        await self.channel.close()
+
+
+@pytest.fixture
+async def watchers(
+    admin_pb: tuple[ModuleType, ModuleType],
+) -> AsyncIterator[Callable[..., Watcher]]:
+    made: list[Watcher] = []
+
+    def make(address: str, **request: Any) -> Watcher:
+        w = Watcher(address, admin_pb, **request)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        await w.close()
+
+
+def kind(pb2: ModuleType, event: Any) -> str:
+    return str(pb2.LeaseEventType.Name(event.type))
+
+
+def lease_events(w: Watcher) -> list[tuple[str, str]]:
+    skip = {"HEARTBEAT", "SNAPSHOT_END", "SNAPSHOT_LEASE", "SNAPSHOT_RESERVATION", "EXPIRING"}
+    return [(kind(w.pb2, e), e.instance) for e in w.events if kind(w.pb2, e) not in skip]
+
+
+async def test_watch_sees_lease_extend_return_in_order_and_resumes_after_a_cursor(
+    server: Running, client_factory: Callable[[str, str], Client], watchers: Callable[..., Watcher]
+) -> None:
+    w = watchers(server.address, snapshot=True, pool="w")
+    await w.wait_for(lambda ev: any(kind(w.pb2, e) == "SNAPSHOT_END" for e in ev))
+    c = client_factory("grpclib", server.address)
+    lease = await lease_when_free(c, "w", service_tag="e2e")
+    later = datetime.now(UTC) + timedelta(minutes=20)
+    await c.extend_to(lease.instance, later, service_tag="e2e")
+    await c.return_(lease.instance, service_tag="e2e")
+    await w.wait_for(lambda _ev: ("RETURNED", lease.instance) in lease_events(w))
+    got = [x for x in lease_events(w) if x[1] == lease.instance]
+    assert got == [
+        ("LEASED", lease.instance),
+        ("EXTENDED", lease.instance),
+        ("RETURNED", lease.instance),
+    ]
+    leased = next(e for e in w.events if kind(w.pb2, e) == "LEASED")
+    assert leased.service_tag == "e2e" and leased.principal == "anonymous"
+    assert leased.expires.seconds == int(lease.expires.timestamp())
+    # Resume after the LEASED event: the rest, once, in order.
+    again = watchers(server.address, after=leased.cursor)
+    await again.wait_for(lambda _ev: ("RETURNED", lease.instance) in lease_events(again))
+    assert [x for x in lease_events(again) if x[1] == lease.instance] == [
+        ("EXTENDED", lease.instance),
+        ("RETURNED", lease.instance),
+    ]
+    cursors = [e.cursor for e in w.events]
+    assert len(set(cursors)) == len(cursors) or "HEARTBEAT" in {kind(w.pb2, e) for e in w.events}
+
+
+async def test_a_lease_client_sees_only_its_own_tag(
+    server: Running, client_factory: Callable[[str, str], Client], watchers: Callable[..., Watcher]
+) -> None:
+    mine = watchers(server.address, service_tag="mine", expiring_lead_seconds=-1)
+    theirs = watchers(server.address, service_tag="theirs", expiring_lead_seconds=-1)
+    await asyncio.sleep(0.3)
+    c = client_factory("grpcio", server.address)
+    lease = await lease_when_free(c, "w", service_tag="mine")
+    await c.return_(lease.instance, service_tag="mine")
+    await mine.wait_for(lambda _ev: ("RETURNED", lease.instance) in lease_events(mine))
+    assert all(e.service_tag == "mine" for e in mine.events if e.instance)
+    assert lease_events(theirs) == []
+
+
+async def test_a_bad_cursor_is_invalid_argument_naming_after(
+    server: Running, watchers: Callable[..., Watcher]
+) -> None:
+    w = watchers(server.address, after="not a cursor!")
+    await w.task
+    assert w.error is not None
+    assert w.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert w.error.details().startswith("after:")
+
+
+async def test_a_deadline_ends_the_stream_and_the_server_keeps_serving(
+    server: Running, client_factory: Callable[[str, str], Client], watchers: Callable[..., Watcher]
+) -> None:
+    w = watchers(server.address, timeout=0.5)
+    await w.task
+    assert w.error is not None and w.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    c = client_factory("grpclib", server.address)
+    assert await c.ping() == "pong"
+
+
+async def test_resume_on_another_replica_after_one_is_killed_gets_every_event_once(
+    start_server: Callable[..., Awaitable[Running]],
+    client_factory: Callable[[str, str], Client],
+    watchers: Callable[..., Watcher],
+) -> None:
+    a = await start_server(POOLS, name="a")
+    b = await start_server(POOLS, db_url=a.db_url, name="b")
+    await a.wait_ready("w", 3)
+    w = watchers(a.address, expiring_lead_seconds=-1)
+    await asyncio.sleep(0.3)
+    ca = client_factory("grpclib", b.address)
+    first = await lease_when_free(ca, "w", service_tag="k")
+    await w.wait_for(lambda _ev: ("LEASED", first.instance) in lease_events(w))
+    a.proc.kill()
+    await w.task
+    assert w.error is not None and w.error.code() == grpc.StatusCode.UNAVAILABLE
+    last = w.events[-1].cursor
+    await ca.return_(first.instance, service_tag="k")
+    second = await lease_when_free(ca, "w", service_tag="k", timeout=20)
+    resumed = watchers(b.address, after=last, expiring_lead_seconds=-1)
+    await resumed.wait_for(lambda _ev: ("LEASED", second.instance) in lease_events(resumed))
+    assert lease_events(resumed) == [("RETURNED", first.instance), ("LEASED", second.instance)]
+
+
+async def test_sigterm_ends_streams_with_unavailable_and_a_cursor(
+    start_server: Callable[..., Awaitable[Running]], watchers: Callable[..., Watcher]
+) -> None:
+    s = await start_server(POOLS, name="stopping")
+    w = watchers(s.address)
+    await asyncio.sleep(0.5)
+    s.proc.proc.send_signal(signal.SIGTERM)
+    await w.task
+    assert w.error is not None and w.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert 'resume with after="' in w.error.details()

@@ -1,0 +1,413 @@
+"""The fan-out of lease events in one process: one reader with one database
+connection (LISTEN vmpool_events, then fetch what is new), however many
+streams. Each event is fetched once and handed to the streams that may see
+it, in memory; each stream has a bounded buffer.
+
+Derived "expiring" events are not stored: the reader keeps the active leases
+(loaded at start, then kept by the events), and per lead time a heap of when
+each lease becomes "expiring"; a stream joining late gets those already due at
+once. Each (lease, expiry) is announced once per stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import structlog
+
+from vmpool.domain.watch import Cursor, Event, Scope
+from vmpool.store.errors import UNAVAILABLE_ERRORS
+from vmpool.store.events import EventStore, fetch_new
+
+log = structlog.get_logger("vmpool.events")
+
+FETCH_LIMIT = 1000
+# Without a NOTIFY (lost while reconnecting), the reader looks anyway this often.
+POLL_S = 1.0
+# Committed events wait behind an older transaction still running: look again
+# after this, doubling up to PENDING_MAX_S (that transaction may never NOTIFY).
+PENDING_MIN_S = 0.002
+PENDING_MAX_S = 0.2
+
+
+class StreamEnded(Exception):
+    """Why a stream was ended by the server: ``code`` is a grpc Status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class WatchLimits:
+    max_streams: int = 1000
+    max_streams_per_connection: int = 100
+    buffer: int = 1000
+    heartbeat_s: float = 15.0
+
+
+# A queued item: (event, shared encoding or None, derived "expiring").
+Item = tuple[Event, bytes | None, bool]
+
+
+class Subscription:
+    """One stream's place in the fan-out."""
+
+    def __init__(self, scope: Scope, lead_s: int | None, peer: Any, position: Cursor) -> None:
+        self.scope = scope
+        self.lead_ns = None if lead_s is None else lead_s * 1_000_000_000
+        self.peer = peer
+        self.position = position  # after the last event delivered (or skipped)
+        self.seen = position  # the reader's tail when it last offered events
+        self.queue: deque[Item] = deque()
+        self.ready = asyncio.Event()
+        self.ended: StreamEnded | None = None
+        self.live = False
+
+    def push(self, item: Item, limit: int) -> None:
+        if self.ended is not None:
+            return
+        if len(self.queue) >= limit:
+            self.end(
+                StreamEnded(
+                    "RESOURCE_EXHAUSTED",
+                    f"watch: the stream fell {limit} events behind (a slow reader); "
+                    f'resume with after="{self.position.encode()}"',
+                )
+            )
+            return
+        self.queue.append(item)
+        self.ready.set()
+
+    def end(self, why: StreamEnded) -> None:
+        if self.ended is None:
+            self.ended = why
+            self.queue.clear()
+            self.ready.set()
+
+    def resume_hint(self) -> str:
+        return f'resume with after="{self.position.encode()}"'
+
+
+class _Expiring:
+    """Leases by when they become "expiring" for one lead time."""
+
+    def __init__(self, lead_ns: int) -> None:
+        self.lead_ns = lead_ns
+        self.heap: list[tuple[int, str, int]] = []  # (due ns, instance, expires ns)
+        self.subs: set[Subscription] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class EventHub:
+    def __init__(
+        self,
+        url: str,
+        store: EventStore,
+        limits: WatchLimits,
+        *,
+        encode: Callable[[Event], bytes],
+        on_streams: Callable[[int], None] = lambda _n: None,
+        wall_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._url = url
+        self._store = store
+        self.limits = limits
+        self._on_streams = on_streams
+        self._encode = encode
+        self._wall_ns = wall_ns
+        self.tail = Cursor(0, 0)
+        self.xmax = 0
+        self._leases: dict[str, Event] = {}
+        self._subs: set[Subscription] = set()
+        self._all: set[Subscription] = set()  # admin streams without an owner filter
+        self._by_owner: dict[tuple[str | None, str | None], set[Subscription]] = {}
+        self._per_peer: dict[Any, int] = {}
+        self._groups: dict[int, _Expiring] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._started: asyncio.Future[None] | None = None
+        self._closing = False
+        self._none_left = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None
+        self.tail_changed = asyncio.Event()  # set on every batch (tests wait on it)
+
+    # --- streams ---------------------------------------------------------------
+
+    async def open(self, scope: Scope, lead_s: int | None, peer: Any) -> Subscription:
+        """A new stream (not live yet); StreamEnded over a cap or while closing."""
+        if self._closing:
+            raise StreamEnded("UNAVAILABLE", "server is shutting down, retry")
+        if len(self._subs) >= self.limits.max_streams:
+            raise StreamEnded(
+                "RESOURCE_EXHAUSTED",
+                f"watch: {len(self._subs)} streams open on this server, the limit "
+                "(limits.max_watch_streams)",
+            )
+        if self._per_peer.get(peer, 0) >= self.limits.max_streams_per_connection:
+            raise StreamEnded(
+                "RESOURCE_EXHAUSTED",
+                f"watch: {self.limits.max_streams_per_connection} streams open on this "
+                "connection, the limit (limits.max_watch_streams_per_connection)",
+            )
+        await self._ensure_started()
+        sub = Subscription(scope, lead_s, peer, self.tail)
+        self._subs.add(sub)
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        self._on_streams(len(self._subs))
+        return sub
+
+    def go_live(self, sub: Subscription) -> bool:
+        """Join the fan-out if ``sub`` has caught up with the reader (no await
+        between the check and the join, so no event falls in between)."""
+        if sub.ended is not None:
+            return True
+        if sub.position < self.tail:
+            return False
+        sub.live = True
+        sub.seen = max(sub.position, self.tail)
+        key = sub.scope.principal, sub.scope.service_tag
+        if sub.scope.principal is None:
+            self._all.add(sub)
+        else:
+            self._by_owner.setdefault(key, set()).add(sub)
+        if sub.lead_ns is not None:
+            self._join_expiring(sub)
+        return True
+
+    def close(self, sub: Subscription) -> None:
+        if sub not in self._subs:
+            return
+        self._subs.discard(sub)
+        self._all.discard(sub)
+        key = sub.scope.principal, sub.scope.service_tag
+        owners = self._by_owner.get(key)
+        if owners is not None:
+            owners.discard(sub)
+            if not owners:
+                del self._by_owner[key]
+        n = self._per_peer.get(sub.peer, 0) - 1
+        if n > 0:
+            self._per_peer[sub.peer] = n
+        else:
+            self._per_peer.pop(sub.peer, None)
+        if sub.lead_ns is not None:
+            group = self._groups.get(sub.lead_ns)
+            if group is not None:
+                group.subs.discard(sub)
+                if not group.subs:
+                    if group.timer is not None:
+                        group.timer.cancel()
+                    del self._groups[sub.lead_ns]
+        self._on_streams(len(self._subs))
+        if not self._subs:
+            self._none_left.set()
+
+    @property
+    def streams(self) -> int:
+        return len(self._subs)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """End every stream with UNAVAILABLE and its resume cursor; stop the reader."""
+        self._closing = True
+        for sub in list(self._subs):
+            sub.end(StreamEnded("UNAVAILABLE", f"server is shutting down; {sub.resume_hint()}"))
+        if self._subs:
+            self._none_left.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._none_left.wait(), timeout)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *UNAVAILABLE_ERRORS):
+                await self._task
+        for group in self._groups.values():
+            if group.timer is not None:
+                group.timer.cancel()
+
+    # --- the reader -------------------------------------------------------------
+
+    async def _ensure_started(self) -> None:
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_future()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="vmpool-events")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._started), 10)
+        except TimeoutError:
+            raise StreamEnded("UNAVAILABLE", "database unavailable, retry later") from None
+
+    async def _load(self) -> None:
+        """The active leases and a tail to start from, in one snapshot. Events
+        from that snapshot's xmin on are applied again; each sets a state, so
+        the map ends right."""
+        view = await self._store.snapshot()
+        self._leases = {e.instance: e for e in view.leases}
+        self.tail = Cursor(view.snapshot.xmin, 0)
+        self.xmax = view.snapshot.xmax
+
+    async def _run(self) -> None:
+        delay = 0.5
+        assert self._started is not None
+        while not self._closing:
+            conn = None
+            try:
+                if not self._started.done():
+                    await self._load()
+                conn = await asyncpg.connect(
+                    self._url, timeout=5, server_settings={"application_name": "vmpool-events"}
+                )
+                self._conn = conn
+                closed = asyncio.Event()
+                conn.add_termination_listener(self._on_lost(closed))
+                await conn.add_listener("vmpool_events", self._notified)
+                if not self._started.done():
+                    self._started.set_result(None)
+                delay = 0.5
+                await self._follow(conn, closed)
+            except asyncio.CancelledError:
+                raise
+            except UNAVAILABLE_ERRORS as err:
+                log.warning("event reader: database lost", error=f"{type(err).__name__}: {err}")
+            except Exception:
+                log.exception("event reader failed; restarting it")
+            finally:
+                self._conn = None
+                if conn is not None:
+                    conn.terminate()
+            if self._closing:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _on_lost(self, closed: asyncio.Event) -> Callable[[Any], None]:
+        def lost(_conn: Any) -> None:
+            closed.set()
+            self._wake.set()
+
+        return lost
+
+    def _notified(self, *_args: Any) -> None:
+        self._wake.set()
+
+    async def _follow(self, conn: asyncpg.Connection, closed: asyncio.Event) -> None:
+        pending_wait = PENDING_MIN_S
+        while not self._closing and not closed.is_set():
+            self._wake.clear()
+            batch = await fetch_new(conn, self.tail, FETCH_LIMIT)
+            self.xmax = max(self.xmax, batch.xmax)
+            if len(batch.events) == FETCH_LIMIT:
+                last = batch.events[-1]
+                self._offer(batch.events, Cursor(last.pos, last.seq))
+                continue
+            self._offer(batch.events, max(self.tail, Cursor(batch.xmin, 0)))
+            if batch.pending:
+                timeout = pending_wait
+                pending_wait = min(pending_wait * 2, PENDING_MAX_S)
+            else:
+                timeout = POLL_S
+                pending_wait = PENDING_MIN_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _offer(self, events: list[Event], tail: Cursor) -> None:
+        """Hand a batch to the streams that may see it, then move the tail."""
+        limit = self.limits.buffer
+        for e in events:
+            self._apply(e)
+            encoded: bytes | None = None
+            for sub in self._candidates(e):
+                if not sub.scope.sees(e) or (e.pos, e.seq) <= (sub.seen.pos, sub.seen.seq):
+                    continue
+                if sub.position.skips(e.pos, e.txid):
+                    continue
+                if encoded is None and sub.position.snapshot is None:
+                    encoded = self._encode(e)  # once, whatever the number of streams
+                sub.push((e, encoded, False), limit)
+        self.tail = max(self.tail, tail)
+        for sub in self._subs:
+            if sub.live and sub.seen < self.tail:
+                sub.seen = self.tail
+        self._fire_all()
+        self.tail_changed.set()
+        self.tail_changed = asyncio.Event()
+
+    def _candidates(self, e: Event) -> list[Subscription]:
+        out = list(self._all)
+        for key in ((e.principal, e.service_tag), (e.principal, None)):
+            found = self._by_owner.get(key)
+            if found:
+                out.extend(found)
+        return out
+
+    def _apply(self, e: Event) -> None:
+        if e.kind in ("leased", "extended"):
+            self._leases[e.instance] = e
+            assert e.expires is not None
+            for group in self._groups.values():
+                heapq.heappush(group.heap, (e.expires.ns - group.lead_ns, e.instance, e.expires.ns))
+        elif e.kind in ("expired", "returned", "stopped", "vanished", "released"):
+            self._leases.pop(e.instance, None)
+
+    # --- expiring ---------------------------------------------------------------
+
+    def _join_expiring(self, sub: Subscription) -> None:
+        assert sub.lead_ns is not None
+        group = self._groups.get(sub.lead_ns)
+        if group is None:
+            group = self._groups[sub.lead_ns] = _Expiring(sub.lead_ns)
+            for e in self._leases.values():
+                assert e.expires is not None
+                group.heap.append((e.expires.ns - group.lead_ns, e.instance, e.expires.ns))
+            heapq.heapify(group.heap)
+        self._fire(group)  # those due before it joined go to the others only
+        group.subs.add(sub)
+        now = self._wall_ns()
+        for e in self._leases.values():
+            assert e.expires is not None
+            if e.expires.ns - group.lead_ns <= now and sub.scope.sees(e):
+                sub.push((e, None, True), self.limits.buffer)
+        self._schedule(group)
+
+    def _fire_all(self) -> None:
+        for group in list(self._groups.values()):
+            self._fire(group)
+            self._schedule(group)
+
+    def _fire(self, group: _Expiring) -> None:
+        now = self._wall_ns()
+        heap = group.heap
+        while heap and heap[0][0] <= now:
+            _, instance, expires_ns = heapq.heappop(heap)
+            lease = self._leases.get(instance)
+            if lease is None or lease.expires is None or lease.expires.ns != expires_ns:
+                continue  # ended or extended since
+            for sub in group.subs:
+                if sub.scope.sees(lease):
+                    sub.push((lease, None, True), self.limits.buffer)
+
+    def _schedule(self, group: _Expiring) -> None:
+        if group.timer is not None:
+            group.timer.cancel()
+            group.timer = None
+        if group.heap:
+            delay = max((group.heap[0][0] - self._wall_ns()) / 1e9, 0.0)
+            group.timer = asyncio.get_running_loop().call_later(
+                min(delay, 3600.0), self._on_timer, group
+            )
+
+    def _on_timer(self, group: _Expiring) -> None:
+        group.timer = None
+        if self._groups.get(group.lead_ns) is group:
+            self._fire(group)
+            self._schedule(group)
