@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 import psutil
 
-from tests.bench import report
+from tests.bench import report, versus
 from tests.pg import TestPostgres, with_database
 from tests.server import ServerProcess
 from vmpool.domain.spec_hash import spec_hash
@@ -34,6 +34,7 @@ CHANNELS = 8  # HTTP/2 connections per load phase (workers share them round-robi
 MAIN_POOL = "bench"
 SCALE_POOL = "scale"
 HANDOFF_POOL = "handoff"
+SCENARIOS = ("versus", "throughput", "scale", "handoff", "idle")
 
 
 class Settings:
@@ -45,6 +46,10 @@ class Settings:
         self.handoff_samples = 30 if quick else 200
         self.idle_window = 10.0 if quick else 30.0
         self.idle_settle = 4.0 if quick else 8.0
+        # vmpool against the floor: measured seconds per phase, interleaved rounds.
+        self.versus_duration = 2.0 if quick else 5.0
+        self.versus_rounds = 3
+        self.generators: tuple[str, ...] = ("grpc-go", "grpclib")
 
 
 # --- processes -----------------------------------------------------------------------
@@ -243,6 +248,19 @@ class Bench:
             result["db_transactions_per_call"] = round((await transactions(db) - x0) / calls, 2)
             result["ready_after"] = await ready_count(db, extra.get("pool", MAIN_POOL))
         return result
+
+    async def versus(self) -> None:
+        """The floor server and `vmpool serve`, interleaved (tests/bench/versus.py)."""
+        self.details["versus"] = await versus.compare(
+            self.work / "versus",
+            self.pg,
+            self.load,
+            duration=self.s.versus_duration,
+            warmup=self.s.warmup,
+            rounds=self.s.versus_rounds,
+            generators=self.s.generators,
+            log=lambda line: print(line, flush=True),
+        )
 
     async def throughput(self) -> None:
         """Refill of a 1,000-instance pool, then Ping and Lease->Return at each
@@ -617,6 +635,8 @@ async def machine(pg_url: str) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> int:
     s = Settings(args.quick)
+    s.versus_rounds = args.rounds
+    s.generators = tuple(args.generators.split(","))
     out = Path(args.out)
     started = time.perf_counter()
     pg = TestPostgres()
@@ -627,7 +647,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"machine: {info}", flush=True)
         with tempfile.TemporaryDirectory(prefix="vmpool-bench-") as tmp:
             bench = Bench(s, pg, Path(tmp), out, args.profile)
-            for name in ("throughput", "scale", "handoff", "idle"):
+            for name in args.only.split(","):
                 t0 = time.perf_counter()
                 try:
                     await getattr(bench, name)()
@@ -664,7 +684,22 @@ def main() -> int:
         help="also py-spy the server under Lease load (profile-lease.*)",
     )
     parser.add_argument("--out", default="bench-results", help="output directory")
+    parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated scenarios to run (default: all of {','.join(SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds against the floor (3)"
+    )
+    parser.add_argument(
+        "--generators",
+        default="grpc-go,grpclib",
+        help="load generators against the floor (grpc-go is skipped without Go)",
+    )
     args = parser.parse_args()
+    if unknown := set(args.only.split(",")) - set(SCENARIOS):
+        parser.error(f"--only: no scenario {', '.join(sorted(unknown))}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     return asyncio.run(run(args))
 

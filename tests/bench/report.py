@@ -8,7 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.bench import floor_report
+
 HEADLINE = (
+    *floor_report.KEYS,
     "ping_rps",
     "lease_calls_per_s",
     "lease_to_ping_ratio",
@@ -36,22 +39,10 @@ def _cmp(key: str, op: str, limit: float) -> Callable[[dict[str, Any]], bool | N
     return check
 
 
-def _lease_vs_ping(r: dict[str, Any]) -> bool | None:
-    if r.get("lease_p99_ms") is None or r.get("ping_p99_ms") is None:
-        return None
-    return bool(r["lease_p99_ms"] <= 1.5 * r["ping_p99_ms"])
-
-
 TARGETS: list[Target] = [
-    (
-        "lease_to_ping_ratio >= 0.7",
-        "Lease+Return calls/s vs Ping calls/s at concurrency 64",
-        _cmp("lease_to_ping_ratio", ">=", 0.7),
-    ),
-    (
-        "lease_p99_ms <= 1.5 x ping_p99_ms",
-        "Lease p99 vs Ping p99 at concurrency 64",
-        _lease_vs_ping,
+    *(
+        (f"{key} {op} {limit}", desc, _cmp(key, op, limit))
+        for key, op, limit, desc in floor_report.LIMITS
     ),
     (
         "scale_p50_ratio <= 1.2",
@@ -116,6 +107,7 @@ def headline(
         "idle_cpu_percent": _get(details, "idle", "server_cpu_percent"),
         "idle_db_statements_per_s": _get(details, "idle", "transactions_per_s"),
         "two_process_speedup": _ratio(two, lease_rps),
+        **floor_report.headline(details),
         "machine": machine,
         "mode": "quick" if quick else "full",
         "definitions": {
@@ -242,7 +234,7 @@ def markdown(r: dict[str, Any]) -> str:
         for kind in ("lease", "return"):
             errors = sum(v for k, v in p["errors"].items() if k.startswith(kind))
             lines.append(row(label.format(kind.capitalize()), c, p, kind, errors))
-    lines += ["", "## Scenarios", ""]
+    lines += ["", *floor_report.markdown(d), "## Scenarios", ""]
     sc = d.get("scale") or {}
     for label in ("small", "big"):
         if label in sc:
@@ -302,7 +294,9 @@ def chart(r: dict[str, Any], path: Path) -> None:
     import matplotlib.ticker
 
     d = r["details"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, grid = plt.subplots(2, 2, figsize=(14, 9))
+    axes = [grid[0][0], grid[0][1], grid[1][1]]
+    floor_report.chart(grid[1][0], d)
     conc = ["1", "16", "64"]
 
     ax = axes[0]
@@ -345,12 +339,8 @@ def chart(r: dict[str, Any], path: Path) -> None:
     for name, _, check in TARGETS:
         key = name.split()[0]
         v = r.get(key)
-        if key == "lease_p99_ms":
-            v = _ratio(r.get("lease_p99_ms"), 1.5 * (r.get("ping_p99_ms") or 0) or None)
-            limit = 1.0
-        else:
-            limit = float(name.split()[-1])
-            v = None if v is None else (limit / v if ">=" in name else v / limit)
+        limit = float(name.split()[-1])
+        v = None if v is None else (limit / v if ">=" in name else v / limit)
         names.append(key)
         values.append(v or 0)
         ok = check(r)
@@ -398,19 +388,25 @@ def doc_table(r: dict[str, Any]) -> str:
     """The results section of docs/performance.md for one bench result."""
     m = r.get("machine", {})
     ratio = _ratio(r.get("lease_p99_ms"), r.get("ping_p99_ms"), 2)
+    floor_rows = [
+        (
+            f"`{key}`",
+            _n(r.get(key), 2) + _verdict(r, f"{key} {op} {limit}"),
+            f"{'≥' if op == '>=' else '≤'} {limit}",
+        )
+        for key, op, limit, _ in floor_report.LIMITS
+    ]
     rows = [
+        *floor_rows,
+        ("`floor_lease_rps_ratio` (median)", _n(r.get("floor_lease_rps_ratio"), 2), "—"),
         ("`ping_rps` (c=64)", _n(r.get("ping_rps"), 0), "—"),
         ("`lease_calls_per_s` (c=64)", _n(r.get("lease_calls_per_s"), 0), "—"),
-        (
-            "`lease_to_ping_ratio`",
-            _n(r.get("lease_to_ping_ratio"), 2) + _verdict(r, "lease_to_ping_ratio >= 0.7"),
-            "≥ 0.7",
-        ),
+        ("`lease_to_ping_ratio`", _n(r.get("lease_to_ping_ratio"), 2), "—"),
         (
             "`ping_p99_ms` / `lease_p99_ms` (c=64)",
             f"{_n(r.get('ping_p99_ms'), 0)} / {_n(r.get('lease_p99_ms'), 0)}"
-            f" ({_n(ratio, 2)} {TIMES})" + _verdict(r, "lease_p99_ms <= 1.5 x ping_p99_ms"),
-            f"Lease ≤ 1.5 {TIMES} Ping",
+            f" ({_n(ratio, 2)} {TIMES})",
+            "—",
         ),
         (
             "`scale_p50_ratio`",
@@ -442,7 +438,9 @@ def doc_table(r: dict[str, Any]) -> str:
     lines = [
         f"Run: `{r.get('mode', '?')}` mode on {m.get('cores', '?')} vCPUs "
         f'"{m.get("cpu_model", "?")}", {m.get("memory_gb", "?")} GiB, {m.get("os", "?")}, '
-        f"Python {m.get('python', '?')}, PostgreSQL {m.get('postgresql', '?')}.",
+        f"Python {m.get('python', '?')}, PostgreSQL {m.get('postgresql', '?')}. "
+        f"Floor ratios (vmpool / floor, same run) from the {r.get('floor_generator')} "
+        "generator, median of the rounds.",
         "",
         "| key | committed run | target |",
         "|---|---|---|",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,36 +19,16 @@ import pytest
 
 from tests.e2e.conftest import Running
 from tests.e2e.identity_kit import Issuer, Pki
+from tests.golang import build_go_client, go_available
 
-SOURCES = sorted((Path(__file__).parent.parent / "gogrpc").glob("*.go"))
-GOPATH_SYSTEM = Path("/usr/share/gocode")
 POOL = {"name": "go", "min_ready": 2, "max_size": 4, "zone": "zone-go"}
 
 
 @pytest.fixture(scope="module")
 def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    go = shutil.which("go")
-    if go is None or not (GOPATH_SYSTEM / "src/google.golang.org/grpc").is_dir():
+    if not go_available():
         pytest.skip("Go with grpc-go sources (golang-google-grpc-dev) is not installed")
-    work = tmp_path_factory.mktemp("gogrpc")
-    (work / "src/acc").mkdir(parents=True)
-    for source in SOURCES:
-        shutil.copy(source, work / "src/acc" / source.name)
-    env = {
-        **os.environ,
-        "GOPATH": f"{work}:{GOPATH_SYSTEM}",
-        "GO111MODULE": "off",
-        "GOCACHE": str(work / "cache"),
-    }
-    binary = work / "acc"
-    subprocess.run(
-        [go, "build", "-o", str(binary), "./src/acc"],
-        cwd=work,
-        env=env,
-        check=True,
-        timeout=600,
-    )
-    return binary
+    return build_go_client(tmp_path_factory.mktemp("gogrpc"))
 
 
 @pytest.fixture(scope="module")

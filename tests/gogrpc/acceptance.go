@@ -96,11 +96,15 @@ func call(ctx context.Context, cc *grpc.ClientConn, method string, req []byte, o
 
 func main() {
 	if len(os.Args) < 3 {
-		fmt.Println("usage: acc ADDRESS POOL [KEEPALIVE] | acc ADDRESS --pools")
+		fmt.Println("usage: acc ADDRESS POOL [KEEPALIVE] | acc ADDRESS --pools | acc ADDRESS --load ...")
 		os.Exit(2)
 	}
 	addr := os.Args[1]
 	pool := os.Args[2]
+	if pool == "--load" {
+		runLoad(addr, os.Args[3:])
+		return
+	}
 	keep := grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true})
 	cc, err := grpc.Dial(addr, append(dialOptions(true), keep)...)
 	if err != nil {

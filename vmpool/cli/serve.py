@@ -11,6 +11,7 @@ from typing import Any
 from vmpool.cli import errors as cli_errors
 from vmpool.cli.base import Registry
 from vmpool.config.schema import ConfigError
+from vmpool.core import eventloop
 
 
 def _fail(message: str, code: int = cli_errors.USAGE) -> int:
@@ -73,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError) as err:
         return _fail(f"cannot start the embedded PostgreSQL under {config.data_dir}: {err}", 1)
     try:
-        asyncio.run(
+        eventloop.run(
             serve(config, url, listen=args.listen, role=args.role, reuse_port=args.reuse_port)
         )
     except AddressInUse as err:
