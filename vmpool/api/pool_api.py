@@ -45,14 +45,6 @@ def _bind_org() -> None:
         structlog.contextvars.bind_contextvars(org=echo(org))
 
 
-def _spec_of(row: PoolRow) -> pools.PoolSpec:
-    return pools.PoolSpec(row.runtime, row.intrinsic_os, row.hardware_template, row.pool_tier)
-
-
-def _spec_in(spec: papi.Spec) -> pools.PoolSpec:
-    return pools.PoolSpec(spec.runtime, spec.intrinsic_os, spec.hardware_template, spec.pool_tier)
-
-
 def _counts(row: PoolRow, current_hash: str | None) -> pools.Counts:
     stale = 0 if current_hash is None else sum(h != current_hash for h in row.free_hashes)
     return pools.Counts(
@@ -91,7 +83,7 @@ class PoolService(papi.VmPoolServiceBase):
         if not row.is_api:
             cfg = self._config.pool(row.name)
             return cfg, pool_spec_hash(cfg) if cfg is not None else None
-        spec = _spec_of(row)
+        spec = pools.PoolSpec.of(row)
         cfg = pools.pool_config_for(self._config, row.name, spec)
         return cfg, api_spec_hash(cfg, spec) if cfg is not None else None
 
@@ -139,7 +131,7 @@ class PoolService(papi.VmPoolServiceBase):
         owner = self._authorize("create", None)
         if self._config.pool(name) is not None:
             raise AlreadyExists(f'name: pool "{name}" exists ({pools.CONFIG_MANAGED})')
-        spec = pools.resolve_spec(self._config, _spec_in(request.spec))
+        spec = pools.resolve_spec(self._config, pools.PoolSpec.of(request.spec))
         created = await self._store.create(
             name,
             spec.runtime,
@@ -168,14 +160,14 @@ class PoolService(papi.VmPoolServiceBase):
         pools.check_mutable(row.name, row.desired_status, configured=not row.is_api, what="update")
         mask = request.update_mask
         paths = list(mask.paths) if betterproto.serialized_on_wire(mask) else None
-        requested = _spec_in(request.spec)
+        requested = pools.PoolSpec.of(request.spec)
         pools.mask_fields(paths)  # an unknown path is refused before anything else
 
         def decide(current: PoolRow) -> tuple[str, Sequence[Any]] | None:
             pools.check_mutable(
                 current.name, current.desired_status, configured=not current.is_api, what="update"
             )
-            old = _spec_of(current)
+            old = pools.PoolSpec.of(current)
             new = pools.updated_spec(self._config, old, requested, paths)
             if new == old:
                 return None  # a repeat changes nothing and restarts nothing

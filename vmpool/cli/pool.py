@@ -546,7 +546,7 @@ def _stored_spec(config: Any, name: str) -> Any:
     row = asyncio.run(fetch())
     if row is None or not row.is_api:
         return None
-    return pools.PoolSpec(row.runtime, row.intrinsic_os, row.hardware_template, row.pool_tier)
+    return pools.PoolSpec.of(row)
 
 
 # --- registration -------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from vmpool.config.schema import Config, HardwareTemplateConfig, PoolConfig, TierConfig
 from vmpool.core.echo import echo
@@ -63,12 +63,29 @@ def check_pool_name(name: str, field: str = "name") -> str:
     return name
 
 
+class SpecFields(Protocol):
+    """Anything that carries a spec: a pools table row, a Spec message."""
+
+    @property
+    def runtime(self) -> str: ...
+    @property
+    def intrinsic_os(self) -> str: ...
+    @property
+    def hardware_template(self) -> str: ...
+    @property
+    def pool_tier(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PoolSpec:
     runtime: str = ""
     intrinsic_os: str = ""
     hardware_template: str = ""
     pool_tier: str = ""
+
+    @classmethod
+    def of(cls, source: SpecFields) -> PoolSpec:
+        return cls(source.runtime, source.intrinsic_os, source.hardware_template, source.pool_tier)
 
 
 def _check_choice(field: str, value: str, valid: list[str]) -> None:

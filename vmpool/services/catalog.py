@@ -13,11 +13,7 @@ from collections.abc import Iterator
 from vmpool.config.schema import Config, PoolConfig
 from vmpool.domain import pools
 from vmpool.domain.spec_hash import pool_spec_hash, spec_hash
-from vmpool.store.pools import PoolStore, SpecRow
-
-
-def _spec(row: SpecRow) -> pools.PoolSpec:
-    return pools.PoolSpec(row.runtime, row.intrinsic_os, row.hardware_template, row.pool_tier)
+from vmpool.store.pools import PoolStore
 
 
 class PoolCatalog:
@@ -34,7 +30,7 @@ class PoolCatalog:
         fresh: dict[str, PoolConfig] = {}
         hashes: dict[str, str] = {}
         for row in await self._store.api_specs():
-            spec = _spec(row)
+            spec = pools.PoolSpec.of(row)
             cfg = pools.pool_config_for(self._config, row.name, spec)
             if cfg is not None:
                 fresh[row.name] = cfg
@@ -65,7 +61,7 @@ class PoolCatalog:
         row = await self._store.get(name)
         if row is None or not row.is_api:
             return None
-        spec = pools.PoolSpec(row.runtime, row.intrinsic_os, row.hardware_template, row.pool_tier)
+        spec = pools.PoolSpec.of(row)
         return pools.pool_config_for(self._config, name, spec)
 
 
