@@ -97,6 +97,28 @@ def test_bad_file_stops_serve_with_exit_2_and_one_message(tmp_path: Path) -> Non
     assert "Traceback" not in result.stderr
 
 
+def test_flags_win_over_the_file_and_are_checked_with_it(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("metrics_listen: 127.0.0.1:9090\n")
+    flags = {"listen": "127.0.0.1:0", "metrics_listen": ""}
+    config = load_config(path, {}, flags)
+    assert (config.listen, config.metrics_listen) == ("127.0.0.1:0", "")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {}, {"metrics_listen": "nowhere"})
+    assert err.value.lines() == ["--metrics-listen: 'nowhere' is not HOST:PORT"]
+    result = subprocess.run(
+        [sys.executable, "-m", "vmpool", "serve", "--config", str(path), "--listen", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "vmpool: bad config: --listen: 'x' is not HOST:PORT"
+    ]
+
+
 def test_unparseable_yaml_is_one_message(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("pools: [\n")

@@ -19,11 +19,11 @@ def _fail(message: str, code: int = cli_errors.USAGE) -> int:
     return code
 
 
-def _config_or_exit(path: str | None) -> Any:
+def _config_or_exit(path: str | None, flags: dict[str, str] | None = None) -> Any:
     from vmpool.config.schema import load_config
 
     try:
-        return load_config(path, dict(os.environ))
+        return load_config(path, dict(os.environ), flags)
     except ConfigError as err:
         for line in err.lines():  # every mistake at once, one line each
             print(f"vmpool: bad config: {line}", file=sys.stderr)
@@ -41,22 +41,10 @@ def _database_url(config: Any) -> tuple[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _config_or_exit(args.config)
-    if args.listen:
-        from vmpool.config.schema import parse_config
-
-        try:
-            parse_config({"listen": args.listen})
-        except ConfigError as err:
-            return _fail(f"--listen: {str(err).split(': ', 2)[-1]}")
+    flags = {"listen": args.listen} if args.listen else {}
     if args.metrics_listen is not None:
-        from vmpool.config.schema import parse_config
-
-        try:
-            parse_config({"metrics_listen": args.metrics_listen})
-        except ConfigError as err:
-            return _fail(f"--metrics-listen: {str(err).split(': ', 2)[-1]}")
-        config = config.model_copy(update={"metrics_listen": args.metrics_listen})
+        flags["metrics_listen"] = args.metrics_listen
+    config = _config_or_exit(args.config, flags)
     from vmpool.app import AddressInUse, FatalError, StartupError, serve
     from vmpool.ops import logs
 
@@ -74,9 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError) as err:
         return _fail(f"cannot start the embedded PostgreSQL under {config.data_dir}: {err}", 1)
     try:
-        eventloop.run(
-            serve(config, url, listen=args.listen, role=args.role, reuse_port=args.reuse_port)
-        )
+        eventloop.run(serve(config, url, role=args.role, reuse_port=args.reuse_port))
     except AddressInUse as err:
         flag = {"listen": "--listen", "metrics_listen": "--metrics-listen"}.get(str(err).split()[0])
         hint = f" (another process has it: choose another address with {flag})" if flag else ""

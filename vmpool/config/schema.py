@@ -533,24 +533,25 @@ def parse_config(data: Any, *, source: str = "config") -> Config:
         raise _problems(source, _explain(err)) from None
 
 
-def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
-    """Read and validate a YAML file; ``None`` means the built-in demo."""
-    if path is None:
-        from vmpool.config.demo import DEMO_CONFIG
-
-        config = parse_config(DEMO_CONFIG, source="demo config")
-    else:
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
-        if "\x00" in text:  # YAML refuses it without naming a key; find the key ourselves
-            text = text.replace("\x00", _NUL_MARK)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
-        config = parse_config(data, source=str(path))
+def load_config(
+    path: str | Path | None,
+    env: dict[str, str] | None = None,
+    flags: dict[str, str] | None = None,
+) -> Config:
+    """Read and validate a YAML file; ``None`` means the built-in demo.
+    ``flags``: command-line values by config key (``metrics_listen``); they win
+    over the file and are validated with it, a mistake named by its flag."""
+    source = "demo config" if path is None else str(path)
+    data = _read(path)
+    if flags and isinstance(data, dict | None):
+        data = {**(data or {}), **flags}
+    try:
+        config = parse_config(data, source=source)
+    except ConfigError as err:
+        if not flags:
+            raise
+        lines = [_as_flag(line, source, flags) for line in err.lines()]
+        raise ConfigError(lines[0] if len(lines) == 1 else str(err), lines) from None
     url = (env or {}).get("VMPOOL_DATABASE_URL", "")
     if url:
         try:
@@ -559,6 +560,33 @@ def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> C
             raise ConfigError(f"environment: VMPOOL_DATABASE_URL: {err}") from None
         config = config.model_copy(update={"database_url": url})
     return config
+
+
+def _as_flag(line: str, source: str, flags: dict[str, str]) -> str:
+    """A problem with a key the command line set, named by its flag."""
+    for key in flags:
+        prefix = f"{source}: {key}: "
+        if line.startswith(prefix):
+            return f"--{key.replace('_', '-')}: {line.removeprefix(prefix)}"
+    return line
+
+
+def _read(path: str | Path | None) -> Any:
+    """The data of a YAML config file; ``None``: the built-in demo's."""
+    if path is None:
+        from vmpool.config.demo import DEMO_CONFIG
+
+        return DEMO_CONFIG
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    if "\x00" in text:  # YAML refuses it without naming a key; find the key ourselves
+        text = text.replace("\x00", _NUL_MARK)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
