@@ -5,8 +5,10 @@ replica after one is killed, cancellation, deadlines, bad cursors, shutdown."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from types import ModuleType
@@ -206,3 +208,80 @@ async def test_sigterm_ends_streams_with_unavailable_and_a_cursor(
     await w.task
     assert w.error is not None and w.error.code() == grpc.StatusCode.UNAVAILABLE
     assert 'resume with after="' in w.error.details()
+
+
+async def _cli_watch(address: str, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "vmpool",
+        "watch",
+        "--output",
+        "json",
+        "--server",
+        address,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def _next_json(proc: asyncio.subprocess.Process, timeout: float = 15) -> dict[str, Any]:
+    assert proc.stdout is not None
+    raw = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    assert raw, "vmpool watch ended"
+    out: dict[str, Any] = json.loads(raw)
+    return out
+
+
+async def test_cli_watch_prints_json_lines_and_ctrl_c_exits_130_quietly(
+    server: Running, client_factory: Callable[[str, str], Client]
+) -> None:
+    proc = await _cli_watch(server.address, "--pool", "w", "--expiring-lead", "off")
+    try:
+        await asyncio.sleep(1.5)  # the stream is open (a late start would miss the lease)
+        c = client_factory("grpclib", server.address)
+        lease = await lease_when_free(c, "w", service_tag="cli")
+        await c.return_(lease.instance, service_tag="cli")
+        got = [await _next_json(proc), await _next_json(proc)]
+        assert [(e["type"], e["instance"]) for e in got] == [
+            ("LEASED", lease.instance),
+            ("RETURNED", lease.instance),
+        ]
+        assert got[0]["service_tag"] == "cli" and got[0]["cursor"]
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130
+    assert err.decode() == ""
+
+
+async def test_cli_watch_resumes_when_the_server_comes_back(
+    start_server: Callable[..., Awaitable[Running]],
+    client_factory: Callable[[str, str], Client],
+) -> None:
+    first = await start_server(POOLS, name="cli-first")
+    await first.wait_ready("w", 3)
+    proc = await _cli_watch(first.address, "--expiring-lead", "off")
+    try:
+        await asyncio.sleep(1.5)
+        c = client_factory("grpclib", first.address)
+        one = await lease_when_free(c, "w", service_tag="r")
+        assert (await _next_json(proc))["instance"] == one.instance
+        assert first.proc.terminate() == 0
+        port = int(first.address.rsplit(":", 1)[1])
+        second = await start_server(POOLS, db_url=first.db_url, name="cli-second", port=port)
+        c2 = client_factory("grpclib", second.address)
+        await c2.return_(one.instance, service_tag="r")
+        got = await _next_json(proc, 30)
+        assert (got["type"], got["instance"]) == ("RETURNED", one.instance)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert "resuming" in err.decode()
