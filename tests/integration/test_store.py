@@ -12,7 +12,7 @@ import pytest
 
 from tests.pg import TestPostgres
 from vmpool.core.instant import Instant
-from vmpool.store import sql
+from vmpool.store import inventory_sql, leases_sql
 from vmpool.store.db import Database, create_pool, migrate, migrations
 from vmpool.store.errors import Duplicate
 from vmpool.store.inventory import Inventory
@@ -274,7 +274,7 @@ async def test_hot_statements_use_the_partial_indexes(db: Database, statement: s
     if statement == "claim":
         plan = await _plan(
             db,
-            sql.CLAIM_FREE,
+            leases_sql.CLAIM_FREE,
             "pool0",
             3,
             ["a", "b", "c"],
@@ -288,7 +288,7 @@ async def test_hot_statements_use_the_partial_indexes(db: Database, statement: s
     elif statement == "claim_or_enqueue":
         plan = await _plan(
             db,
-            sql.CLAIM_OR_ENQUEUE,
+            leases_sql.CLAIM_OR_ENQUEUE,
             "pool0",
             "t",
             uuid.uuid4(),
@@ -302,7 +302,7 @@ async def test_hot_statements_use_the_partial_indexes(db: Database, statement: s
             0,
         )
     else:
-        plan = await _plan(db, sql.SET_ASIDE, "pool5", NOW)
+        plan = await _plan(db, inventory_sql.SET_ASIDE, "pool5", NOW)
     # `pools` holds one row per pool: scanning it is the right plan.
     assert _seq_scanned(json.loads(plan)) <= {"pools"}, plan
     assert "instances_free" in plan

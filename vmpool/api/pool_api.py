@@ -6,8 +6,7 @@ wake the reconciler and answer with what the store then holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import betterproto
 import structlog
@@ -25,10 +24,9 @@ from vmpool.domain.spec_hash import pool_spec_hash
 from vmpool.ops.metrics import Metrics
 from vmpool.proto.intrinsic_proto.vmpoolapi import v1 as papi
 from vmpool.services.catalog import api_spec_hash
-from vmpool.store import sql
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore, NotLeased
-from vmpool.store.pools import PoolRow, PoolStore
+from vmpool.store.pools import PoolRow, PoolStore, PoolWrite, SetDesiredStatus, SetSpec
 from vmpool.wire.fastwire import timestamp_field
 
 log = structlog.get_logger("vmpool.pools")
@@ -163,7 +161,7 @@ class PoolService(papi.VmPoolServiceBase):
         requested = pools.PoolSpec.of(request.spec)
         pools.mask_fields(paths)  # an unknown path is refused before anything else
 
-        def decide(current: PoolRow) -> tuple[str, Sequence[Any]] | None:
+        def decide(current: PoolRow) -> PoolWrite | None:
             pools.check_mutable(
                 current.name, current.desired_status, configured=not current.is_api, what="update"
             )
@@ -172,7 +170,7 @@ class PoolService(papi.VmPoolServiceBase):
             if new == old:
                 return None  # a repeat changes nothing and restarts nothing
             log.info("pool updated", pool=current.name, **_fields(new))
-            return sql.SET_POOL_SPEC, (*_values(new), self._clock())
+            return SetSpec(*_values(new), self._clock())
 
         if await self._store.change(row.name, decide) is None:
             raise NotFound(f'name: no pool named "{row.name}"')
@@ -216,13 +214,13 @@ class PoolService(papi.VmPoolServiceBase):
         structlog.contextvars.bind_contextvars(pool=row.name)
         self._authorize(what, row)
 
-        def decide(current: PoolRow) -> tuple[str, Sequence[Any]] | None:
+        def decide(current: PoolRow) -> PoolWrite | None:
             pools.check_mutable(
                 current.name, current.desired_status, configured=not current.is_api, what=what
             )
             if current.desired_status == desired:
                 return None  # idempotent
-            return sql.SET_DESIRED_STATUS, (desired, self._clock())
+            return SetDesiredStatus(desired, self._clock())
 
         before = await self._store.change(row.name, decide)
         if before is None:

@@ -27,7 +27,7 @@ import asyncpg
 import structlog
 
 from vmpool.core.backoff import Retry
-from vmpool.store import sql
+from vmpool.store import control_sql
 from vmpool.store.errors import RETRYABLE_ERRORS, UNAVAILABLE_ERRORS
 
 log = structlog.get_logger("vmpool.control")
@@ -93,10 +93,15 @@ class Control:
         if not self._locked:
             # Held by every leader on this session: whoever gets it knows the
             # last leader's session is gone (killed, not merely slow).
-            self._locked = fresh = bool(await conn.fetchval(sql.LEADER_LOCK, timeout=5))
+            self._locked = fresh = bool(await conn.fetchval(control_sql.LEADER_LOCK, timeout=5))
         if self._leader and started < self._trusted_until:
             term = await conn.fetchval(
-                sql.LEADER_RENEW, self.holder, self._term, self._ttl, self._locked, timeout=5
+                control_sql.LEADER_RENEW,
+                self.holder,
+                self._term,
+                self._ttl,
+                self._locked,
+                timeout=5,
             )
         else:
             self._set_leader(False)
@@ -104,12 +109,12 @@ class Control:
             # kept from our own earlier term (we were frozen or cut off while
             # another took the expired term) gives no right to take it back.
             term = await conn.fetchval(
-                sql.LEADER_ACQUIRE, self.holder, self._ttl, fresh, self._locked, timeout=5
+                control_sql.LEADER_ACQUIRE, self.holder, self._ttl, fresh, self._locked, timeout=5
             )
             if term is None and self._locked and not fresh:
                 # Another leads now: let it hold the lock, so that its death is
                 # noticed at once again.
-                await conn.fetchval(sql.LEADER_UNLOCK, timeout=5)
+                await conn.fetchval(control_sql.LEADER_UNLOCK, timeout=5)
                 self._locked = False
         if term is None:
             self._set_leader(False)
@@ -124,7 +129,7 @@ class Control:
         if conn is None or conn.is_closed():
             return  # the leader's periodic pass finds it
         try:
-            await conn.execute(sql.WAKE, why, timeout=2)
+            await conn.execute(control_sql.WAKE, why, timeout=2)
         except (*UNAVAILABLE_ERRORS,) as err:
             log.debug("wake-up not sent", error=f"{type(err).__name__}: {err}")
 
@@ -137,7 +142,7 @@ class Control:
         if not was or conn is None or conn.is_closed():
             return
         try:
-            await conn.execute(sql.LEADER_RELEASE, self.holder, term, timeout=2)
+            await conn.execute(control_sql.LEADER_RELEASE, self.holder, term, timeout=2)
             log.info("leadership released", term=term)
         except (*UNAVAILABLE_ERRORS,) as err:  # it expires by itself after the ttl
             log.warning("leadership not released", error=f"{type(err).__name__}: {err}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from vmpool.store import events, sql
+from vmpool.store import control_sql, events, inventory_sql, pools_sql
 from vmpool.store.db import Database
 from vmpool.store.errors import NotLeader, retrying, translated
 from vmpool.store.records import EndedLease, LeaseRow
@@ -105,15 +105,17 @@ class Inventory:
 
     async def sync_pools(self, pools: Sequence[tuple[str, dict[str, str]]]) -> None:
         async with translated():
-            await self._pool.execute(sql.SYNC_POOLS, [p[0] for p in pools], [p[1] for p in pools])
+            await self._pool.execute(
+                pools_sql.SYNC_POOLS, [p[0] for p in pools], [p[1] for p in pools]
+            )
 
     async def summary(self, pools: Sequence[str] | None = None) -> Summary:
         """Counts of every pool, or of ``pools`` only (``complete`` says which)."""
         async with translated():
             if pools is None:
-                rows = await self._pool.fetch(sql.SUMMARY)
+                rows = await self._pool.fetch(inventory_sql.SUMMARY)
             else:
-                rows = await self._pool.fetch(sql.SUMMARY_OF, list(pools))
+                rows = await self._pool.fetch(inventory_sql.SUMMARY_OF, list(pools))
         out = Summary(pools={}, next_lease_expiry=None, complete=pools is None)
         for r in rows:
             kind = r["kind"]
@@ -145,21 +147,21 @@ class Inventory:
         return out
 
     async def expire_leases(self, now: datetime) -> list[EndedLease]:
-        rows = await self._write([(sql.EXPIRE_LEASES, (now,))])
+        rows = await self._write([(inventory_sql.EXPIRE_LEASES, (now,))])
         return [
             EndedLease(r["instance"], r["pool"], r["service_tag"], r["leased_at"]) for r in rows
         ]
 
     async def expire_reservations(self, now: datetime) -> list[tuple[str, str, str | None]]:
         """Drop expired queue entries (and spent served-at-once ones); the expired."""
-        rows = await self._write([(sql.EXPIRE_RESERVATIONS, (now,))])
+        rows = await self._write([(inventory_sql.EXPIRE_RESERVATIONS, (now,))])
         return [(str(r["id"]), r["pool"], r["instance"]) for r in rows if not r["served"]]
 
     async def set_aside(self, pool: str, now: datetime, limit: int) -> list[tuple[str, str]]:
         """Pair free instances with waiting reservations, oldest first: [(reservation, instance)]."""
         out: list[tuple[str, str]] = []
         for _ in range(limit):
-            rows = await self._write([(sql.SET_ASIDE, (pool, now))])
+            rows = await self._write([(inventory_sql.SET_ASIDE, (pool, now))])
             if not rows:
                 break
             out.append((str(rows[0]["id"]), rows[0]["instance"]))
@@ -172,8 +174,8 @@ class Inventory:
         are fewer if the pool would exceed ``max_size`` rows that are not destroying."""
         rows = await self._write(
             [
-                (sql.LOCK_POOL_ROW, (pool,)),
-                (sql.ADD_INSTANCES, (names, pool, now, spec_hash, max_size)),
+                (inventory_sql.LOCK_POOL_ROW, (pool,)),
+                (inventory_sql.ADD_INSTANCES, (names, pool, now, spec_hash, max_size)),
             ],
             idempotent=False,  # committed before the connection broke? Not known: no retry
         )
@@ -182,17 +184,21 @@ class Inventory:
     async def stale_of_pool(self, pool: str, spec_hash: str, state: str, limit: int) -> list[str]:
         """Up to ``limit`` instances of ``pool`` in ``state`` not made from ``spec_hash``."""
         async with translated():
-            rows = await self._pool.fetch(sql.STALE_OF_POOL, pool, spec_hash, state, limit)
+            rows = await self._pool.fetch(
+                inventory_sql.STALE_OF_POOL, pool, spec_hash, state, limit
+            )
         return [r["name"] for r in rows]
 
     async def work_rows(self, *, everything: bool = False) -> list[InstanceRow]:
         async with translated():
-            rows = await self._pool.fetch(sql.ALL_ROWS if everything else sql.WORK_ROWS)
+            rows = await self._pool.fetch(
+                inventory_sql.ALL_ROWS if everything else inventory_sql.WORK_ROWS
+            )
         return [InstanceRow(*r) for r in rows]
 
     async def rows_named(self, names: list[str]) -> list[InstanceRow]:
         async with translated():
-            rows = await self._pool.fetch(sql.ROWS_NAMED, names)
+            rows = await self._pool.fetch(inventory_sql.ROWS_NAMED, names)
         return [InstanceRow(*r) for r in rows]
 
     async def mark_ready(
@@ -200,39 +206,44 @@ class Inventory:
     ) -> list[tuple[str, str, datetime]]:
         pairs = list(ready)
         rows = await self._write(
-            [(sql.MARK_READY, ([n for n, _ in pairs], [z for _, z in pairs], now))]
+            [(inventory_sql.MARK_READY, ([n for n, _ in pairs], [z for _, z in pairs], now))]
         )
         return [(r["name"], r["pool"], r["created_at"]) for r in rows]
 
     async def mark_destroying(
         self, names: list[str], reason: str, now: datetime, from_states: Sequence[str]
     ) -> list[str]:
-        rows = await self._write([(sql.MARK_DESTROYING, (names, reason, now, list(from_states)))])
+        rows = await self._write(
+            [(inventory_sql.MARK_DESTROYING, (names, reason, now, list(from_states)))]
+        )
         return [r["name"] for r in rows]
 
     async def ready_older_than(self, pool: str, cutoff: datetime) -> list[str]:
         async with translated():
-            return [r["name"] for r in await self._pool.fetch(sql.READY_OLDER_THAN, pool, cutoff)]
+            return [
+                r["name"]
+                for r in await self._pool.fetch(inventory_sql.READY_OLDER_THAN, pool, cutoff)
+            ]
 
     async def free_of_pool(self, pool: str) -> list[str]:
         async with translated():
-            return [r["name"] for r in await self._pool.fetch(sql.FREE_OF_POOL, pool)]
+            return [r["name"] for r in await self._pool.fetch(inventory_sql.FREE_OF_POOL, pool)]
 
     async def drop_queue(self, pool: str, now: datetime) -> None:
-        await self._write([(sql.DROP_QUEUE, (pool, now))])
+        await self._write([(inventory_sql.DROP_QUEUE, (pool, now))])
 
     async def forget(self, names: list[str]) -> None:
-        await self._write([(sql.FORGET, (names,))])
+        await self._write([(inventory_sql.FORGET, (names,))])
 
     async def vanished(self, names: list[str], now: datetime) -> list[tuple[str, str, str, str]]:
         """[(name, pool, state, service_tag or '')] for rows whose VM disappeared."""
-        rows = await self._write([(sql.VANISHED, (names, now))])
+        rows = await self._write([(inventory_sql.VANISHED, (names, now))])
         return [(r["name"], r["pool"], r["state"], r["service_tag"] or "") for r in rows]
 
     async def prune_history(self, before: datetime, batch: int) -> int:
         """Delete one batch of lease_history ended before ``before``; how many."""
         async with translated():
-            status = await self._write_status(sql.PRUNE_HISTORY, (before, batch))
+            status = await self._write_status(inventory_sql.PRUNE_HISTORY, (before, batch))
         return int(status.rsplit(" ", 1)[-1])
 
     async def prune_events(self, older_than: timedelta, batch: int) -> int:
@@ -241,11 +252,11 @@ class Inventory:
 
     async def mark_reached_running(self, pools: Sequence[str]) -> None:
         """These pools reached min_ready: INITIALIZING becomes RUNNING (pool-api.md)."""
-        await self._write([(sql.MARK_REACHED_RUNNING, (list(pools),))])
+        await self._write([(pools_sql.MARK_REACHED_RUNNING, (list(pools),))])
 
     async def forget_deleted_pools(self) -> list[str]:
         """Deleted API pools with no instance left disappear; their names are free."""
-        return [r["name"] for r in await self._write([(sql.FORGET_DELETED_POOLS, ())])]
+        return [r["name"] for r in await self._write([(pools_sql.FORGET_DELETED_POOLS, ())])]
 
     async def _write_status(self, query: str, args: tuple[Any, ...]) -> str:
         async def once() -> str:
@@ -260,13 +271,13 @@ class Inventory:
         if self._fence is None:
             return
         token = self._fence()
-        if token is None or await conn.fetchval(sql.LEADER_FENCE, *token) is None:
+        if token is None or await conn.fetchval(control_sql.LEADER_FENCE, *token) is None:
             raise NotLeader("not the leader (a newer term began): write refused")
 
     async def list_leases(self, pool: str) -> list[LeaseRow]:
         async with translated():
-            return [LeaseRow.of(r) for r in await self._pool.fetch(sql.LIST_LEASES, pool)]
+            return [LeaseRow.of(r) for r in await self._pool.fetch(inventory_sql.LIST_LEASES, pool)]
 
     async def list_reservations(self, pool: str) -> list[dict[str, Any]]:
         async with translated():
-            return [dict(r) for r in await self._pool.fetch(sql.LIST_RESERVATIONS, pool)]
+            return [dict(r) for r in await self._pool.fetch(inventory_sql.LIST_RESERVATIONS, pool)]

@@ -12,7 +12,7 @@ import structlog
 
 from vmpool.core.batching import MAX_BATCH, MicroBatcher
 from vmpool.core.instant import Instant
-from vmpool.store import sql
+from vmpool.store import leases_sql, probe
 from vmpool.store.db import Database
 from vmpool.store.errors import StoreError, StoreUnavailable, translated
 from vmpool.store.records import (
@@ -64,7 +64,7 @@ class LeaseStore:
     async def ping(self, timeout: float) -> None:
         try:
             async with translated():
-                await asyncio.wait_for(self._pool.fetchval(sql.PING), timeout)
+                await asyncio.wait_for(self._pool.fetchval(probe.PING), timeout)
         except TimeoutError as err:
             raise StoreUnavailable("database did not answer in time") from err
 
@@ -94,7 +94,7 @@ class LeaseStore:
         try:
             async with translated():
                 row = await self._pool.fetchrow(
-                    sql.UNCLAIM, lease.instance, lease.leased_at, item[1]
+                    leases_sql.UNCLAIM, lease.instance, lease.leased_at, item[1]
                 )
         except StoreError as err:  # the lease then runs out and its VM is destroyed
             log.warning(
@@ -124,7 +124,7 @@ class LeaseStore:
         expiries = [expiry_columns(item[2]) for item in items]
         async with translated():
             rows = await self._pool.fetch(
-                sql.CLAIM_FREE,
+                leases_sql.CLAIM_FREE,
                 pool,
                 len(items),
                 [item[0] for item in items],
@@ -148,13 +148,13 @@ class LeaseStore:
         (the reservation keeps its instance)."""
         async with translated():
             row = await self._pool.fetchrow(
-                sql.SERVE_RESERVED, reservation, now, *expiry_columns(expires), lease_limit
+                leases_sql.SERVE_RESERVED, reservation, now, *expiry_columns(expires), lease_limit
             )
         return (LeaseRow.of(row), row["enqueued_at"]) if row else None
 
     async def lookup_reservation(self, reservation: UUID) -> ReservationState | None:
         async with translated():
-            rows = await self._pool.fetch(sql.RESERVATION_LOOKUP, reservation)
+            rows = await self._pool.fetch(leases_sql.RESERVATION_LOOKUP, reservation)
         if not rows:
             return None
         # An active lease wins over history; a queue entry is exclusive with both.
@@ -189,7 +189,7 @@ class LeaseStore:
         lease_at, round_ns = expiry_columns(lease_expires)
         async with translated():
             row = await self._pool.fetchrow(
-                sql.CLAIM_OR_ENQUEUE,
+                leases_sql.CLAIM_OR_ENQUEUE,
                 pool,
                 tag,
                 reservation,
@@ -210,12 +210,12 @@ class LeaseStore:
 
     async def touch(self, reservation: UUID, expires: datetime) -> Queued | None:
         async with translated():
-            row = await self._pool.fetchrow(sql.TOUCH_RESERVATION, reservation, expires)
+            row = await self._pool.fetchrow(leases_sql.TOUCH_RESERVATION, reservation, expires)
         return Queued(row["instance"], row["seq"], row["pool"]) if row else None
 
     async def position(self, pool: str, seq: int) -> tuple[int, int]:
         async with translated():
-            row = await self._pool.fetchrow(sql.QUEUE_POSITION, pool, seq)
+            row = await self._pool.fetchrow(leases_sql.QUEUE_POSITION, pool, seq)
         assert row is not None  # an aggregate always has a row
         return int(row["position"]), int(row["length"])
 
@@ -235,7 +235,7 @@ class LeaseStore:
         if ended is not None:
             return ended
         async with translated():
-            owner = await self._pool.fetchrow(sql.LEASE_OWNER, instance)
+            owner = await self._pool.fetchrow(leases_sql.LEASE_OWNER, instance)
         if owner is None:
             raise NotLeased(instance)
         if owner["principal"] != principal:
@@ -247,7 +247,7 @@ class LeaseStore:
     ) -> list[EndedLease | None]:
         async with translated():
             rows = await self._pool.fetch(
-                sql.RETURN_LEASES,
+                leases_sql.RETURN_LEASES,
                 [item[0] for item in items],
                 [item[1] for item in items],
                 max(item[2] for item in items),
@@ -269,7 +269,7 @@ class LeaseStore:
     ) -> EndedLease:
         """End the lease as an operator ``by`` (the principal its event names)."""
         async with translated():
-            row = await self._pool.fetchrow(sql.FORCE_RETURN, instance, now, reason, by)
+            row = await self._pool.fetchrow(leases_sql.FORCE_RETURN, instance, now, reason, by)
         if row is None:
             raise NotLeased(instance)
         return EndedLease(
@@ -278,7 +278,7 @@ class LeaseStore:
 
     async def get_lease(self, instance: str) -> LeaseRow | None:
         async with translated():
-            row = await self._pool.fetchrow(sql.GET_LEASE, instance)
+            row = await self._pool.fetchrow(leases_sql.GET_LEASE, instance)
         return LeaseRow.of(row) if row else None
 
     async def extend(
@@ -290,7 +290,7 @@ class LeaseStore:
     ) -> LeaseRow:
         """Lock the lease, let ``decide`` pick the new expiry (None: unchanged), write it."""
         async with translated(), self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(sql.LOCK_LEASE, instance)
+            row = await conn.fetchrow(leases_sql.LOCK_LEASE, instance)
             if row is None:
                 raise NotLeased(instance)
             lease = LeaseRow.of(row)
@@ -301,16 +301,18 @@ class LeaseStore:
             new = decide(lease)
             if new is None or new == lease.expires_at:
                 return lease
-            return LeaseRow.of(await conn.fetchrow(sql.SET_EXPIRY, instance, *expiry_columns(new)))
+            return LeaseRow.of(
+                await conn.fetchrow(leases_sql.SET_EXPIRY, instance, *expiry_columns(new))
+            )
 
     async def free_counts(self) -> dict[str, int]:
         async with translated():
-            rows = await self._pool.fetch(sql.FREE_COUNTS)
+            rows = await self._pool.fetch(leases_sql.FREE_COUNTS)
         return {r["pool"]: int(r["free"]) for r in rows}
 
     async def pool_desired_status(self, pool: str) -> str | None:
         async with translated():
-            status: str | None = await self._pool.fetchval(sql.POOL_DESIRED_STATUS, pool)
+            status: str | None = await self._pool.fetchval(leases_sql.POOL_DESIRED_STATUS, pool)
             return status
 
     async def cancel_reservation(
@@ -320,6 +322,6 @@ class LeaseStore:
         set-aside instance), or None when they have no queued reservation by this id."""
         async with translated():
             row = await self._pool.fetchrow(
-                sql.CANCEL_RESERVATION, reservation, tag, now, principal
+                leases_sql.CANCEL_RESERVATION, reservation, tag, now, principal
             )
         return (row["pool"], row["instance"]) if row else None

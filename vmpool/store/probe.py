@@ -11,8 +11,9 @@ import asyncio
 
 import asyncpg
 
-from vmpool.store import sql
 from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable, translated
+
+PING = "SELECT 1"
 
 
 class ProbeConnection:
@@ -30,7 +31,7 @@ class ProbeConnection:
                     self._conn = await asyncpg.connect(
                         self._url, server_settings={"application_name": "vmpool-probe"}
                     )
-                await self._conn.fetchval(sql.PING)
+                await self._conn.fetchval(PING)
         except TimeoutError as err:
             self._drop()
             raise StoreUnavailable("database did not answer in time") from err
