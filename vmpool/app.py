@@ -28,10 +28,12 @@ from vmpool.ops.metrics import Metrics
 from vmpool.providers.describers import build_describer
 from vmpool.services.catalog import PoolCatalog
 from vmpool.services.dbhealth import DatabaseHealth
+from vmpool.services.demand import DemandCounter, flush_demand
 from vmpool.services.lease_events import EventHub, WatchLimits
 from vmpool.services.leaser import Leaser
 from vmpool.services.readiness import PROVIDER, READY, HealthName, database_check, provider_check
 from vmpool.services.waiters import Waiters
+from vmpool.store.autoscale import AutoscaleStore
 from vmpool.store.db import connect, migrate
 from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
 from vmpool.store.events import EventStore
@@ -209,6 +211,7 @@ async def _serve(
             on_fatal=fatal,
             reconcile=role == "all",
         )
+        demand = DemandCounter()
         leaser = Leaser(
             leases,
             config,
@@ -218,7 +221,9 @@ async def _serve(
             on_change=background.wake,
             reconciles_here=background.is_leader,
             catalog=PoolCatalog(config, pool_store),
+            demand=demand,
         )
+
         gate = Gate()
         serving = ServiceStatus()
         probe = ProbeConnection(url)  # readiness never waits behind client calls
@@ -314,6 +319,10 @@ async def _serve(
                 s.close()
             await background.stop()
             raise
+        flush_stop = asyncio.Event()
+        flusher = asyncio.create_task(
+            flush_demand(demand, AutoscaleStore(db), utcnow, flush_stop), name="keep:demand"
+        )
         serving.set(True)
         log.info(
             "serving",
@@ -346,6 +355,8 @@ async def _serve(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(s.wait_closed(), 5)
         await background.stop()
+        flush_stop.set()
+        await flusher
         await probe.close()
         await describer.close()
     finally:

@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 import psutil
 
-from tests.bench import report, versus
+from tests.bench import autoscale, report, versus
 from tests.pg import TestPostgres, with_database
 from tests.server import ServerProcess
 from vmpool.domain.spec_hash import spec_hash
@@ -697,10 +697,15 @@ def main() -> int:
         default="grpc-go,grpclib",
         help="load generators against the floor (grpc-go is skipped without Go)",
     )
+    parser.add_argument(
+        "--autoscale", action="store_true", help="the adaptive warm pool simulation only"
+    )
     args = parser.parse_args()
     if unknown := set(args.only.split(",")) - set(SCENARIOS):
         parser.error(f"--only: no scenario {', '.join(sorted(unknown))}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.autoscale:
+        return autoscale.main(Path(args.out))
     return asyncio.run(run(args))
 
 

@@ -10,8 +10,10 @@ from vmpool.config.schema import Config, parse_config
 from vmpool.control.reconciler import Inbox, Reconciler
 from vmpool.ops.metrics import Metrics
 from vmpool.providers.fake import FakeProvider
+from vmpool.services.demand import DemandCounter
 from vmpool.services.leaser import Leaser
 from vmpool.services.waiters import Waiters
+from vmpool.store.autoscale import AutoscaleStore
 from vmpool.store.db import Database
 from vmpool.store.fakecloud import FakeCloud
 from vmpool.store.inventory import Inventory
@@ -50,6 +52,7 @@ class World:
     waiters: Waiters
     metrics: Metrics
     inbox: Inbox  # what the serving thread tells the reconciler
+    demand: DemandCounter | None = None  # with autoscale: Lease attempts counted
 
     async def full_pass(self) -> bool:
         self.reconciler.wake()  # over every pool, as the periodic pass is
@@ -83,9 +86,12 @@ class World:
         return {r["name"] for r in await self.db.fetch("SELECT name FROM instances")}
 
 
-async def make_world(db: Database, config: dict[str, Any]) -> World:
+async def make_world(
+    db: Database, config: dict[str, Any], *, autoscale: bool = False, clock: Clock | None = None
+) -> World:
+    """``autoscale``: wired as vmpool serve is (demand counted, state stored)."""
     cfg = parse_config({"provider": {"kind": "fake", "fake": {"boot_seconds": 0}}, **config})
-    clock = Clock()
+    clock = clock or Clock()
     metrics = Metrics()
     waiters = Waiters()
     inventory = Inventory(db)
@@ -104,8 +110,21 @@ async def make_world(db: Database, config: dict[str, Any]) -> World:
         waiters.wake,
         inbox=inbox,
         monotonic=clock.monotonic,
+        autoscale_store=AutoscaleStore(db) if autoscale else None,
     )
-    leaser = Leaser(store, cfg, clock, waiters, metrics)
+    demand = DemandCounter() if autoscale else None
+    leaser = Leaser(store, cfg, clock, waiters, metrics, demand=demand)
     return World(
-        cfg, clock, db, store, inventory, provider, reconciler, leaser, waiters, metrics, inbox
+        cfg,
+        clock,
+        db,
+        store,
+        inventory,
+        provider,
+        reconciler,
+        leaser,
+        waiters,
+        metrics,
+        inbox,
+        demand,
     )

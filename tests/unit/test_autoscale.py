@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from datetime import UTC, datetime
 
 import pytest
 
 from vmpool.domain.autoscale import (
+    AIM,
     Demand,
     Learned,
     Settings,
@@ -15,6 +17,7 @@ from vmpool.domain.autoscale import (
     observe_boot,
     poisson_quantile,
 )
+from vmpool.domain.planner import Action, PoolObserved, PoolTarget, Shrink, plan_pool
 
 DAY = 86_400.0
 
@@ -74,15 +77,16 @@ def booted(seconds: float = 60.0) -> Learned:
 S = Settings(floor=1, ceiling=200, target=0.01, delay=600, learn_daily=False, window=1800)
 
 
-@pytest.mark.parametrize(("per_minute", "expect"), [(1, 5), (10, 19), (30, 44)])
-def test_a_steady_rate_sizes_s_at_the_poisson_quantile(per_minute: int, expect: int) -> None:
+@pytest.mark.parametrize("per_minute", [1, 10, 30])
+def test_a_steady_rate_sizes_s_at_the_poisson_quantile(per_minute: int) -> None:
+    expect = poisson_quantile(per_minute, S.target * AIM)  # aimed a little under the target
     d = Demand(S.slot, S.window, since=0.0)
     learned = booted()
     feed(d, per_minute / 60, 0, 3600)
     decision = decide(S, learned, d, 3600, 10_000)
     assert decision.reason == "rate"
     assert abs(decision.rate * 60 - per_minute) < 0.05 * per_minute
-    assert decision.s == expect
+    assert abs(decision.s - expect) <= 1  # the measured rate is within 5 %
 
 
 def test_a_rise_is_followed_within_a_boot_time_or_two() -> None:
@@ -167,3 +171,38 @@ def test_boot_time_is_learned_and_sizes_s() -> None:
     fast = decide(S, booted(30.0), d, 3600, 10_000)
     assert slow.boot_mean == 120.0 and fast.boot_mean == 30.0
     assert fast.s < 19 < slow.s
+
+
+# --- the planner with an autoscaled S ------------------------------------------------
+
+
+def plan(ready: int, booting: int, s: int, autoscaled: bool, waiting: int = 0) -> list[Action]:
+    observed = PoolObserved(
+        "p",
+        ready=ready,
+        ready_current=ready,
+        provisioning=booting,
+        provisioning_current=booting,
+        waiting=waiting,
+    )
+    target = PoolTarget("p", min_ready=s, max_size=100, max_provisioning=100, autoscaled=autoscaled)
+    return plan_pool(observed, target, datetime(2026, 1, 1, tzinfo=UTC))
+
+
+@pytest.mark.parametrize(
+    ("ready", "booting", "s", "waiting", "expect"),
+    [
+        (10, 0, 4, 0, [Shrink("p", 6)]),  # the oldest six go
+        (3, 5, 4, 0, [Shrink("p", 3)]),  # boots above S count: ready ones go first
+        (2, 2, 4, 0, []),
+        (6, 0, 4, 3, []),  # calls are waiting: nothing is shed
+    ],
+)
+def test_a_falling_s_sheds_ready_vms_above_it(
+    ready: int, booting: int, s: int, waiting: int, expect: list[Action]
+) -> None:
+    assert [a for a in plan(ready, booting, s, True, waiting) if isinstance(a, Shrink)] == expect
+
+
+def test_without_autoscale_the_planner_never_sheds_ready_vms() -> None:
+    assert plan(10, 0, 4, False) == []

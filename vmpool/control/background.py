@@ -40,6 +40,7 @@ from vmpool.core.clock import utcnow
 from vmpool.ops.metrics import Metrics
 from vmpool.providers.base import Provider
 from vmpool.providers.errors import ProviderError
+from vmpool.store.autoscale import AutoscaleStore
 from vmpool.store.control import Control
 from vmpool.store.db import Database, connect
 from vmpool.store.errors import StoreUnavailable
@@ -207,6 +208,7 @@ class Background:
                 inbox=self._inbox,
                 on_fenced=control.step_down,
                 pool_store=PoolStore(db),
+                autoscale_store=AutoscaleStore(db),
             )
             self._reconciler, self._control = reconciler, control
             try:

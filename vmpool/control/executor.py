@@ -41,12 +41,14 @@ from vmpool.domain.planner import (
     ReplaceStale,
     RowAction,
     SetAside,
+    Shrink,
     Vanished,
 )
 from vmpool.ops.metrics import Metrics
 from vmpool.providers.base import Provider
 from vmpool.providers.errors import Invalid, ProviderError
 from vmpool.services.catalog import PoolCatalog
+from vmpool.store.autoscale import AutoscaleStore
 from vmpool.store.errors import StoreError
 from vmpool.store.inventory import Inventory
 
@@ -83,7 +85,11 @@ class Executor:
         on_call_done: Callable[[], None],
         on_deleted: Callable[[], None],
         concurrency: int,
+        autoscale: AutoscaleStore | None = None,
+        on_boot: Callable[[str, float], None] = lambda _pool, _seconds: None,
     ) -> None:
+        self._autoscale = autoscale  # picks the VMs an autoscaled pool sheds
+        self._on_boot = on_boot  # a VM of this pool booted in this many seconds
         self._inv = inventory
         self._provider = provider
         self._pools = pools
@@ -138,6 +144,10 @@ class Executor:
                 case ReplaceStale(pool=pool, spec_hash=current, state=state, limit=limit):
                     stale = await self._inv.stale_of_pool(pool, current, state, limit)
                     changed |= await self._destroy(pool, stale, action.reason, now, (state,))
+                case Shrink(pool=pool, limit=limit, reason=reason):
+                    if self._autoscale is not None:
+                        old = await self._autoscale.oldest_ready(pool, limit)
+                        changed |= await self._destroy(pool, old, reason, now, ("ready",))
                 case SetAside(pool=pool, limit=limit):
                     for rid, instance in await self._inv.set_aside(pool, now, limit):
                         self._on_assigned(rid)
@@ -256,9 +266,9 @@ class Executor:
         if ready:
             for name, pool_name, created in await self._inv.mark_ready(ready, now):
                 self.pool_backoff.succeeded(pool_name)
-                self._metrics.boot_duration.labels(pool_name).observe(
-                    max((now - created).total_seconds(), 0.0)
-                )
+                booted = max((now - created).total_seconds(), 0.0)
+                self._metrics.boot_duration.labels(pool_name).observe(booted)
+                self._on_boot(pool_name, booted)
                 self.action("ready", instance=name, pool=pool_name)
             changed = True
         delays: dict[str, float] = {}  # one backoff step per pool per pass, however many failed

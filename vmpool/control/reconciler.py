@@ -21,6 +21,7 @@ from datetime import datetime
 import structlog
 
 from vmpool.config.schema import Config
+from vmpool.control.autoscaler import Autoscaler
 from vmpool.control.executor import Executor
 from vmpool.control.gauges import PoolGauges, counts_of
 from vmpool.control.leadership import Leadership
@@ -47,6 +48,7 @@ from vmpool.ops.metrics import Metrics
 from vmpool.providers.base import Provider, VMPhase
 from vmpool.providers.errors import ProviderError
 from vmpool.services.catalog import PoolCatalog
+from vmpool.store.autoscale import AutoscaleStore
 from vmpool.store.errors import NotLeader, StoreUnavailable
 from vmpool.store.inventory import Inventory, Summary
 from vmpool.store.pools import PoolStore
@@ -100,6 +102,7 @@ class Reconciler:
         monotonic: Monotonic = time.monotonic,
         on_fenced: Callable[[], None] = lambda: None,
         pool_store: PoolStore | None = None,
+        autoscale_store: AutoscaleStore | None = None,
     ) -> None:
         self._inv = inventory
         self._pool_store = pool_store
@@ -126,7 +129,11 @@ class Reconciler:
             on_call_done=self._wake.set,
             on_deleted=self._vm_deleted,
             concurrency=concurrency,
+            autoscale=autoscale_store,
+            on_boot=self._boot_seen,
         )
+        #: pools with an autoscale block size their buffer from demand (issue 24)
+        self.autoscaler = Autoscaler(autoscale_store, metrics) if autoscale_store else None
         self._targets: dict[str, PoolTarget] = {}  # as of the last plan
         self._failing = Retry(base=0.2, cap=10.0)  # consecutive failed passes
         self._failing_delay = 0.0
@@ -201,9 +208,15 @@ class Reconciler:
             self._wake.clear()
         await self.drain_calls()
 
+    def _boot_seen(self, pool: str, seconds: float) -> None:
+        if self.autoscaler is not None:
+            self.autoscaler.boot_seen(pool, seconds)
+
     async def _stepped_down(self) -> None:
         """No longer leader: stop our provider calls, forget what we saw."""
         await self.drain_calls(timeout=0)
+        if self.autoscaler is not None:
+            self.autoscaler.stepped_down()
         self._gauges.clear()
         self._seen.clear()
         self._last_resync = -1e9  # if we lead again, start from a full view
@@ -253,7 +266,11 @@ class Reconciler:
         for cfg in self._pools:
             seen = summary.pools.get(cfg.name)
             target = target_from_config(cfg, drained=seen is not None and seen.drained)
-            out[cfg.name] = replace(target, spec_hash=self._pools.spec_hash(cfg))
+            target = replace(target, spec_hash=self._pools.spec_hash(cfg))
+            desired = self.autoscaler.desired(cfg.name) if self.autoscaler else None
+            if desired is not None:
+                target = replace(target, min_ready=desired, autoscaled=True)
+            out[cfg.name] = target
         return out
 
     def _plan(self, summary: Summary, now: datetime) -> list[Action]:
@@ -273,12 +290,15 @@ class Reconciler:
         interval = self._config.reconcile_interval.total_seconds()
         full = self._full_due or self._mono() - self._last_full >= interval
         scope = None if full else sorted(self._dirty)
+        news = bool(self._dirty)  # a lease or reservation somewhere: demand to read
         self._dirty.clear()
         self._exec.touched.clear()
         if full:
             self._full_due = False
             self._last_full = self._mono()
         await self._pools.refresh()
+        if self.autoscaler is not None:
+            await self.autoscaler.update(self._pools, now, news)
         summary = await self._inv.summary(scope)
         self._gauges.export(summary)
         actions = self._plan(summary, now)

@@ -36,8 +36,12 @@ BOOT_SAMPLES = 64  # recent boot times kept per pool
 BOOT_QUANTILE = 0.95  # how early to start booting for a learned bin
 PROFILE_DAYS = 7  # periods of profile kept
 NOISE_Z = 2.0  # a short window's count is discounted by this many standard deviations
+RISE_Z = 3.7  # ... unless it is this many above the window's rate (p < 1e-4): a real rise
 SHORT_WINDOWS = 4  # windows of window/2, /4, /8, /16 besides the whole window
-SLOTS_PER_WINDOW = 120
+SLOTS_PER_WINDOW = 360
+#: The rate is an estimate, and P(wait) is convex in S: aiming at the target
+#: itself misses it on average. The rate term aims this much under it.
+AIM = 0.7
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,19 +185,33 @@ def observe_boot(learned: Learned, seconds: float) -> None:
 
 
 def arrival_rate(settings: Settings, demand: Demand, now: float, boot: float) -> float:
-    """Arrivals per second: the largest of the window's plain rate and each
-    shorter window's rate less NOISE_Z standard deviations (a steady rate is
-    measured over the whole window; a rise shows in the short ones at once)."""
+    """Arrivals per second expected over the next boot time: the largest of
+
+    - the whole window's rate (a steady rate, measured with the least noise);
+    - each shorter window's rate less NOISE_Z standard deviations, or its plain
+      rate when its count is beyond doubt (RISE_Z) above the window's rate: a
+      step up is followed within a boot time;
+    - a rise across the window (its newer half against its older half, when
+      beyond doubt) carried forward to one boot time from now: a ramp."""
     known = max(now - demand.since, demand.slot, boot)
-    spans = sorted({settings.window / 2**k for k in range(SHORT_WINDOWS + 1)} | {boot})
+    window = settings.window
+    spans = sorted({window / 2**k for k in range(SHORT_WINDOWS + 1)} | {boot})
     counts = demand.counts_within(now, spans)
-    best = 0.0
-    for span, count in zip(spans, counts, strict=True):
+    whole = counts[-1] / max(min(window, known), demand.slot)
+    best = whole
+    for span, count in zip(spans[:-1], counts[:-1], strict=True):
         seconds = max(min(span, known), demand.slot)
-        if span >= settings.window:
+        expected = whole * seconds
+        if count - expected > RISE_Z * math.sqrt(expected + 1):
             best = max(best, count / seconds)
         elif count:
             best = max(best, (count - NOISE_Z * math.sqrt(count)) / seconds)
+    if known >= window:
+        newer = counts[spans.index(window / 2)]
+        older = counts[-1] - newer
+        if newer - older > RISE_Z * math.sqrt(newer + older + 1):
+            slope = (newer - older) / (window / 2) ** 2  # per second, per second
+            best = max(best, newer / (window / 2) + slope * (window / 4 + boot))
     return best
 
 
@@ -271,10 +289,10 @@ def decide(
     """The desired S at ``now``; updates ``learned`` (profile peak, S, its hold)."""
     mean = boot_mean(learned)
     lead = boot_quantile(learned)
-    within = demand.counts_within(now, [mean])[0]
+    within = demand.counts_within(now, [mean + demand.slot])[0]  # the slot now is partial
     record_peak(settings, learned, now, within)
     rate = arrival_rate(settings, demand, now, mean)
-    rate_term = poisson_quantile(rate * mean, settings.target)
+    rate_term = poisson_quantile(rate * mean, settings.target * AIM)
     prof = profile_term(settings, learned, now, lead)
     wanted, reason = (prof, "profile") if prof > rate_term else (rate_term, "rate")
     top = min(settings.ceiling, max_size)

@@ -37,6 +37,9 @@ class PoolTarget:
     max_ready_age: timedelta | None = None
     boot_timeout: timedelta = timedelta(minutes=10)
     zone: str = ""  # given: overrides the zone the provider reports
+    #: min_ready is an autoscaled S (vmpool.domain.autoscale): free VMs above
+    #: S (+ waiting calls) are destroyed, oldest first, as S falls.
+    autoscaled: bool = False
 
 
 def target_from_config(pool: PoolConfig, *, drained: bool = False) -> PoolTarget:
@@ -142,6 +145,15 @@ class ReplaceStale:
 
 
 @dataclass(frozen=True, slots=True)
+class Shrink:
+    """Destroy up to ``limit`` ready instances, oldest first (an autoscaled S fell)."""
+
+    pool: str
+    limit: int
+    reason: str = "autoscale: desired ready fell"
+
+
+@dataclass(frozen=True, slots=True)
 class SetAside:
     """Pair up to ``limit`` free instances with waiting reservations, oldest first."""
 
@@ -159,7 +171,9 @@ class Create:
     max_size: int  # the database refuses rows beyond it (two leaders overlapping)
 
 
-PoolAction = ExpireLeases | ExpireReservations | DropQueue | DestroyFree | Recycle | ReplaceStale
+PoolAction = (
+    ExpireLeases | ExpireReservations | DropQueue | DestroyFree | Recycle | ReplaceStale | Shrink
+)
 Action = PoolAction | SetAside | Create
 
 
@@ -231,6 +245,8 @@ def plan_pool(
         headroom += extra
     if drop > 0:
         actions.append(ReplaceStale(name, target.spec_hash, "ready", drop))
+    if target.autoscaled and want < 0 and not pool.waiting and ready_now > 0:
+        actions.append(Shrink(name, min(-want, ready_now)))
 
     ready_left = pool.ready - drop
     if target.accepting_leases and pool.waiting and ready_left > 0:

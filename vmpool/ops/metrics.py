@@ -200,6 +200,39 @@ class Metrics:
             registry=r,
         )
 
+        # Adaptive warm pools (issue 24), exported by the leader.
+        self.desired_ready = Gauge(
+            "vmpool_desired_ready",
+            "Autoscaled pools: the desired buffer S (ready + booting) the leader sizes for.",
+            ["pool"],
+            registry=r,
+        )
+        self.arrival_rate = Gauge(
+            "vmpool_arrival_rate",
+            "Autoscaled pools: Lease attempts per second, as estimated for sizing.",
+            ["pool"],
+            registry=r,
+        )
+        self.boot_time = Gauge(
+            "vmpool_boot_time_seconds",
+            "Autoscaled pools: learned boot time (create to ready), mean and p95.",
+            ["pool", "quantile"],
+            registry=r,
+        )
+
+    def export_autoscale(
+        self, pool: str, desired: int, rate: float, boot_mean: float, boot_p95: float
+    ) -> None:
+        self.desired_ready.labels(pool).set(desired)
+        self.arrival_rate.labels(pool).set(rate)
+        self.boot_time.labels(pool, "mean").set(boot_mean)
+        self.boot_time.labels(pool, "0.95").set(boot_p95)
+
+    def clear_autoscale(self) -> None:
+        self.desired_ready.clear()
+        self.arrival_rate.clear()
+        self.boot_time.clear()
+
     def set_pool_sizes(self, pools: Iterable[tuple[str, int, int]]) -> None:
         """(name, min_ready, max_size) of every pool this process serves."""
         self.pool_min_ready.clear()

@@ -21,6 +21,7 @@ from vmpool.domain import leasing, pools
 from vmpool.domain.leasing import Exhausted, FailedPrecondition, NotFound, PermissionDenied
 from vmpool.ops.metrics import Metrics
 from vmpool.services.catalog import PoolCatalog
+from vmpool.services.demand import DemandCounter
 from vmpool.services.waiters import Waiters
 from vmpool.store.errors import Duplicate, QuotaExceeded
 from vmpool.store.leases import LeaseStore, NotLeased, WrongPrincipal, WrongTag
@@ -77,6 +78,7 @@ class Leaser:
         on_change: Callable[[str], None] = lambda _pool: None,
         reconciles_here: Callable[[], bool] = lambda: False,
         catalog: PoolCatalog | None = None,
+        demand: DemandCounter | None = None,
     ) -> None:
         self._store = store
         self._config = config
@@ -87,6 +89,7 @@ class Leaser:
         self._on_change = on_change
         self._reconciles_here = reconciles_here  # then on_change suffices, no NOTIFY
         self._stopping = False
+        self._demand = demand  # Lease attempts on autoscaled pools (issue 24)
 
     def stopping(self) -> None:
         """Shutdown began: waiting Lease calls answer with their queue place now."""
@@ -133,6 +136,10 @@ class Leaser:
         else:
             self._metrics.owner_reservations.labels(label).inc()
 
+    def _attempt(self, pool: PoolConfig) -> None:
+        if self._demand is not None and pool.autoscale is not None:
+            self._demand.add(pool.name)
+
     def _granted(self, lease: LeaseRow, enqueued_at: datetime | None = None) -> LeaseRow:
         self._on_change(lease.pool)  # one free instance fewer: the pool may need refilling
         self._metrics.leases_granted.labels(lease.pool).inc()
@@ -160,6 +167,7 @@ class Leaser:
         if reservation is None:
             pool = await self._resolve_pool(pool_name, pools)
             structlog.contextvars.bind_contextvars(pool=pool.name)
+            self._attempt(pool)
             now = self._clock()
             with self._quota(who):
                 lease = await self._store.claim_free(
@@ -199,11 +207,15 @@ class Leaser:
     ) -> LeaseRow | QueuePlace:
         structlog.contextvars.bind_contextvars(reservation=str(rid))
         tag = who.service_tag
+        counted = False
         for _ in range(_RACE_RETRIES):
             state = await self._store.lookup_reservation(rid)
             if state is None:
                 pool = await self._resolve_pool(pool_name, pools)
                 structlog.contextvars.bind_contextvars(pool=pool.name)
+                if not counted:  # a new reservation is one attempt, however it ends
+                    counted = True
+                    self._attempt(pool)
                 now = self._clock()
                 try:
                     with self._quota(who):

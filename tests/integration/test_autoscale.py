@@ -1,0 +1,113 @@
+"""Adaptive warm pools against a real PostgreSQL (issue 24): demand counted by
+the Leaser reaches the leader through the database, S sizes the pool, and what
+was learned survives a restart (a fresh reconciler on the same database)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import pytest
+
+from tests.integration.helpers import Clock, World, make_world
+from vmpool.domain.leasing import Exhausted
+from vmpool.services.demand import flush_demand
+from vmpool.store.autoscale import AutoscaleStore
+from vmpool.store.db import Database
+
+CONFIG: dict[str, Any] = {
+    "provider": {"kind": "fake", "fake": {"boot_seconds": 2}},
+    "pools": [
+        {
+            "name": "a",
+            "min_ready": 0,
+            "max_size": 40,
+            "max_provisioning": 40,
+            "autoscale": {
+                "floor": 1,
+                "ceiling": 40,
+                "scale_down_delay": "10s",
+                "period": "60s",
+                "bin": "5s",
+                "window": "30s",
+            },
+        }
+    ],
+}
+
+
+async def attempts(w: World, n: int) -> None:
+    """``n`` Lease calls (served or refused), then the replica's flush."""
+    for _ in range(n):
+        with contextlib.suppress(Exhausted):
+            await w.leaser.lease("a", None, "t", None)
+    assert w.demand is not None
+    stop = asyncio.Event()
+    stop.set()  # one flush, then return
+    await flush_demand(w.demand, AutoscaleStore(w.db), w.clock, stop)
+    w.reconciler.wake_pools(["a"])  # the Leaser's on_change
+
+
+async def pass_at(w: World, second: float) -> None:
+    """A pass (and its provider calls) at ``second`` after START."""
+    w.clock.advance(seconds=START + second - w.clock.now.timestamp())
+    await w.settle_once()
+
+
+START = Clock().now.timestamp()  # 12:00:00 UTC: a multiple of the 60 s period
+
+
+def desired(w: World) -> int:
+    assert w.reconciler.autoscaler is not None
+    return w.reconciler.autoscaler.decisions["a"].s
+
+
+@pytest.mark.asyncio
+async def test_demand_sizes_the_pool_and_a_restart_keeps_what_was_learned(db: Database) -> None:
+    w = await make_world(db, CONFIG, autoscale=True)
+    await w.settle_once()
+    assert desired(w) == 1  # no demand yet: the floor
+    for t in (2, 4, 6):
+        await pass_at(w, t)  # boots finish: boot time learned
+    # A burst of 12 attempts at second 30 of two periods.
+    for period in (0, 1):
+        base = 60 * period
+        await pass_at(w, base + 30)
+        await attempts(w, 12)
+        await pass_at(w, base + 31)
+        assert desired(w) >= 12  # S rose while the burst was arriving
+        assert (await w.counts("a")).get("provisioning", 0) >= 10
+        for t in range(35, 61, 5):
+            await pass_at(w, base + t)
+        await pass_at(w, base + 60 + 20)
+        assert desired(w) < 12  # after scale_down_delay and its fall
+    counts = await w.counts("a")
+    assert counts.get("ready", 0) <= desired(w)  # idle VMs above S were destroyed
+
+    # A new leader (fresh reconciler and autoscaler, same database), just
+    # before the third burst: it boots for it from the stored profile.
+    again = await make_world(db, CONFIG, autoscale=True, clock=w.clock)
+    await pass_at(again, 120 + 27.5)
+    assert again.reconciler.autoscaler is not None
+    decision = again.reconciler.autoscaler.decisions["a"]
+    assert decision.reason == "profile", decision
+    assert decision.s >= 12
+    assert decision.boot_mean < 10  # the 2 s boots (seen at passes 5 s apart), not the 60 s default
+    assert (await again.counts("a")).get("provisioning", 0) >= 5
+    await again.reconciler.drain_calls()
+    await w.reconciler.drain_calls()
+
+
+@pytest.mark.asyncio
+async def test_observe_mode_reports_s_and_keeps_min_ready(db: Database) -> None:
+    config = {**CONFIG, "pools": [{**CONFIG["pools"][0], "min_ready": 2}]}
+    config["pools"][0]["autoscale"] = {**config["pools"][0]["autoscale"], "mode": "observe"}
+    w = await make_world(db, config, autoscale=True)
+    await w.settle_once()
+    await attempts(w, 12)
+    await pass_at(w, 1)
+    assert desired(w) >= 12
+    counts = await w.counts("a")
+    assert counts.get("provisioning", 0) + counts.get("ready", 0) <= 2 + 1
+    await w.reconciler.drain_calls()
