@@ -17,7 +17,8 @@ import pytest
 
 from tests.e2e.conftest import Running
 from tests.polling import eventually
-from vmpool.cli.pool import ad_hoc_pool_name, go_time
+from vmpool.cli.ad_hoc import ad_hoc_pool_name
+from vmpool.cli.output import go_time
 
 EXTRA = {
     "tiers": [{"name": "cold", "description": "nothing warm", "min_ready": 0, "max_size": 2}],

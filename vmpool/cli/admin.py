@@ -15,7 +15,8 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from vmpool.cli.base import Registry
 from vmpool.cli.connection import Connection
 from vmpool.cli.errors import usage
-from vmpool.cli.lease import duration_flag, snake
+from vmpool.cli.lease import duration_flag
+from vmpool.cli.lease_view import snake
 from vmpool.proto.vmpool.admin import v1 as adm
 
 # Column heads use the words of the JSON keys and the metrics' state labels.

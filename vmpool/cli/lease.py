@@ -7,23 +7,17 @@ import json
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from betterproto import Casing
 from betterproto.lib.google.protobuf import Empty
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError
 
+from vmpool.cli.ad_hoc import ad_hoc_lease, add_ad_hoc_flags
 from vmpool.cli.base import Registry
 from vmpool.cli.connection import Connection
 from vmpool.cli.errors import usage
-from vmpool.core.durations import format_duration, parse_duration
+from vmpool.cli.lease_view import describe, lease_dict, print_lease, rfc3339
+from vmpool.cli.wait import lease_with_wait
+from vmpool.core.durations import parse_duration
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
-from vmpool.proto.vmpool.admin import v1 as adm
-
-
-def rfc3339(ts: datetime) -> str:
-    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def duration_flag(flag: str, text: str) -> timedelta:
@@ -31,70 +25,6 @@ def duration_flag(flag: str, text: str) -> timedelta:
         return parse_duration(text)
     except ValueError as err:
         raise usage(f"{flag}: {err}") from None
-
-
-def snake(message: Any) -> dict[str, Any]:
-    """A message as a dict with the proto's snake_case names and every field."""
-    out: dict[str, Any] = message.to_pydict(casing=Casing.SNAKE, include_default_values=True)
-    return {k: rfc3339(v) if isinstance(v, datetime) else v for k, v in out.items()}
-
-
-def lease_dict(lease: api.Lease) -> dict[str, Any]:
-    return {
-        "instance": lease.instance,
-        "pool": lease.pool,
-        "expires": rfc3339(lease.expires),
-        "zone": lease.zone,
-    }
-
-
-def details_dict(details: adm.InstanceDetails) -> dict[str, Any]:
-    """DescribeInstance's answer, as the keys `vmpool get --output json` adds."""
-    return {
-        "addresses": list(details.addresses),
-        "node": details.node,
-        "phase": details.phase,
-        "leased_at": rfc3339(details.leased_at),
-        "owner": details.owner,
-        "reservation_id": details.reservation_id,
-    }
-
-
-async def describe(conn: Connection, lease: api.Lease) -> dict[str, Any]:
-    """The lease with its connection details; just the lease from a server that
-    has no DescribeInstance (or has ended the lease meanwhile)."""
-    out = lease_dict(lease)
-    try:
-        reply = await conn.extension.describe_instance(
-            adm.DescribeInstanceRequest(instance=lease.instance),
-            timeout=conn.timeout,
-            metadata=conn.call_metadata(),
-        )
-    except GRPCError as err:
-        if err.status in (Status.UNIMPLEMENTED, Status.NOT_FOUND):
-            return out
-        raise
-    return out | details_dict(reply.instance)
-
-
-def print_lease(args: argparse.Namespace, d: dict[str, Any]) -> None:
-    if args.output == "json":
-        print(json.dumps(d))
-        return
-    if getattr(args, "quiet", False):
-        print(d["instance"])
-        return
-    expires = datetime.fromisoformat(d["expires"].replace("Z", "+00:00"))
-    left = timedelta(seconds=round((expires - datetime.now(UTC)).total_seconds()))
-    print(
-        f"{d['instance']}  pool={d['pool']}  zone={d['zone'] or '-'}  "
-        f"expires={d['expires']} (in {format_duration(left)})"
-    )
-    if "addresses" in d:
-        print(
-            f"  address={','.join(d['addresses']) or '-'}  node={d['node'] or '-'}  "
-            f"phase={d['phase'] or '-'}  leased_at={d['leased_at']}  owner={d['owner'] or '-'}"
-        )
 
 
 async def ping(args: argparse.Namespace, conn: Connection) -> None:
@@ -118,11 +48,7 @@ async def pools(args: argparse.Namespace, conn: Connection) -> None:
 
 
 async def lease(args: argparse.Namespace, conn: Connection) -> None:
-    from vmpool.cli.wait import lease_with_wait
-
     if args.runtime or args.intrinsic_os:  # the ad-hoc flow: a throw-away pool
-        from vmpool.cli.pool import ad_hoc_lease
-
         print_lease(args, await ad_hoc_lease(args, conn))
         return
 
@@ -245,8 +171,6 @@ def register(reg: Registry) -> None:
         action="store_true",
         help="print only the instance name (for INSTANCE=$(vmpool lease -q))",
     )
-    from vmpool.cli.pool import add_ad_hoc_flags
-
     add_ad_hoc_flags(p)  # --runtime, --intrinsic-os
 
     p = reg.client(

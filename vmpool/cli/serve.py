@@ -114,7 +114,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     config = _config_or_exit(args.config)
-    from vmpool.cli.pool import render_api_pool
+    from vmpool.cli.render_pool import render_api_pool
     from vmpool.providers.kubevirt_manifest import render_pool_preview
 
     if config.pool(args.pool) is None or args.tier or args.hwtemplate:
@@ -189,6 +189,6 @@ def register(reg: Registry) -> None:
     )
     p.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
     p.add_argument("--pool", metavar="NAME", required=True, help="a pool of that file")
-    from vmpool.cli.pool import add_render_flags
+    from vmpool.cli.render_pool import add_render_flags
 
     add_render_flags(p)

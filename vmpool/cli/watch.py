@@ -18,7 +18,8 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from vmpool.cli import errors as cli_errors
 from vmpool.cli.base import Registry
 from vmpool.cli.connection import Connection
-from vmpool.cli.lease import duration_flag, snake
+from vmpool.cli.lease import duration_flag
+from vmpool.cli.lease_view import snake
 from vmpool.core.backoff import backoff_ceiling
 from vmpool.proto.vmpool.admin import v1 as adm
 
