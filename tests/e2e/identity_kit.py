@@ -24,6 +24,7 @@ from tests.e2e.clients import GrpcioClient, RpcError
 from tests.e2e.grpcio_stack import GrpcioModules
 
 ADMIN = "/vmpool.admin.v1.VMPoolAdminService/"
+EXTENSION = "/vmpool.admin.v1.VMPoolExtensionService/"
 
 
 def _pem_key(key: Any) -> bytes:
@@ -200,8 +201,9 @@ class TlsClient(GrpcioClient):
         self._channel = grpc.aio.secure_channel(address, creds)
         self._stub = mods.pb2_grpc.VMPoolLeaseServiceStub(self._channel)
 
-    async def admin(self, method: str, request: bytes = b"") -> bytes:
-        call = self._channel.unary_unary(ADMIN + method)
+    async def admin(self, method: str, request: bytes = b"", service: str = ADMIN) -> bytes:
+        """A call of the admin API (or ``service``), raw bytes in and out."""
+        call = self._channel.unary_unary(service + method)
         try:
             reply: bytes = await call(request, timeout=10)
         except grpc.aio.AioRpcError as err:

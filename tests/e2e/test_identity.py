@@ -24,7 +24,7 @@ from aiohttp import web
 from tests.e2e.clients import RpcError
 from tests.e2e.conftest import Running, lease_when_free, server_config
 from tests.e2e.grpcio_stack import GrpcioModules
-from tests.e2e.identity_kit import Issuer, Pki, TlsClient, plaintext_client
+from tests.e2e.identity_kit import EXTENSION, Issuer, Pki, TlsClient, plaintext_client
 from tests.fakekube.server import FakeKube, ServiceAccountToken
 from tests.pg import TestPostgres
 from tests.polling import eventually
@@ -96,6 +96,34 @@ async def _cross_checks(owner: TlsClient, other: TlsClient, tag: str, running: R
     await owner.return_(lease.instance, tag)
 
 
+async def _reads_are_scoped(
+    instance: str, *, owner: TlsClient, other: TlsClient, admin: TlsClient
+) -> None:
+    """GetLease and DescribeInstance answer the owner and the admin; to another
+    principal the lease does not exist: the very answer for a name never leased."""
+    describe = bytes(adm.DescribeInstanceRequest(instance=instance))
+    absent = "vmp-0000-nosuchvm"
+    missing = [
+        await code_of(other.get_lease(absent)),
+        await code_of(
+            other.admin("DescribeInstance", bytes(adm.DescribeInstanceRequest(absent)), EXTENSION)
+        ),
+    ]
+    hidden = [
+        await code_of(other.get_lease(instance)),
+        await code_of(other.admin("DescribeInstance", describe, EXTENSION)),
+    ]
+    assert [code for code, _ in hidden] == ["NOT_FOUND", "NOT_FOUND"], hidden
+    assert [msg.replace(instance, absent) for _, msg in hidden] == [m for _, m in missing]
+    for reader in (owner, admin):
+        assert (await reader.get_lease(instance)).instance == instance
+        got = adm.DescribeInstanceResponse().parse(
+            await reader.admin("DescribeInstance", describe, EXTENSION)
+        )
+        assert (got.instance.instance, got.instance.owner) == (instance, "team-a")
+    assert await other.pools()  # Pools stays readable by any authenticated caller
+
+
 async def test_mtls_identities_cannot_touch_each_others_work(
     start_server: StartServer, pki: Pki, grpcio_modules: GrpcioModules, clients: list[Any]
 ) -> None:
@@ -131,6 +159,7 @@ async def test_mtls_identities_cannot_touch_each_others_work(
     assert code == "PERMISSION_DENIED"
     listed = leases_of(await o.admin("ListLeases"))
     assert [(x.instance, x.principal) for x in listed] == [(lease.instance, "spiffe://test/alice")]
+    await _reads_are_scoped(lease.instance, owner=a, other=b, admin=o)
     # Every state change has an audit line: who, which tag, pool, instance, outcome.
     audits = _audit_lines(running)
     assert {

@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from vmpool.api.lease import owner_of
+from vmpool.api.lease import owner_of, reader
 from vmpool.api.watch import Watch
 from vmpool.core.clock import Clock
 from vmpool.core.echo import echo
@@ -98,7 +98,7 @@ class ExtensionService(adm.VmPoolExtensionServiceBase):
     async def describe_instance(
         self, request: adm.DescribeInstanceRequest
     ) -> adm.DescribeInstanceResponse:
-        lease = await self._leaser.get(request.instance)
+        lease = await self._leaser.get(request.instance, reader())
         details = await self._describe(lease.instance)
         return adm.DescribeInstanceResponse(
             instance=adm.InstanceDetails(

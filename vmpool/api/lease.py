@@ -15,7 +15,7 @@ from grpclib.const import Cardinality, Handler
 from grpclib.server import Stream
 
 from vmpool.api.rpc import current_stream
-from vmpool.auth.caller import caller, check_service_tag_allowed
+from vmpool.auth.caller import caller, check_service_tag_allowed, has_role
 from vmpool.config.schema import Config
 from vmpool.core.durations import parse_duration
 from vmpool.core.echo import echo
@@ -58,6 +58,14 @@ def owner_of(tag: str) -> Owner:
         max_queued=who.grant.max_queued_reservations,
         max_active=who.grant.max_active_leases,
     )
+
+
+def reader() -> str | None:
+    """Whose leases the caller may read (GetLease, DescribeInstance): every lease
+    with the admin role (None), else only its own principal's. Reads carry no
+    service_tag, so with auth.mode none (every caller "anonymous") all callers read
+    all leases, as before; docs/security.md, "Ownership"."""
+    return None if has_role("admin") else caller().principal.name
 
 
 def requested_wait() -> timedelta:
@@ -184,4 +192,4 @@ class LeaseService:
         )
 
     async def get_lease(self, request: GetLeaseCall) -> LeaseReply:
-        return to_reply(await self._leaser.get(request.instance))
+        return to_reply(await self._leaser.get(request.instance, reader()))

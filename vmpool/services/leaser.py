@@ -341,10 +341,13 @@ class Leaser:
         structlog.contextvars.bind_contextvars(pool=lease.pool)
         return lease
 
-    async def get(self, instance: str) -> LeaseRow:
+    async def get(self, instance: str, reader: str | None = None) -> LeaseRow:
+        """The active lease of ``instance``. With ``reader`` (a principal), only that
+        principal's lease: anyone else's answers the same NOT_FOUND as no lease, so a
+        lease's existence does not leak to whoever guesses its name."""
         leasing.check_instance(instance)
         structlog.contextvars.bind_contextvars(instance=echo(instance))
         lease = await self._store.get_lease(instance)
-        if lease is None:
+        if lease is None or (reader is not None and lease.principal != reader):
             raise NotFound(f'instance: no active lease for "{echo(instance)}"')
         return lease
