@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -110,8 +111,12 @@ async def listen_on(
     return host, port
 
 
-def stop_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
-    """The one stop signal: set by SIGTERM/SIGINT; a second signal exits at once."""
+def stop_on_signals(
+    loop: asyncio.AbstractEventLoop, on_forced_exit: Callable[[], None] | None = None
+) -> asyncio.Event:
+    """The one stop signal: set by SIGTERM/SIGINT; a second signal exits at once,
+    after ``on_forced_exit`` (what must not outlive the process: os._exit runs no
+    atexit and no finally, e.g. the demo's embedded PostgreSQL)."""
     stop = asyncio.Event()
     signals = 0
 
@@ -120,6 +125,11 @@ def stop_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
         signals += 1
         if signals > 1:
             log.warning("second signal: exiting at once")
+            if on_forced_exit is not None:
+                try:
+                    on_forced_exit()
+                except Exception as err:  # exit regardless
+                    log.error("cleanup before the forced exit failed", error=repr(err))
             os._exit(1)
         log.info("shutting down")
         stop.set()
@@ -136,13 +146,15 @@ async def serve(
     listen: str | None = None,
     role: str = "all",
     reuse_port: bool = False,
+    on_forced_exit: Callable[[], None] | None = None,
 ) -> None:
     """``role``: ``all`` (RPCs and, when leader, the background work), ``api``
-    (RPCs only) or ``reconciler`` (the background work only, no port)."""
+    (RPCs only) or ``reconciler`` (the background work only, no port).
+    ``on_forced_exit``: see stop_on_signals."""
     if role == "reconciler":
         from vmpool.reconciler_process import serve_reconciler
 
-        await serve_reconciler(config, url)
+        await serve_reconciler(config, url, on_forced_exit)
         return
     tls = tls_context(config)
     exits = contextlib.AsyncExitStack()
@@ -152,7 +164,14 @@ async def serve(
         raise StartupError(str(err)) from None
     try:
         await _serve(
-            config, url, listen or config.listen, tls, auth, role=role, reuse_port=reuse_port
+            config,
+            url,
+            listen or config.listen,
+            tls,
+            auth,
+            role=role,
+            reuse_port=reuse_port,
+            on_forced_exit=on_forced_exit,
         )
     finally:
         await exits.aclose()
@@ -167,9 +186,10 @@ async def _serve(
     *,
     role: str,
     reuse_port: bool,
+    on_forced_exit: Callable[[], None] | None,
 ) -> None:
     loop = asyncio.get_running_loop()
-    stop = stop_on_signals(loop)
+    stop = stop_on_signals(loop, on_forced_exit)
 
     fatal_reasons: list[str] = []  # why the background work stopped the server
     metrics = Metrics()

@@ -11,6 +11,7 @@ served on ``metrics_listen`` as usual; that port is also its liveness signal.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 
@@ -25,9 +26,11 @@ from vmpool.store.inventory import Inventory
 log = structlog.get_logger("vmpool")
 
 
-async def serve_reconciler(config: Config, url: str) -> None:
+async def serve_reconciler(
+    config: Config, url: str, on_forced_exit: Callable[[], None] | None = None
+) -> None:
     loop = asyncio.get_running_loop()
-    stop = stop_on_signals(loop)
+    stop = stop_on_signals(loop, on_forced_exit)
     metrics = Metrics()
     metrics.set_pool_sizes((p.name, p.min_ready, p.max_size) for p in config.pools)
     try:

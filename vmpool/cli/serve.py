@@ -34,7 +34,7 @@ def _database_url(config: Any) -> tuple[str, Any]:
     """The configured database, or an embedded one under data_dir."""
     if config.database_url:
         return config.database_url, None
-    from vmpool.store.db import EmbeddedPostgres
+    from vmpool.store.embedded import EmbeddedPostgres
 
     embedded = EmbeddedPostgres(config.data_dir)
     return embedded.start(), embedded
@@ -62,7 +62,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError) as err:
         return _fail(f"cannot start the embedded PostgreSQL under {config.data_dir}: {err}", 1)
     try:
-        eventloop.run(serve(config, url, role=args.role, reuse_port=args.reuse_port))
+        eventloop.run(
+            serve(
+                config,
+                url,
+                role=args.role,
+                reuse_port=args.reuse_port,
+                on_forced_exit=embedded.stop_now if embedded is not None else None,
+            )
+        )
     except AddressInUse as err:
         flag = {"listen": "--listen", "metrics_listen": "--metrics-listen"}.get(str(err).split()[0])
         hint = f" (another process has it: choose another address with {flag})" if flag else ""

@@ -1,15 +1,13 @@
-"""The asyncpg pool, migrations, and the embedded PostgreSQL for demos."""
+"""The asyncpg pool and migrations (the embedded PostgreSQL for demos: embedded.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -153,28 +151,3 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     if applied:
         log.info("migrations applied", migrations=applied)
     return applied
-
-
-class EmbeddedPostgres:
-    """A PostgreSQL server under ``data_dir`` (pgserver), for demos and tests."""
-
-    def __init__(self, data_dir: str | Path) -> None:
-        self.data_dir = Path(data_dir).resolve() / "pg"
-        self._server: Any = None
-
-    def start(self) -> str:
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI).
-            warnings.simplefilter("ignore")
-            import pgserver
-
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        get_server = pgserver.get_server  # type: ignore[attr-defined]
-        self._server = get_server(self.data_dir, cleanup_mode="stop")
-        uri: str = self._server.get_uri()
-        return uri
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.cleanup()
-            self._server = None
