@@ -257,6 +257,7 @@ async def _serve(
             metrics,
             background.wake,
             catalog=PoolCatalog(config, pool_store),
+            autoscale=AutoscaleStore(db),
         )
         describer = build_describer(config, db)
         event_store = EventStore(db)

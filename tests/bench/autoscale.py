@@ -167,7 +167,8 @@ def run_case(case: Case) -> dict[str, Any]:
         row["peak_booting"] = res.peak_booting
         late = trace.burst & (trace.arrivals >= burst_from)
         row["burst_served"] = float(1 - res.waited[late].mean()) if late.any() else 1.0
-        row["share_from_day3"] = float(res.waited[trace.arrivals >= burst_from].mean())
+        later = trace.arrivals >= burst_from
+        row["share_from_day3"] = float(res.waited[later].mean()) if later.any() else 0.0
         row["s_max"] = max(s for _, s in res.s_trace)
         adaptive.append(row)
         if case.max_size >= MAX_SIZE:

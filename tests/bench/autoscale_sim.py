@@ -75,9 +75,7 @@ def simulate_adaptive(
     next_tick = TICK
     i = 0
     inf = math.inf
-    target_base = PoolTarget(
-        "sim", max_size=max_size, max_provisioning=max_provisioning, autoscaled=settings.act
-    )
+    limited = True  # the last plan could not reach S (max_size, max_provisioning)
     while True:
         t_arr = arrivals[i] if i < n else inf
         t_boot = booting[0][0] if booting else inf
@@ -88,7 +86,9 @@ def simulate_adaptive(
         if t > trace.start:
             idle += len(ready) * (t - max(last, trace.start))
         last = t
+        replan = False
         if t == t_boot:
+            # ready + booting and the total are unchanged: nothing to plan
             done, started = heapq.heappop(booting)
             observe_boot(learned, done - started)
             if waiting:
@@ -106,39 +106,45 @@ def simulate_adaptive(
                 waited[i] = True
                 waiting.append(i)
             i += 1
+            replan = True
         elif t == t_end:
             heapq.heappop(leases)
+            replan = limited  # room under max_size for a boot it held back
         else:
             next_tick += TICK
             demand.trim(t)
-            s = decide(settings, learned, demand, t, max_size).s
+            new_s = decide(settings, learned, demand, t, max_size).s
+            replan = new_s != s or limited
+            s = new_s
             if s != s_trace[-1][1]:
                 s_trace.append((t, s))
-        observed = PoolObserved(
-            "sim",
-            ready=len(ready),
-            ready_current=len(ready),
-            provisioning=len(booting),
-            provisioning_current=len(booting),
-            leased=len(leases),
-            waiting=len(waiting),
-        )
-        target = PoolTarget(
-            "sim",
-            min_ready=s,
-            max_size=max_size,
-            max_provisioning=max_provisioning,
-            autoscaled=target_base.autoscaled,
-        )
-        for action in plan_pool(observed, target, WALL):
-            if isinstance(action, Create):
-                for _ in range(action.count):
-                    heapq.heappush(booting, (t + next(boot_iter), t))
-                if t >= trace.start:
-                    created += action.count
-            elif isinstance(action, Shrink):
-                for _ in range(action.limit):
-                    ready.popleft()
+        if replan:
+            observed = PoolObserved(
+                "sim",
+                ready=len(ready),
+                ready_current=len(ready),
+                provisioning=len(booting),
+                provisioning_current=len(booting),
+                leased=len(leases),
+                waiting=len(waiting),
+            )
+            target = PoolTarget(
+                "sim",
+                min_ready=s,
+                max_size=max_size,
+                max_provisioning=max_provisioning,
+                autoscaled=settings.act,
+            )
+            for action in plan_pool(observed, target, WALL):
+                if isinstance(action, Create):
+                    for _ in range(action.count):
+                        heapq.heappush(booting, (t + next(boot_iter), t))
+                    if t >= trace.start:
+                        created += action.count
+                elif isinstance(action, Shrink):
+                    for _ in range(action.limit):
+                        ready.popleft()
+            limited = s + len(waiting) > len(ready) + len(booting)
         size = len(ready) + len(booting) + len(leases)
         peak_size = max(peak_size, size)
         peak_booting = max(peak_booting, len(booting))

@@ -11,7 +11,10 @@ from typing import Any
 import pytest
 
 from tests.integration.helpers import Clock, World, make_world
+from vmpool.api.admin import AdminService
+from vmpool.cli.admin import status_table
 from vmpool.domain.leasing import Exhausted
+from vmpool.proto.vmpool.admin import v1 as adm
 from vmpool.services.demand import flush_demand
 from vmpool.store.autoscale import AutoscaleStore
 from vmpool.store.db import Database
@@ -110,4 +113,34 @@ async def test_observe_mode_reports_s_and_keeps_min_ready(db: Database) -> None:
     assert desired(w) >= 12
     counts = await w.counts("a")
     assert counts.get("provisioning", 0) + counts.get("ready", 0) <= 2 + 1
+    await w.reconciler.drain_calls()
+
+
+@pytest.mark.asyncio
+async def test_pool_stats_status_and_metrics_show_s_with_its_inputs(db: Database) -> None:
+    w = await make_world(db, CONFIG, autoscale=True)
+    await w.settle_once()
+    for t in (2, 4):
+        await pass_at(w, t)
+    await attempts(w, 12)
+    await pass_at(w, 5)
+    await pass_at(w, 11)  # the state (with the decision) is written at most every 5 s
+    admin = AdminService(
+        w.inventory,
+        w.store,
+        w.config,
+        w.clock,
+        w.metrics,
+        lambda: None,
+        autoscale=AutoscaleStore(db),
+    )
+    (stats,) = (await admin.pool_stats(adm.PoolStatsRequest())).pools
+    a = stats.autoscale
+    assert a.mode == "act" and a.reason in ("rate", "holding")  # held after the burst
+    assert a.desired_ready == desired(w) >= 12
+    assert a.arrivals_per_minute > 0 and 0 < a.rate_term <= a.desired_ready
+    assert 1.5 <= a.boot_mean_seconds <= a.boot_p95_seconds < 10
+    text = status_table([stats])
+    assert "AUTOSCALE" in text and f"a          act   {a.desired_ready}" in text
+    assert w.metrics.desired_ready.labels("a")._value.get() == a.desired_ready
     await w.reconciler.drain_calls()

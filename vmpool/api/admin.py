@@ -5,6 +5,7 @@ Pool changes and StopLease are VMPoolService's (vmpool/api/pool_api.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -14,11 +15,20 @@ from vmpool.domain import leasing
 from vmpool.ops.metrics import Metrics
 from vmpool.proto.vmpool.admin import v1 as adm
 from vmpool.services.catalog import PoolCatalog
+from vmpool.store.autoscale import AutoscaleStore
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
 from vmpool.wire.fastwire import timestamp_field
 
 log = structlog.get_logger("vmpool.admin")
+
+
+def _autoscale_stats(shown: dict[str, Any] | None) -> adm.AutoscaleStats:
+    """A stored decision (vmpool.control.autoscaler); none yet: an empty one."""
+    if not shown:
+        return adm.AutoscaleStats(reason="not decided yet")
+    fields = {k: v for k, v in shown.items() if k in adm.AutoscaleStats.__dataclass_fields__}
+    return adm.AutoscaleStats(**fields)
 
 
 class AdminService(adm.VmPoolAdminServiceBase):
@@ -35,8 +45,10 @@ class AdminService(adm.VmPoolAdminServiceBase):
         metrics: Metrics,
         on_change: Callable[[], None],
         catalog: PoolCatalog | None = None,
+        autoscale: AutoscaleStore | None = None,
     ) -> None:
         self._inv = inventory
+        self._autoscale = autoscale  # the leader's decisions for autoscaled pools
         # Config pools and API pools: an API pool is "configured" too (not removed).
         self._catalog = catalog if catalog is not None else PoolCatalog(config)
         self._leases = leases
@@ -51,11 +63,15 @@ class AdminService(adm.VmPoolAdminServiceBase):
         for cfg in self._config.pools:
             summary.pool(cfg.name)
         now = self._clock()
+        decisions = await self._autoscale.decisions() if self._autoscale is not None else {}
         out = []
         for name in sorted(summary.pools):
             p = summary.pools[name]
             pool_cfg = self._catalog.pool(name)
             age = (now - p.oldest_enqueued).total_seconds() if p.oldest_enqueued else 0.0
+            extra: dict[str, Any] = {}
+            if pool_cfg is not None and pool_cfg.autoscale is not None:
+                extra["autoscale"] = _autoscale_stats(decisions.get(name))
             out.append(
                 adm.PoolStats(
                     name=name,
@@ -70,6 +86,7 @@ class AdminService(adm.VmPoolAdminServiceBase):
                     oldest_queued_seconds=max(age, 0.0),
                     min_ready=pool_cfg.min_ready if pool_cfg else 0,
                     max_size=pool_cfg.max_size if pool_cfg else 0,
+                    **extra,
                 )
             )
         return adm.PoolStatsResponse(pools=out)

@@ -51,7 +51,44 @@ def status_table(pools: Sequence[adm.PoolStats]) -> str:
             value = getattr(p, key)
             row.append(f"{value:.0f}s" if isinstance(value, float) else str(value))
         rows.append(row)
-    return table(rows)
+    return table(rows) + autoscale_table(pools)
+
+
+def autoscale_table(pools: Sequence[adm.PoolStats]) -> str:
+    """Below the pools, for pools with an autoscale block: the desired buffer S
+    (ready + booting) and what it came from; empty when no pool has one."""
+    scaled = [p for p in pools if p.is_set("autoscale")]
+    if not scaled:
+        return ""
+    rows = [
+        [
+            "AUTOSCALE",
+            "MODE",
+            "DESIRED",
+            "REASON",
+            "ARRIVALS/MIN",
+            "BOOT-MEAN",
+            "BOOT-P95",
+            "RATE-TERM",
+            "PROFILE-TERM",
+        ]
+    ]
+    for p in scaled:
+        a = p.autoscale
+        rows.append(
+            [
+                p.name,
+                a.mode or "-",
+                str(a.desired_ready),
+                a.reason,
+                f"{a.arrivals_per_minute:.2f}",
+                f"{a.boot_mean_seconds:.1f}s",
+                f"{a.boot_p95_seconds:.1f}s",
+                str(a.rate_term),
+                str(a.profile_term),
+            ]
+        )
+    return "\n\n" + table(rows)
 
 
 async def _status_text(args: argparse.Namespace, conn: Connection) -> str:

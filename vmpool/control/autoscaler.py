@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import structlog
 
@@ -125,13 +126,22 @@ class Autoscaler:
                 p.dirty = True
             if p.decision is None or decision.s != p.decision.s:
                 self._log(name, p, decision)
+            if p.decision is None or _terms(decision) != _terms(p.decision):
+                p.dirty = True  # shown by PoolStats
             p.decision = decision
             self._metrics.export_autoscale(
                 name, decision.s, decision.rate, decision.boot_mean, decision.boot_quantile
             )
         if t - self._last_save >= SAVE_EVERY and any(p.dirty for p in self._pools.values()):
             self._last_save = t
-            await self._store.save_states({n: p.learned for n, p in self._pools.items()})
+            await self._store.save_states(
+                {n: p.learned for n, p in self._pools.items()},
+                {
+                    n: _shown(p.decision, p.settings)
+                    for n, p in self._pools.items()
+                    if p.decision is not None
+                },
+            )
             for p in self._pools.values():
                 p.dirty = False
         if t - self._last_prune >= PRUNE_EVERY and self._seen:
@@ -175,3 +185,21 @@ class Autoscaler:
             profile_term=d.profile_term,
             mode="act" if p.settings.act else "observe",
         )
+
+
+def _terms(d: Decision) -> tuple[int, str, int, int]:
+    return d.s, d.reason, d.rate_term, d.profile_term
+
+
+def _shown(d: Decision, settings: Settings) -> dict[str, Any]:
+    """A decision as PoolStats shows it (stored as JSON)."""
+    return {
+        "mode": "act" if settings.act else "observe",
+        "desired_ready": d.s,
+        "reason": d.reason,
+        "arrivals_per_minute": round(d.rate * 60, 3),
+        "boot_mean_seconds": round(d.boot_mean, 2),
+        "boot_p95_seconds": round(d.boot_quantile, 2),
+        "rate_term": d.rate_term,
+        "profile_term": d.profile_term,
+    }

@@ -25,8 +25,8 @@ table tests; tests/bench/autoscale.py drives these functions in a simulation.
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections import deque
 from dataclasses import dataclass, field
 
 from vmpool.config.autoscale import AutoscaleConfig
@@ -98,62 +98,65 @@ def _normal_upper(share: float) -> float:
 
 
 class Demand:
-    """Lease attempts per slot over the last ``keep`` seconds (in memory)."""
+    """Lease attempts per slot over the last ``keep`` seconds (in memory).
 
-    __slots__ = ("_slots", "keep", "since", "slot")
+    Slots are kept with running totals, so a count over any span is two
+    binary searches, whatever the window's length."""
+
+    __slots__ = ("_base", "_cum", "_head", "_idx", "keep", "since", "slot")
 
     def __init__(self, slot: float, keep: float, since: float) -> None:
         self.slot = slot
         self.keep = keep
         self.since = since  # demand is known from here on (start-up, or what was read back)
-        self._slots: deque[list[int]] = deque()  # [slot index, count], ascending
+        self._idx: list[int] = []  # slot index, ascending
+        self._cum: list[int] = []  # running total up to and including that slot
+        self._head = 0  # slots before this are trimmed
+        self._base = 0  # running total before the head
 
     def add(self, at: float, count: int = 1) -> None:
         idx = int(at // self.slot)
-        slots = self._slots
-        if slots and slots[-1][0] == idx:
-            slots[-1][1] += count
-            return
-        if not slots or slots[-1][0] < idx:
-            slots.append([idx, count])
-            return
-        for item in reversed(slots):  # a late flush from another replica: rare
-            if item[0] == idx:
-                item[1] += count
-                return
-            if item[0] < idx:
-                break
-        slots.append([idx, count])
-        self._slots = deque(sorted(slots))
+        ids, cum = self._idx, self._cum
+        if len(ids) > self._head and ids[-1] == idx:
+            cum[-1] += count
+        elif len(ids) == self._head or ids[-1] < idx:
+            ids.append(idx)
+            cum.append((cum[-1] if cum else self._base) + count)
+        else:  # a late flush from another replica: rare
+            pos = bisect.bisect_left(ids, idx, self._head)
+            if ids[pos] != idx:
+                ids.insert(pos, idx)
+                cum.insert(pos, cum[pos - 1] if pos > 0 else self._base)
+            for k in range(pos, len(cum)):
+                cum[k] += count
 
     def trim(self, now: float) -> None:
         oldest = int((now - self.keep) // self.slot)
-        while self._slots and self._slots[0][0] < oldest:
-            self._slots.popleft()
+        head = bisect.bisect_left(self._idx, oldest, self._head)
+        if head > self._head:
+            self._base = self._cum[head - 1]
+            self._head = head
+        if self._head > 512 and self._head * 2 > len(self._idx):
+            del self._idx[: self._head]
+            del self._cum[: self._head]
+            self._head = 0
+
+    def _before(self, pos: int) -> int:
+        return self._cum[pos - 1] if pos > self._head else self._base
 
     def counts_within(self, now: float, spans: list[float]) -> list[int]:
-        """Arrivals in (now - span, now] for each span (spans ascending)."""
-        out = [0] * len(spans)
+        """Arrivals in (now - span, now] for each span."""
         last = int(now // self.slot)
-        firsts = [last - max(1, round(s / self.slot)) for s in spans]
-        total = 0
-        i = 0
-        for idx, n in reversed(self._slots):
-            if idx > last:
-                continue
-            while i < len(spans) and idx <= firsts[i]:
-                out[i] = total
-                i += 1
-            if i == len(spans):
-                return out
-            total += n
-        while i < len(spans):
-            out[i] = total
-            i += 1
+        ids, head = self._idx, self._head
+        upto = self._before(bisect.bisect_right(ids, last, head))
+        out = []
+        for span in spans:
+            first = last - max(1, round(span / self.slot))
+            out.append(upto - self._before(bisect.bisect_right(ids, first, head)))
         return out
 
     def total(self) -> int:
-        return sum(n for _, n in self._slots)
+        return (self._cum[-1] if len(self._cum) > self._head else self._base) - self._base
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ reconciler's idle cost does not grow with them."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from vmpool.domain.autoscale import Learned
 from vmpool.store.db import Database
@@ -28,23 +29,27 @@ SELECT pool, s, hold, raised_at, boots, profile_days, profile FROM autoscale_sta
 """
 
 SAVE_STATES = """
-INSERT INTO autoscale_state (pool, s, hold, raised_at, boots, profile_days, profile, updated_at)
+INSERT INTO autoscale_state
+    (pool, s, hold, raised_at, boots, profile_days, profile, decision, updated_at)
 SELECT x.pool, x.s, x.hold, x.raised_at,
        ARRAY(SELECT jsonb_array_elements_text(x.boots)::float8),
        ARRAY(SELECT jsonb_array_elements_text(x.profile_days)::int),
-       x.profile, now()
+       x.profile, x.decision, now()
 FROM jsonb_to_recordset($1::jsonb) AS x(
-    pool text, s int, hold int, raised_at float8, boots jsonb, profile_days jsonb, profile jsonb)
+    pool text, s int, hold int, raised_at float8, boots jsonb, profile_days jsonb, profile jsonb,
+    decision jsonb)
 ON CONFLICT (pool) DO UPDATE SET
     s = excluded.s, hold = excluded.hold, raised_at = excluded.raised_at,
     boots = excluded.boots, profile_days = excluded.profile_days,
-    profile = excluded.profile, updated_at = excluded.updated_at
+    profile = excluded.profile, decision = excluded.decision, updated_at = excluded.updated_at
 """
 
 OLDEST_READY = """
 SELECT name FROM instances WHERE pool = $1 AND state = 'ready'
 ORDER BY ready_at, name LIMIT $2
 """
+
+DECISIONS = "SELECT pool, decision, updated_at FROM autoscale_state"
 
 Arrival = tuple[str, int, int]  # pool, second, count
 
@@ -89,7 +94,17 @@ class AutoscaleStore:
             for r in rows
         }
 
-    async def save_states(self, states: Mapping[str, Learned]) -> None:
+    async def decisions(self) -> dict[str, dict[str, Any]]:
+        """Per pool: the leader's last decision (as saved) and ``decided_at``."""
+        async with translated():
+            rows = await self._db.fetch(DECISIONS)
+        return {r["pool"]: {**r["decision"], "decided_at": r["updated_at"]} for r in rows}
+
+    async def save_states(
+        self,
+        states: Mapping[str, Learned],
+        decisions: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         """Every pool's state in one statement (a JSON array of records)."""
         if not states:
             return
@@ -102,6 +117,7 @@ class AutoscaleStore:
                 "boots": x.boots,
                 "profile_days": x.profile_days,
                 "profile": x.profile,
+                "decision": dict((decisions or {}).get(name, {})),
             }
             for name, x in sorted(states.items())
         ]

@@ -80,6 +80,27 @@ class PoolStats(betterproto.Message):
     oldest_queued_seconds: float = betterproto.double_field(10)
     min_ready: int = betterproto.int32_field(11)
     max_size: int = betterproto.int32_field(12)
+    autoscale: "AutoscaleStats" = betterproto.message_field(13)
+    """
+    Set when the pool has an autoscale block (issue 24): the leader's last decision.
+    """
+
+
+@dataclass(eq=False, repr=False)
+class AutoscaleStats(betterproto.Message):
+    """
+    The desired buffer S (ready + booting) of an autoscaled pool and what it came from.
+    """
+
+    mode: str = betterproto.string_field(1)
+    desired_ready: int = betterproto.int32_field(2)
+    reason: str = betterproto.string_field(3)
+    arrivals_per_minute: float = betterproto.double_field(4)
+    boot_mean_seconds: float = betterproto.double_field(5)
+    boot_p95_seconds: float = betterproto.double_field(6)
+    rate_term: int = betterproto.int32_field(7)
+    profile_term: int = betterproto.int32_field(8)
+    decided_at: datetime = betterproto.message_field(9)
 
 
 @dataclass(eq=False, repr=False)
