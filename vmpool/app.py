@@ -43,7 +43,8 @@ from vmpool.store.leases import LeaseStore
 from vmpool.store.pools import PoolStore
 from vmpool.store.probe import ProbeConnection
 from vmpool.wire.codec import SafeProtoCodec
-from vmpool.wire.h2guard import GuardedServer, GuardSettings
+from vmpool.wire.h2guard import GuardedServer
+from vmpool.wire.h2limits import GuardSettings
 from vmpool.wire.reflection import with_reflection
 from vmpool.wire.tls import ReloadingContext, TlsError
 

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from tests.chart.crd_schema import load_crd_schema, reach, to_json_schema
+from vmpool.config.loading import parse_config
 from vmpool.config.schema import (
     AuthConfig,
     Config,
@@ -38,7 +39,6 @@ from vmpool.config.schema import (
     TierConfig,
     VersionsConfig,
     check_database_url,
-    parse_config,
 )
 from vmpool.services.readiness import READY
 

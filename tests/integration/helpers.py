@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from vmpool.config.schema import Config, parse_config
+from vmpool.config.loading import parse_config
+from vmpool.config.schema import Config
 from vmpool.control.reconciler import Inbox, Reconciler
 from vmpool.ops.metrics import Metrics
 from vmpool.providers.fake import FakeProvider

@@ -9,7 +9,7 @@ import pytest
 
 from vmpool.app import FatalError, serve
 from vmpool.cli import serve as cli_server
-from vmpool.config.schema import parse_config
+from vmpool.config.loading import parse_config
 from vmpool.control.background import Background
 
 CONFIG = {

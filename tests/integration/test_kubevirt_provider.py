@@ -21,12 +21,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from tests.fakekube import VMIS, VMS, FakeKube
 from tests.fakekube.fixtures import NAMESPACE, ZONES, fakekube, kubeconfig
 from tests.fakekube.schema import CIRROS_EXAMPLE, vm_errors
+from vmpool.config.loading import parse_config
 from vmpool.config.schema import (
     HardwareTemplateConfig,
     KubevirtProviderConfig,
     PoolConfig,
     TierConfig,
-    parse_config,
 )
 from vmpool.domain.pools import PoolSpec, api_pool_config
 from vmpool.ops.metrics import Metrics

@@ -4,7 +4,7 @@ import pytest
 
 from vmpool.cli.connection import parse_server
 from vmpool.cli.errors import CliError
-from vmpool.config.schema import ConfigError, parse_config
+from vmpool.config.loading import ConfigError, parse_config
 from vmpool.core.address import split_host_port
 
 

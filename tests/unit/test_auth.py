@@ -18,7 +18,7 @@ from vmpool.auth.oidc import claims_principal
 from vmpool.auth.policy import glob_allows, grant_for, subject_matches
 from vmpool.auth.principal import ANONYMOUS, AuthUnavailable, Principal, Unauthenticated
 from vmpool.auth.tokens import bearer_token
-from vmpool.config.schema import parse_config
+from vmpool.config.loading import parse_config
 
 
 def test_bearer_token_from_the_header_or_the_auth_proxy_cookie() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from vmpool.config.schema import parse_config
+from vmpool.config.loading import parse_config
 from vmpool.control.background import Background
 from vmpool.ops.metrics import Metrics
 

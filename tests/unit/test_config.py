@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vmpool.config.schema import ConfigError, load_config, parse_config
+from vmpool.config.loading import ConfigError, load_config, parse_config
 
 SPEC_EXAMPLE = """
 listen: "0.0.0.0:50051"

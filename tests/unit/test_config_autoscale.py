@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from vmpool.config.schema import ConfigError, parse_config
+from vmpool.config.loading import ConfigError, parse_config
 from vmpool.domain.pools import PoolSpec, pool_config_for
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.server import free_port
-from vmpool.config.schema import ConfigError, load_config, parse_config
+from vmpool.config.loading import ConfigError, load_config, parse_config
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

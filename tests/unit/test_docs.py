@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from vmpool.config.schema import Config, parse_config
+from vmpool.config.loading import parse_config
+from vmpool.config.schema import Config
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 

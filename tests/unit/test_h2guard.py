@@ -24,7 +24,8 @@ from tests.h2raw import RawH2, frame, gzipped
 from tests.polling import eventually
 from vmpool.core.echo import echo, status_message
 from vmpool.wire.grpcframe import Refusal, check_headers, gunzip, parse_timeout
-from vmpool.wire.h2guard import Budget, GuardedServer, GuardSettings
+from vmpool.wire.h2guard import GuardedServer
+from vmpool.wire.h2limits import Budget, GuardSettings
 
 ECHO = "/test.Echo/Echo"
 HOLD = "/test.Echo/Hold"
@@ -457,7 +458,7 @@ async def test_keepalive_pings_without_calls_are_fine() -> None:
 
 
 def test_limits_config_is_checked() -> None:
-    from vmpool.config.schema import ConfigError, parse_config
+    from vmpool.config.loading import ConfigError, parse_config
 
     limits = parse_config({}).limits
     assert (limits.max_message_bytes, limits.max_concurrent_streams) == (65536, 100)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from vmpool.config.schema import parse_config
+from vmpool.config.loading import parse_config
 from vmpool.domain.planner import (
     VM,
     BootFailed,

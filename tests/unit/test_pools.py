@@ -11,7 +11,7 @@ from vmpool.api.pool_access import authorize_pool_call
 from vmpool.auth.caller import Caller, current_caller
 from vmpool.auth.policy import Grant
 from vmpool.auth.principal import Principal
-from vmpool.config.schema import parse_config
+from vmpool.config.loading import parse_config
 from vmpool.domain import pools
 from vmpool.domain.leasing import FailedPrecondition, InvalidArgument, PermissionDenied
 from vmpool.domain.pools import Counts, PoolSpec, pool_status

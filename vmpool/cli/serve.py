@@ -10,7 +10,7 @@ from typing import Any
 
 from vmpool.cli import errors as cli_errors
 from vmpool.cli.base import Registry
-from vmpool.config.schema import ConfigError
+from vmpool.config.loading import ConfigError
 from vmpool.core import eventloop
 
 
@@ -20,7 +20,7 @@ def _fail(message: str, code: int = cli_errors.USAGE) -> int:
 
 
 def _config_or_exit(path: str | None, flags: dict[str, str] | None = None) -> Any:
-    from vmpool.config.schema import load_config
+    from vmpool.config.loading import load_config
 
     try:
         return load_config(path, dict(os.environ), flags)
