@@ -46,7 +46,9 @@ FAKE_ZONES = {"fake-zone-a", "fake-zone-b", "fake-zone-c"}
 
 @pytest.fixture(scope="module")
 async def server(start_server: Callable[..., Awaitable[Running]]) -> AsyncIterator[Running]:
-    running = await start_server(POOLS, name="leasing")
+    # A waiting Lease re-reads its reservation once an hour here: only the wake-up
+    # when its VM is assigned (or its wait running out) can answer it in time.
+    running = await start_server(POOLS, name="leasing", limits={"wait_recheck": "1h"})
     yield running
     running.assert_clean_log()
 
@@ -260,32 +262,34 @@ async def test_wait_metadata_holds_a_reservation_lease_until_an_instance_appears
     await server.wait_ready("waitpool", 1)
     blocker = await client.lease("waitpool")
     rid = str(uuid.uuid4())
+    waiting = asyncio.create_task(
+        client.lease("waitpool", reservation_id=rid, wait="60s", timeout=90)
+    )
 
-    async def free_later() -> None:
-        await asyncio.sleep(1.0)
-        await client.return_(blocker.instance)
+    async def queued() -> list[object]:
+        return [*await server.sql("SELECT 1 FROM reservations WHERE id = $1", uuid.UUID(rid))]
 
-    freer = asyncio.create_task(free_later())
-    start = time.monotonic()
-    lease = await client.lease("waitpool", reservation_id=rid, wait="5s", timeout=10)
-    took = time.monotonic() - start
-    await freer
-    assert 0.9 <= took < 5, f"answered after {took:.1f}s"
+    await eventually(queued, bool, 30, "the waiting call's reservation")
+    assert not waiting.done(), "answered while no instance was free"
+    await client.return_(blocker.instance)
+    # Without the wake-up it would answer after 60 s (its wait), with its queue place.
+    lease = await asyncio.wait_for(waiting, 30)
     assert lease.pool == "waitpool" and lease.instance != blocker.instance
     assert await client.lease("waitpool", reservation_id=rid) == lease
     await client.return_(lease.instance)
 
 
 async def test_wait_metadata_runs_out_with_the_queue_position(client: Client) -> None:
+    """The wait ends when it says (the recheck is an hour away): not sooner, and
+    with the queue place rather than the call's own 30 s deadline."""
     start = time.monotonic()
-    assert await queue_place(client, "queue", str(uuid.uuid4()), wait="1s") >= (1, 1)
-    assert 0.9 <= time.monotonic() - start < 3
+    assert await queue_place(client, "queue", str(uuid.uuid4()), wait="1s", timeout=30) >= (1, 1)
+    assert time.monotonic() - start >= 1.0, "answered before its wait ran out"
 
 
 async def test_wait_metadata_is_ignored_without_reservation(client: Client) -> None:
-    start = time.monotonic()
-    assert await rpc_code(client.lease("queue", wait="5s")) == "RESOURCE_EXHAUSTED"
-    assert time.monotonic() - start < 2
+    # Had it waited, the call's 10 s deadline would end it (DEADLINE_EXCEEDED).
+    assert await rpc_code(client.lease("queue", wait="60s", timeout=10)) == "RESOURCE_EXHAUSTED"
 
 
 # --- expiry ---------------------------------------------------------------------------

@@ -230,6 +230,9 @@ class LimitsConfig(_Strict):
     # What one process lets its clients cost, enforced by vmpool.wire.h2guard and the
     # waiting-call cap (identity.md sections 5-6).
     max_waiting_calls: int = Field(default=500, ge=0, le=1_000_000)
+    # A waiting Lease re-reads its reservation at least this often (the wake-up
+    # when its VM is assigned, here or by NOTIFY, usually comes first).
+    wait_recheck: Duration = timedelta(seconds=1)
     max_message_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
     max_concurrent_streams: int = Field(default=100, ge=1, le=10_000)
     max_connections: int = Field(default=2000, ge=1, le=1_000_000)
@@ -242,7 +245,7 @@ class LimitsConfig(_Strict):
     watch_buffer: int = Field(default=1000, ge=10, le=1_000_000)
     watch_heartbeat: Duration = timedelta(seconds=15)
 
-    @field_validator("idle_timeout", "handshake_timeout", "watch_heartbeat")
+    @field_validator("idle_timeout", "handshake_timeout", "watch_heartbeat", "wait_recheck")
     @classmethod
     def _bounded_duration(cls, value: timedelta) -> timedelta:
         if not timedelta(0) < value <= timedelta(days=1):

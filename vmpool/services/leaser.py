@@ -30,7 +30,6 @@ from vmpool.store.records import LeaseRow, Owner
 log = structlog.get_logger("vmpool.leaser")
 
 _RACE_RETRIES = 5
-_POLL = 1.0  # a waiting Lease re-checks at least this often (NOTIFY is only a hint)
 
 
 @contextmanager
@@ -182,6 +181,7 @@ class Leaser:
         waiting = wait > timedelta(0) and self._waiters.admit()
         patience = min(wait, leasing.MAX_WAIT).total_seconds() if waiting else 0.0
         deadline = time.monotonic() + patience
+        recheck = self._config.limits.wait_recheck.total_seconds()  # NOTIFY is only a hint
         try:
             while True:
                 outcome = await self._lease_reserved(pool_name, expires, who, reservation, pools)
@@ -192,7 +192,7 @@ class Leaser:
                 if remaining <= 0 or self._stopping:
                     raise Exhausted(outcome.message())
                 with calltime.waiting():
-                    await self._waiters.wait(str(reservation), min(remaining, _POLL))
+                    await self._waiters.wait(str(reservation), min(remaining, recheck))
         finally:
             if waiting:
                 self._waiters.leave()
