@@ -144,3 +144,28 @@ async def test_pool_stats_status_and_metrics_show_s_with_its_inputs(db: Database
     assert "AUTOSCALE" in text and f"a          act   {a.desired_ready}" in text
     assert w.metrics.desired_ready.labels("a")._value.get() == a.desired_ready
     await w.reconciler.drain_calls()
+
+
+@pytest.mark.asyncio
+async def test_an_idle_autoscaled_pool_costs_about_one_statement_in_ten_seconds(
+    db: Database,
+) -> None:
+    w = await make_world(db, CONFIG, autoscale=True)
+    assert w.reconciler.autoscaler is not None
+    store = w.reconciler.autoscaler._store
+    calls: list[str] = []
+    for method in ("arrivals_since", "save_states", "prune_arrivals", "load_states"):
+        original = getattr(store, method)
+
+        def counted(*a: Any, _m: str = method, _o: Any = original) -> Any:
+            calls.append(_m)
+            return _o(*a)
+
+        setattr(store, method, counted)
+    for t in range(0, 40, 4):  # settle: boots done, S at the floor, state saved
+        await pass_at(w, t)
+    calls.clear()
+    for t in range(40, 100, 2):  # a minute of full passes, no demand
+        await pass_at(w, t)
+    assert len(calls) <= 7, calls  # a read every 10 s; nothing to save or prune
+    await w.reconciler.drain_calls()

@@ -5,7 +5,7 @@ and exports it, and keeps what was learned in PostgreSQL.
 Statements: at start (as leader) one to load the state and one to read the
 window's demand; then at most one read of new demand a second while leases
 come (for LAG seconds after news of one), else every IDLE_READ seconds, one batched write of changed
-states (at most every SAVE_EVERY seconds) and a prune every PRUNE_EVERY. An
+states (when S changed, else at most every SAVE_EVERY seconds) and a prune every PRUNE_EVERY. An
 idle pool costs about 0.1 statement a second whatever its size."""
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class Autoscaler:
         self._last_read = -math.inf
         self._last_news = -math.inf
         self._last_save = -math.inf
+        self._s_changed = False
         self._last_prune = -math.inf
         self._boots: list[tuple[str, float]] = []  # seen by the executor since the pass
 
@@ -126,13 +127,16 @@ class Autoscaler:
                 p.dirty = True
             if p.decision is None or decision.s != p.decision.s:
                 self._log(name, p, decision)
+                self._s_changed = True  # shown at once (PoolStats reads the stored one)
             if p.decision is None or _terms(decision) != _terms(p.decision):
                 p.dirty = True  # shown by PoolStats
             p.decision = decision
             self._metrics.export_autoscale(
                 name, decision.s, decision.rate, decision.boot_mean, decision.boot_quantile
             )
-        if t - self._last_save >= SAVE_EVERY and any(p.dirty for p in self._pools.values()):
+        due = self._s_changed or t - self._last_save >= SAVE_EVERY
+        if due and any(p.dirty for p in self._pools.values()):
+            self._s_changed = False
             self._last_save = t
             await self._store.save_states(
                 {n: p.learned for n, p in self._pools.items()},
