@@ -23,6 +23,7 @@ from vmpool.api.watch import Watch, encode_shared
 from vmpool.auth.setup import build_authenticator, startup_warnings
 from vmpool.config.schema import Config
 from vmpool.control.background import Background, FatalError, StartupError
+from vmpool.control.dbwatch import SynchronousStandbyMissing, check_synchronous_standby
 from vmpool.core.address import split_host_port
 from vmpool.core.clock import utcnow
 from vmpool.ops.metrics import Metrics
@@ -35,6 +36,7 @@ from vmpool.services.leaser import Leaser
 from vmpool.services.readiness import PROVIDER, READY, HealthName, database_check, provider_check
 from vmpool.services.waiters import Waiters
 from vmpool.store.autoscale import AutoscaleStore
+from vmpool.store.connect import ConnectSettings
 from vmpool.store.db import connect, migrate
 from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
 from vmpool.store.events import EventStore
@@ -195,13 +197,18 @@ async def _serve(
     fatal_reasons: list[str] = []  # why the background work stopped the server
     metrics = Metrics()
     metrics.set_pool_sizes((p.name, p.min_ready, p.max_size) for p in config.pools)
+    settings = ConnectSettings.from_config(config.database)
     try:
-        db = await connect(url)
+        db = await connect(url, settings=settings, on_dropped=metrics.connection_dropped("pool"))
     except StoreUnavailable as err:
         raise StartupError(f"database_url: {err}") from None
     try:
         async with db.acquire() as conn:
             await migrate(conn)
+        try:
+            await check_synchronous_standby(db, config.database)
+        except SynchronousStandbyMissing as err:
+            raise StartupError(str(err)) from None
         inventory = Inventory(db)
         pool_store = PoolStore(db)
         taken = await pool_store.api_names_among([p.name for p in config.pools])
@@ -247,8 +254,9 @@ async def _serve(
 
         gate = Gate()
         serving = ServiceStatus()
-        probe = ProbeConnection(url)  # readiness never waits behind client calls
-        db_health = DatabaseHealth(probe)
+        # Readiness never waits behind client calls, and fails on a read-only session.
+        probe = ProbeConnection(url, settings, on_dropped=metrics.connection_dropped("probe"))
+        db_health = DatabaseHealth(probe, metrics)
         lease_service = LeaseService(leaser, config, db_health, pool_store)
         admin = AdminService(
             inventory,

@@ -18,7 +18,9 @@ import structlog
 from vmpool.app import StartupError, start_metrics, stop_on_signals
 from vmpool.config.schema import Config
 from vmpool.control.background import Background, FatalError
+from vmpool.control.dbwatch import SynchronousStandbyMissing, check_synchronous_standby
 from vmpool.ops.metrics import Metrics
+from vmpool.store.connect import ConnectSettings
 from vmpool.store.db import connect, migrate
 from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
 from vmpool.store.inventory import Inventory
@@ -34,12 +36,18 @@ async def serve_reconciler(
     metrics = Metrics()
     metrics.set_pool_sizes((p.name, p.min_ready, p.max_size) for p in config.pools)
     try:
-        db = await connect(url, min_size=1, max_size=1)
+        db = await connect(
+            url, min_size=1, max_size=1, settings=ConnectSettings.from_config(config.database)
+        )
     except StoreUnavailable as err:
         raise StartupError(f"database_url: {err}") from None
     try:
         async with db.acquire() as conn:
             await migrate(conn)
+        try:
+            await check_synchronous_standby(db, config.database)
+        except SynchronousStandbyMissing as err:
+            raise StartupError(str(err)) from None
         await Inventory(db).sync_pools([(p.name, p.labels) for p in config.pools])
     finally:
         try:

@@ -14,8 +14,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from vmpool.config.database import check_database_url
 from vmpool.config.loading import load_config
-from vmpool.config.schema import check_database_url
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "vmpool"

@@ -9,8 +9,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from vmpool.config.database import check_database_url
 from vmpool.config.demo import DEMO_CONFIG
-from vmpool.config.schema import Config, check_database_url
+from vmpool.config.schema import Config
 
 
 class ConfigError(Exception):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import urllib.parse
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
@@ -18,6 +17,7 @@ from pydantic import (
 )
 
 from vmpool.config.autoscale import AutoscaleConfig, check_against_size
+from vmpool.config.database import DatabaseConfig, check_database_url
 from vmpool.core.address import split_host_port
 from vmpool.core.durations import parse_duration
 
@@ -51,25 +51,6 @@ def _optional_duration(value: Any) -> timedelta | None:
     if value is None or value == "":
         return None
     return _bounded_duration(value)
-
-
-def check_database_url(url: str) -> str:
-    """A PostgreSQL URL asyncpg can use, or ValueError saying what is wrong: a
-    typo is a configuration mistake now, not a minute of "unreachable" later."""
-    if not url:
-        return url
-    scheme, sep, _ = url.partition("://")
-    if not sep or scheme not in ("postgresql", "postgres"):
-        raise ValueError("must be a postgresql://user:password@host:port/database URL")
-    parts = urllib.parse.urlsplit(url)
-    try:
-        parts.port  # noqa: B018 (raises on a port that is not a number in range)
-    except ValueError:
-        raise ValueError("the port must be a number from 1 to 65535") from None
-    query = urllib.parse.parse_qs(parts.query)
-    if not parts.hostname and "host" not in query:
-        raise ValueError("names no host (postgresql://user@host:5432/database)")
-    return url
 
 
 Duration = Annotated[timedelta, BeforeValidator(_bounded_duration)]
@@ -372,6 +353,7 @@ class Config(_Strict):
     health_listen: str = ""
     limits: LimitsConfig = LimitsConfig()
     reconciler: ReconcilerConfig = ReconcilerConfig()
+    database: DatabaseConfig = DatabaseConfig()
 
     tiers: list[TierConfig] = Field(default=[], validate_default=True)
     hardware_templates: list[HardwareTemplateConfig] = Field(default=[], validate_default=True)

@@ -35,12 +35,14 @@ from collections.abc import Callable
 import structlog
 
 from vmpool.config.schema import Config
+from vmpool.control.dbwatch import ReplicationWatch
 from vmpool.control.reconciler import Inbox, Reconciler
 from vmpool.core.clock import utcnow
 from vmpool.ops.metrics import Metrics
 from vmpool.providers.base import Provider
 from vmpool.providers.errors import ProviderError
 from vmpool.store.autoscale import AutoscaleStore
+from vmpool.store.connect import ConnectSettings
 from vmpool.store.control import Control
 from vmpool.store.db import Database, connect
 from vmpool.store.errors import StoreUnavailable
@@ -168,8 +170,17 @@ class Background:
         self._stop = asyncio.Event()
         config = self._config
         interval = config.reconcile_interval.total_seconds()
+        settings = ConnectSettings.from_config(config.database)
         if not self._reconcile:  # role api: the control connection (LISTEN) only
-            control = Control(self._url, interval, lambda: None, self._on_assigned, lead=False)
+            control = Control(
+                self._url,
+                interval,
+                lambda: None,
+                self._on_assigned,
+                lead=False,
+                settings=settings,
+                on_dropped=self._metrics.connection_dropped("control"),
+            )
             self._control = control
             self._ready.set_result(None)
             try:
@@ -178,7 +189,13 @@ class Background:
                 await control.close()
             return
         try:
-            db = await connect(self._url, min_size=1, max_size=4)
+            db = await connect(
+                self._url,
+                min_size=1,
+                max_size=4,
+                settings=settings,
+                on_dropped=self._metrics.connection_dropped("pool"),
+            )
         except StoreUnavailable as err:
             self._ready.set_exception(StartupError(f"database_url: {err}"))
             return
@@ -196,6 +213,9 @@ class Background:
                 on_assigned=self._on_assigned,
                 on_leadership=lambda _leading: woken(),
                 ttl=config.reconciler.leader_ttl.total_seconds(),
+                settings=settings,
+                on_connected=ReplicationWatch(self._metrics).on_connected,
+                on_dropped=self._metrics.connection_dropped("control"),
             )
             provider = build_provider(config, db, self._metrics)
             reconciler = Reconciler(

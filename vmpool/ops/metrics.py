@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -159,6 +159,7 @@ class Metrics:
             "vmpool_reconciler_leader", "1 while this process runs the background work.", registry=r
         )
         self._operator_metrics(r)
+        self._database_metrics(r)
 
     def _operator_metrics(self, r: CollectorRegistry) -> None:
         """What dashboards and alerts need beside the service's own counters."""
@@ -232,6 +233,62 @@ class Metrics:
         self.desired_ready.clear()
         self.arrival_rate.clear()
         self.boot_time.clear()
+
+    def _database_metrics(self, r: CollectorRegistry) -> None:
+        """PostgreSQL as this process sees it: reachable, writable, failed over
+        (docs/operations.md, "What a failover costs")."""
+        self.database_up = Gauge(
+            "vmpool_database_up",
+            "1 when the database answered this process's last readiness check.",
+            registry=r,
+        )
+        self.database_read_only = Gauge(
+            "vmpool_database_read_only",
+            "1 when the server that answered the last readiness check refuses writes "
+            "(a standby in recovery, default_transaction_read_only).",
+            registry=r,
+        )
+        self.database_read_only_sessions = Counter(
+            "vmpool_database_read_only_sessions_total",
+            "Sessions found read-only (SQLSTATE 25006, no host matching "
+            "target_session_attrs) and dropped, by connection.",
+            ["connection"],
+            registry=r,
+        )
+        self.database_reconnects = Counter(
+            "vmpool_database_reconnects_total",
+            "Connections dropped after an error (lost, timed out, read-only) and made "
+            "anew, by connection (pool, control, probe).",
+            ["connection"],
+            registry=r,
+        )
+        self.database_timeline = Gauge(
+            "vmpool_database_timeline",
+            "The primary's timeline ID as last seen; it increases at every promotion.",
+            registry=r,
+        )
+        self.database_timeline_changes = Counter(
+            "vmpool_database_timeline_changes_total",
+            "Timeline changes seen (a standby was promoted: a failover happened).",
+            registry=r,
+        )
+        self.database_synchronous_standby = Gauge(
+            "vmpool_database_synchronous_standby",
+            "1 when the primary commits synchronously to a standby "
+            "(synchronous_standby_names set, synchronous_commit on), as last checked.",
+            registry=r,
+        )
+
+    def connection_dropped(self, connection: str) -> Callable[[bool], None]:
+        """What a connection (pool, control, probe) calls when it drops a session:
+        ``read_only`` when the session refused writes."""
+
+        def dropped(read_only: bool) -> None:
+            self.database_reconnects.labels(connection).inc()
+            if read_only:
+                self.database_read_only_sessions.labels(connection).inc()
+
+        return dropped
 
     def set_pool_sizes(self, pools: Iterable[tuple[str, int, int]]) -> None:
         """(name, min_ready, max_size) of every pool this process serves."""

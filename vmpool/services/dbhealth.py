@@ -6,7 +6,8 @@ import asyncio
 import time
 from typing import Protocol
 
-from vmpool.store.errors import StoreUnavailable
+from vmpool.ops.metrics import Metrics
+from vmpool.store.errors import StoreReadOnly, StoreUnavailable
 
 
 class Pinger(Protocol):
@@ -18,8 +19,9 @@ TIMEOUT = 1.0  # "does not answer within about a second"
 
 
 class DatabaseHealth:
-    def __init__(self, store: Pinger) -> None:
+    def __init__(self, store: Pinger, metrics: Metrics | None = None) -> None:
         self._store = store  # vmpool.store.probe: a connection of its own
+        self._metrics = metrics
         self._ok_at = -1e9
         self._inflight: asyncio.Future[None] | None = None
 
@@ -40,8 +42,16 @@ class DatabaseHealth:
         probe.result()
 
     async def _probe(self) -> None:
+        up = read_only = False
         try:
             await self._store.ping(TIMEOUT)
             self._ok_at = time.monotonic()
+            up = True
+        except StoreReadOnly:
+            up = read_only = True
+            raise
         finally:
             self._inflight = None
+            if self._metrics is not None:
+                self._metrics.database_up.set(up)
+                self._metrics.database_read_only.set(read_only)

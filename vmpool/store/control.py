@@ -20,7 +20,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -28,9 +28,14 @@ import structlog
 
 from vmpool.core.backoff import Retry
 from vmpool.store import control_sql
-from vmpool.store.errors import RETRYABLE_ERRORS, UNAVAILABLE_ERRORS
+from vmpool.store.connect import ConnectSettings, open_connection
+from vmpool.store.errors import RETRYABLE_ERRORS, UNAVAILABLE_ERRORS, read_only
 
 log = structlog.get_logger("vmpool.control")
+
+
+RECONNECT_FIRST = 0.25  # seconds before the first new try after a lost session
+RECONNECT_CAP = 4.0  # the backoff's ceiling: a failover's new primary is found soon
 
 
 def holder_id() -> str:
@@ -50,9 +55,18 @@ class Control:
         ttl: float = 10.0,
         lead: bool = True,
         monotonic: Callable[[], float] = time.monotonic,
+        settings: ConnectSettings | None = None,
+        on_connected: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+        on_dropped: Callable[[bool], None] = lambda _: None,
     ) -> None:
-        """``lead=False``: only LISTEN (a process that never runs the background work)."""
+        """``lead=False``: only LISTEN (a process that never runs the background work).
+        ``on_connected(conn)``: run on every new session before LISTEN (checks
+        of the server); ``on_dropped(read_only)``: a session was lost or found
+        read-only, and is made anew."""
         self._url = url
+        self._settings = settings or ConnectSettings()
+        self._on_connected = on_connected
+        self._on_dropped = on_dropped
         self._ttl = ttl
         # Renew well within the ttl: a few missed renewals are survived.
         self._interval = min(interval, ttl / 3)
@@ -68,6 +82,7 @@ class Control:
         self._trusted_until = 0.0
         self._conn: asyncpg.Connection | None = None
         self._locked = False  # this session holds the advisory lock LEADER_LOCK
+        self._established = False  # the current session got as far as LISTEN
 
     def is_leader(self) -> bool:
         """Whether this process may act as leader now (any thread may ask)."""
@@ -154,13 +169,16 @@ class Control:
         self._on_assigned(payload)
 
     async def run(self, stop: asyncio.Event) -> None:
-        retry = Retry(0.5, 10.0, jitter=False)
+        """Keep a session until ``stop``. No error ends this loop: a lost or
+        read-only session (a failover), a failed LISTEN, even an unexpected
+        error is logged and the session made anew, with backoff."""
+        retry = Retry(RECONNECT_FIRST, RECONNECT_CAP, jitter=False)
         while not stop.is_set():
+            self._established = False
             try:
                 await self._session(stop)
-                retry.reset()
-            except RETRYABLE_ERRORS as err:  # connection lost, server gone: reconnect
-                log.warning("control connection lost", error=f"{type(err).__name__}: {err}")
+            except Exception as err:
+                self._lost(err)
             finally:
                 self._set_leader(False)
                 if self._conn is not None:
@@ -168,19 +186,35 @@ class Control:
                     self._conn = None
             if stop.is_set():
                 break
+            if self._established:
+                retry.reset()  # it worked until now: try again soon
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), retry.next_delay())
 
+    def _lost(self, err: Exception) -> None:
+        error = f"{type(err).__name__}: {str(err)[:200]}"
+        ro = read_only(err)
+        if ro:
+            log.warning("control session is read-only (a standby?); reconnecting", error=error)
+        elif isinstance(err, RETRYABLE_ERRORS):  # connection lost, server gone
+            log.warning("control connection lost", error=error)
+        else:
+            log.exception("control connection failed")
+        if self._established or ro:
+            self._on_dropped(ro)
+
     async def _session(self, stop: asyncio.Event) -> None:
-        conn = await asyncpg.connect(
-            self._url, timeout=5, server_settings={"application_name": "vmpool-control"}
-        )
+        conn = await open_connection(self._url, self._settings, application_name="vmpool-control")
         self._conn = conn
         self._locked = False
         closed = asyncio.Event()
         conn.add_termination_listener(lambda _c: closed.set())
+        if self._on_connected is not None:
+            await self._on_connected(conn)
+        # A standby refuses LISTEN (25006): run() reconnects, maybe to the new primary.
         await conn.add_listener("vmpool_wake", self._wake)
         await conn.add_listener("vmpool_assigned", self._assigned)
+        self._established = True
         self._on_wake()  # we may have missed notifications while disconnected
         while not stop.is_set() and not closed.is_set():
             if self._lead:

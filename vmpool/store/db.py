@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -14,7 +14,8 @@ import asyncpg
 import structlog
 
 from vmpool.core.backoff import Retry
-from vmpool.store.errors import StoreUnavailable, retrying, translated
+from vmpool.store.connect import ConnectSettings, open_connection
+from vmpool.store.errors import StoreUnavailable, read_only, retrying, translated, unavailable
 
 log = structlog.get_logger("vmpool.store")
 
@@ -42,14 +43,28 @@ class Database:
     with one permit per connection sits in front of it.
     """
 
-    def __init__(self, pool: asyncpg.Pool, size: int) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, size: int, on_dropped: Callable[[bool], None] = lambda _: None
+    ) -> None:
+        """``on_dropped(read_only)``: a connection was dropped after an error."""
         self.pool = pool
         self._turns = asyncio.Semaphore(size)
+        self._on_dropped = on_dropped
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the pool. One that failed with a lost connection, a
+        timeout or a read-only session (a standby: a failover in progress) is
+        terminated, not put back: the pool opens a new one, to whichever host
+        is the primary then, and releasing never waits on a stalled server."""
         async with self._turns, self.pool.acquire() as conn:
-            yield conn
+            try:
+                yield conn
+            except BaseException as err:
+                if unavailable(err) and not conn.is_closed():
+                    conn.terminate()
+                    self._on_dropped(read_only(err))
+                raise
 
     # Single statements run in autocommit: one that hit a deadlock or a
     # serialization failure was rolled back whole, so it is run again.
@@ -83,7 +98,19 @@ class Database:
         self.pool.terminate()
 
 
-async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> Database:
+async def create_pool(
+    url: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    settings: ConnectSettings | None = None,
+    on_dropped: Callable[[bool], None] = lambda _: None,
+) -> Database:
+    settings = settings or ConnectSettings()
+
+    async def new_connection(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+        return await open_connection(dsn, settings, application_name="vmpool", **kwargs)
+
     async with translated():
         pool = await asyncpg.create_pool(
             url,
@@ -91,24 +118,30 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> Dat
             max_size=max_size,
             init=_init_connection,
             reset=_reset_connection,
-            command_timeout=5,
-            timeout=5,
-            server_settings={"application_name": "vmpool"},
+            connect=new_connection,
         )
     assert pool is not None
-    return Database(pool, max_size)
+    return Database(pool, max_size, on_dropped)
 
 
 async def connect(
-    url: str, *, min_size: int = 2, max_size: int = 10, patience: float = 60.0
+    url: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    patience: float = 60.0,
+    settings: ConnectSettings | None = None,
+    on_dropped: Callable[[bool], None] = lambda _: None,
 ) -> Database:
     """create_pool, retried with backoff for ``patience`` seconds (the database
-    may start after us); then StoreUnavailable."""
+    may start after us, or be failing over); then StoreUnavailable."""
     deadline = time.monotonic() + patience
     retry = Retry(0.5, 5.0, jitter=False)
     while True:
         try:
-            return await create_pool(url, min_size=min_size, max_size=max_size)
+            return await create_pool(
+                url, min_size=min_size, max_size=max_size, settings=settings, on_dropped=on_dropped
+            )
         except StoreUnavailable as err:
             if time.monotonic() > deadline:
                 raise

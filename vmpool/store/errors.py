@@ -25,6 +25,10 @@ class StoreUnavailable(StoreError):
     """The database did not answer (down, unreachable, or too slow)."""
 
 
+class StoreReadOnly(StoreUnavailable):
+    """The server refuses writes (a standby, during a failover): retry later."""
+
+
 class Duplicate(StoreError):
     """A unique constraint rejected the write (e.g. a concurrent retry)."""
 
@@ -39,6 +43,28 @@ class QuotaExceeded(StoreError):
 
 # SQLSTATEs raised by the quota triggers (migration 0030).
 QUOTA_STATES = {"VPQ01", "VPQ02"}
+
+# The session reached a server that refuses writes: a standby still in
+# recovery (25006 "cannot execute INSERT in a read-only transaction", "cannot
+# execute LISTEN during recovery"; 55000 "recovery is in progress" from WAL
+# functions), a database with default_transaction_read_only on, or (asyncpg)
+# no host of the URL's list matched target_session_attrs. A failover in
+# progress: the connection is dropped and the caller retries (UNAVAILABLE).
+READ_ONLY_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
+)
+
+
+def read_only(err: BaseException) -> bool:
+    """Whether ``err`` (or what it was translated from) says the server refuses writes."""
+    cause = err.__cause__ if isinstance(err, StoreUnavailable) else err
+    if isinstance(cause, READ_ONLY_ERRORS):
+        return True
+    return isinstance(
+        cause, asyncpg.exceptions.ObjectNotInPrerequisiteStateError
+    ) and "recovery is in progress" in str(cause)
+
 
 # Everything that means "the connection is lost" or "the server is gone", as
 # asyncpg raises it: the caller should retry (UNAVAILABLE at the gRPC layer;
@@ -58,6 +84,7 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     # 57P05 idle session timeout, 57014 statement cancelled / timed out.
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.TooManyConnectionsError,  # 53300
+    *READ_ONLY_ERRORS,
 )
 
 
@@ -78,8 +105,9 @@ RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def unavailable(err: BaseException) -> bool:
-    """Whether ``err``, translated or not, means the database is out of reach."""
-    return isinstance(err, (StoreUnavailable, *UNAVAILABLE_ERRORS))
+    """Whether ``err``, translated or not, means the database is out of reach
+    (or, during a failover, reached but read-only)."""
+    return isinstance(err, (StoreUnavailable, *UNAVAILABLE_ERRORS)) or read_only(err)
 
 
 @asynccontextmanager
@@ -94,10 +122,14 @@ async def translated() -> AsyncIterator[None]:
     except asyncpg.exceptions.PostgresError as err:
         if getattr(err, "sqlstate", None) in QUOTA_STATES:
             raise QuotaExceeded(str(err)) from None
+        if read_only(err):
+            raise StoreReadOnly(f"database read-only (a standby?): {err}") from err
         if isinstance(err, UNAVAILABLE_ERRORS):  # e.g. AdminShutdownError is a PostgresError
             raise StoreUnavailable(f"database unavailable: {type(err).__name__}: {err}") from err
         raise
     except UNAVAILABLE_ERRORS as err:
+        if read_only(err):
+            raise StoreReadOnly(f"database read-only: {type(err).__name__}: {err}") from err
         raise StoreUnavailable(f"database unavailable: {type(err).__name__}: {err}") from err
 
 
