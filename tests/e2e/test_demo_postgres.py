@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.server import free_port, wait_for_port
-from vmpool.store.embedded import alive, running_postmaster
+from vmpool.store.embedded import alive, gone_within, running_postmaster, stop_postmaster
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,15 +58,6 @@ class Demo:
         return pid
 
 
-def gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 @pytest.fixture
 def demo() -> Iterator[Demo]:
     # Not under pytest's tmp_path: pytest makes its root 0700 again whenever a
@@ -79,8 +70,7 @@ def demo() -> Iterator[Demo]:
             proc.wait(10)
     leftover = running_postmaster(made.pgdata)
     if leftover is not None:  # the test failed: do not leave a server behind
-        os.kill(leftover, signal.SIGINT)
-        gone_within(leftover, 10)
+        stop_postmaster(leftover, 10)
     shutil.rmtree(made.cwd, ignore_errors=True)
 
 

@@ -57,6 +57,16 @@ def _write_holders(pgdata: Path, pids: list[int]) -> None:
     (pgdata / HOLDERS).write_text(json.dumps(pids))
 
 
+def gone_within(pid: int, timeout: float) -> bool:
+    """True once process ``pid`` is gone, False if it outlasts ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def stop_postmaster(pid: int, timeout: float) -> bool:
     """Fast shutdown (SIGINT: sessions ended, a checkpoint, no recovery needed on the
     next start); True once the server is gone, False if it outlasted ``timeout``."""
@@ -64,12 +74,7 @@ def stop_postmaster(pid: int, timeout: float) -> bool:
         os.kill(pid, signal.SIGINT)
     except ProcessLookupError:
         return True
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return gone_within(pid, timeout)
 
 
 class EmbeddedPostgres:
