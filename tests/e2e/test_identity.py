@@ -29,7 +29,10 @@ from tests.fakekube.server import FakeKube, ServiceAccountToken
 from tests.pg import TestPostgres
 from tests.polling import eventually
 from tests.server import ServerProcess, free_port
+from vmpool.proto.intrinsic_proto.vmpoolapi import v1 as papi
 from vmpool.proto.vmpool.admin import v1 as adm
+
+POOL_SERVICE = "/intrinsic_proto.vmpoolapi.v1.VMPoolService/"
 
 POOLS = [
     {"name": "p", "min_ready": 2, "max_size": 4},
@@ -124,6 +127,30 @@ async def _reads_are_scoped(
     assert await other.pools()  # Pools stays readable by any authenticated caller
 
 
+async def _stopped_by_the_operator(running: Running, instance: str, *, admin: TlsClient) -> None:
+    """StopLease: history names the operator who ended the lease (beside its owner),
+    and the call's audit line names the lease and its pool."""
+    stop = bytes(papi.StopLeaseRequest(lease_name=instance))
+    await admin.admin("StopLease", stop, POOL_SERVICE)
+    rows = await running.sql(
+        "SELECT principal, ended_by FROM lease_history WHERE instance = $1", instance
+    )
+    assert [tuple(r) for r in rows] == [("spiffe://test/alice", "ops")]
+    stopped = await eventually(
+        lambda: asyncio.sleep(0, [a for a in _audit_lines(running) if a["action"] == "StopLease"]),
+        lambda lines: len(lines) == 1,
+        5,
+        "the StopLease audit line",
+    )
+    assert {
+        "principal": "ops",
+        "instance": instance,
+        "pool": "p",
+        "owner": "spiffe://test/alice",
+        "outcome": "ok",
+    }.items() <= stopped[0].items()
+
+
 async def test_mtls_identities_cannot_touch_each_others_work(
     start_server: StartServer, pki: Pki, grpcio_modules: GrpcioModules, clients: list[Any]
 ) -> None:
@@ -171,6 +198,7 @@ async def test_mtls_identities_cannot_touch_each_others_work(
     granted = [a for a in audits if a["action"] == "Lease" and a["outcome"] == "ok"]
     assert granted[-1]["instance"] == lease.instance and granted[-1]["pool"] == "p"
     assert granted[-1]["principal"] == "spiffe://test/alice"
+    await _stopped_by_the_operator(running, lease.instance, admin=o)
     # No client certificate: the handshake is refused; plaintext too.
     code, _ = await code_of(client().ping())
     assert code == "UNAVAILABLE"

@@ -12,8 +12,10 @@ import pytest
 
 from tests.integration.test_store import NOW, seed
 from vmpool.core.instant import Instant
+from vmpool.ops.audit import RECONCILER
 from vmpool.store.db import Database
 from vmpool.store.errors import QuotaExceeded
+from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore, WrongPrincipal, WrongTag
 from vmpool.store.records import Owner
 
@@ -40,6 +42,28 @@ async def test_return_and_extend_need_the_same_principal_and_tag(db: Database) -
     assert ended.principal == "alice"
     history = await db.fetch("SELECT principal FROM lease_history")
     assert [r["principal"] for r in history] == ["alice"]
+
+
+async def test_history_records_the_owner_and_who_ended_each_lease(db: Database) -> None:
+    """Returned: the caller; stopped: the operator; expired or vanished: the
+    reconciler's fixed name. The owner's principal is kept beside it."""
+    await seed(db, "p", 4)
+    store, inventory = LeaseStore(db), Inventory(db)
+    leases = [await store.claim_free("p", "ci", NOW, HOUR_ON, alice()) for _ in range(4)]
+    returned, stopped, expiring, vanishing = [lease.instance for lease in leases if lease]
+    await store.return_lease(returned, "ci", NOW, principal="alice")
+    await store.force_return(stopped, NOW, "StopLease", by="ops")
+    await db.execute("UPDATE leases SET expires_at = $2 WHERE instance = $1", expiring, NOW)
+    assert [e.principal for e in await inventory.expire_leases(NOW)] == ["alice"]
+    gone = await inventory.vanished([vanishing], NOW)
+    assert [(g[0], g[4]) for g in gone] == [(vanishing, "alice")]
+    rows = await db.fetch("SELECT instance, principal, ended_by, end_reason FROM lease_history")
+    assert {r["instance"]: (r["principal"], r["ended_by"], r["end_reason"]) for r in rows} == {
+        returned: ("alice", "alice", "returned"),
+        stopped: ("alice", "ops", "StopLease"),
+        expiring: ("alice", RECONCILER, "expired"),
+        vanishing: ("alice", RECONCILER, "vm vanished"),
+    }
 
 
 async def test_a_reservation_records_its_principal(db: Database) -> None:

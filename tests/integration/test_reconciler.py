@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import structlog
+import structlog.testing
 
 from tests.integration.helpers import make_world
 from tests.polling import eventually
@@ -45,14 +47,26 @@ async def test_expired_lease_destroys_the_vm_and_refills(db: Database) -> None:
     await w.settle()
     lease = await w.leaser.lease("p", None, "t", None)
     w.clock.advance(minutes=31)
-    await w.settle()
+    with structlog.testing.capture_logs() as logs:
+        await w.settle()
     assert lease.instance not in await w.vms()
     assert lease.instance not in await w.rows()
     assert await w.counts("p") == {"ready": 1}
-    reason = await db.fetchval(
-        "SELECT end_reason FROM lease_history WHERE instance = $1", lease.instance
+    ended = await db.fetchrow(
+        "SELECT end_reason, ended_by FROM lease_history WHERE instance = $1", lease.instance
     )
-    assert reason == "expired"
+    assert tuple(ended) == ("expired", "vmpool:reconciler")
+    # One audit line for the lease the reconciler ended: who, which lease, where.
+    audits = [e for e in logs if e["event"] == "audit"]
+    assert len(audits) == 1
+    assert {
+        "action": "ExpireLease",
+        "principal": "vmpool:reconciler",
+        "instance": lease.instance,
+        "pool": "p",
+        "service_tag": "t",
+        "outcome": "ok",
+    }.items() <= audits[0].items()
 
 
 async def test_boot_failures_are_replaced_with_backoff(db: Database) -> None:

@@ -267,6 +267,10 @@ class PoolService(papi.VmPoolServiceBase):
             )
         except NotLeased:
             raise NotFound(f'lease_name: no active lease "{echo(instance)}"') from None
+        # The call's audit line names the lease it ended (its principal: the operator).
+        structlog.contextvars.bind_contextvars(
+            instance=echo(instance), pool=ended.pool, owner=echo(ended.principal, 128)
+        )
         held = (self._clock() - ended.leased_at).total_seconds()
         self._metrics.lease_duration.labels(ended.pool, "stopped").observe(max(held, 0.0))
         log.info("lease stopped", instance=instance, pool=ended.pool)

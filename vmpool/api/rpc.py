@@ -20,11 +20,11 @@ from vmpool.auth.principal import AuthUnavailable, Principal, Unauthenticated
 from vmpool.core import calltime
 from vmpool.core.echo import echo, status_message
 from vmpool.domain import leasing
+from vmpool.ops.audit import audit_log
 from vmpool.ops.metrics import Metrics
 from vmpool.store.errors import unavailable
 
 log = structlog.get_logger("vmpool.rpc")
-audit_log = structlog.get_logger("vmpool.audit")
 
 # Calls that change nothing; every other call is a state change and gets an audit line.
 _READS = ("Get", "List", "Describe", "Watch", "Check")

@@ -44,6 +44,7 @@ from vmpool.domain.planner import (
     Shrink,
     Vanished,
 )
+from vmpool.ops import audit
 from vmpool.ops.metrics import Metrics
 from vmpool.providers.base import Provider
 from vmpool.providers.errors import Invalid, ProviderError
@@ -218,6 +219,14 @@ class Executor:
                 service_tag=lease.service_tag,
                 reason="lease expired",
             )
+            audit.lease_ended(
+                "ExpireLease",
+                instance=lease.instance,
+                pool=lease.pool,
+                service_tag=lease.service_tag,
+                owner=lease.principal,
+                reason="expired",
+            )
         return bool(ended)
 
     async def _expire_reservations(self, now: datetime) -> bool:
@@ -288,7 +297,16 @@ class Executor:
         return changed
 
     async def _vanished(self, names: list[str], now: datetime) -> bool:
-        for name, pool, state, tag in await self._inv.vanished(names, now):
+        for name, pool, state, tag, owner in await self._inv.vanished(names, now):
+            if owner is not None:
+                audit.lease_ended(
+                    "VanishedLease",
+                    instance=name,
+                    pool=pool,
+                    service_tag=tag,
+                    owner=owner,
+                    reason="vm vanished",
+                )
             self.action(
                 "vm vanished",
                 instance=name,

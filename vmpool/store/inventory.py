@@ -149,7 +149,8 @@ class Inventory:
     async def expire_leases(self, now: datetime) -> list[EndedLease]:
         rows = await self._write([(inventory_sql.EXPIRE_LEASES, (now,))])
         return [
-            EndedLease(r["instance"], r["pool"], r["service_tag"], r["leased_at"]) for r in rows
+            EndedLease(r["instance"], r["pool"], r["service_tag"], r["leased_at"], r["principal"])
+            for r in rows
         ]
 
     async def expire_reservations(self, now: datetime) -> list[tuple[str, str, str | None]]:
@@ -235,10 +236,15 @@ class Inventory:
     async def forget(self, names: list[str]) -> None:
         await self._write([(inventory_sql.FORGET, (names,))])
 
-    async def vanished(self, names: list[str], now: datetime) -> list[tuple[str, str, str, str]]:
-        """[(name, pool, state, service_tag or '')] for rows whose VM disappeared."""
+    async def vanished(
+        self, names: list[str], now: datetime
+    ) -> list[tuple[str, str, str, str, str | None]]:
+        """[(name, pool, state, service_tag or '', the lease's principal or None)] for
+        rows whose VM disappeared (a principal only where a lease ended)."""
         rows = await self._write([(inventory_sql.VANISHED, (names, now))])
-        return [(r["name"], r["pool"], r["state"], r["service_tag"] or "") for r in rows]
+        return [
+            (r["name"], r["pool"], r["state"], r["service_tag"] or "", r["principal"]) for r in rows
+        ]
 
     async def prune_history(self, before: datetime, batch: int) -> int:
         """Delete one batch of lease_history ended before ``before``; how many."""

@@ -2,6 +2,7 @@
 over instances and queues, and the admin view's listings. Parameters are $n
 placeholders; nothing is ever formatted in but fixed fragments."""
 
+from vmpool.ops.audit import RECONCILER
 from vmpool.store.lease_sql import LEASE_FIELDS, end_leases
 
 # One cheap statement a pass: per pool and state, how many and the oldest
@@ -33,11 +34,11 @@ _END_EXPIRED = end_leases(
     at="$1",
     end_reason="'expired'",
     destroy_reason="'lease expired'",
-    principal=False,
+    ended_by=f"'{RECONCILER}'",
 )
 EXPIRE_LEASES = f"""
 WITH {_END_EXPIRED}
-SELECT instance, pool, service_tag, leased_at FROM ended
+SELECT instance, pool, service_tag, leased_at, principal FROM ended
 """
 
 # An expired reservation leaves the queue; its set-aside instance is free again.
@@ -167,7 +168,7 @@ _END_VANISHED = end_leases(
     at="$2",
     end_reason="'vm vanished'",
     destroy_reason=None,
-    principal=False,
+    ended_by=f"'{RECONCILER}'",
 )
 VANISHED = f"""
 WITH {_END_VANISHED}, unset AS (
@@ -177,7 +178,7 @@ WITH {_END_VANISHED}, unset AS (
     WHERE name = ANY ($1::text[]) AND state IN ('provisioning', 'ready', 'reserved', 'leased')
     RETURNING name, pool, state
 )
-SELECT r.name, r.pool, r.state, e.service_tag
+SELECT r.name, r.pool, r.state, e.service_tag, e.principal
 FROM rows r LEFT JOIN ended e ON e.instance = r.name
 """
 

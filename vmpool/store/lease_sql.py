@@ -38,13 +38,14 @@ def pick_and_claim(*, limit: str, at: str) -> str:
 
 
 def end_leases(
-    locked: str, *, at: str, end_reason: str, destroy_reason: str | None, principal: bool
+    locked: str, *, at: str, end_reason: str, destroy_reason: str | None, ended_by: str
 ) -> str:
     """CTEs ending the leases of the instances ``locked`` selects (it locks
     them, in instance order, so batches and expiries never deadlock): ``ended``
     (the deleted lease rows), ``hist`` (their lease_history rows, ended ``at``
-    for ``end_reason``, with the principal recorded or not) and, given a
-    ``destroy_reason``, ``gone`` (their instances marked destroying)."""
+    for ``end_reason`` by ``ended_by``, an SQL expression naming who ended it;
+    ``principal`` there is the owner's) and, given a ``destroy_reason``, ``gone``
+    (their instances marked destroying)."""
     gone = (
         f""", gone AS (
     UPDATE instances i SET state = 'destroying', destroy_reason = {destroy_reason},
@@ -61,8 +62,8 @@ def end_leases(
     RETURNING l.*
 ), hist AS (
     INSERT INTO lease_history (instance, pool, service_tag, reservation_id, leased_at,
-                               expires_at, ended_at, end_reason, zone, principal)
+                               expires_at, ended_at, end_reason, zone, principal, ended_by)
     SELECT instance, pool, service_tag, reservation_id, leased_at, expires_at, {at},
-           {end_reason}, zone, {"principal" if principal else "NULL"}
+           {end_reason}, zone, principal, {ended_by}
     FROM ended
 ){gone}"""

@@ -101,8 +101,9 @@ _RETURNED = """SELECT l.instance FROM leases l JOIN req r
         ON l.instance = r.instance AND l.service_tag = r.tag AND l.principal = r.principal
     ORDER BY l.instance
     FOR UPDATE OF l"""
+# Ended by its owner: the caller, whose principal the join matched.
 _END_RETURNED = end_leases(
-    _RETURNED, at="$3", end_reason="'returned'", destroy_reason="'returned'", principal=True
+    _RETURNED, at="$3", end_reason="'returned'", destroy_reason="'returned'", ended_by="principal"
 )
 RETURN_LEASES = f"""
 WITH req AS (
@@ -119,7 +120,7 @@ _END_FORCED = end_leases(
     at="$2",
     end_reason="$3",
     destroy_reason="$3",
-    principal=True,
+    ended_by="$4",
 )
 FORCE_RETURN = f"""
 WITH {_END_FORCED}
