@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -103,6 +104,37 @@ def test_usage_error_is_exit_2_and_json_with_output_json(
     assert stop.value.code == cli_errors.USAGE
     err = json.loads(capsys.readouterr().err)
     assert err["code"] == "USAGE" and "--no-such-flag" in err["message"]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_local_commands_report_failures_as_output_says(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """serve, migrate and render fail through the same reporter as client
+    commands: text lines as before, or one JSON object with --output json."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pools:\n  - name: a\n    max_size: lots\n  - name: b\n    min_ready: -1\n")
+    good = tmp_path / "good.yaml"
+    good.write_text("pools:\n  - name: a\n")
+    cases = [
+        (["migrate", "--config", str(bad)], "bad config: ", "pools[0].max_size"),
+        (["render", "--config", str(good), "--pool", "nope"], '--pool: no pool named "nope"', ""),
+    ]
+    for argv, starts, names in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == cli_errors.USAGE
+        text = capsys.readouterr().err.splitlines()
+        assert text and all(line.startswith(f"vmpool: {starts}") for line in text), text
+        assert names in text[0]
+        json_argv = ["-o", "json", *argv] if where == "before" else [*argv, "-o", "json"]
+        with pytest.raises(SystemExit) as stop:
+            main(json_argv)
+        assert stop.value.code == cli_errors.USAGE
+        err = json.loads(capsys.readouterr().err)
+        assert err["code"] == "USAGE" and err["message"].startswith(starts), err
+        assert names in err["message"]
+    assert len(text) == 1
 
 
 def test_bad_server_address_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -110,9 +110,10 @@ class Registry:
         examples: Sequence[str],
         description: str | None = None,
     ) -> argparse.ArgumentParser:
-        """A command that does not call the server; ``handler`` returns the exit code."""
+        """A command that does not call the server; ``handler`` returns the exit
+        code or raises CliError (reported as --output says)."""
         p = self._add(name, help, description, examples)
-        p.set_defaults(func=handler)
+        p.set_defaults(func=lambda args: run_local(handler, args))
         return p
 
     def client(
@@ -129,6 +130,13 @@ class Registry:
         add_connection_flags(p.add_argument_group("client flags"), self.env, top_level=False)
         p.set_defaults(func=lambda args: run_client(handler, args))
         return p
+
+
+def run_local(handler: LocalHandler, args: argparse.Namespace) -> int:
+    try:
+        return handler(args)
+    except CliError as err:
+        return cli_errors.report(err, args.output)
 
 
 def run_client(handler: ClientHandler, args: argparse.Namespace) -> int:
@@ -203,8 +211,9 @@ def run(registry: Registry, argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:
-        print("vmpool: interrupted", file=sys.stderr)
-        return cli_errors.INTERRUPTED
+        return cli_errors.report(
+            cli_errors.local_failure("interrupted", cli_errors.INTERRUPTED), args.output
+        )
     return code
 
 

@@ -28,6 +28,18 @@ DEFAULT_TAG = "vmpool-cli"
 DEFAULT_TIMEOUT = "10s"
 
 
+def add_output_flag(group: argparse._ActionsContainer, top_level: bool) -> None:
+    """--output, for client and local commands alike (see add_connection_flags)."""
+    group.add_argument(
+        "--output",
+        "-o",
+        choices=["text", "json"],
+        default="text" if top_level else argparse.SUPPRESS,
+        help="text for people, json for scripts: one JSON value on stdout, "
+        "errors as one JSON object on stderr (default: text)",
+    )
+
+
 def add_connection_flags(
     group: argparse._ArgumentGroup, env: Mapping[str, str], top_level: bool
 ) -> None:
@@ -56,14 +68,7 @@ def add_connection_flags(
         help=f"who is asking; leases can be returned only with the same tag "
         f"(env VMPOOL_SERVICE_TAG; default: {tag or '(empty)'})",
     )
-    group.add_argument(
-        "--output",
-        "-o",
-        choices=["text", "json"],
-        default=default("text"),
-        help="text for people, json for scripts: one JSON value on stdout, "
-        "errors as one JSON object on stderr (default: text)",
-    )
+    add_output_flag(group, top_level)
     group.add_argument(
         "--timeout",
         metavar="DURATION",

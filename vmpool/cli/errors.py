@@ -51,12 +51,15 @@ def exit_code(status: Status) -> int:
 
 @dataclass
 class CliError(Exception):
-    """A command's failure: ``code`` is a gRPC status name (or USAGE / CONFIG)."""
+    """A command's failure: ``code`` is a gRPC status name (or USAGE / FAILURE).
+    ``show_code``: False for a local command's failure (serve, migrate, render),
+    whose text line is the message alone (there is no status to name)."""
 
     code: str
     message: str
     exit: int
     reservation_id: str | None = None
+    show_code: bool = True
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -76,13 +79,24 @@ def usage(message: str) -> CliError:
     return CliError("USAGE", message, USAGE)
 
 
+_LOCAL_CODES = {USAGE: "USAGE", UNAVAILABLE: "UNAVAILABLE", INTERRUPTED: "CANCELLED"}
+
+
+def local_failure(message: str, exit: int = USAGE) -> CliError:
+    """A local command's failure; its JSON ``code`` follows the exit code."""
+    return CliError(_LOCAL_CODES.get(exit, "FAILURE"), message, exit, show_code=False)
+
+
 def report(err: CliError, output: str) -> int:
-    """Print ``err`` on stderr (one JSON object with ``--output json``); its exit code."""
+    """Print ``err`` on stderr (one JSON object with ``--output json``; as text,
+    each line of the message after ``vmpool:``); its exit code."""
     if output == "json":
         print(err.as_json(), file=sys.stderr, flush=True)
     else:
         # Named once: messages that already say which reservation get no suffix.
         rid = err.reservation_id
         rid = f" (reservation {rid})" if rid and rid not in err.message else ""
-        print(f"vmpool: {err.code}: {err.message}{rid}", file=sys.stderr, flush=True)
+        code = f"{err.code}: " if err.show_code else ""
+        for line in f"{code}{err.message}{rid}".splitlines():
+            print(f"vmpool: {line}", file=sys.stderr, flush=True)
     return err.exit

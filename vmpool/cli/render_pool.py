@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from typing import Any
 
+from vmpool.cli.errors import local_failure
 from vmpool.domain import pools
 from vmpool.domain.leasing import ClientError
 from vmpool.providers.kubevirt_manifest import render_preview
@@ -48,23 +48,20 @@ def render_api_pool(args: argparse.Namespace, config: Any) -> int:
         else:
             stored = _stored_spec(config, args.pool)
             if stored is None:
-                return _render_fail(
+                raise local_failure(
                     f'--pool: no pool named "{args.pool}" in {args.config} or in its database '
                     "(or give --hwtemplate to render an API pool without the database)"
                 )
             spec = stored
         cfg = pools.pool_config_for(config, args.pool, spec)
     except ClientError as err:
-        return _render_fail(str(err).removeprefix("spec.").replace("pool_tier", "--tier", 1))
+        raise local_failure(
+            str(err).removeprefix("spec.").replace("pool_tier", "--tier", 1)
+        ) from None
     if cfg is None:
-        return _render_fail(f'--pool: "{args.pool}" uses a tier or template not in {args.config}')
+        raise local_failure(f'--pool: "{args.pool}" uses a tier or template not in {args.config}')
     print(render_preview(config, cfg), end="")
     return 0
-
-
-def _render_fail(message: str) -> int:
-    print(f"vmpool: {message}", file=sys.stderr)
-    return 2
 
 
 def _stored_spec(config: Any, name: str) -> Any:

@@ -10,24 +10,20 @@ from typing import Any
 
 from vmpool.cli import errors as cli_errors
 from vmpool.cli.base import Registry
+from vmpool.cli.connection import add_output_flag
+from vmpool.cli.errors import local_failure
 from vmpool.config.loading import ConfigError
 from vmpool.core import eventloop
 
 
-def _fail(message: str, code: int = cli_errors.USAGE) -> int:
-    print(f"vmpool: {message}", file=sys.stderr)
-    return code
-
-
-def _config_or_exit(path: str | None, flags: dict[str, str] | None = None) -> Any:
+def _load_config(path: str | None, flags: dict[str, str] | None = None) -> Any:
     from vmpool.config.loading import load_config
 
     try:
         return load_config(path, dict(os.environ), flags)
-    except ConfigError as err:
-        for line in err.lines():  # every mistake at once, one line each
-            print(f"vmpool: bad config: {line}", file=sys.stderr)
-        raise SystemExit(cli_errors.USAGE) from None
+    except ConfigError as err:  # every mistake at once, one line each
+        lines = "\n".join(f"bad config: {line}" for line in err.lines())
+        raise local_failure(lines, cli_errors.USAGE) from None
 
 
 def _database_url(config: Any) -> tuple[str, Any]:
@@ -44,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {"listen": args.listen} if args.listen else {}
     if args.metrics_listen is not None:
         flags["metrics_listen"] = args.metrics_listen
-    config = _config_or_exit(args.config, flags)
+    config = _load_config(args.config, flags)
     from vmpool.app import AddressInUse, FatalError, StartupError, serve
     from vmpool.ops import logs
 
@@ -60,7 +56,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         url, embedded = _database_url(config)
     except (OSError, RuntimeError) as err:
-        return _fail(f"cannot start the embedded PostgreSQL under {config.data_dir}: {err}", 1)
+        raise local_failure(
+            f"cannot start the embedded PostgreSQL under {config.data_dir}: {err}",
+            cli_errors.FAILURE,
+        ) from None
     try:
         eventloop.run(
             serve(
@@ -74,15 +73,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except AddressInUse as err:
         flag = {"listen": "--listen", "metrics_listen": "--metrics-listen"}.get(str(err).split()[0])
         hint = f" (another process has it: choose another address with {flag})" if flag else ""
-        return _fail(f"cannot start: {err}{hint}", cli_errors.USAGE)
+        raise local_failure(f"cannot start: {err}{hint}", cli_errors.USAGE) from None
     except StartupError as err:
-        return _fail(f"cannot start: {err}", cli_errors.FAILURE)
+        raise local_failure(f"cannot start: {err}", cli_errors.FAILURE) from None
     except FatalError as err:
-        return _fail(f"stopped after a fatal error: {err}", cli_errors.FAILURE)
+        raise local_failure(f"stopped after a fatal error: {err}", cli_errors.FAILURE) from None
     except StoreError as err:
-        return _fail(f"cannot start: database_url: {err}", cli_errors.UNAVAILABLE)
+        raise local_failure(f"cannot start: database_url: {err}", cli_errors.UNAVAILABLE) from None
     except OSError as err:  # e.g. the port is taken
-        return _fail(f"cannot start: {err.strerror or err}", cli_errors.FAILURE)
+        raise local_failure(f"cannot start: {err.strerror or err}", cli_errors.FAILURE) from None
     finally:
         if embedded is not None:
             embedded.stop()
@@ -90,14 +89,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    config = _config_or_exit(args.config)
+    config = _load_config(args.config)
     from vmpool.store.db import create_pool, migrate
     from vmpool.store.errors import StoreError
 
     try:
         url, embedded = _database_url(config)
     except (OSError, RuntimeError) as err:
-        return _fail(f"cannot start the embedded PostgreSQL under {config.data_dir}: {err}", 1)
+        raise local_failure(
+            f"cannot start the embedded PostgreSQL under {config.data_dir}: {err}",
+            cli_errors.FAILURE,
+        ) from None
 
     async def run() -> list[str]:
         pool = await create_pool(url, min_size=1, max_size=1)
@@ -110,9 +112,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         applied = asyncio.run(run())
     except StoreError as err:
-        return _fail(f"cannot migrate: database_url: {err}", cli_errors.UNAVAILABLE)
+        raise local_failure(
+            f"cannot migrate: database_url: {err}", cli_errors.UNAVAILABLE
+        ) from None
     except OSError as err:
-        return _fail(f"cannot migrate: {err.strerror or err}", cli_errors.UNAVAILABLE)
+        raise local_failure(
+            f"cannot migrate: {err.strerror or err}", cli_errors.UNAVAILABLE
+        ) from None
     finally:
         if embedded is not None:
             embedded.stop()
@@ -121,7 +127,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    config = _config_or_exit(args.config)
+    config = _load_config(args.config)
     from vmpool.cli.render_pool import render_api_pool
     from vmpool.providers.kubevirt_manifest import render_pool_preview
 
@@ -148,6 +154,7 @@ def register(reg: Registry) -> None:
         ],
     )
     p.add_argument("--config", metavar="FILE", help=config_help)
+    add_output_flag(p, top_level=False)
     p.add_argument(
         "--listen",
         metavar="HOST:PORT",
@@ -184,6 +191,7 @@ def register(reg: Registry) -> None:
         examples=["vmpool migrate --config /etc/vmpool/config.yaml"],
     )
     p.add_argument("--config", metavar="FILE", help=config_help)
+    add_output_flag(p, top_level=False)
 
     p = reg.local(
         "render",
@@ -196,6 +204,7 @@ def register(reg: Registry) -> None:
         ],
     )
     p.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
+    add_output_flag(p, top_level=False)
     p.add_argument("--pool", metavar="NAME", required=True, help="a pool of that file")
     from vmpool.cli.render_pool import add_render_flags
 
