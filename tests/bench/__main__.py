@@ -700,7 +700,16 @@ def main() -> int:
     parser.add_argument(
         "--autoscale", action="store_true", help="the adaptive warm pool simulation only"
     )
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="only the WatchLeases costs (tests/bench/watch.py; writes OUT/watch.json)",
+    )
     args = parser.parse_args()
+    if args.watch:
+        from tests.bench import watch  # its own phases (issue 20)
+
+        return watch.main([*(["--quick"] if args.quick else []), "--out", args.out])
     if unknown := set(args.only.split(",")) - set(SCENARIOS):
         parser.error(f"--only: no scenario {', '.join(sorted(unknown))}")
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -234,12 +234,18 @@ async def _next_json(proc: asyncio.subprocess.Process, timeout: float = 15) -> d
     return out
 
 
+async def _open(proc: asyncio.subprocess.Process) -> None:
+    """Until the snapshot has ended: the stream is open, later events will show."""
+    while (await _next_json(proc, 30))["type"] != "SNAPSHOT_END":
+        pass
+
+
 async def test_cli_watch_prints_json_lines_and_ctrl_c_exits_130_quietly(
     server: Running, client_factory: Callable[[str, str], Client]
 ) -> None:
-    proc = await _cli_watch(server.address, "--pool", "w", "--expiring-lead", "off")
+    proc = await _cli_watch(server.address, "--pool", "w", "--expiring-lead", "off", "--snapshot")
     try:
-        await asyncio.sleep(1.5)  # the stream is open (a late start would miss the lease)
+        await _open(proc)
         c = client_factory("grpclib", server.address)
         lease = await lease_when_free(c, "w", service_tag="cli")
         await c.return_(lease.instance, service_tag="cli")
@@ -265,9 +271,9 @@ async def test_cli_watch_resumes_when_the_server_comes_back(
 ) -> None:
     first = await start_server(POOLS, name="cli-first")
     await first.wait_ready("w", 3)
-    proc = await _cli_watch(first.address, "--expiring-lead", "off")
+    proc = await _cli_watch(first.address, "--expiring-lead", "off", "--snapshot")
     try:
-        await asyncio.sleep(1.5)
+        await _open(proc)
         c = client_factory("grpclib", first.address)
         one = await lease_when_free(c, "w", service_tag="r")
         assert (await _next_json(proc))["instance"] == one.instance
@@ -285,3 +291,47 @@ async def test_cli_watch_resumes_when_the_server_comes_back(
             proc.kill()
             await proc.wait()
     assert "resuming" in err.decode()
+
+
+async def test_a_slow_reader_is_ended_with_a_cursor_and_resuming_from_it_loses_nothing(
+    start_server: Callable[..., Awaitable[Running]],
+    admin_pb: tuple[ModuleType, ModuleType],
+    watchers: Callable[..., Watcher],
+) -> None:
+    s = await start_server(POOLS, name="slow", limits={"watch_buffer": 10})
+    pb2, pb2_grpc = admin_pb
+    channel = grpc.aio.insecure_channel(s.address, options=[("grpc.http2.bdp_probe", 0)])
+    try:
+        stub = pb2_grpc.VMPoolExtensionServiceStub(channel)
+        call = stub.WatchLeases(pb2.WatchLeasesRequest(snapshot=True, expiring_lead_seconds=-1))
+        while (end := await call.read()).type != pb2.LeaseEventType.Value("SNAPSHOT_END"):
+            pass
+        # 2,000 leases in one statement: far more than the HTTP/2 window (64 KiB)
+        # and the stream's buffer hold while this reader does not read.
+        n = 2000
+        await s.sql(
+            """WITH i AS (
+                   INSERT INTO instances (name, pool, state, created_at, state_changed_at)
+                   SELECT 'slow-' || g, 'w', 'leased', now(), now()
+                   FROM generate_series(1, $1) g RETURNING name)
+               INSERT INTO leases (instance, pool, service_tag, leased_at, expires_at)
+               SELECT name, 'w', 'slow', now(), now() + interval '1 day' FROM i""",
+            n,
+        )
+        await asyncio.sleep(3)
+        first: list[Any] = []
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while (event := await call.read()) is not grpc.aio.EOF:
+                first.append(event)
+        assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        message = ended.value.details()
+        assert "fell 10 events behind" in message
+        cursor = message.split('after="', 1)[1].split('"', 1)[0]
+        assert cursor and end.cursor
+    finally:
+        await channel.close()
+    rest = watchers(s.address, after=cursor, expiring_lead_seconds=-1, instance="")
+    await rest.wait_for(lambda _ev: len(lease_events(rest)) >= n - len(first), timeout=60)
+    names = [e.instance for e in first] + [e.instance for e in rest.events if e.instance]
+    assert sorted(names) == sorted(f"slow-{g}" for g in range(1, n + 1))
+    assert len(names) == len(set(names)) == n

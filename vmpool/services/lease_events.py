@@ -30,6 +30,7 @@ from vmpool.store.events import EventStore, fetch_new
 log = structlog.get_logger("vmpool.events")
 
 FETCH_LIMIT = 1000
+RECENT = 20_000  # events kept in memory for streams joining behind the tail
 # Without a NOTIFY (lost while reconnecting), the reader looks anyway this often.
 POLL_S = 1.0
 # Committed events wait behind an older transaction still running: look again
@@ -127,6 +128,10 @@ class EventHub:
         self.tail = Cursor(0, 0)
         self.xmax = 0
         self._leases: dict[str, Event] = {}
+        # The latest events, for streams joining a little behind the tail
+        # (after a snapshot or a catch-up page): complete after _recent_from.
+        self._recent: deque[Event] = deque(maxlen=RECENT)
+        self._recent_from = Cursor(0, 0)
         self._subs: set[Subscription] = set()
         self._all: set[Subscription] = set()  # admin streams without an owner filter
         self._by_owner: dict[tuple[str | None, str | None], set[Subscription]] = {}
@@ -166,12 +171,26 @@ class EventHub:
         return sub
 
     def go_live(self, sub: Subscription) -> bool:
-        """Join the fan-out if ``sub`` has caught up with the reader (no await
-        between the check and the join, so no event falls in between)."""
+        """Join the fan-out if ``sub`` has caught up with the reader, or is
+        behind it by no more than the recent events kept in memory (replayed
+        to it first). No await between the check and the join, so no event
+        falls in between; False: read more from the database first."""
         if sub.ended is not None:
             return True
         if sub.position < self.tail:
-            return False
+            if sub.position < self._recent_from:
+                return False
+            after = sub.position.pos, sub.position.seq
+            gap: list[Event] = []
+            for e in reversed(self._recent):
+                if (e.pos, e.seq) <= after:
+                    break
+                if sub.scope.sees(e):
+                    gap.append(e)
+                    if len(gap) > self.limits.buffer // 2:
+                        return False  # a long way behind: pages from the database
+            for e in reversed(gap):
+                self._deliver(sub, e, None)
         sub.live = True
         sub.seen = max(sub.position, self.tail)
         key = sub.scope.principal, sub.scope.service_tag
@@ -253,7 +272,7 @@ class EventHub:
         the map ends right."""
         view = await self._store.snapshot()
         self._leases = {e.instance: e for e in view.leases}
-        self.tail = Cursor(view.snapshot.xmin, 0)
+        self.tail = self._recent_from = Cursor(view.snapshot.xmin, 0)
         self.xmax = view.snapshot.xmax
 
     async def _run(self) -> None:
@@ -322,18 +341,16 @@ class EventHub:
 
     def _offer(self, events: list[Event], tail: Cursor) -> None:
         """Hand a batch to the streams that may see it, then move the tail."""
-        limit = self.limits.buffer
         for e in events:
             self._apply(e)
+            if len(self._recent) == self._recent.maxlen:
+                first = self._recent[0]
+                self._recent_from = Cursor(first.pos, first.seq)
+            self._recent.append(e)
             encoded: bytes | None = None
             for sub in self._candidates(e):
-                if not sub.scope.sees(e) or (e.pos, e.seq) <= (sub.seen.pos, sub.seen.seq):
-                    continue
-                if sub.position.skips(e.pos, e.txid):
-                    continue
-                if encoded is None and sub.position.snapshot is None:
-                    encoded = self._encode(e)  # once, whatever the number of streams
-                sub.push((e, encoded, False), limit)
+                if (e.pos, e.seq) > (sub.seen.pos, sub.seen.seq):
+                    encoded = self._deliver(sub, e, encoded)
         self.tail = max(self.tail, tail)
         for sub in self._subs:
             if sub.live and sub.seen < self.tail:
@@ -341,6 +358,15 @@ class EventHub:
         self._fire_all()
         self.tail_changed.set()
         self.tail_changed = asyncio.Event()
+
+    def _deliver(self, sub: Subscription, e: Event, encoded: bytes | None) -> bytes | None:
+        """Queue ``e`` for ``sub`` if it may see it; the shared encoding, made once."""
+        if not sub.scope.sees(e) or sub.position.skips(e.pos, e.txid):
+            return encoded
+        if encoded is None and sub.position.snapshot is None:
+            encoded = self._encode(e)  # once, whatever the number of streams
+        sub.push((e, encoded, False), self.limits.buffer)
+        return encoded
 
     def _candidates(self, e: Event) -> list[Subscription]:
         out = list(self._all)

@@ -1,0 +1,321 @@
+"""`python -m tests.bench --watch [--quick]`: what WatchLeases costs (issue 20).
+
+- Lease+Return throughput (load generator, concurrency 32) in interleaved
+  rounds: event triggers disabled (what the server did before events), enabled
+  with no watcher, enabled with 100 watchers that see every event (admin, the
+  worst case), and enabled with 100 lease-client watchers of their own tags
+  (they see none of the load's events).
+- Commit-to-client latency of events (receipt time minus the event's recorded
+  time, which the trigger takes just before commit) at the all-seeing watchers.
+- Idle server CPU with 1,000 open streams against none.
+
+Watchers run in a process of their own (``--child``), so the load generator and
+the server are not slowed by them; all share this machine's cores, so compare
+the ratios of one run, not absolute figures across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from tests.bench.__main__ import (
+    CpuMeter,
+    LoadClient,
+    fake,
+    pool,
+    postgres_pids,
+    wait_ready,
+)
+from tests.bench.load import percentiles
+from tests.pg import TestPostgres
+from tests.server import ServerProcess
+
+TRIGGERS = [
+    ("leases", "leases_events_insert"),
+    ("leases", "leases_events_update"),
+    ("leases", "leases_events_delete"),
+    ("reservations", "reservations_events_insert"),
+    ("reservations", "reservations_events_delete"),
+]
+POOL = "bench"
+CONCURRENCY = 32
+
+
+# --- the watcher process ----------------------------------------------------------------
+
+
+async def _child(cmd: dict[str, Any]) -> None:
+    """Open cmd["streams"] WatchLeases streams and count what arrives, until stdin
+    says "report" (print stats) or closes."""
+    from grpclib.client import Channel
+
+    from vmpool.proto.vmpool.admin import v1 as adm
+
+    host, port = cmd["address"].rsplit(":", 1)
+    per_channel = 50
+    n = int(cmd["streams"])
+    channels = [Channel(host, int(port)) for _ in range((n + per_channel - 1) // per_channel)]
+    received = 0
+    latencies: list[float] = []
+    opened = 0
+    all_open = asyncio.Event()
+
+    async def one(i: int) -> None:
+        nonlocal received, opened
+        stub = adm.VmPoolExtensionServiceStub(channels[i // per_channel])
+        request = adm.WatchLeasesRequest(snapshot=True, expiring_lead_seconds=-1, **cmd["request"])
+        request.pool = request.pool or ""
+        if cmd.get("own_tag"):
+            request.service_tag = f"watcher-{i}"
+        async for event in stub.watch_leases(request):
+            if event.type == adm.LeaseEventType.SNAPSHOT_END:
+                opened += 1
+                if opened == n:
+                    all_open.set()
+                continue
+            if event.type in (
+                adm.LeaseEventType.HEARTBEAT,
+                adm.LeaseEventType.SNAPSHOT_LEASE,
+                adm.LeaseEventType.SNAPSHOT_RESERVATION,
+            ):
+                continue
+            received += 1
+            if i % 10 == 0:  # a sample of the streams: the clock read costs too
+                latencies.append(time.time() - event.time.timestamp())
+
+    tasks = [asyncio.create_task(one(i)) for i in range(n)]
+    await asyncio.wait_for(all_open.wait(), 120)
+    print(json.dumps({"open": n}), flush=True)
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line or line.strip() == "quit":
+            break
+        if line.strip() == "reset":
+            received, latencies = 0, []
+            print(json.dumps({"reset": True}), flush=True)
+        elif line.strip() == "report":
+            failed = [t for t in tasks if t.done()]
+            print(
+                json.dumps(
+                    {
+                        "received": received,
+                        "streams_ended": len(failed),
+                        **percentiles(latencies),
+                    }
+                ),
+                flush=True,
+            )
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for ch in channels:
+        ch.close()
+
+
+class Watchers:
+    def __init__(self, address: str, streams: int, **cmd: Any) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.bench.watch", "--child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"address": address, "streams": streams, **cmd}) + "\n")
+        self.proc.stdin.flush()
+
+    def _ask(self, what: str | None) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if what is not None:
+            self.proc.stdin.write(what + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("watcher process exited")
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    async def opened(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self._ask, None)
+
+    async def ask(self, what: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self._ask, what)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+# --- the orchestrator ----------------------------------------------------------------
+
+
+async def _triggers(db: asyncpg.Connection, on: bool) -> None:
+    verb = "ENABLE" if on else "DISABLE"
+    for table, name in TRIGGERS:
+        await db.execute(f"ALTER TABLE {table} {verb} TRIGGER {name}")
+
+
+async def run(quick: bool, out: Path) -> dict[str, Any]:
+    duration = 3.0 if quick else 8.0
+    rounds = 2 if quick else 4
+    idle_window = 8.0 if quick else 20.0
+    pg = TestPostgres()
+    load = LoadClient()
+    result: dict[str, Any] = {"duration_s": duration, "rounds": rounds}
+    try:
+        await pg.setup_template()
+        url = await pg.fresh()
+        with tempfile.TemporaryDirectory(prefix="vmpool-bench-watch-") as tmp:
+            cfg = {
+                "reconcile_interval": "1s",
+                "provider": fake(0.0),
+                "pools": [pool(POOL, 300, 600, 300)],
+                "limits": {"max_watch_streams": 2000, "max_watch_streams_per_connection": 100},
+            }
+            server = ServerProcess(cfg, Path(tmp) / "main", database_url=url, metrics_port=0)
+            server.start()
+            db = await asyncpg.connect(url)
+            try:
+                await wait_ready(db, POOL, 300, 120)
+                result["idle"] = await _idle(server, idle_window)
+                phases: dict[str, list[dict[str, Any]]] = {
+                    "no_events": [],
+                    "events_no_watchers": [],
+                    "events_100_all_seeing": [],
+                    "events_100_own_tag": [],
+                }
+                for _ in range(rounds):
+                    for name, runs in phases.items():
+                        runs.append(await _phase(name, server, db, load, duration, pg))
+                await _triggers(db, True)
+            finally:
+                await db.close()
+                server.__exit__()
+        result["phases"] = phases
+        base = _median([p["calls_per_s"] for p in phases["no_events"]])
+        for name, runs in phases.items():
+            result[f"{name}_calls_per_s"] = _median([p["calls_per_s"] for p in runs])
+            result[f"{name}_ratio"] = (
+                round(result[f"{name}_calls_per_s"] / base, 3) if base else None
+            )
+        lat = [p.get("latency", {}) for p in phases["events_100_all_seeing"]]
+        result["event_latency_p99_ms"] = _median([x["p99_ms"] for x in lat if x.get("p99_ms")])
+        result["event_latency_p50_ms"] = _median([x["p50_ms"] for x in lat if x.get("p50_ms")])
+    finally:
+        load.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "watch.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _median(values: list[float]) -> float | None:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else round((vals[mid - 1] + vals[mid]) / 2, 3)
+
+
+async def _idle(server: ServerProcess, window: float) -> dict[str, Any]:
+    assert server.proc is not None
+    await asyncio.sleep(2)
+    meter = CpuMeter([server.proc.pid]).start()
+    await asyncio.sleep(window)
+    none = meter.stop()
+    watchers = Watchers(server.address, 1000, request={"pool": "nothing-here"})
+    try:
+        await watchers.opened()
+        await asyncio.sleep(2)
+        meter = CpuMeter([server.proc.pid]).start()
+        await asyncio.sleep(window)
+        with_streams = meter.stop()
+    finally:
+        watchers.close()
+    return {
+        "window_s": window,
+        "server_cpu_percent_no_streams": none,
+        "server_cpu_percent_1000_streams": with_streams,
+    }
+
+
+async def _phase(
+    name: str,
+    server: ServerProcess,
+    db: asyncpg.Connection,
+    load: LoadClient,
+    duration: float,
+    pg: TestPostgres,
+) -> dict[str, Any]:
+    await _triggers(db, name != "no_events")
+    watchers: Watchers | None = None
+    if name == "events_100_all_seeing":
+        watchers = Watchers(server.address, 100, request={})
+    elif name == "events_100_own_tag":
+        watchers = Watchers(server.address, 100, request={}, own_tag=True)
+    try:
+        if watchers is not None:
+            await watchers.opened()
+        assert server.proc is not None
+        srv = CpuMeter([server.proc.pid]).start()
+        dbm = CpuMeter(postgres_pids(pg)).start()
+        got = await load.run(
+            op="lease",
+            address=server.address,
+            concurrency=CONCURRENCY,
+            channels=8,
+            duration=duration,
+            warmup=0.5,
+            pool=POOL,
+        )
+        out: dict[str, Any] = {
+            "calls_per_s": round(
+                sum(v["calls"] for k, v in got.items() if isinstance(v, dict) and "calls" in v)
+                / duration,
+                1,
+            ),
+            "server_cpu_percent": srv.stop(),
+            "postgres_cpu_percent": dbm.stop(),
+        }
+        if watchers is not None:
+            out["latency"] = await watchers.ask("report")
+        print(f"watch bench: {name}: {out}", flush=True)
+        return out
+    finally:
+        if watchers is not None:
+            watchers.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.watch")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(argv)
+    if args.child:
+        cmd = json.loads(sys.stdin.readline())
+        asyncio.run(_child(cmd))
+        return 0
+    result = asyncio.run(run(args.quick, Path(args.out)))
+    print(json.dumps({k: v for k, v in result.items() if k != "phases"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
