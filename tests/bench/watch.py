@@ -72,22 +72,19 @@ async def _child(cmd: dict[str, Any]) -> None:
 
     async def one(i: int) -> None:
         nonlocal received, opened
+        started = False
         stub = adm.VmPoolExtensionServiceStub(channels[i // per_channel])
-        request = adm.WatchLeasesRequest(snapshot=True, expiring_lead_seconds=-1, **cmd["request"])
+        request = adm.WatchLeasesRequest(expiring_lead_seconds=-1, **cmd["request"])
         request.pool = request.pool or ""
         if cmd.get("own_tag"):
             request.service_tag = f"watcher-{i}"
         async for event in stub.watch_leases(request):
-            if event.type == adm.LeaseEventType.SNAPSHOT_END:
-                opened += 1
-                if opened == n:
-                    all_open.set()
-                continue
-            if event.type in (
-                adm.LeaseEventType.HEARTBEAT,
-                adm.LeaseEventType.SNAPSHOT_LEASE,
-                adm.LeaseEventType.SNAPSHOT_RESERVATION,
-            ):
+            if event.type == adm.LeaseEventType.HEARTBEAT:
+                if not started:  # the first message: the stream is open
+                    started = True
+                    opened += 1
+                    if opened == n:
+                        all_open.set()
                 continue
             received += 1
             if i % 10 == 0:  # a sample of the streams: the clock read costs too

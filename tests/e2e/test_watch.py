@@ -78,6 +78,10 @@ class Watcher:
                 raise AssertionError(f"not seen in time: {self.events} error={self.error}")
             await asyncio.sleep(0.02)
 
+    async def started(self) -> None:
+        """The first message (a HEARTBEAT with the starting cursor): the stream is open."""
+        await self.wait_for(lambda ev: len(ev) >= 1)
+
     async def close(self) -> None:
         self.call.cancel()
         await self.task
@@ -145,7 +149,8 @@ async def test_a_lease_client_sees_only_its_own_tag(
 ) -> None:
     mine = watchers(server.address, service_tag="mine", expiring_lead_seconds=-1)
     theirs = watchers(server.address, service_tag="theirs", expiring_lead_seconds=-1)
-    await asyncio.sleep(0.3)
+    await mine.started()
+    await theirs.started()
     c = client_factory("grpcio", server.address)
     lease = await lease_when_free(c, "w", service_tag="mine")
     await c.return_(lease.instance, service_tag="mine")
@@ -183,7 +188,7 @@ async def test_resume_on_another_replica_after_one_is_killed_gets_every_event_on
     b = await start_server(POOLS, db_url=a.db_url, name="b")
     await a.wait_ready("w", 3)
     w = watchers(a.address, expiring_lead_seconds=-1)
-    await asyncio.sleep(0.3)
+    await w.started()
     ca = client_factory("grpclib", b.address)
     first = await lease_when_free(ca, "w", service_tag="k")
     await w.wait_for(lambda _ev: ("LEASED", first.instance) in lease_events(w))
@@ -203,7 +208,7 @@ async def test_sigterm_ends_streams_with_unavailable_and_a_cursor(
 ) -> None:
     s = await start_server(POOLS, name="stopping")
     w = watchers(s.address)
-    await asyncio.sleep(0.5)
+    await w.started()
     s.proc.proc.send_signal(signal.SIGTERM)
     await w.task
     assert w.error is not None and w.error.code() == grpc.StatusCode.UNAVAILABLE

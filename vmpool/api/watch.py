@@ -175,6 +175,11 @@ class Watch:
                 sub.position = position
             if len(page.events) < PAGE and page.upto > sub.position:
                 sub.position = sub.position.after(page.upto.pos, page.upto.seq)
+        if not request.snapshot and sub.ended is None:
+            # The first message: where this stream starts (resume from here).
+            yield adm.LeaseEvent(
+                cursor=sub.position.encode(), type=_type(T.HEARTBEAT), time=datetime.now(UTC)
+            )
         async for item in self._live(sub):
             yield item
 

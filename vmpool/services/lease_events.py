@@ -25,7 +25,7 @@ import structlog
 
 from vmpool.domain.watch import Cursor, Event, Scope
 from vmpool.store.errors import UNAVAILABLE_ERRORS
-from vmpool.store.events import EventStore, fetch_new
+from vmpool.store.events import EventStore, fetch_new, snapshot
 
 log = structlog.get_logger("vmpool.events")
 
@@ -266,11 +266,11 @@ class EventHub:
         except TimeoutError:
             raise StreamEnded("UNAVAILABLE", "database unavailable, retry later") from None
 
-    async def _load(self) -> None:
+    async def _load(self, conn: asyncpg.Connection) -> None:
         """The active leases and a tail to start from, in one snapshot. Events
         from that snapshot's xmin on are applied again; each sets a state, so
         the map ends right."""
-        view = await self._store.snapshot()
+        view = await snapshot(conn)
         self._leases = {e.instance: e for e in view.leases}
         self.tail = self._recent_from = Cursor(view.snapshot.xmin, 0)
         self.xmax = view.snapshot.xmax
@@ -281,11 +281,11 @@ class EventHub:
         while not self._closing:
             conn = None
             try:
-                if not self._started.done():
-                    await self._load()
                 conn = await asyncpg.connect(
                     self._url, timeout=5, server_settings={"application_name": "vmpool-events"}
                 )
+                if not self._started.done():
+                    await self._load(conn)  # its own connection: never queued behind calls
                 self._conn = conn
                 closed = asyncio.Event()
                 conn.add_termination_listener(self._on_lost(closed))

@@ -93,6 +93,53 @@ SELECT count(*) FROM gone
 """
 
 
+async def snapshot(conn: asyncpg.Connection) -> SnapshotView:
+    """``snapshot`` on a connection of one's own (the reader's)."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        point = await conn.fetchrow(SNAPSHOT_POINT)
+        leases = await conn.fetch(SNAPSHOT_LEASES)
+        queued = await conn.fetch(SNAPSHOT_RESERVATIONS)
+    assert point is not None
+    snap = Snapshot(int(point["xmin"]), int(point["xmax"]), frozenset(point["xip"]))
+    return SnapshotView(
+        snap,
+        [
+            Event(
+                0,
+                0,
+                0,
+                r["leased_at"],
+                "lease",
+                r["instance"],
+                r["pool"],
+                r["service_tag"],
+                r["principal"],
+                r["principal"],
+                r["reservation_id"],
+                expiry_of(r),
+            )
+            for r in leases
+        ],
+        [
+            Event(
+                0,
+                0,
+                0,
+                r["enqueued_at"],
+                "reservation",
+                r["instance"] or "",
+                r["pool"],
+                r["service_tag"],
+                r["principal"],
+                r["principal"],
+                r["id"],
+                Instant.from_datetime(r["expires_at"]),
+            )
+            for r in queued
+        ],
+    )
+
+
 def event_of(row: Any) -> Event:
     return Event(
         pos=row["pos"],
@@ -163,53 +210,8 @@ class EventStore:
 
     async def snapshot(self) -> SnapshotView:
         """Current leases and queued reservations, and the snapshot they were read in."""
-        async with (
-            translated(),
-            self._pool.acquire() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            point = await conn.fetchrow(SNAPSHOT_POINT)
-            leases = await conn.fetch(SNAPSHOT_LEASES)
-            queued = await conn.fetch(SNAPSHOT_RESERVATIONS)
-        assert point is not None
-        snap = Snapshot(int(point["xmin"]), int(point["xmax"]), frozenset(point["xip"]))
-        return SnapshotView(
-            snap,
-            [
-                Event(
-                    0,
-                    0,
-                    0,
-                    r["leased_at"],
-                    "lease",
-                    r["instance"],
-                    r["pool"],
-                    r["service_tag"],
-                    r["principal"],
-                    r["principal"],
-                    r["reservation_id"],
-                    expiry_of(r),
-                )
-                for r in leases
-            ],
-            [
-                Event(
-                    0,
-                    0,
-                    0,
-                    r["enqueued_at"],
-                    "reservation",
-                    r["instance"] or "",
-                    r["pool"],
-                    r["service_tag"],
-                    r["principal"],
-                    r["principal"],
-                    r["id"],
-                    Instant.from_datetime(r["expires_at"]),
-                )
-                for r in queued
-            ],
-        )
+        async with translated(), self._pool.acquire() as conn:
+            return await snapshot(conn)
 
     async def prune(self, older_than: timedelta, batch: int) -> int:
         """Delete one batch of events older than ``older_than``; how many."""
