@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import os
-import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +24,10 @@ from vmpool.control.dbwatch import SynchronousStandbyMissing, check_synchronous_
 from vmpool.core.address import split_host_port
 from vmpool.core.clock import utcnow
 from vmpool.ops.metrics import Metrics
+from vmpool.process.ports import AddressInUse, listen_on, start_metrics
+from vmpool.process.signals import stop_on_signals
 from vmpool.providers.describers import build_describer
+from vmpool.reconciler_process import serve_reconciler
 from vmpool.services.catalog import PoolCatalog
 from vmpool.services.dbhealth import DatabaseHealth
 from vmpool.services.demand import DemandCounter, flush_demand
@@ -55,20 +55,6 @@ log = structlog.get_logger("vmpool")
 __all__ = ["AddressInUse", "FatalError", "StartupError", "serve"]
 
 
-def start_metrics(config: Config, metrics: Metrics) -> None:
-    if not config.metrics_listen:
-        return
-    from vmpool.ops.metrics_http import start_metrics_server
-
-    host, port = split_host_port(config.metrics_listen, "0.0.0.0")
-    try:
-        start_metrics_server(host, port, metrics.registry)
-    except OSError as err:
-        if err.errno == errno.EADDRINUSE:
-            raise AddressInUse(f"metrics_listen {host}:{port}: address already in use") from None
-        raise StartupError(f"metrics_listen {host}:{port}: {err.strerror or err}") from None
-
-
 def tls_context(config: Config) -> ReloadingContext | None:
     if not config.tls.enabled:
         return None
@@ -88,60 +74,6 @@ def watch_limits(config: Config) -> WatchLimits:
     )
 
 
-class AddressInUse(StartupError):
-    """A port to listen on is taken (exit 2, one line naming the address)."""
-
-
-async def listen_on(
-    server: GuardedServer,
-    what: str,
-    address: str,
-    *,
-    reuse_port: bool,
-    ssl: Any = None,
-) -> tuple[str, int]:
-    """Start ``server`` on ``address``; a busy port is AddressInUse naming it.
-    ``reuse_port`` (``--reuse-port``): share the port with other processes
-    (SO_REUSEPORT), as the benchmark's two-process mode does; off, a second
-    server on the same port is refused instead of silently sharing it."""
-    host, port = split_host_port(address, "0.0.0.0")
-    try:
-        await server.start(host, port, reuse_port=reuse_port, ssl=ssl)
-    except OSError as err:
-        if err.errno == errno.EADDRINUSE:
-            raise AddressInUse(f"{what} {host}:{port}: address already in use") from None
-        raise StartupError(f"{what} {host}:{port}: {err.strerror or err}") from None
-    return host, port
-
-
-def stop_on_signals(
-    loop: asyncio.AbstractEventLoop, on_forced_exit: Callable[[], None] | None = None
-) -> asyncio.Event:
-    """The one stop signal: set by SIGTERM/SIGINT; a second signal exits at once,
-    after ``on_forced_exit`` (what must not outlive the process: os._exit runs no
-    atexit and no finally, e.g. the demo's embedded PostgreSQL)."""
-    stop = asyncio.Event()
-    signals = 0
-
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            log.warning("second signal: exiting at once")
-            if on_forced_exit is not None:
-                try:
-                    on_forced_exit()
-                except Exception as err:  # exit regardless
-                    log.error("cleanup before the forced exit failed", error=repr(err))
-            os._exit(1)
-        log.info("shutting down")
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    return stop
-
-
 async def serve(
     config: Config,
     url: str,
@@ -155,8 +87,6 @@ async def serve(
     (RPCs only) or ``reconciler`` (the background work only, no port).
     ``on_forced_exit``: see stop_on_signals."""
     if role == "reconciler":
-        from vmpool.reconciler_process import serve_reconciler
-
         await serve_reconciler(config, url, on_forced_exit)
         return
     tls = tls_context(config)

@@ -15,11 +15,12 @@ from collections.abc import Callable
 
 import structlog
 
-from vmpool.app import StartupError, start_metrics, stop_on_signals
 from vmpool.config.schema import Config
-from vmpool.control.background import Background, FatalError
+from vmpool.control.background import Background, FatalError, StartupError
 from vmpool.control.dbwatch import SynchronousStandbyMissing, check_synchronous_standby
 from vmpool.ops.metrics import Metrics
+from vmpool.process.ports import start_metrics
+from vmpool.process.signals import stop_on_signals
 from vmpool.store.connect import ConnectSettings
 from vmpool.store.db import connect, migrate
 from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable

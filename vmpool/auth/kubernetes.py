@@ -11,7 +11,9 @@ import aiohttp
 import jwt
 import structlog
 from kubernetes_asyncio import client
+from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.config_exception import ConfigException
 
 from vmpool.auth.cache import MAX_ENTRIES, TokenCache, cache_until, token_key
 from vmpool.auth.principal import AuthUnavailable, Principal, Unauthenticated
@@ -144,20 +146,17 @@ class TokenReviewer:
 
 async def load_api_client(kubeconfig: str) -> client.ApiClient:
     """``kubeconfig`` if given, else in-cluster, else ``~/.kube/config``."""
-    from kubernetes_asyncio import config
-    from kubernetes_asyncio.config.config_exception import ConfigException
-
     configuration = client.Configuration()
     try:
         if kubeconfig:
-            await config.load_kube_config(
+            await kube_config.load_kube_config(
                 config_file=kubeconfig, client_configuration=configuration, persist_config=False
             )
         else:
             try:
-                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+                kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
             except ConfigException:
-                await config.load_kube_config(
+                await kube_config.load_kube_config(
                     client_configuration=configuration, persist_config=False
                 )
     except (ConfigException, OSError) as err:

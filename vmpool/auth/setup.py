@@ -46,6 +46,7 @@ async def build_authenticator(config: Config, stack: AsyncExitStack) -> Authenti
     """Raises ValueError naming the key when the identity provider cannot be set up."""
     mode = config.auth.mode
     if mode == "kubernetes":
+        # lazy: kubernetes_asyncio takes seconds to import; only auth.mode kubernetes needs it
         from vmpool.auth.kubernetes import TokenReviewer, load_api_client
 
         api = await load_api_client(config.auth.kubernetes.kubeconfig)
@@ -57,7 +58,7 @@ async def build_authenticator(config: Config, stack: AsyncExitStack) -> Authenti
         )
         return Authenticator(config, reviewer)
     if mode == "jwt":
-        from vmpool.auth.oidc import JwtVerifier
+        from vmpool.auth.oidc import JwtVerifier  # lazy: only auth.mode jwt needs it
 
         verifier = JwtVerifier(config.auth.jwt)
         stack.push_async_callback(verifier.close)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import select
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
+
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from vmpool.cli import errors as cli_errors
 from vmpool.cli.connection import Connection, add_connection_flags, connect
@@ -141,7 +144,6 @@ def run_local(handler: LocalHandler, args: argparse.Namespace) -> int:
 
 def run_client(handler: ClientHandler, args: argparse.Namespace) -> int:
     """Run ``handler`` on a connection; every failure becomes one line and an exit code."""
-    from grpclib.exceptions import GRPCError, StreamTerminatedError
 
     async def call() -> None:
         async with connect(args) as conn:
@@ -175,8 +177,6 @@ def run_client(handler: ClientHandler, args: argparse.Namespace) -> int:
 
 def _stdout_gone() -> bool:
     """True when stdout is a pipe whose reader has closed it."""
-    import select
-
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
@@ -187,8 +187,6 @@ def _stdout_gone() -> bool:
 
 def _quiet_after_broken_stdout() -> int:
     """Exit as a tool killed by SIGPIPE would, without Python's "Exception ignored" at exit."""
-    import os
-
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)

@@ -15,22 +15,6 @@ from vmpool.store.db import create_pool
 from vmpool.store.pools import PoolStore
 
 
-def add_render_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--tier", help="render an API pool of this tier (default: ad_hoc_single with --hwtemplate)"
-    )
-    p.add_argument(
-        "--hwtemplate",
-        help="render an API pool of this hardware template, without the database "
-        "(default: look the pool up in the database when it is not in the file)",
-    )
-    p.add_argument("--runtime", help="with --hwtemplate: the runtime (default: versions.runtime)")
-    p.add_argument(
-        "--intrinsic-os",
-        help="with --hwtemplate: the IntrinsicOS (default: versions.intrinsic_os)",
-    )
-
-
 def render_api_pool(args: argparse.Namespace, config: Any) -> int:
     """Print the VM an API pool gets: from --tier/--hwtemplate/--runtime/--intrinsic-os
     (offline), or from its stored spec in the configured database."""

@@ -12,13 +12,11 @@ from vmpool.cli import errors as cli_errors
 from vmpool.cli.base import Registry
 from vmpool.cli.connection import add_output_flag
 from vmpool.cli.errors import local_failure
-from vmpool.config.loading import ConfigError
+from vmpool.config.loading import ConfigError, load_config
 from vmpool.core import eventloop
 
 
 def _load_config(path: str | None, flags: dict[str, str] | None = None) -> Any:
-    from vmpool.config.loading import load_config
-
     try:
         return load_config(path, dict(os.environ), flags)
     except ConfigError as err:  # every mistake at once, one line each
@@ -30,7 +28,7 @@ def _database_url(config: Any) -> tuple[str, Any]:
     """The configured database, or an embedded one under data_dir."""
     if config.database_url:
         return config.database_url, None
-    from vmpool.store.embedded import EmbeddedPostgres
+    from vmpool.store.embedded import EmbeddedPostgres  # lazy: pgserver, for the demo only
 
     embedded = EmbeddedPostgres(config.data_dir)
     return embedded.start(), embedded
@@ -41,6 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.metrics_listen is not None:
         flags["metrics_listen"] = args.metrics_listen
     config = _load_config(args.config, flags)
+    # lazy: the server's modules load for `vmpool serve` only (CLI start-up time)
     from vmpool.app import AddressInUse, FatalError, StartupError, serve
     from vmpool.ops import logs
 
@@ -51,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"{config.data_dir}, fake provider, pool 'small')",
             file=sys.stderr,
         )
-    from vmpool.store.errors import StoreError
+    from vmpool.store.errors import StoreError  # lazy: asyncpg (CLI start-up time)
 
     try:
         url, embedded = _database_url(config)
@@ -90,6 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
+    # lazy: asyncpg loads for `vmpool migrate` only (CLI start-up time)
     from vmpool.store.db import create_pool, migrate
     from vmpool.store.errors import StoreError
 
@@ -128,6 +128,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
+    # lazy: asyncpg and the manifest code load for `vmpool render` only (CLI start-up time)
     from vmpool.cli.render_pool import render_api_pool
     from vmpool.providers.kubevirt_manifest import render_pool_preview
 
@@ -135,6 +136,22 @@ def cmd_render(args: argparse.Namespace) -> int:
         return render_api_pool(args, config)  # an API pool: from the flags or the database
     print(render_pool_preview(config, args.pool), end="")
     return 0
+
+
+def add_render_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tier", help="render an API pool of this tier (default: ad_hoc_single with --hwtemplate)"
+    )
+    p.add_argument(
+        "--hwtemplate",
+        help="render an API pool of this hardware template, without the database "
+        "(default: look the pool up in the database when it is not in the file)",
+    )
+    p.add_argument("--runtime", help="with --hwtemplate: the runtime (default: versions.runtime)")
+    p.add_argument(
+        "--intrinsic-os",
+        help="with --hwtemplate: the IntrinsicOS (default: versions.intrinsic_os)",
+    )
 
 
 def register(reg: Registry) -> None:
@@ -206,6 +223,4 @@ def register(reg: Registry) -> None:
     p.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
     add_output_flag(p, top_level=False)
     p.add_argument("--pool", metavar="NAME", required=True, help="a pool of that file")
-    from vmpool.cli.render_pool import add_render_flags
-
     add_render_flags(p)

@@ -41,6 +41,7 @@ from vmpool.core.clock import utcnow
 from vmpool.ops.metrics import Metrics
 from vmpool.providers.base import Provider
 from vmpool.providers.errors import ProviderError
+from vmpool.providers.fake import FakeProvider
 from vmpool.store.autoscale import AutoscaleStore
 from vmpool.store.connect import ConnectSettings
 from vmpool.store.control import Control
@@ -65,11 +66,10 @@ class FatalError(Exception):
 
 def build_provider(config: Config, db: Database, metrics: Metrics) -> Provider:
     if config.provider.kind == "kubevirt":
+        # lazy: kubernetes_asyncio takes seconds to import; only provider kubevirt needs it
         from vmpool.providers.kubevirt import build_kubevirt_provider
 
         return build_kubevirt_provider(config.provider.kubevirt, config.pools, metrics)
-    from vmpool.providers.fake import FakeProvider
-
     return FakeProvider(FakeCloud(db), config.provider.fake)
 
 

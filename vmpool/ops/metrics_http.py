@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -37,8 +38,6 @@ def start_metrics_server(host: str, port: int, registry: CollectorRegistry) -> W
         address_family = ThreadingWSGIServer.address_family
 
     if ":" in family_host:
-        import socket
-
         Server.address_family = socket.AF_INET6
     httpd = make_server(
         family_host, port, metrics_app(registry), Server, handler_class=_SilentHandler

@@ -88,7 +88,7 @@ class EmbeddedPostgres:
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI).
             warnings.simplefilter("ignore")
-            import pgserver
+            import pgserver  # lazy: the embedded PostgreSQL is for the demo only
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._adopt_leftover()
