@@ -8,6 +8,7 @@ import asyncio
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -107,3 +108,65 @@ async def test_a_burst_raises_s_while_it_arrives_and_s_falls_after_the_delay(
         server.assert_clean_log()
     finally:
         channel.close()
+
+
+PERIOD = 20.0
+AT = 10.0  # the burst's offset in each period
+PERIODIC = {
+    **POOL,
+    "name": "daily",
+    "autoscale": {
+        "floor": 1,
+        "ceiling": 30,
+        "scale_down_delay": "3s",
+        "period": f"{PERIOD:g}s",
+        "bin": "5s",
+        "window": "6s",
+    },
+}
+
+
+async def burst(client: Client, n: int = 10) -> tuple[int, list[str]]:
+    """``n`` Lease calls within a second, each with a fresh reservation and
+    x-vmpool-wait; how many waited over 0.5 s, and the instances."""
+
+    async def one(delay: float) -> tuple[float, str]:
+        await asyncio.sleep(delay)  # the trace's pacing
+        started = time.monotonic()
+        lease = await client.lease("daily", reservation_id=str(uuid.uuid4()), wait="20s")
+        return time.monotonic() - started, lease.instance
+
+    got = await asyncio.gather(*(one(i / n) for i in range(n)))
+    return sum(1 for took, _ in got if took > 0.5), [name for _, name in got]
+
+
+async def until(at: float) -> None:
+    await asyncio.sleep(max(0.0, at - time.time()))  # the trace's clock (UTC period)
+
+
+@pytest.mark.asyncio
+async def test_a_periodic_burst_is_served_from_its_third_time_across_a_leader_restart(
+    start_server: Callable[..., Awaitable[Running]],
+    client_factory: Callable[[str, str], Client],
+) -> None:
+    provider = {"kind": "fake", "fake": {"boot_seconds": 2}}
+    first = await start_server([PERIODIC], provider=provider, name="periodic")
+    client = client_factory("grpclib", first.address)
+    await first.wait_ready("daily", 1, timeout=20)
+    start = (time.time() // PERIOD + 1) * PERIOD
+    waited = []
+    for k in range(2):  # the pool learns: these bursts mostly wait a boot time
+        await until(start + k * PERIOD + AT)
+        n, names = await burst(client)
+        waited.append(n)
+        for name in names:
+            await client.return_(name)
+    assert min(waited) >= 5, waited  # nothing was booted ahead of them
+    # A new leader: the first server stops, another starts on the same database.
+    await asyncio.to_thread(first.proc.terminate)
+    second = await start_server([PERIODIC], provider=provider, db_url=first.db_url, name="p2")
+    client = client_factory("grpclib", second.address)
+    await until(start + 2 * PERIOD + AT)
+    n, names = await burst(client)
+    assert n <= 1, f"{n} of 10 waited on the third burst (learned: {waited} waited before)"
+    second.assert_clean_log()

@@ -24,8 +24,10 @@ from vmpool.domain.autoscale import (
     Demand,
     Learned,
     Settings,
+    boot_mean,
     decide,
     observe_boot,
+    record_peak,
     settings_of,
 )
 from vmpool.ops.metrics import Metrics
@@ -164,6 +166,7 @@ class Autoscaler:
             since = self._cursor
         rows = await self._store.arrivals_since(since)
         self._last_read = t
+        fresh: list[tuple[_Pool, int]] = []
         for pool, second, n in rows:
             p = self._pools.get(pool)
             key = (pool, second)
@@ -172,6 +175,12 @@ class Autoscaler:
             if p is not None and new > 0:
                 p.demand.add(second + 0.5, new)
                 p.dirty = True  # its profile may change
+                fresh.append((p, second))
+        for p, second in fresh:
+            # The peak goes to the bin the calls came in, however late it is read.
+            span = boot_mean(p.learned) + p.demand.slot
+            end = second + 0.999
+            record_peak(p.settings, p.learned, end, p.demand.counts_within(end, [span])[0])
         self._cursor = now - LAG
         self._seen = {k: v for k, v in self._seen.items() if k[1] >= self._cursor}
 
