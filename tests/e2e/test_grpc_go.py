@@ -64,6 +64,14 @@ async def test_inctl_pool_commands_through_grpc_go(go_client: Path, server: Runn
     server.assert_clean_log()
 
 
+async def test_watch_leases_through_grpc_go(go_client: Path, server: Running) -> None:
+    """WatchLeases as a server stream: first a heartbeat, then LEASED (expiry to
+    the nanosecond), EXPIRING, EXTENDED, RETURNED; cancellation, resume after a
+    cursor, a deadline, a bad cursor."""
+    _all_checks_pass(go_client, [server.address, "--watch", "go"], 10, timeout=180)
+    server.assert_clean_log()
+
+
 @pytest.mark.parametrize("cookie", [False, True], ids=["bearer", "auth-proxy-cookie"])
 async def test_grpc_go_over_tls_with_a_token(
     go_client: Path,

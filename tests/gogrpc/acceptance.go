@@ -96,7 +96,7 @@ func call(ctx context.Context, cc *grpc.ClientConn, method string, req []byte, o
 
 func main() {
 	if len(os.Args) < 3 {
-		fmt.Println("usage: acc ADDRESS POOL [KEEPALIVE] | acc ADDRESS --pools | acc ADDRESS --load ...")
+		fmt.Println("usage: acc ADDRESS POOL [KEEPALIVE] | acc ADDRESS --pools | acc ADDRESS --watch POOL | acc ADDRESS --load ...")
 		os.Exit(2)
 	}
 	addr := os.Args[1]
@@ -111,6 +111,14 @@ func main() {
 		panic(err)
 	}
 	ctx := context.Background()
+	if pool == "--watch" {
+		runWatch(cc, os.Args[3])
+		fmt.Printf("%d failures\n", fails)
+		if fails > 0 {
+			os.Exit(1)
+		}
+		return
+	}
 	if pool == "--pools" {
 		runPools(cc)
 		fmt.Printf("%d failures\n", fails)
