@@ -115,7 +115,7 @@ def json_error(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     lines = [json.loads(line) for line in done.stderr.strip().splitlines()]
     assert lines and all(x.get("event") == "waiting" for x in lines[:-1]), done.stderr
     err: dict[str, Any] = lines[-1]
-    assert set(err) <= {"code", "message", "reservation_id"}, err
+    assert set(err) <= {"code", "message", "reservation_id", "reservation"}, err
     return err
 
 
@@ -138,25 +138,83 @@ async def test_wait_on_a_missing_pool_costs_a_few_calls_and_says_so(server: Runn
     assert done.stdout == ""
 
 
-async def test_given_up_wait_prints_the_reservation_to_resume_with(
+async def test_given_up_wait_cancels_its_reservation_by_default(
+    server: Running, client_factory: Callable[[str, str], Client]
+) -> None:
+    """At position 1 a forgotten reservation would take the next free VM and hold
+    it for nobody until its reservation_ttl (5 m here)."""
+    client = client_factory("grpclib", server.address)
+    blocker = await lease_when_free(client, "solo")
+    try:
+        done = await run(server, "lease", "--pool", "solo", "--wait", "3s", "-o", "json")
+        assert done.returncode == 3, done
+        err = json_error(done)
+        assert err["code"] == "RESOURCE_EXHAUSTED" and "position 1 of 1" in err["message"]
+        assert err["reservation"] == "cancelled", err
+        assert f"reservation {err['reservation_id']} cancelled" in err["message"]
+        assert await queued(server, "solo") == []
+        text = await run(server, "lease", "--pool", "solo", "--wait", "2s")
+        assert text.returncode == 3 and "cancelled" in text.stderr.splitlines()[-1], text
+        assert await queued(server, "solo") == []
+    finally:
+        await client.return_(blocker.instance)
+
+
+async def test_given_up_wait_with_keep_reservation_prints_the_reservation_to_resume_with(
     server: Running, client_factory: Callable[[str, str], Client]
 ) -> None:
     client = client_factory("grpclib", server.address)
     blocker = await lease_when_free(client, "solo")
     before = lease_calls(server)
-    done = await run(server, "lease", "--pool", "solo", "--wait", "3s", "-o", "json")
+    done = await run(
+        server, "lease", "--pool", "solo", "--wait", "3s", "--keep-reservation", "-o", "json"
+    )
     assert done.returncode == 3, done
     err = json_error(done)
     assert err["code"] == "RESOURCE_EXHAUSTED" and "position 1 of 1" in err["message"]
     rid = err["reservation_id"]
+    assert err["reservation"] == "kept"
+    assert f"--reservation-id {rid}" in err["message"]
+    assert f"vmpool reservation cancel {rid}" in err["message"]
     assert [str(r["id"]) for r in await queued(server, "solo")] == [rid]
     # The server-side wait paces it: the first call at once, then one that waits.
     assert lease_calls(server) - before <= 3
+    # Its owner lists it; another tag sees none of it.
+    mine = await run(server, "reservation", "list", "-o", "json")
+    assert [(r["id"], r["pool"], r["position"]) for r in json.loads(mine.stdout)] == [
+        (rid, "solo", 1)
+    ], mine
+    theirs = await run(server, "reservation", "list", "-o", "json", tag="someone-else")
+    assert json.loads(theirs.stdout) == [], theirs
     # Resume with the same place in the queue; the blocker's return serves it.
     args = ("lease", "--reservation-id", rid, "--wait", "30s", "-o", "json")
     async with cli_running(server, *args) as resumed:
         await client.return_(blocker.instance)
         await served_a_new_vm(client, resumed, blocker.instance)
+
+
+async def test_reservation_cancel_withdraws_a_kept_reservation(
+    server: Running, client_factory: Callable[[str, str], Client]
+) -> None:
+    client = client_factory("grpclib", server.address)
+    blocker = await lease_when_free(client, "solo")
+    try:
+        args = ("lease", "--pool", "solo", "--wait", "2s", "--keep-reservation")
+        kept = await run(server, *args)
+        assert kept.returncode == 3, kept
+        (rid,) = [str(r["id"]) for r in await queued(server, "solo")]
+        listed = await run(server, "reservation", "list")
+        assert rid in listed.stdout and "POSITION" in listed.stdout, listed
+        refused = await run(server, "reservation", "cancel", rid, "-o", "json", tag="intruder")
+        assert refused.returncode == 5, refused
+        done = await run(server, "reservation", "cancel", rid)
+        assert done.returncode == 0 and done.stdout.strip() == f"reservation {rid} cancelled"
+        assert await queued(server, "solo") == []
+        again = await run(server, "reservation", "cancel", rid, "-o", "json")
+        assert again.returncode == 4 and json.loads(again.stderr)["code"] == "NOT_FOUND"
+        assert (await run(server, "reservation", "list")).stdout.strip() == "(none)"
+    finally:
+        await client.return_(blocker.instance)
 
 
 async def test_ctrl_c_cancels_the_reservation_and_the_next_client_gets_a_vm_at_once(

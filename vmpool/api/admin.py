@@ -113,18 +113,23 @@ class AdminService(adm.VmPoolAdminServiceBase):
         self, request: adm.ListReservationsRequest
     ) -> adm.ListReservationsResponse:
         rows = await self._inv.list_reservations(leasing.check_text("pool", request.pool))
-        return adm.ListReservationsResponse(
-            reservations=[
-                adm.ReservationInfo(
-                    id=str(r["id"]),
-                    pool=r["pool"],
-                    service_tag=r["service_tag"],
-                    position=int(r["position"]),
-                    enqueued_at=r["enqueued_at"],
-                    expires=r["expires_at"],
-                    instance=r["instance"] or "",
-                    principal=r["principal"],
-                )
-                for r in rows
-            ]
-        )
+        return reservations_reply(rows)
+
+
+def reservations_reply(rows: list[dict[str, Any]]) -> adm.ListReservationsResponse:
+    """Queued reservations (rows of the store's listings) as the API answers them."""
+    return adm.ListReservationsResponse(
+        reservations=[
+            adm.ReservationInfo(
+                id=str(r["id"]),
+                pool=r["pool"],
+                service_tag=r["service_tag"],
+                position=int(r["position"]),
+                enqueued_at=r["enqueued_at"],
+                expires=r["expires_at"],
+                instance=r["instance"] or "",
+                principal=r["principal"],
+            )
+            for r in rows
+        ]
+    )

@@ -8,6 +8,7 @@ from typing import Any
 
 import structlog
 
+from vmpool.api.admin import reservations_reply
 from vmpool.api.lease import owner_of, reader
 from vmpool.api.watch import Watch
 from vmpool.core.clock import Clock
@@ -94,6 +95,16 @@ class ExtensionService(adm.VmPoolExtensionServiceBase):
         return adm.CancelReservationResponse(
             pool=state.pool, outcome="released", instance=state.instance
         )
+
+    async def list_my_reservations(
+        self, request: adm.ListMyReservationsRequest
+    ) -> adm.ListReservationsResponse:
+        """The caller's own queued reservations: its principal and this tag (with
+        auth.mode none every caller is "anonymous": the tag alone decides)."""
+        tag = leasing.check_service_tag(request.service_tag)
+        pool = leasing.check_text("pool", request.pool)
+        who = owner_of(tag)
+        return reservations_reply(await self._leases.own_reservations(who.principal, tag, pool))
 
     async def describe_instance(
         self, request: adm.DescribeInstanceRequest

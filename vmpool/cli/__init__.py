@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from vmpool.cli import admin as cli_admin
 from vmpool.cli import lease as cli_lease
 from vmpool.cli import pool as cli_pool
+from vmpool.cli import reservation as cli_reservation
 from vmpool.cli import serve as cli_server
 from vmpool.cli import watch as cli_watch
 from vmpool.cli.base import Registry, default_env, run
@@ -22,6 +23,7 @@ def build_parser(env: dict[str, str] | None = None) -> Registry:
     cli_lease.register(reg)
     cli_admin.register(reg)
     cli_pool.register(reg)
+    cli_reservation.register(reg)
     cli_watch.register(reg)
     return reg
 

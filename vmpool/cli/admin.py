@@ -138,7 +138,7 @@ async def watch(args: argparse.Namespace, conn: Connection) -> None:
         return  # Ctrl-C: the way to stop watching
 
 
-def _records(items: list[dict[str, Any]], columns: Sequence[str]) -> str:
+def records(items: list[dict[str, Any]], columns: Sequence[str]) -> str:
     if not items:
         return "(none)"
     rows = [[c.upper().replace("_", "-") for c in columns]]
@@ -155,13 +155,13 @@ async def admin(args: argparse.Namespace, conn: Connection) -> None:
             adm.ListLeasesRequest(pool=args.target), timeout=t, metadata=md
         )
         out = [snake(x) for x in reply.leases]
-        text = _records(out, ["instance", "pool", "service_tag", "leased_at", "expires", "zone"])
+        text = records(out, ["instance", "pool", "service_tag", "leased_at", "expires", "zone"])
     else:
         res = await stub.list_reservations(
             adm.ListReservationsRequest(pool=args.target), timeout=t, metadata=md
         )
         out = [snake(x) for x in res.reservations]
-        text = _records(
+        text = records(
             out, ["id", "pool", "service_tag", "position", "enqueued_at", "expires", "instance"]
         )
     print(json.dumps(out, default=str) if args.output == "json" else text)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from grpclib.const import Status
 
@@ -60,6 +60,7 @@ class CliError(Exception):
     exit: int
     reservation_id: str | None = None
     show_code: bool = True
+    details: dict[str, str] | None = field(default=None, kw_only=True)  # more JSON keys
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -68,6 +69,7 @@ class CliError(Exception):
         out: dict[str, str] = {"code": self.code, "message": self.message}
         if self.reservation_id:
             out["reservation_id"] = self.reservation_id
+        out.update(self.details or {})
         return json.dumps(out)
 
 

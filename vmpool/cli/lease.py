@@ -69,6 +69,7 @@ async def lease(args: argparse.Namespace, conn: Connection) -> None:
         wait=wait,
         progress=sys.stderr,
         progress_json=args.output == "json",
+        keep_reservation=args.keep_reservation,
     )
     # -q prints the name only: no need for the details.
     print_lease(args, lease_dict(got) if args.quiet else await describe(conn, got))
@@ -139,6 +140,7 @@ def register(reg: Registry) -> None:
             "vmpool lease",
             "vmpool lease --pool small --duration 2h",
             "vmpool lease --pool small --wait 20m --output json",
+            "vmpool lease --pool small --wait 3s --keep-reservation",
             "INSTANCE=$(vmpool lease -q)",
         ],
     )
@@ -164,6 +166,13 @@ def register(reg: Registry) -> None:
         help="keep trying this long when no VM is free, e.g. 20m, showing the queue "
         "position (default: no waiting; with --runtime / --intrinsic-os: 20m for the "
         "whole flow)",
+    )
+    p.add_argument(
+        "--keep-reservation",
+        action="store_true",
+        help="when --wait runs out, leave the reservation queued (until the pool's "
+        "reservation_ttl) and print how to resume or cancel it (default: cancel it, so "
+        "no VM is set aside for nobody; Ctrl-C always cancels)",
     )
     p.add_argument(
         "--quiet",

@@ -5,7 +5,8 @@ UNAUTHENTICATED; unlike it, each retry waits server-side (x-vmpool-wait) when th
 server can, and otherwise backs off, so a typo or a server restart costs a call
 every few seconds, not hundreds a second. The expiry is recomputed per attempt.
 Ctrl-C withdraws the reservation (CancelReservation) so its place and any VM set
-aside for it go to the next client at once.
+aside for it go to the next client at once; so does giving up when --wait runs
+out, unless --keep-reservation (then the resume and cancel commands are printed).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,9 +161,11 @@ async def lease_with_wait(
     wait: timedelta,
     progress: TextIO,
     progress_json: bool = False,
+    keep_reservation: bool = False,
     clock: Callable[[], float] = time.monotonic,
 ) -> api.Lease:
-    """Lease, waiting up to ``wait`` in the queue with ``reservation_id``."""
+    """Lease, waiting up to ``wait`` in the queue with ``reservation_id``. Giving
+    up withdraws the reservation unless ``keep_reservation``."""
 
     def request() -> api.LeaseRequest:
         req = api.LeaseRequest(pool=pool, service_tag=service_tag, reservation_id=reservation_id)
@@ -189,7 +193,19 @@ async def lease_with_wait(
         )
     except asyncio.CancelledError:
         shown.done()
-        raise await _cancelled(conn, reservation_id, service_tag) from None
+        what = await withdraw(conn, reservation_id, service_tag)
+        raise CliError(
+            "CANCELLED", f"interrupted: {what}", cli_errors.INTERRUPTED, reservation_id
+        ) from None
+    except GaveUp as gave_up:
+        shown.done()
+        if keep_reservation:
+            gave_up.message += "; " + kept_hint(reservation_id, service_tag, pool, gave_up.pool)
+            gave_up.details = {"reservation": "kept"}
+        else:
+            gave_up.message += "; " + await withdraw(conn, reservation_id, service_tag)
+            gave_up.details = {"reservation": "cancelled"}
+        raise
     finally:
         ticker.cancel()
         shown.done()
@@ -237,11 +253,12 @@ async def _wait_loop(
                 failures += 1
             delay = retry_delay(failures, took)
             if clock() + delay >= deadline:
-                raise CliError(
+                raise GaveUp(
                     code,
                     f"gave up after --wait: {message}",
                     cli_errors.NO_CAPACITY if place else _exit_for(code),
                     rid,
+                    pool=place.pool if place else "",
                 ) from None
             if delay:
                 await asyncio.sleep(delay)
@@ -251,19 +268,42 @@ def _exit_for(code: str) -> int:
     return cli_errors.exit_code(Status[code])
 
 
-async def _cancelled(conn: Connection, rid: str, tag: str) -> CliError:
-    """Withdraw the reservation after Ctrl-C; the error that ends the command."""
+@dataclass
+class GaveUp(CliError):
+    """--wait ran out with the reservation still queued (or the server failing)."""
+
+    pool: str = ""  # the reservation's pool, when the queue said
+
+
+def kept_hint(rid: str, tag: str, asked_pool: str, queued_pool: str) -> str:
+    """How to resume or withdraw a reservation left queued (--keep-reservation)."""
+    pool = asked_pool or queued_pool
+    flags = f" --pool {shlex.quote(pool)}" if pool else ""
+    flags += f" --service-tag {shlex.quote(tag)}"
+    return (
+        f"reservation {rid} kept in the queue until its reservation_ttl: resume with "
+        f"`vmpool lease{flags} --wait 20m --reservation-id {rid}`, withdraw with "
+        f"`vmpool reservation cancel {rid} --service-tag {shlex.quote(tag)}`"
+    )
+
+
+async def cancel_reservation(conn: Connection, rid: str, tag: str) -> str:
+    """CancelReservation, ending a lease granted for it that nobody saw; what
+    happened. Errors are the caller's to handle."""
+    reply = await conn.extension.cancel_reservation(
+        adm.CancelReservationRequest(reservation_id=rid, service_tag=tag, release_lease=True),
+        timeout=CANCEL_TIMEOUT,
+        metadata=conn.call_metadata(),
+    )
+    if reply.outcome == "cancelled":
+        return f"reservation {rid} cancelled"
+    return f"reservation {rid} cancelled and its lease of {reply.instance} ended"
+
+
+async def withdraw(conn: Connection, rid: str, tag: str) -> str:
+    """Cancel the reservation as the command ends; what happened, for its message."""
     try:
-        reply = await conn.extension.cancel_reservation(
-            adm.CancelReservationRequest(reservation_id=rid, service_tag=tag, release_lease=True),
-            timeout=CANCEL_TIMEOUT,
-            metadata=conn.call_metadata(),
-        )
-        what = (
-            f"reservation {rid} cancelled"
-            if reply.outcome == "cancelled"
-            else f"reservation {rid} cancelled and its lease of {reply.instance} ended"
-        )
+        what = await cancel_reservation(conn, rid, tag)
     except GRPCError as err:
         if err.status == Status.NOT_FOUND:
             what = f"reservation {rid} was not queued"
@@ -271,4 +311,4 @@ async def _cancelled(conn: Connection, rid: str, tag: str) -> CliError:
             what = f"could not cancel reservation {rid} ({err.status.name}: {err.message}); it expires by itself"
     except (OSError, StreamTerminatedError, TimeoutError) as err:
         what = f"could not cancel reservation {rid} ({err or type(err).__name__}); it expires by itself"
-    return CliError("CANCELLED", f"interrupted: {what}", cli_errors.INTERRUPTED, rid)
+    return what

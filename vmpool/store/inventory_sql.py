@@ -3,7 +3,7 @@ over instances and queues, and the admin view's listings. Parameters are $n
 placeholders; nothing is ever formatted in but fixed fragments."""
 
 from vmpool.ops.audit import RECONCILER
-from vmpool.store.lease_sql import LEASE_FIELDS, end_leases
+from vmpool.store.lease_sql import LEASE_FIELDS, QUEUED_WITH_POSITION, end_leases
 
 # One cheap statement a pass: per pool and state, how many and the oldest
 # timestamps; per pool, the queue; and the next lease expiry (an index probe).
@@ -199,8 +199,4 @@ SELECT {LEASE_FIELDS}
 FROM leases WHERE ($1 = '' OR pool = $1) ORDER BY pool, leased_at, instance
 """
 
-LIST_RESERVATIONS = """
-SELECT id, pool, service_tag, enqueued_at, expires_at, instance, principal,
-       row_number() OVER (PARTITION BY pool ORDER BY seq) AS position
-FROM reservations WHERE ($1 = '' OR pool = $1) AND NOT served ORDER BY pool, seq
-"""
+LIST_RESERVATIONS = f"{QUEUED_WITH_POSITION} ORDER BY pool, seq"

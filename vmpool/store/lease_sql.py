@@ -67,3 +67,10 @@ def end_leases(
            {end_reason}, zone, principal, {ended_by}
     FROM ended
 ){gone}"""
+
+
+# Queued reservations with their place in their pool's queue; the callers add
+# WHERE / ORDER BY around it ($1: a pool, '' for every pool).
+QUEUED_WITH_POSITION = """SELECT id, pool, service_tag, enqueued_at, expires_at, instance, principal,
+       seq, row_number() OVER (PARTITION BY pool ORDER BY seq) AS position
+FROM reservations WHERE ($1 = '' OR pool = $1) AND NOT served"""

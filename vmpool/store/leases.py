@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
+from typing import Any
 from uuid import UUID
 
 import structlog
@@ -275,6 +276,13 @@ class LeaseStore:
         return EndedLease(
             instance, row["pool"], row["service_tag"], row["leased_at"], row["principal"]
         )
+
+    async def own_reservations(self, principal: str, tag: str, pool: str) -> list[dict[str, Any]]:
+        """The queued reservations of ``principal`` with ``tag`` (in ``pool``, or every
+        pool for ""), each with its position in its pool's queue."""
+        async with translated():
+            rows = await self._pool.fetch(leases_sql.LIST_OWN_RESERVATIONS, pool, principal, tag)
+        return [dict(r) for r in rows]
 
     async def get_lease(self, instance: str) -> LeaseRow | None:
         async with translated():

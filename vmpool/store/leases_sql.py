@@ -2,7 +2,13 @@
 $n placeholders; nothing is ever formatted in but vmpool.store.lease_sql's
 fixed fragments."""
 
-from vmpool.store.lease_sql import INSERT_LEASE, LEASE_FIELDS, end_leases, pick_and_claim
+from vmpool.store.lease_sql import (
+    INSERT_LEASE,
+    LEASE_FIELDS,
+    QUEUED_WITH_POSITION,
+    end_leases,
+    pick_and_claim,
+)
 
 # Lease the oldest free instances of a pool to a batch of requests, in one
 # statement ($2 = how many; request i gets the i-th claimed instance).
@@ -165,6 +171,13 @@ POOL_DESIRED_STATUS = "SELECT desired_status FROM pools WHERE name = $1"
 # Withdraw a queued reservation of this service_tag ($2) and principal ($4); the
 # instance set aside for it (if any) is free again, first in line (its ready_at
 # is kept), and the reconciler is woken to hand it to the next reservation.
+# One owner's queued reservations ($2 principal, $3 tag), each with its place in
+# the whole queue of its pool.
+LIST_OWN_RESERVATIONS = f"""
+SELECT * FROM ({QUEUED_WITH_POSITION}) q
+WHERE principal = $2 AND service_tag = $3 ORDER BY pool, seq
+"""
+
 CANCEL_RESERVATION = """
 WITH gone AS (
     DELETE FROM reservations

@@ -156,6 +156,15 @@ class ListReservationsResponse(betterproto.Message):
 
 
 @dataclass(eq=False, repr=False)
+class ListMyReservationsRequest(betterproto.Message):
+    service_tag: str = betterproto.string_field(1)
+    """Must be the reservations' service_tag."""
+
+    pool: str = betterproto.string_field(2)
+    """ for every pool."""
+
+
+@dataclass(eq=False, repr=False)
 class CancelReservationRequest(betterproto.Message):
     reservation_id: str = betterproto.string_field(1)
     service_tag: str = betterproto.string_field(2)
@@ -378,6 +387,23 @@ class VmPoolExtensionServiceStub(betterproto.ServiceStub):
         ):
             yield response
 
+    async def list_my_reservations(
+        self,
+        list_my_reservations_request: "ListMyReservationsRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ListReservationsResponse":
+        return await self._unary_unary(
+            "/vmpool.admin.v1.VMPoolExtensionService/ListMyReservations",
+            list_my_reservations_request,
+            ListReservationsResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class VmPoolAdminServiceBase(ServiceBase):
 
@@ -459,6 +485,11 @@ class VmPoolExtensionServiceBase(ServiceBase):
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
         yield LeaseEvent()
 
+    async def list_my_reservations(
+        self, list_my_reservations_request: "ListMyReservationsRequest"
+    ) -> "ListReservationsResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def __rpc_cancel_reservation(
         self,
         stream: "grpclib.server.Stream[CancelReservationRequest, CancelReservationResponse]",
@@ -485,6 +516,14 @@ class VmPoolExtensionServiceBase(ServiceBase):
             request,
         )
 
+    async def __rpc_list_my_reservations(
+        self,
+        stream: "grpclib.server.Stream[ListMyReservationsRequest, ListReservationsResponse]",
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.list_my_reservations(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
         return {
             "/vmpool.admin.v1.VMPoolExtensionService/CancelReservation": grpclib.const.Handler(
@@ -504,5 +543,11 @@ class VmPoolExtensionServiceBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_STREAM,
                 WatchLeasesRequest,
                 LeaseEvent,
+            ),
+            "/vmpool.admin.v1.VMPoolExtensionService/ListMyReservations": grpclib.const.Handler(
+                self.__rpc_list_my_reservations,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ListMyReservationsRequest,
+                ListReservationsResponse,
             ),
         }
