@@ -50,6 +50,7 @@ class Settings:
         self.versus_duration = 2.0 if quick else 5.0
         self.versus_rounds = 3
         self.generators: tuple[str, ...] = ("grpc-go", "grpclib")
+        self.baseline: Path | None = None  # a checkout measured as "before" beside the floor
 
 
 # --- processes -----------------------------------------------------------------------
@@ -259,6 +260,7 @@ class Bench:
             warmup=self.s.warmup,
             rounds=self.s.versus_rounds,
             generators=self.s.generators,
+            baseline=self.s.baseline,
             log=lambda line: print(line, flush=True),
         )
 
@@ -637,6 +639,7 @@ async def run(args: argparse.Namespace) -> int:
     s = Settings(args.quick)
     s.versus_rounds = args.rounds
     s.generators = tuple(args.generators.split(","))
+    s.baseline = Path(args.baseline) if args.baseline else None
     out = Path(args.out)
     started = time.perf_counter()
     pg = TestPostgres()
@@ -664,7 +667,9 @@ async def run(args: argparse.Namespace) -> int:
         pg.stop()
     result = report.headline(bench.details, info, s.quick, bench.failures)
     result["details"]["total_seconds"] = round(time.perf_counter() - started, 1)
-    report.write(result, out)
+    # Only the committed results (the default --out) rewrite docs/performance.md's table.
+    default_out = Path(args.out).resolve() == (Path.cwd() / "bench-results").resolve()
+    report.write(result, out, doc=report.PERFORMANCE_DOC if default_out else None)
     for line in report.verdicts(result):
         print(line)
     print(f"wrote {out / 'latest.json'}, {out / 'latest.md'}, {out / 'latest.png'}")
@@ -704,6 +709,12 @@ def main() -> int:
         "--watch",
         action="store_true",
         help="only the WatchLeases costs (tests/bench/watch.py; writes OUT/watch.json)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="CHECKOUT",
+        help="also run `vmpool serve` from this checkout (e.g. a `git worktree` of the "
+        "commit before a change) in the versus rounds: before/after ratios in one run",
     )
     args = parser.parse_args()
     if args.watch:

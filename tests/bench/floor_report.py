@@ -83,6 +83,20 @@ def markdown(details: dict[str, Any]) -> list[str]:
     for gen in v["generators"]:
         for name, r in v[gen]["ratios"].items():
             lines.append(f"| {name} | {gen} | {_fmt(r['median'])} | {r['rounds']} |")
+    if v.get("baseline"):
+        lines += [
+            "",
+            f"Before/after: `before` is `vmpool serve` from {v['baseline']}, in the same rounds.",
+            "",
+            "| ratio | generator | after / before (median) | rounds | before / floor (median) |",
+            "|---|---|---|---|---|",
+        ]
+        for gen in v["generators"]:
+            for name, r in v[gen]["ratios_after_to_before"].items():
+                b = v[gen]["ratios_before"][name]["median"]
+                lines.append(
+                    f"| {name} | {gen} | {_fmt(r['median'])} | {r['rounds']} | {_fmt(b)} |"
+                )
     lines += [
         "",
         "| generator | round | side | phase | calls/s | server ms/call | machine ms/call "
@@ -91,7 +105,7 @@ def markdown(details: dict[str, Any]) -> list[str]:
     ]
     for gen in v["generators"]:
         for i, rnd in enumerate(v[gen]["rounds"], 1):
-            for side in ("floor", "vmpool"):
+            for side in (k for k in rnd if k != "order"):
                 for phase, p in rnd[side].items():
                     cyc = p.get("cycle") or {}
                     lines.append(

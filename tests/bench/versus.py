@@ -216,13 +216,11 @@ RATIOS = {
 }
 
 
-def ratios(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per ratio: each round's vmpool/floor value, their median, min and max."""
+def ratios(rounds: list[dict[str, Any]], num: str = "vmpool", den: str = "floor") -> dict[str, Any]:
+    """Per ratio: each round's num/den value (vmpool/floor), their median, min and max."""
     out: dict[str, Any] = {}
     for name, (phase, path) in RATIOS.items():
-        each = [
-            _div(_get(r, "vmpool", phase, *path), _get(r, "floor", phase, *path)) for r in rounds
-        ]
+        each = [_div(_get(r, num, phase, *path), _get(r, den, phase, *path)) for r in rounds]
         known = [x for x in each if x is not None]
         out[name] = {
             "rounds": each,
@@ -242,6 +240,46 @@ def errors_of(rounds: list[dict[str, Any]], side: str) -> dict[str, int]:
     return total
 
 
+def start_floor(work: Path, url: str) -> tuple[subprocess.Popen[bytes], int]:
+    stubs = work / "floor-stubs"
+    floor.generate_stubs(stubs)
+    port = free_port()
+    with (work / "floor.log").open("wb") as flog:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.bench.floor",
+                "--stubs",
+                str(stubs),
+                "--database-url",
+                url,
+                "--port",
+                str(port),
+                "--pool",
+                POOL,
+            ],
+            stdout=flog,
+            stderr=subprocess.STDOUT,
+        )
+    wait_for_port(port, 30.0, proc)
+    return proc, port
+
+
+async def start_vmpool(
+    work: Path, pg: TestPostgres, name: str, checkout: Path | None = None
+) -> tuple[ServerProcess, str]:
+    """`vmpool serve` on a fresh database; ``checkout``: the code of another
+    checkout (its directory first on PYTHONPATH), for a before/after run."""
+    url = await pg.fresh()
+    env = {"PYTHONPATH": str(checkout.resolve())} if checkout is not None else None
+    server = ServerProcess(
+        VMPOOL_CONFIG, work / name, database_url=url, metrics_port=0, name=name, env=env
+    )
+    await asyncio.to_thread(server.start)
+    return server, url
+
+
 async def compare(
     work: Path,
     vmpool_pg: TestPostgres,
@@ -251,64 +289,42 @@ async def compare(
     warmup: float,
     rounds: int = 3,
     generators: tuple[str, ...] = ("grpc-go", "grpclib"),
+    baseline: Path | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
-    """The floor and `vmpool serve`, interleaved; returns per generator the rounds'
-    phases and the ratios."""
+    """The floor and `vmpool serve` (and, with ``baseline``, `vmpool serve` from
+    that checkout as "before"), interleaved; returns per generator the rounds'
+    phases and the ratios (with a baseline also vmpool / before)."""
     gens: list[Generator] = []
     if "grpc-go" in generators and go_available():
         gens.append(GoGenerator(await asyncio.to_thread(build_go_client, work / "go")))
     if "grpclib" in generators or not gens:
         gens.append(PythonGenerator(load_client))
-    stubs = work / "floor-stubs"
-    floor.generate_stubs(stubs)
     floor_pg = TestPostgres()  # its own PostgreSQL, the same (default) settings
     floor_proc: subprocess.Popen[bytes] | None = None
-    server: ServerProcess | None = None
+    servers: list[ServerProcess] = []
     try:
         floor_url = await floor_pg.empty()
-        port = free_port()
-        with (work / "floor.log").open("wb") as flog:
-            floor_proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.bench.floor",
-                    "--stubs",
-                    str(stubs),
-                    "--database-url",
-                    floor_url,
-                    "--port",
-                    str(port),
-                    "--pool",
-                    POOL,
-                ],
-                stdout=flog,
-                stderr=subprocess.STDOUT,
-            )
-        await asyncio.to_thread(wait_for_port, port, 30.0, floor_proc)
-        url = await vmpool_pg.fresh()
-        server = ServerProcess(
-            VMPOOL_CONFIG, work / "versus", database_url=url, metrics_port=0, name="versus"
-        )
-        await asyncio.to_thread(server.start)
-        assert server.proc is not None
-        await ready(url, 400)
-        sides = {
-            "floor": Side("floor", floor_proc.pid, f"127.0.0.1:{port}", floor_pg, floor_url),
-            "vmpool": Side("vmpool", server.proc.pid, server.address, vmpool_pg, url),
-        }
+        floor_proc, port = await asyncio.to_thread(start_floor, work, floor_url)
+        sides = {"floor": Side("floor", floor_proc.pid, f"127.0.0.1:{port}", floor_pg, floor_url)}
+        for name, checkout in [("vmpool", None), *([("before", baseline)] if baseline else [])]:
+            server, url = await start_vmpool(work, vmpool_pg, name, checkout)
+            servers.append(server)
+            assert server.proc is not None
+            await ready(url, 400)
+            sides[name] = Side(name, server.proc.pid, server.address, vmpool_pg, url)
         results: dict[str, Any] = {}
         for gen in gens:
             results[gen.name] = {"rounds": []}
         for i in range(rounds):
-            order = ["floor", "vmpool"] if i % 2 == 0 else ["vmpool", "floor"]
+            order = list(sides)[i % len(sides) :] + list(sides)[: i % len(sides)]
             for gen in gens:
-                rnd: dict[str, Any] = {"floor": {}, "vmpool": {}, "order": order}
+                rnd: dict[str, Any] = {name: {} for name in sides}
+                rnd["order"] = order
                 for op, c in PHASES:
                     for name in order:
-                        if name == "vmpool" and op == "lease":
-                            await ready(url, 390)  # never measure a pool running dry
+                        if name != "floor" and op == "lease":
+                            await ready(sides[name].url, 390)  # never measure a pool running dry
                         r = await measure(sides[name], gen, op, c, duration, warmup)
                         rnd[name][f"{op}@{c}"] = r
                         log(
@@ -322,10 +338,15 @@ async def compare(
         for gen in gens:
             g = results[gen.name]
             g["ratios"] = ratios(g["rounds"])
-            g["errors"] = {side: errors_of(g["rounds"], side) for side in ("floor", "vmpool")}
+            if baseline:
+                g["ratios_before"] = ratios(g["rounds"], den="before")
+                g["ratios_after_to_before"] = ratios(g["rounds"], num="vmpool", den="before")
+            g["errors"] = {side: errors_of(g["rounds"], side) for side in sides}
         results["generators"] = [g.name for g in gens]
         results["primary"] = gens[0].name
         results["vmpool_config"] = VMPOOL_CONFIG
+        if baseline:
+            results["baseline"] = str(baseline)
         results["floor"] = {
             "free_rows": floor.FREE_ROWS,
             "asyncpg_pool": floor.POOL_SIZE,
@@ -333,7 +354,7 @@ async def compare(
         }
         return results
     finally:
-        if server is not None:
+        for server in servers:
             server.__exit__()
         if floor_proc is not None:
             floor_proc.terminate()
