@@ -37,6 +37,7 @@ import structlog
 from vmpool.config.schema import Config
 from vmpool.control.dbwatch import ReplicationWatch
 from vmpool.control.reconciler import Inbox, Reconciler
+from vmpool.core import eventloop
 from vmpool.core.clock import utcnow
 from vmpool.ops.metrics import Metrics
 from vmpool.providers.base import Provider
@@ -157,7 +158,7 @@ class Background:
 
     def _main(self) -> None:
         try:
-            asyncio.run(self._run())
+            eventloop.run(self._run())
         except Exception as err:  # a bug: say so, and stop the server rather than run headless
             log.exception("background work crashed")
             if not self._ready.done():
