@@ -143,3 +143,33 @@ async def test_serving_a_reservation_respects_the_lease_quota(db: Database) -> N
     assert state is not None and state.kind == "queued" and state.instance == names[1]
     served = await store.serve_reserved(rid, NOW, HOUR_ON, 2)
     assert served is not None and served[0].principal == "alice"
+
+
+async def test_the_quota_functions_run_only_for_rows_with_a_limit(db: Database) -> None:
+    """Migration 0070: with no quota (limit 0) a claim does not call the lease
+    quota function at all; with one it does (and still enforces it)."""
+    await seed(db, "p", 4)
+    store = LeaseStore(db)
+    calls = "SELECT pg_stat_get_xact_function_calls('vmpool_lease_quota'::regproc)"
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL track_functions = 'pl'")
+        await conn.execute(
+            "INSERT INTO leases (instance, pool, service_tag, leased_at, expires_at, owner) "
+            "SELECT name, pool, 'ci', now(), now() + interval '1 hour', 'alice' "
+            "FROM instances WHERE pool = 'p' LIMIT 1"
+        )
+        assert await conn.fetchval(calls) is None  # never called
+        await conn.execute(
+            "INSERT INTO leases (instance, pool, service_tag, leased_at, expires_at, owner,"
+            " lease_limit) SELECT name, pool, 'ci', now(), now() + interval '1 hour', 'alice', 5"
+            " FROM instances WHERE pool = 'p' AND name NOT IN (SELECT instance FROM leases)"
+            " LIMIT 1"
+        )
+        assert await conn.fetchval(calls) == 1
+        await conn.execute(
+            "UPDATE instances SET state = 'leased' WHERE name IN (SELECT instance FROM leases)"
+        )
+    # alice holds 2: a limit of 3 admits one more and refuses the next.
+    assert await store.claim_free("p", "ci", NOW, HOUR_ON, alice(max_active=3)) is not None
+    with pytest.raises(QuotaExceeded):
+        await store.claim_free("p", "ci", NOW, HOUR_ON, alice(max_active=3))
