@@ -7,7 +7,7 @@ backlog, and a long pass never holds up RPCs. With ``--role reconciler`` the
 same code runs in a process of its own (no RPCs), and with ``--role api``
 only the LISTEN half of the control connection runs here (no reconciler).
 
-Every call that crosses the two threads, and how (tests/unit/test_background.py):
+Every call that crosses the two threads, and how (tests/unit/control/test_background.py):
 
 - ``wake(pool)``     serving -> background: the pool goes into the reconciler's
                      Inbox (a lock); one ``call_soon_threadsafe`` is scheduled

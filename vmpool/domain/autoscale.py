@@ -19,7 +19,7 @@ with probability P(Poisson(λL) >= S). S is therefore
   another scale_down_delay.
 
 No I/O: times are seconds since the epoch passed in by the caller (the
-reconciler's clock, or a simulation's). tests/unit/test_autoscale.py has the
+reconciler's clock, or a simulation's). tests/unit/domain/test_autoscale.py has the
 table tests; tests/bench/autoscale.py drives these functions in a simulation.
 """
 

@@ -6,7 +6,7 @@ and says what to expire, drop, destroy, set aside and create;
 which boots are done or failed, which deletions are confirmed, which VMs
 vanished, and which VMs to create or delete. Each decision is a small frozen
 dataclass; the executor (vmpool.control.executor) applies them. tests/unit/
-test_planner.py has one test per rule of the spec.
+domain/test_planner.py has one test per rule of the spec.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from vmpool.config.loading import parse_config
 from vmpool.config.schema import Config
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+DOC = Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
 
 
 def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vmpool.wire import protogen
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _outputs(root: Path) -> list[Path]:

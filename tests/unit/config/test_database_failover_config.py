@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.unit.test_config_errors import one_line_each, run
+from tests.unit.config.test_config_errors import one_line_each, run
 from vmpool.config.database import database_hosts
 from vmpool.config.loading import ConfigError, parse_config
 from vmpool.store.connect import _addresses, keepalive_options

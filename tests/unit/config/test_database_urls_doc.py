@@ -17,7 +17,7 @@ import pytest
 from vmpool.config.database import check_database_url
 from vmpool.config.loading import load_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CHART = REPO / "deploy" / "helm" / "vmpool"
 SOURCES = [
     REPO / "README.md",
