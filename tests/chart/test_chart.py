@@ -27,6 +27,7 @@ from vmpool.config.loading import parse_config
 from vmpool.config.schema import (
     AuthConfig,
     Config,
+    DatabaseConfig,
     FakeProviderConfig,
     HardwareTemplateConfig,
     JwtAuthConfig,
@@ -398,6 +399,7 @@ def test_schema_config_keys_are_exactly_the_loaders(chart: Any) -> None:
         HardwareTemplateConfig.model_fields
     )
     assert _schema_keys(config["properties"]["versions"]) == set(VersionsConfig.model_fields)
+    assert _schema_keys(config["properties"]["database"]) == set(DatabaseConfig.model_fields)
 
 
 # --- Every object is valid Kubernetes ----------------------------------------
@@ -1074,7 +1076,7 @@ def test_prometheus_rule_is_the_documented_alerts_with_valid_promql(render: Any)
         names = _selectors(r["expr"])  # parses, or raises naming the mistake
         assert names and set(names) <= known, (r.get("alert") or r["record"], names)
     for a in alerts:
-        assert a["labels"]["severity"] in {"page", "warn", "ticket"}, a
+        assert a["labels"]["severity"] in {"page", "warn", "ticket", "info"}, a
         assert a["annotations"]["summary"], a
     min_ready = next(a for a in alerts if a["alert"] == "VmpoolPoolBelowMinReady")
     assert "vmpool_pool_min_ready" in min_ready["expr"]
@@ -1087,6 +1089,39 @@ def test_prometheus_rule_is_the_documented_alerts_with_valid_promql(render: Any)
         if r.get("alert") == "VmpoolNoReadyPods"
     )
     assert 'deployment="lab-pool"' in no_ready["expr"]
+
+
+@pytest.mark.parametrize(
+    ("alert", "metric", "op", "severity", "for_"),
+    [
+        ("VmpoolDatabaseUnreachable", "vmpool_database_up", "==", "page", "1m"),
+        ("VmpoolDatabaseReadOnly", "vmpool_database_read_only", ">", "page", "1m"),
+        ("VmpoolDatabaseReconnecting", "vmpool_database_reconnects_total", ">", "warn", "15m"),
+        ("VmpoolDatabaseFailover", "vmpool_database_timeline_changes_total", ">", "info", None),
+    ],
+)
+def test_prometheus_rule_alerts_on_a_database_failover(
+    render: Any, alert: str, metric: str, op: str, severity: str, for_: str | None
+) -> None:
+    """An unreachable database, a read-only session, reconnects that do not stop
+    and a promotion each raise an alert naming the pod (operations guide,
+    "PostgreSQL high availability")."""
+    import promql_parser
+
+    rule = next(
+        r
+        for g in render(VARIANTS["alerts-and-dashboard"]).one("PrometheusRule")["spec"]["groups"]
+        for r in g["rules"]
+        if r.get("alert") == alert
+    )
+    expr = promql_parser.parse(rule["expr"])
+    assert isinstance(expr, promql_parser.BinaryExpr) and str(expr.op) == op, rule["expr"]
+    assert isinstance(expr.rhs, promql_parser.NumberLiteral), rule["expr"]
+    assert _selectors(rule["expr"]) == [metric]
+    assert rule["labels"]["severity"] == severity
+    assert rule.get("for") == for_
+    assert "{{ $labels.instance }}" in rule["annotations"]["summary"]
+    assert alert in (REPO / "docs" / "operations.md").read_text().split("## Metrics\n")[0]
 
 
 def test_grafana_dashboard_parses_and_charts_existing_metrics(render: Any) -> None:
@@ -1273,6 +1308,13 @@ def test_cloudnativepg_cluster_replicates_synchronously_and_owns_the_database(
     assert spec["bootstrap"]["initdb"] == {"database": "vmpool", "owner": "vmpool"}
     assert spec["storage"]["size"]
     assert "enableSuperuserAccess" not in spec  # the operator's default: off
+    # vmpool itself checks at start that commits wait for a standby.
+    config = parse_config(yaml.safe_load(render(VARIANTS["cloudnativepg"]).config_text()))
+    assert config.database.require_synchronous_standby == "warn"
+    strict = {"enabled": True}, {"database": {"require_synchronous_standby": True}}
+    chosen = render({"database": {"cloudnativepg": strict[0]}, "config": strict[1]})
+    assert parse_config(yaml.safe_load(chosen.config_text())).database.require_synchronous_standby
+    assert "require_synchronous_standby" not in render(BASE).config_text()
 
     tuned = render(
         {

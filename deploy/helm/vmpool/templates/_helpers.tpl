@@ -178,6 +178,14 @@ vmpool.dev/database-revision: {{ printf "%s%s" (include "vmpool.databaseRollSalt
 {{- /* The kubelet's gRPC probes speak no TLS: a plaintext health-only port. */ -}}
 {{- $_ := set $cfg "health_listen" "0.0.0.0:50052" -}}
 {{- end -}}
+{{- if .Values.database.cloudnativepg.enabled -}}
+{{- /* The Cluster replicates synchronously: say so at start if it does not. */ -}}
+{{- $db := $cfg.database | default dict -}}
+{{- if not (hasKey $db "require_synchronous_standby") -}}
+{{- $_ := set $db "require_synchronous_standby" "warn" -}}
+{{- end -}}
+{{- $_ := set $cfg "database" $db -}}
+{{- end -}}
 {{- $_ := set $cfg "listen" "0.0.0.0:50051" -}}
 {{- $_ = set $cfg "metrics_listen" "0.0.0.0:9090" -}}
 {{- $provider := $cfg.provider | default dict -}}
