@@ -19,7 +19,7 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     if os.environ.get("VMPOOL_EVENT_LOOP", "").lower() == "asyncio":
         return None
     try:
-        import uvloop  # optional at run time: the plain loop is the fallback
+        import uvloop  # lazy: optional at run time: the plain loop is the fallback
     except ImportError:
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
