@@ -15,6 +15,14 @@ MAX_LINES = 500
 #: reconciler process and the entry point (`python -m vmpool`).
 TOP_LEVEL = {"__init__.py", "__main__.py", "app.py", "reconciler_process.py"}
 LAZY = "# lazy:"
+UNIT = Path(__file__).resolve().parent
+#: Unit tests of the whole tree rather than of one module.
+WHOLE_TREE_TESTS = {
+    "test_layout.py",
+    "test_packaging.py",
+    "test_performance_doc.py",
+    "test_task_guard.py",
+}
 
 
 def _modules() -> list[Path]:
@@ -132,6 +140,20 @@ def test_there_are_no_import_cycles_not_even_in_function_bodies() -> None:
         if v not in index:
             visit(v)
     assert cycles == []
+
+
+def test_unit_tests_mirror_the_layout() -> None:
+    """tests/unit/<subpackage>/test_<module>.py: a folder per vmpool subpackage,
+    and at the top only the tests of the whole tree."""
+    subpackages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    folders = {p.name for p in UNIT.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders <= subpackages, f"no vmpool subpackage for {sorted(folders - subpackages)}"
+    top = {p.name for p in UNIT.glob("test_*.py")}
+    assert top <= WHOLE_TREE_TESTS, (
+        f"move {sorted(top - WHOLE_TREE_TESTS)} to tests/unit/<subpackage>/ (the module's package)"
+    )
+    missing = sorted(d for d in folders if not (UNIT / d / "__init__.py").exists())
+    assert missing == []
 
 
 @pytest.mark.parametrize("rule", ["lines", "lazy", "packages", "top", "cycles"])
