@@ -1299,10 +1299,12 @@ def test_cloudnativepg_cluster_replicates_synchronously_and_owns_the_database(
     assert spec["instances"] == 3
     # A commit is acknowledged only once a standby has it, and writes wait
     # rather than go on without one: a promotion never loses a granted lease.
+    # And a standby is promoted only when it surely holds every such commit.
     assert spec["postgresql"]["synchronous"] == {
         "method": "any",
         "number": 1,
         "dataDurability": "required",
+        "failoverQuorum": True,
     }
     assert spec["postgresql"]["parameters"]["synchronous_commit"] == "on"
     assert spec["bootstrap"]["initdb"] == {"database": "vmpool", "owner": "vmpool"}
