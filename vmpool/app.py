@@ -20,10 +20,10 @@ from vmpool.api.watch import Watch, encode_shared
 from vmpool.auth.setup import build_authenticator, startup_warnings
 from vmpool.config.schema import Config
 from vmpool.control.background import Background, FatalError, StartupError
-from vmpool.control.dbwatch import SynchronousStandbyMissing, check_synchronous_standby
 from vmpool.core.address import split_host_port
 from vmpool.core.clock import utcnow
 from vmpool.ops.metrics import Metrics
+from vmpool.process.database import close_database, open_database
 from vmpool.process.ports import AddressInUse, listen_on, start_metrics
 from vmpool.process.signals import stop_on_signals
 from vmpool.providers.describers import build_describer
@@ -37,8 +37,6 @@ from vmpool.services.readiness import PROVIDER, READY, HealthName, database_chec
 from vmpool.services.waiters import Waiters
 from vmpool.store.autoscale import AutoscaleStore
 from vmpool.store.connect import ConnectSettings
-from vmpool.store.db import connect, migrate
-from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
 from vmpool.store.events import EventStore
 from vmpool.store.inventory import Inventory
 from vmpool.store.leases import LeaseStore
@@ -127,18 +125,8 @@ async def _serve(
     fatal_reasons: list[str] = []  # why the background work stopped the server
     metrics = Metrics()
     metrics.set_pool_sizes((p.name, p.min_ready, p.max_size) for p in config.pools)
-    settings = ConnectSettings.from_config(config.database)
+    db = await open_database(config, url, on_dropped=metrics.connection_dropped("pool"))
     try:
-        db = await connect(url, settings=settings, on_dropped=metrics.connection_dropped("pool"))
-    except StoreUnavailable as err:
-        raise StartupError(f"database_url: {err}") from None
-    try:
-        async with db.acquire() as conn:
-            await migrate(conn)
-        try:
-            await check_synchronous_standby(db, config.database)
-        except SynchronousStandbyMissing as err:
-            raise StartupError(str(err)) from None
         inventory = Inventory(db)
         pool_store = PoolStore(db)
         taken = await pool_store.api_names_among([p.name for p in config.pools])
@@ -185,7 +173,11 @@ async def _serve(
         gate = Gate()
         serving = ServiceStatus()
         # Readiness never waits behind client calls, and fails on a read-only session.
-        probe = ProbeConnection(url, settings, on_dropped=metrics.connection_dropped("probe"))
+        probe = ProbeConnection(
+            url,
+            ConnectSettings.from_config(config.database),
+            on_dropped=metrics.connection_dropped("probe"),
+        )
         db_health = DatabaseHealth(probe, metrics)
         lease_service = LeaseService(leaser, config, db_health, pool_store)
         admin = AdminService(
@@ -320,11 +312,7 @@ async def _serve(
         await probe.close()
         await describer.close()
     finally:
-        try:
-            await asyncio.wait_for(db.close(), 5)
-        except UNAVAILABLE_ERRORS as err:  # TimeoutError is among them
-            log.warning("database pool did not close cleanly", error=repr(err))
-            db.terminate()
+        await close_database(db)
     if fatal_reasons:  # not asked to stop: say so with the exit status
         log.error("stopped after a fatal error", reason=fatal_reasons[0])
         raise FatalError(fatal_reasons[0])

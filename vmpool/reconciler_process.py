@@ -17,13 +17,10 @@ import structlog
 
 from vmpool.config.schema import Config
 from vmpool.control.background import Background, FatalError, StartupError
-from vmpool.control.dbwatch import SynchronousStandbyMissing, check_synchronous_standby
 from vmpool.ops.metrics import Metrics
+from vmpool.process.database import close_database, open_database
 from vmpool.process.ports import start_metrics
 from vmpool.process.signals import stop_on_signals
-from vmpool.store.connect import ConnectSettings
-from vmpool.store.db import connect, migrate
-from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
 from vmpool.store.inventory import Inventory
 
 log = structlog.get_logger("vmpool")
@@ -36,25 +33,11 @@ async def serve_reconciler(
     stop = stop_on_signals(loop, on_forced_exit)
     metrics = Metrics()
     metrics.set_pool_sizes((p.name, p.min_ready, p.max_size) for p in config.pools)
+    db = await open_database(config, url, min_size=1, max_size=1)
     try:
-        db = await connect(
-            url, min_size=1, max_size=1, settings=ConnectSettings.from_config(config.database)
-        )
-    except StoreUnavailable as err:
-        raise StartupError(f"database_url: {err}") from None
-    try:
-        async with db.acquire() as conn:
-            await migrate(conn)
-        try:
-            await check_synchronous_standby(db, config.database)
-        except SynchronousStandbyMissing as err:
-            raise StartupError(str(err)) from None
         await Inventory(db).sync_pools([(p.name, p.labels) for p in config.pools])
     finally:
-        try:
-            await asyncio.wait_for(db.close(), 5)
-        except UNAVAILABLE_ERRORS:
-            db.terminate()
+        await close_database(db)
 
     fatal_reasons: list[str] = []
 

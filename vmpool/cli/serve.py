@@ -31,7 +31,13 @@ def _database_url(config: Any) -> tuple[str, Any]:
     from vmpool.store.embedded import EmbeddedPostgres  # lazy: pgserver, for the demo only
 
     embedded = EmbeddedPostgres(config.data_dir)
-    return embedded.start(), embedded
+    try:
+        return embedded.start(), embedded
+    except (OSError, RuntimeError) as err:
+        raise local_failure(
+            f"cannot start the embedded PostgreSQL under {config.data_dir}: {err}",
+            cli_errors.FAILURE,
+        ) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -52,13 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     from vmpool.store.errors import StoreError  # lazy: asyncpg (CLI start-up time)
 
-    try:
-        url, embedded = _database_url(config)
-    except (OSError, RuntimeError) as err:
-        raise local_failure(
-            f"cannot start the embedded PostgreSQL under {config.data_dir}: {err}",
-            cli_errors.FAILURE,
-        ) from None
+    url, embedded = _database_url(config)
     try:
         eventloop.run(
             serve(
@@ -93,13 +93,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from vmpool.store.db import create_pool, migrate
     from vmpool.store.errors import StoreError
 
-    try:
-        url, embedded = _database_url(config)
-    except (OSError, RuntimeError) as err:
-        raise local_failure(
-            f"cannot start the embedded PostgreSQL under {config.data_dir}: {err}",
-            cli_errors.FAILURE,
-        ) from None
+    url, embedded = _database_url(config)
 
     async def run() -> list[str]:
         pool = await create_pool(url, min_size=1, max_size=1)

@@ -13,7 +13,7 @@ from vmpool.core.instant import Instant
 from vmpool.domain.watch import Cursor, Event, Snapshot
 from vmpool.store.db import Database
 from vmpool.store.errors import translated
-from vmpool.store.records import expiry_of
+from vmpool.store.records import expiry_of, record_of
 
 _COLUMNS = """
     pos::text::bigint AS pos, seq, txid::text::bigint AS txid, at, kind, instance, pool,
@@ -141,21 +141,8 @@ async def snapshot(conn: asyncpg.Connection) -> SnapshotView:
 
 
 def event_of(row: Any) -> Event:
-    return Event(
-        pos=row["pos"],
-        seq=row["seq"],
-        txid=row["txid"],
-        at=row["at"],
-        kind=row["kind"],
-        instance=row["instance"],
-        pool=row["pool"],
-        service_tag=row["service_tag"],
-        principal=row["principal"],
-        cause=row["cause"],
-        reservation_id=row["reservation_id"],
-        expires=expiry_of(row) if row["expires_at"] is not None else None,
-        reason=row["reason"],
-    )
+    expires = expiry_of(row) if row["expires_at"] is not None else None
+    return record_of(Event, row, expires=expires)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from vmpool.store.records import (
     ReservationState,
     expiry_columns,
     expiry_of,
+    record_of,
 )
 
 log = structlog.get_logger("vmpool.store")
@@ -161,17 +162,7 @@ class LeaseStore:
         # An active lease wins over history; a queue entry is exclusive with both.
         order = {"lease": 0, "queued": 1, "ended": 2}
         row = min(rows, key=lambda r: order[r["kind"]])
-        return ReservationState(
-            kind=row["kind"],
-            instance=row["instance"],
-            pool=row["pool"],
-            service_tag=row["service_tag"],
-            expires_at=expiry_of(row),
-            zone=row["zone"],
-            leased_at=row["leased_at"],
-            seq=row["seq"],
-            principal=row["principal"],
-        )
+        return record_of(ReservationState, row, expires_at=expiry_of(row))
 
     async def claim_or_enqueue(
         self,

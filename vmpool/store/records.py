@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from vmpool.core.instant import Instant
+
+R = TypeVar("R")
+_COLUMNS: dict[type, tuple[str, ...]] = {}
 
 
 def expiry_columns(expires: Instant) -> tuple[datetime, int]:
@@ -18,6 +21,15 @@ def expiry_columns(expires: Instant) -> tuple[datetime, int]:
 
 def expiry_of(row: Any) -> Instant:
     return Instant(Instant.from_datetime(row["expires_at"]).ns - row["expires_round_ns"])
+
+
+def record_of(cls: type[R], row: Any, **computed: Any) -> R:
+    """A record dataclass from a row: each field from the column of its name,
+    but those given in ``computed`` (an expiry, a default for NULL)."""
+    columns = _COLUMNS.get(cls)
+    if columns is None:
+        columns = _COLUMNS[cls] = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+    return cls(**{c: row[c] for c in columns if c not in computed}, **computed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,15 +61,8 @@ class LeaseRow:
 
     @classmethod
     def of(cls, row: Any) -> LeaseRow:
-        return cls(
-            instance=row["instance"],
-            pool=row["pool"],
-            service_tag=row["service_tag"],
-            reservation_id=row["reservation_id"],
-            leased_at=row["leased_at"],
-            expires_at=expiry_of(row),
-            zone=row["zone"],
-            principal=row.get("principal") or "anonymous",
+        return record_of(
+            cls, row, expires_at=expiry_of(row), principal=row.get("principal") or "anonymous"
         )
 
 
