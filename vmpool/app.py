@@ -273,7 +273,8 @@ async def _serve(
             raise
         flush_stop = asyncio.Event()
         flusher = asyncio.create_task(
-            flush_demand(demand, AutoscaleStore(db), utcnow, flush_stop), name="keep:demand"
+            flush_demand(demand, AutoscaleStore(db), utcnow, flush_stop, background.wake),
+            name="keep:demand",
         )
         serving.set(True)
         log.info(

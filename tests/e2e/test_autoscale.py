@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import pytest
 from grpclib.client import Channel
@@ -17,6 +18,7 @@ from grpclib.client import Channel
 from tests.e2e.clients import Client, RpcError
 from tests.e2e.conftest import Running
 from tests.polling import eventually
+from tests.server import json_records
 from vmpool.proto.vmpool.admin import v1 as adm
 
 DELAY = 6.0  # scale_down_delay, seconds
@@ -32,15 +34,19 @@ POOL = {
         "learn_daily": True,
         "period": "60s",
         "bin": "5s",
-        "window": "8s",
+        "window": "5s",
     },
 }
 
 
-async def desired(stub: adm.VmPoolAdminServiceStub) -> tuple[int, str]:
+async def desired_of(stub: adm.VmPoolAdminServiceStub, name: str) -> tuple[int, str]:
     reply = await stub.pool_stats(adm.PoolStatsRequest(), timeout=5)
-    (pool,) = [p for p in reply.pools if p.name == "auto"]
+    (pool,) = [p for p in reply.pools if p.name == name]
     return pool.autoscale.desired_ready, pool.autoscale.reason
+
+
+async def desired(stub: adm.VmPoolAdminServiceStub) -> tuple[int, str]:
+    return await desired_of(stub, "auto")
 
 
 @pytest.mark.asyncio
@@ -86,21 +92,20 @@ async def test_a_burst_raises_s_while_it_arrives_and_s_falls_after_the_delay(
             await client.return_(instance)
 
         # S holds for the delay after its last rise, then falls back to the floor.
-        top, _ = await desired(stub)
-        raised = time.monotonic()
-        history: list[tuple[float, int]] = []
-
-        async def probe() -> int:
-            nonlocal top, raised
-            s, _ = await desired(stub)
-            if s > top:
-                top, raised = s, time.monotonic()
-            history.append((time.monotonic() - raised, s))
-            return s
-
-        await eventually(probe, lambda s: s <= 1, 45, "S back at the floor", interval=0.2)
-        fell = [age for age, s in history if s < top]
-        assert fell and min(fell) >= DELAY - 1.0, history  # not before the delay
+        await eventually(
+            lambda: desired(stub), lambda d: d[0] <= 1, 45, "S back at the floor", interval=0.2
+        )
+        changes = [
+            (datetime.fromisoformat(r["timestamp"]), r["desired_ready"], r["previous"])
+            for r in json_records(server.proc.log().splitlines())
+            if r.get("event") == "desired ready changed" and r.get("pool") == "auto"
+        ]
+        rises = [at for at, s, before in changes if before is not None and s > before]
+        falls = [at for at, s, before in changes if before is not None and s < before]
+        assert rises and falls, changes
+        first_fall = min(falls)
+        last_rise = max(at for at in rises if at < first_fall)
+        assert (first_fall - last_rise).total_seconds() >= DELAY - 0.5, changes
         rows = await server.sql(
             "SELECT count(*) AS n FROM instances WHERE pool = 'auto' AND state <> 'destroying'"
         )
@@ -110,8 +115,8 @@ async def test_a_burst_raises_s_while_it_arrives_and_s_falls_after_the_delay(
         channel.close()
 
 
-PERIOD = 20.0
-AT = 10.0  # the burst's offset in each period
+PERIOD = 15.0
+AT = 8.0  # the burst's offset in each period
 PERIODIC = {
     **POOL,
     "name": "daily",
@@ -153,7 +158,7 @@ async def test_a_periodic_burst_is_served_from_its_third_time_across_a_leader_re
     first = await start_server([PERIODIC], provider=provider, name="periodic")
     client = client_factory("grpclib", first.address)
     await first.wait_ready("daily", 1, timeout=20)
-    start = (time.time() // PERIOD + 1) * PERIOD
+    start = ((time.time() + 3 - AT) // PERIOD + 1) * PERIOD  # the first burst 3 s away or more
     waited = []
     for k in range(2):  # the pool learns: these bursts mostly wait a boot time
         await until(start + k * PERIOD + AT)
@@ -166,6 +171,20 @@ async def test_a_periodic_burst_is_served_from_its_third_time_across_a_leader_re
     await asyncio.to_thread(first.proc.terminate)
     second = await start_server([PERIODIC], provider=provider, db_url=first.db_url, name="p2")
     client = client_factory("grpclib", second.address)
+    host, port = second.address.rsplit(":", 1)
+    channel = Channel(host, int(port))
+    try:
+        # Booted ahead from the stored profile (not left over from the last burst).
+        ahead = await eventually(
+            lambda: desired_of(adm.VmPoolAdminServiceStub(channel), "daily"),
+            lambda d: d[1] == "profile" and d[0] >= 8,
+            start + 2 * PERIOD + AT - time.time(),
+            "S raised by the profile before the third burst",
+            interval=0.2,
+        )
+    finally:
+        channel.close()
+    assert time.time() < start + 2 * PERIOD + AT, ahead
     await until(start + 2 * PERIOD + AT)
     n, names = await burst(client)
     assert n <= 1, f"{n} of 10 waited on the third burst (learned: {waited} waited before)"

@@ -3,7 +3,7 @@ replica counted, asks vmpool.domain.autoscale for each pool's desired S, logs
 and exports it, and keeps what was learned in PostgreSQL.
 
 Statements: at start (as leader) one to load the state and one to read the
-window's demand; then at most one read of new demand a second while leases
+window's demand; then at most one read of new demand every 0.25 s while leases
 come (for LAG seconds after news of one), else every IDLE_READ seconds, one batched write of changed
 states (when S changed, else at most every SAVE_EVERY seconds) and a prune every PRUNE_EVERY. An
 idle pool costs about 0.1 statement a second whatever its size."""
@@ -37,7 +37,7 @@ log = structlog.get_logger("vmpool.autoscale")
 
 LAG = 5  # seconds: a replica's flush may land this late; re-read and add only what is new
 IDLE_READ = 10.0  # seconds between reads of demand when no lease woke the leader
-BUSY_READ = 1.0  # ... and after one did (replicas flush once a second)
+BUSY_READ = 0.25  # ... and after one did (replicas flush every 0.25 s)
 SAVE_EVERY = 5.0  # seconds between writes of changed state
 PRUNE_EVERY = 60.0
 

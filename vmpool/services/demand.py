@@ -2,14 +2,15 @@
 
 The Leaser calls ``add(pool)`` for every Lease attempt on a pool with an
 ``autoscale:`` block (served, queued or refused): a dict increment, no I/O.
-``flush_demand`` writes what was counted once a second, one batched statement
-and only when something was counted, so the leader sees every replica's
+``flush_demand`` writes what was counted every FLUSH_EVERY, one batched
+statement and only when something was counted, so the leader sees every replica's
 demand (vmpool.control.autoscaler reads it back)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import structlog
 
@@ -19,7 +20,7 @@ from vmpool.store.errors import StoreError
 
 log = structlog.get_logger("vmpool.autoscale")
 
-FLUSH_EVERY = 1.0  # seconds
+FLUSH_EVERY = 0.25  # seconds: a boot may take only seconds; the leader should know soon
 MAX_HELD = 3600  # seconds of counts kept while the database is away
 
 
@@ -36,9 +37,14 @@ class DemandCounter:
 
 
 async def flush_demand(
-    counter: DemandCounter, store: AutoscaleStore, clock: Clock, stop: asyncio.Event
+    counter: DemandCounter,
+    store: AutoscaleStore,
+    clock: Clock,
+    stop: asyncio.Event,
+    on_flushed: Callable[[str], None] = lambda _pool: None,
 ) -> None:
-    """Until ``stop``, then once more."""
+    """Until ``stop``, then once more. ``on_flushed(pool)``: demand of ``pool``
+    is in the database (the reconciler is woken to read it)."""
     held: list[tuple[str, int, int]] = []  # not written yet (database away)
     while True:
         with contextlib.suppress(TimeoutError):
@@ -48,6 +54,8 @@ async def flush_demand(
         if held:
             try:
                 await store.add_arrivals(_merged(held))
+                for pool in {h[0] for h in held}:
+                    on_flushed(pool)
                 held = []
             except StoreError as err:
                 held = [h for h in held if h[1] > second - MAX_HELD]
