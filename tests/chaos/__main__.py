@@ -3,6 +3,8 @@
     python -m tests.chaos [--quick | --long] [--only a-sigkill,d-kube] [--json FILE]
 
 --long (or --only) also runs the opt-in scenarios (f-pg-sigkill: SIGKILL of PostgreSQL).
+--quick leaves out the failover scenarios (g-... k-..., tests/chaos/failover.py:
+a primary and a standby PostgreSQL, two replicas); `--only g-failover` runs one.
 
 Exit status 1 if any invariant fails (2 if a scenario could not run).
 """
@@ -20,8 +22,12 @@ import traceback
 from pathlib import Path
 
 from tests.chaos import invariants as inv
+from tests.chaos.failover import scenarios as failover_scenarios
 from tests.chaos.harness import ChaosPostgres
 from tests.chaos.scenarios import MODES, OPT_IN, SCENARIOS, Outcome
+
+FAILOVER = failover_scenarios()
+ALL = {**SCENARIOS, **FAILOVER}
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -34,7 +40,7 @@ def table(outcomes: list[Outcome]) -> str:
         cells = [o.scenario.ljust(12)]
         for c in cols:
             r = o.results.get(c)
-            cells.append((r.label if r else "ERROR").ljust(15))
+            cells.append((r.label if r else "-" if o.results else "ERROR").ljust(15))
         cells.append(f"{o.seconds:5.1f}s")
         lines.append(" | ".join(cells))
     return "\n".join(lines)
@@ -42,11 +48,13 @@ def table(outcomes: list[Outcome]) -> str:
 
 async def main_async(args: argparse.Namespace) -> int:
     mode = MODES[args.mode]
-    every = [n for n in SCENARIOS if n not in OPT_IN or mode.name == "long"]
+    every = [n for n in ALL if n not in OPT_IN or mode.name == "long"]
+    if mode.name == "quick":
+        every = [n for n in every if n not in FAILOVER]
     names = every if not args.only else args.only.split(",")
-    unknown = [n for n in names if n not in SCENARIOS]
+    unknown = [n for n in names if n not in ALL]
     if unknown:
-        print(f"unknown scenarios {unknown}; choose from {list(SCENARIOS)}", file=sys.stderr)
+        print(f"unknown scenarios {unknown}; choose from {list(ALL)}", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="vmpool-chaos-"))
     print(f"chaos: mode {mode.name}, scenarios {names}, logs under {workdir}", flush=True)
@@ -60,7 +68,7 @@ async def main_async(args: argparse.Namespace) -> int:
             t = time.monotonic()
             print(f"--- {name} ...", flush=True)
             try:
-                outcome = await SCENARIOS[name](pg, mode, workdir)
+                outcome = await ALL[name](pg, mode, workdir)
             except Exception:
                 crashed = True
                 outcome = Outcome(name, seconds=time.monotonic() - t)
@@ -87,6 +95,7 @@ async def main_async(args: argparse.Namespace) -> int:
                         o.scenario: {
                             "seconds": round(o.seconds, 1),
                             "notes": o.notes,
+                            "figures": o.figures,
                             "results": {
                                 k: {"ok": r.ok, "detail": r.detail} for k, r in o.results.items()
                             },

@@ -24,6 +24,10 @@ NAMES = {
     "pool_size": "pool sizes within max_size",
     "no_internal": "no UNKNOWN/INTERNAL answers",
     "recovers": "recovers by itself",
+    # Failover scenarios (tests/chaos/failover.py).
+    "acked_kept": "every OK change survives",
+    "single_leader": "one leader at a time",
+    "replicas_up": "replicas survive",
 }
 
 
@@ -188,8 +192,13 @@ def pool_size(sampler: Sampler, max_sizes: dict[str, int]) -> Result:
     return Result(True if sampler.samples else None, detail)
 
 
-def no_internal(log: Log) -> Result:
+def no_internal(log: Log, *, during_faults: bool = False) -> Result:
+    """``during_faults``: also inside the windows where something was broken
+    (a database failover must answer UNAVAILABLE, never INTERNAL)."""
+
     def disturbed(c: Call) -> bool:
+        if during_faults:
+            return False
         return any(c.t0 <= end and c.t1 >= start for start, end in log.disturbed)
 
     bad = [c for c in log.calls if c.code in ("UNKNOWN", "INTERNAL") and not disturbed(c)]
@@ -224,3 +233,51 @@ async def converged(snapshot: Callable[[], Awaitable[Snapshot]], timeout: float)
                 f" destroying {len(destroying)}",
             )
         await asyncio.sleep(0.5)
+
+
+def acked_kept(log: Log, leases: list[dict[str, Any]]) -> Result:
+    """Every change answered OK is in the database afterwards (on the new
+    primary after a failover): an OK Lease has its row (active or ended), an
+    OK Return's lease has ended, and the last ExtendTo of a lease, when OK,
+    left its expiry there. ExtendTos followed by one whose answer was lost
+    (it may or may not have applied) are not judged."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for r in leases:
+        rows.setdefault(r["instance"], []).append(r)
+    missing: list[str] = []
+    counted = {"Lease": 0, "Return": 0, "ExtendTo": 0}
+    ok_leases = ok_accounted(log, leases)
+    if ok_leases.ok is False:
+        missing.append(f"Lease: {ok_leases.detail}")
+    counted["Lease"] = sum(1 for c in log.calls if c.kind == "Lease" and c.code == "OK")
+    extends: dict[tuple[str, float], list[Call]] = {}
+    for c in log.calls:
+        if c.kind not in ("Return", "ExtendTo"):
+            continue
+        held = [r for r in rows.get(c.instance, []) if r["leased_at"].timestamp() <= c.t0]
+        if not held:
+            if c.code == "OK":
+                missing.append(f"{c.kind} {c.instance}: no lease row")
+            continue
+        row = max(held, key=lambda r: r["leased_at"])
+        if c.kind == "Return" and c.code == "OK":
+            counted["Return"] += 1
+            if row["ended_at"] is None:
+                missing.append(f"Return {c.instance}: lease still active")
+        elif c.kind == "ExtendTo":
+            extends.setdefault((c.instance, row["leased_at"].timestamp()), []).append(c)
+    by_key = {(r["instance"], r["leased_at"].timestamp()): r for r in leases}
+    for key, calls in extends.items():
+        last = max(calls, key=lambda c: c.t0)
+        if last.code != "OK" or last.expires is None:
+            continue
+        counted["ExtendTo"] += 1
+        stored = by_key[key]["expires_at"].timestamp()
+        if abs(stored - last.expires.timestamp()) > 0.001:
+            missing.append(
+                f"ExtendTo {key[0]}: expires {stored:.3f}, answered {_ts(last.expires):.3f}"
+            )
+    detail = f"OK answers checked: {counted}"
+    if missing:
+        return Result(False, f"{len(missing)} missing, e.g. {missing[:3]}; {detail}")
+    return Result(True, f"0 missing; {detail}")

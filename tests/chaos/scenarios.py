@@ -67,6 +67,7 @@ class Outcome:
     results: dict[str, inv.Result] = field(default_factory=dict)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)  # per-run numbers (failover)
 
 
 @dataclass

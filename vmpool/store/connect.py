@@ -8,6 +8,11 @@ goes through ``open_connection``:
   the whole list, so a first host that accepts TCP but never answers (a stalled
   old primary) would use it all and the second host would never be tried.
   ``target_session_attrs`` is checked per host by asyncpg.
+- A session on a server that refuses writes (a standby in recovery, as when
+  a `-rw` address reaches it before its promotion, or a database with
+  ``default_transaction_read_only``) is closed at once and the next host tried,
+  as ``target_session_attrs=read-write`` does, whatever the URL says: vmpool
+  writes. It costs no round trip (the server reports both settings).
 - TCP keepalives and TCP_USER_TIMEOUT on the socket: a server lost at the
   network level is noticed on an idle connection (LISTEN) and on one waiting
   for an answer, within about ``keepalive`` seconds, not after the kernel's
@@ -72,6 +77,16 @@ def set_keepalive(conn: asyncpg.Connection, seconds: float) -> None:
         sock.setsockopt(level, option, value)
 
 
+def refuses_writes(conn: asyncpg.Connection) -> bool:
+    """What the server reported at start-up (PostgreSQL 14+; older ones say
+    nothing here and are caught at the first write: 25006)."""
+    settings = conn.get_settings()
+    return (
+        getattr(settings, "in_hot_standby", "off") == "on"
+        or getattr(settings, "default_transaction_read_only", "off") == "on"
+    )
+
+
 def _addresses(url: str) -> list[tuple[str, int | None]]:
     """The host list, or [] when asyncpg should read it all from the URL
     (``?host=`` sockets, a single host)."""
@@ -105,6 +120,12 @@ async def open_connection(
             continue
         except asyncpg.exceptions.InternalClientError as err:  # no target_session_attrs match
             last = err
+            continue
+        if refuses_writes(conn):
+            conn.terminate()
+            last = asyncpg.exceptions.TargetServerAttributeNotMatched(
+                f"{host or 'the server'} is read-only (a standby in recovery?)"
+            )
             continue
         try:
             set_keepalive(conn, settings.keepalive)
