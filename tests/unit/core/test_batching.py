@@ -98,13 +98,27 @@ async def test_a_caller_cancelled_after_its_result_was_set_has_it_abandoned() ->
     assert abandoned == [(3, 30)]
 
 
-async def test_no_abandon_handler_means_results_are_dropped_quietly() -> None:
-    flush = Flush()
-    flush.release.clear()
-    batcher: MicroBatcher[int, int] = MicroBatcher(flush)
-    caller = asyncio.ensure_future(batcher.submit(1))
-    await flush.started.wait()
-    caller.cancel()
-    flush.release.set()
-    await batcher.drain()
-    assert caller.cancelled()
+async def test_without_an_abandon_handler_a_leaver_costs_the_others_nothing() -> None:
+    """No on_abandoned: the result of a caller that left is dropped, the callers
+    after it in the same flush still get theirs, and nothing reaches the loop's
+    exception handler."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        flush = Flush()
+        flush.release.clear()
+        batcher: MicroBatcher[int, int] = MicroBatcher(flush)
+        leaver = asyncio.ensure_future(batcher.submit(1))
+        stayer = asyncio.ensure_future(batcher.submit(2))
+        await flush.started.wait()
+        leaver.cancel()
+        flush.release.set()
+        assert await asyncio.wait_for(stayer, 10) == 20
+        await batcher.drain()
+        assert leaver.cancelled()
+        assert flush.batches == [[1, 2]], "the leaver's item was flushed all the same"
+        assert await batcher.submit(3) == 30
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []
