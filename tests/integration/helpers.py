@@ -8,7 +8,8 @@ from typing import Any
 
 from vmpool.config.loading import parse_config
 from vmpool.config.schema import Config
-from vmpool.control.reconciler import Inbox, Reconciler
+from vmpool.control.doorbell import Inbox
+from vmpool.control.reconciler import Reconciler
 from vmpool.ops.metrics import Metrics
 from vmpool.providers.fake import FakeProvider
 from vmpool.services.demand import DemandCounter

@@ -36,7 +36,8 @@ import structlog
 
 from vmpool.config.schema import Config
 from vmpool.control.dbwatch import ReplicationWatch
-from vmpool.control.reconciler import Inbox, Reconciler
+from vmpool.control.doorbell import Doorbell, Inbox
+from vmpool.control.reconciler import Reconciler
 from vmpool.core import eventloop
 from vmpool.core.clock import utcnow
 from vmpool.ops.metrics import Metrics
@@ -99,8 +100,8 @@ class Background:
         self._stop: asyncio.Event | None = None
         self._reconciler: Reconciler | None = None
         self._control: Control | None = None
-        self._wake_pending = False
         self._inbox = Inbox()
+        self._doorbell = Doorbell(self._inbox, self._schedule, self._woken)
         self._notifies: set[asyncio.Task[None]] = set()  # role api: NOTIFYs in flight
 
     async def start(self) -> None:
@@ -113,22 +114,21 @@ class Background:
         any thread. The news goes to the reconciler's inbox first; then one hop
         to its loop is scheduled unless one is pending already (that one runs
         after this put, so it carries this news too: nothing is dropped)."""
-        self._inbox.put(pool)
-        if self._wake_pending:
-            return
+        self._doorbell.ring(pool)
+
+    def _schedule(self, hop: Callable[[], None]) -> bool:
         loop = self._loop
         if loop is None or loop.is_closed():
-            return  # not started (the first pass reads the inbox) or stopping
+            return False  # not started (the first pass reads the inbox) or stopping
         if (self._reconciler if self._reconcile else self._control) is None:
-            return  # still starting: the first pass reads the inbox
-        self._wake_pending = True
+            return False  # still starting: the first pass reads the inbox
         try:
-            loop.call_soon_threadsafe(self._woken)
+            loop.call_soon_threadsafe(hop)
         except RuntimeError:  # closed meanwhile: shutting down
-            self._wake_pending = False
+            return False
+        return True
 
     def _woken(self) -> None:
-        self._wake_pending = False  # first: a put after this schedules a new hop
         if self._reconciler is not None:
             self._reconciler.wake_pools(())  # the news is in its inbox
         elif self._control is not None:  # role api: the reconciler is elsewhere

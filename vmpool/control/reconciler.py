@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -22,6 +21,7 @@ import structlog
 
 from vmpool.config.schema import Config
 from vmpool.control.autoscaler import Autoscaler
+from vmpool.control.doorbell import Inbox
 from vmpool.control.executor import Executor
 from vmpool.control.gauges import PoolGauges, counts_of
 from vmpool.control.leadership import Leadership
@@ -64,27 +64,6 @@ PRUNE_BATCHES = 20  # per run at most; the next run goes on
 # Lease events come at the rate of leases (thousands a second under load).
 EVENT_PRUNE_BATCH = 5000
 EVENT_PRUNE_BATCHES = 100
-
-
-class Inbox:
-    """Pools with news for the reconciler (None: every pool), put from any thread
-    and taken by the reconciler's."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: set[str | None] = set()
-
-    def put(self, pool: str | None) -> None:
-        with self._lock:
-            self._items.add(pool)
-
-    def take(self) -> set[str | None]:
-        with self._lock:
-            items, self._items = self._items, set()
-        return items
-
-    def __bool__(self) -> bool:
-        return bool(self._items)
 
 
 class Reconciler:
