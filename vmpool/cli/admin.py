@@ -54,10 +54,26 @@ def status_table(pools: Sequence[adm.PoolStats]) -> str:
     return table(rows) + autoscale_table(pools)
 
 
+def _autoscaled(pool: adm.PoolStats) -> bool:
+    """The server sent an autoscale block (it always names a mode or a reason;
+    reading the field of a message without one makes an empty one)."""
+    return pool.is_set("autoscale") and bool(pool.autoscale.mode or pool.autoscale.reason)
+
+
+def pool_json(pool: adm.PoolStats) -> dict[str, Any]:
+    """A pool's stats for --output json; ``autoscale`` only with the block."""
+    scaled = _autoscaled(pool)  # before snake(), which fills in defaults
+    out = snake(pool)
+    out.pop("autoscale", None)
+    if scaled:
+        out["autoscale"] = snake(pool.autoscale)
+    return out
+
+
 def autoscale_table(pools: Sequence[adm.PoolStats]) -> str:
     """Below the pools, for pools with an autoscale block: the desired buffer S
     (ready + booting) and what it came from; empty when no pool has one."""
-    scaled = [p for p in pools if p.is_set("autoscale")]
+    scaled = [p for p in pools if _autoscaled(p)]
     if not scaled:
         return ""
     rows = [
@@ -96,7 +112,7 @@ async def _status_text(args: argparse.Namespace, conn: Connection) -> str:
         adm.PoolStatsRequest(), timeout=conn.timeout, metadata=conn.call_metadata()
     )
     if args.output == "json":
-        return json.dumps([snake(p) for p in reply.pools])
+        return json.dumps([pool_json(p) for p in reply.pools])
     return status_table(reply.pools)
 
 
