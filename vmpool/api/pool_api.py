@@ -19,6 +19,7 @@ from vmpool.config.schema import Config, PoolConfig
 from vmpool.core.clock import Clock
 from vmpool.core.echo import echo
 from vmpool.domain import leasing, pools
+from vmpool.domain.autoscale import least_ready
 from vmpool.domain.leasing import AlreadyExists, NotFound
 from vmpool.domain.spec_hash import pool_spec_hash
 from vmpool.ops.metrics import Metrics
@@ -90,7 +91,7 @@ class PoolService(papi.VmPoolServiceBase):
         status = pools.pool_status(
             row.desired_status,
             _counts(row, current_hash),
-            min_ready=cfg.min_ready if cfg is not None else 0,
+            min_ready=least_ready(cfg) if cfg is not None else 0,
             max_size=cfg.max_size if cfg is not None else 0,
             reached_running=row.reached_running,
         )

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from vmpool.core.clock import Clock
 from vmpool.domain import pools as pool_rules
+from vmpool.domain.autoscale import least_ready
 from vmpool.ops.metrics import Metrics
 from vmpool.services.catalog import PoolCatalog
 from vmpool.store.inventory import INSTANCE_STATES, PoolSummary, Summary
@@ -62,7 +63,7 @@ class PoolGauges:
             status = pool_rules.pool_status(
                 pool.desired_status,
                 counts,
-                min_ready=cfg.min_ready if cfg is not None else 0,
+                min_ready=least_ready(cfg) if cfg is not None else 0,
                 max_size=cfg.max_size if cfg is not None else 0,
                 reached_running=pool.reached_running,
             )

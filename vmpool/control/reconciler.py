@@ -29,6 +29,7 @@ from vmpool.core.backoff import Monotonic, Retry
 from vmpool.core.clock import Clock
 from vmpool.core.echo import echo
 from vmpool.domain import pools as pool_rules
+from vmpool.domain.autoscale import least_ready
 from vmpool.domain.planner import (
     VM,
     Action,
@@ -343,7 +344,7 @@ class Reconciler:
             cfg = self._pools.pool(name)
             if cfg is None or pool.drained or pool.reached_running:
                 continue
-            want = pool_rules.effective_min_ready(cfg.min_ready, cfg.max_size, counts_of(pool))
+            want = pool_rules.effective_min_ready(least_ready(cfg), cfg.max_size, counts_of(pool))
             if pool.counts["ready"] + pool.counts["reserved"] >= want:
                 reached.append(name)
         if reached:

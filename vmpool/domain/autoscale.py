@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 
 from vmpool.config.autoscale import AutoscaleConfig
+from vmpool.config.schema import PoolConfig
 
 DEFAULT_BOOT_S = 60.0  # before a pool's first boot is seen
 BOOT_SAMPLES = 64  # recent boot times kept per pool
@@ -335,3 +336,10 @@ def settings_of(block: AutoscaleConfig, max_size: int) -> Settings:
         window=block.window.total_seconds(),
         act=block.acts,
     )
+
+
+def least_ready(pool: PoolConfig) -> int:
+    """What a pool keeps ready at least (RUNNING once it has them): its
+    min_ready, or with an acting autoscale block the floor of S."""
+    block = pool.autoscale
+    return block.floor if block is not None and block.acts else pool.min_ready

@@ -8,12 +8,14 @@ from datetime import UTC, datetime
 
 import pytest
 
+from vmpool.config.schema import PoolConfig
 from vmpool.domain.autoscale import (
     AIM,
     Demand,
     Learned,
     Settings,
     decide,
+    least_ready,
     observe_boot,
     poisson_quantile,
 )
@@ -206,3 +208,16 @@ def test_a_falling_s_sheds_ready_vms_above_it(
 
 def test_without_autoscale_the_planner_never_sheds_ready_vms() -> None:
     assert plan(10, 0, 4, False) == []
+
+
+@pytest.mark.parametrize(
+    ("block", "expect"),
+    [(None, 2), ({"floor": 0}, 0), ({"floor": 1, "mode": "observe"}, 2)],
+)
+def test_an_acting_pool_is_running_once_its_floor_is_ready(
+    block: dict[str, object] | None, expect: int
+) -> None:
+    pool = PoolConfig.model_validate(
+        {"name": "p", "min_ready": 2, "max_size": 5, "autoscale": block}
+    )
+    assert least_ready(pool) == expect
