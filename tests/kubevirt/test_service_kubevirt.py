@@ -390,6 +390,7 @@ async def test_lease_zone_comes_from_the_node(svc: Svc) -> None:
     assert reply.instance.node == vmi["status"]["nodeName"] and reply.instance.phase == "Running"
     assert (reply.instance.pool, reply.instance.zone) == ("small", lease.zone)
     await svc.return_(lease.instance)
+    await svc.wait_filled("small", 2)  # the replacement's boot ends within the test
 
 
 async def test_return_deletes_the_vm_then_the_row_and_replaces_it(svc: Svc) -> None:
