@@ -11,7 +11,7 @@ idle pool costs about 0.1 statement a second whatever its size."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -90,8 +90,15 @@ class Autoscaler:
         self._boots.clear()
         self._metrics.clear_autoscale()
 
-    async def update(self, pools: Iterable[PoolConfig], now: datetime, news: bool) -> None:
-        """One pass: ``news`` means a lease or reservation woke the pass."""
+    async def update(
+        self,
+        pools: Iterable[PoolConfig],
+        now: datetime,
+        news: bool,
+        scope: Collection[str] | None = None,
+    ) -> None:
+        """One pass: ``news`` means a lease or reservation woke the pass;
+        ``scope``: the pools an event-driven pass looks at (None: all)."""
         wanted = {p.name: p for p in pools if p.autoscale is not None}
         for gone in set(self._pools) - set(wanted):
             del self._pools[gone]
@@ -122,6 +129,8 @@ class Autoscaler:
         if self._cursor is None or since_read >= (BUSY_READ if busy else IDLE_READ):
             await self._read(t)
         for name, p in self._pools.items():
+            if scope is not None and name not in scope and p.decision is not None:
+                continue  # decided again at the next full pass
             p.demand.trim(t)
             before = p.learned.s, p.learned.hold, p.learned.raised_at
             decision = decide(p.settings, p.learned, p.demand, t, wanted[name].max_size)

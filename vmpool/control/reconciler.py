@@ -278,7 +278,7 @@ class Reconciler:
             self._last_full = self._mono()
         await self._pools.refresh()
         if self.autoscaler is not None:
-            await self.autoscaler.update(self._pools, now, news)
+            await self.autoscaler.update(self._pools, now, news, scope)
         summary = await self._inv.summary(scope)
         self._gauges.export(summary)
         actions = self._plan(summary, now)
