@@ -25,6 +25,7 @@ from vmpool.services.dbhealth import DatabaseHealth
 from vmpool.services.leaser import Leaser
 from vmpool.store.pools import PoolStore, SpecRow
 from vmpool.store.records import LeaseRow, Owner
+from vmpool.wire.codec import PONG
 from vmpool.wire.fastwire import ExtendCall, GetLeaseCall, LeaseCall, LeaseReply, ReturnCall
 
 WAIT_HEADER = "x-vmpool-wait"
@@ -137,7 +138,7 @@ class LeaseService:
 
     async def ping(self, empty: Empty) -> api.PingResponse:
         await self._db_health.check()
-        return api.PingResponse(msg="pong")
+        return PONG
 
     async def lease(self, request: LeaseCall) -> LeaseReply:
         structlog.contextvars.bind_contextvars(service_tag=echo(request.service_tag, 128))

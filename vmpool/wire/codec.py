@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import betterproto
-from betterproto.lib.google.protobuf import FieldMask
+from betterproto.lib.google.protobuf import Empty, FieldMask
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
@@ -124,11 +124,19 @@ class Encoded(bytes):
     sent as it is."""
 
 
+# Ping's reply never changes: built and encoded once (handlers return PONG).
+PONG = api.PingResponse(msg="pong")
+_PONG_WIRE = bytes(PONG)
+_EMPTY = Empty()  # an empty request (Ping's): nothing to decode or check
+
+
 class SafeProtoCodec(ProtoCodec):
     """The lease requests and replies go through vmpool.wire.fastwire (nanosecond
     Timestamps, and fast); every other message through betterproto, checked first."""
 
     def encode(self, message: Any, message_type: Any) -> bytes:
+        if message is PONG:
+            return _PONG_WIRE
         if isinstance(message, LeaseReply):
             return encode_lease_reply(message)
         if type(message) is Encoded:
@@ -138,6 +146,8 @@ class SafeProtoCodec(ProtoCodec):
         return super().encode(message, message_type)
 
     def decode(self, data: bytes, message_type: Any) -> Any:
+        if not data and message_type is Empty:
+            return _EMPTY
         name = getattr(message_type, "__name__", "request")
         fast = _decoders.get(message_type, _UNSET)
         if fast is _UNSET:
