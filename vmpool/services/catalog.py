@@ -20,6 +20,8 @@ class PoolCatalog:
     def __init__(self, config: Config, store: PoolStore | None = None) -> None:
         self._config = config
         self._store = store
+        # The config's pools by name: looked up on every Lease (Config.pool scans).
+        self._static: dict[str, PoolConfig] = {p.name: p for p in config.pools}
         self._api: dict[str, PoolConfig] = {}
         self._hashes: dict[str, str] = {}
 
@@ -39,23 +41,23 @@ class PoolCatalog:
 
     def spec_hash(self, pool: PoolConfig) -> str:
         """The hash instances of ``pool`` are made with (template rollout)."""
-        if self._config.pool(pool.name) is None and pool.name in self._hashes:
+        if pool.name not in self._static and pool.name in self._hashes:
             return self._hashes[pool.name]
         return pool_spec_hash(pool)
 
     def pool(self, name: str) -> PoolConfig | None:
         """A config pool, or an API pool as of the last refresh."""
-        return self._config.pool(name) or self._api.get(name)
+        return self._static.get(name) or self._api.get(name)
 
     def __iter__(self) -> Iterator[PoolConfig]:
         yield from self._config.pools
         for name, cfg in self._api.items():
-            if self._config.pool(name) is None:
+            if name not in self._static:
                 yield cfg
 
     async def find(self, name: str) -> PoolConfig | None:
         """A config pool, or the API pool of that name as stored now."""
-        found = self._config.pool(name)
+        found = self._static.get(name)
         if found is not None or self._store is None:
             return found
         row = await self._store.get(name)
