@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -366,13 +367,20 @@ class Bench:
             server.__exit__()
 
     async def profiled(self, server: ServerProcess) -> dict[str, Any]:
-        """py-spy record on the server during a Lease->Return phase at concurrency 64."""
+        """py-spy on the server during a Lease->Return phase at concurrency 64: a
+        flame graph (profile-lease.svg) and the collapsed stacks (profile-lease.txt)
+        from two samplers over the same seconds."""
         assert server.proc is not None
-        raw = self.out / "profile-lease.txt"
+        spy = shutil.which("py-spy") or shutil.which(
+            "py-spy", path=str(Path(sys.executable).parent)
+        )
+        if spy is None:
+            return {"skipped": "py-spy is not installed"}
+        raw, svg = self.out / "profile-lease.txt", self.out / "profile-lease.svg"
         secs = max(3, int(self.s.duration))
-        try:
-            spy = await asyncio.create_subprocess_exec(
-                "py-spy",
+        samplers = [
+            await asyncio.create_subprocess_exec(
+                spy,
                 "record",
                 "-p",
                 str(server.proc.pid),
@@ -381,18 +389,20 @@ class Bench:
                 "-r",
                 "100",
                 "-f",
-                "raw",
+                fmt,
                 "-o",
-                str(raw),
+                str(path),
                 "--nonblocking",
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
             )
-        except FileNotFoundError:
-            return {"skipped": "py-spy is not installed"}
+            for fmt, path in (("raw", raw), ("flamegraph", svg))
+        ]
         r = await self.phase(server, "lease", 64, pool=MAIN_POOL)
-        await spy.wait()
+        for sampler in samplers:
+            await sampler.wait()
         r["top"] = report.top_frames(raw) if raw.exists() else []
+        r["flamegraph"] = svg.name if svg.exists() else None
         return r
 
     async def scale(self) -> None:
