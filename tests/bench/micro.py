@@ -1,0 +1,87 @@
+"""`python -m tests.bench.micro`: per-message codec and per-line log costs on one
+core (timeit, best of 5), the figures behind docs/performance.md's lever table."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import timeit
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from tests.bench.floor import generate_stubs, load_messages
+from vmpool.core.instant import Instant
+from vmpool.ops import logs
+from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
+from vmpool.wire import fastwire
+from vmpool.wire.codec import PONG, SafeProtoCodec
+
+EXPIRES = datetime(2027, 1, 1, tzinfo=UTC)
+
+
+def micros(fn: Callable[[], Any], n: int = 3000) -> float:
+    return round(min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6, 2)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_stubs(Path(tmp))
+        pb = load_messages(Path(tmp))
+        raw = bytes(api.LeaseRequest(pool="bench", service_tag="bench"))
+        decode = fastwire.decoder(api.LeaseRequest)
+        assert decode is not None
+        instant = Instant.from_datetime(EXPIRES)
+        ts = pb.google_dot_protobuf_dot_timestamp__pb2.Timestamp()
+        ts.FromDatetime(EXPIRES)
+        print(
+            "LeaseRequest decode, µs: betterproto",
+            micros(lambda: api.LeaseRequest().parse(raw)),
+            "fastwire",
+            micros(lambda: decode(raw)),
+            "upb",
+            micros(lambda: pb.LeaseRequest.FromString(raw)),
+        )
+        lease = {"instance": "vmp-bench-0001", "pool": "bench", "zone": "fake-zone-a"}
+        print(
+            "LeaseResponse build+encode, µs: betterproto",
+            micros(lambda: bytes(api.LeaseResponse(lease=api.Lease(expires=EXPIRES, **lease)))),
+            "fastwire",
+            micros(
+                lambda: fastwire.encode_lease_reply(
+                    fastwire.LeaseReply(lease["instance"], lease["pool"], instant, lease["zone"])
+                )
+            ),
+            "upb",
+            micros(
+                lambda: pb.LeaseResponse(lease=pb.Lease(expires=ts, **lease)).SerializeToString()
+            ),
+        )
+    codec = SafeProtoCodec()
+    print(
+        "PingResponse encode, µs: betterproto",
+        micros(lambda: codec.encode(api.PingResponse(msg="pong"), api.PingResponse)),
+        "precomputed",
+        micros(lambda: codec.encode(PONG, api.PingResponse)),
+    )
+    fd = os.open(os.devnull, os.O_WRONLY)
+    logs.setup("info", json=True, fd=fd)
+    log = structlog.get_logger("vmpool.rpc")
+    structlog.contextvars.bind_contextvars(
+        principal="anonymous", service_tag="bench", pool="bench", instance="vmp-bench-0001"
+    )
+    print(
+        "one JSON log line (the rpc line), µs:",
+        micros(
+            lambda: log.info(
+                "rpc", method="Lease", code="OK", duration_ms=1.234, peer="127.0.0.1:5555"
+            )
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()
