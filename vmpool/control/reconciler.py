@@ -1,6 +1,7 @@
 """The reconciler's loop (spec sections 5-6): while leading, one pass after
 another: read the pools, plan (vmpool.domain.planner, pure), apply
-(vmpool.control.executor), compare rows with the provider's VMs.
+(vmpool.control.executor), compare rows with the provider's VMs
+(vmpool.control.provider_sync), prune old history (vmpool.control.housekeeping).
 
 Only the leader runs passes (vmpool.control.leadership). Passes are woken by
 news (the Inbox: a lease or return in a pool, a provider event) and run over
@@ -24,29 +25,27 @@ from vmpool.control.autoscaler import Autoscaler
 from vmpool.control.doorbell import Inbox
 from vmpool.control.executor import Executor
 from vmpool.control.gauges import PoolGauges, counts_of
+from vmpool.control.housekeeping import Housekeeping
 from vmpool.control.leadership import Leadership
+from vmpool.control.provider_sync import ProviderSync
 from vmpool.core.backoff import Monotonic, Retry
 from vmpool.core.clock import Clock
 from vmpool.core.echo import echo
 from vmpool.domain import pools as pool_rules
 from vmpool.domain.autoscale import least_ready
 from vmpool.domain.planner import (
-    VM,
     Action,
     Create,
     Observed,
     PoolObserved,
     PoolTarget,
     ReplaceStale,
-    Row,
     SetAside,
-    orphans_seen,
     plan_pools,
-    plan_rows,
     target_from_config,
 )
 from vmpool.ops.metrics import Metrics
-from vmpool.providers.base import Provider, VMPhase
+from vmpool.providers.base import Provider
 from vmpool.providers.errors import ProviderError
 from vmpool.services.catalog import PoolCatalog
 from vmpool.store.autoscale import AutoscaleStore
@@ -56,15 +55,8 @@ from vmpool.store.pools import PoolStore
 
 log = structlog.get_logger("vmpool.reconciler")
 
-RESYNC = 30.0  # seconds between full comparisons of rows and VMs (drift)
 BUSY_PAUSE = 0.05  # between passes while there is work
 MIN_GAP = 0.1  # at least this between pass starts: under a storm, batch, don't spin
-PRUNE_EVERY = 60.0  # seconds between lease_history retention runs
-PRUNE_BATCH = 1000  # rows per delete: short transactions, no long locks
-PRUNE_BATCHES = 20  # per run at most; the next run goes on
-# Lease events come at the rate of leases (thousands a second under load).
-EVENT_PRUNE_BATCH = 5000
-EVENT_PRUNE_BATCHES = 100
 
 
 class Reconciler:
@@ -117,13 +109,8 @@ class Reconciler:
         self._targets: dict[str, PoolTarget] = {}  # as of the last plan
         self._failing = Retry(base=0.2, cap=10.0)  # consecutive failed passes
         self._failing_delay = 0.0
-        self._last_prune = -1e18
-        #: False from a failed look at the provider until the next good one
-        #: (read from the serving thread: a bool, atomic under the GIL).
-        self.provider_usable = True
-        self._last_resync = -1e9
-        self._provider_changed = True
-        self._seen: set[str] = set()  # VM names in the previous observation
+        self._sync = ProviderSync(inventory, provider, self._exec, monotonic)
+        self._housekeeping = Housekeeping(inventory, config, metrics, monotonic)
         # Event-driven passes look at the pools something happened in; a full
         # pass over every pool runs at least every reconcile_interval.
         self._dirty: set[str] = set()
@@ -151,11 +138,22 @@ class Reconciler:
                 self._dirty.add(pool)
 
     def provider_changed(self) -> None:
-        self._provider_changed = True
+        self._sync.changed = True
         self._wake.set()
 
     def _vm_deleted(self) -> None:
-        self._provider_changed = True
+        self._sync.changed = True
+
+    def resync_soon(self) -> None:
+        """Compare every row with every VM on the next pass (drift, orphans)."""
+        self._sync.resync_soon()
+        self._wake.set()
+
+    @property
+    def provider_usable(self) -> bool:
+        """False from a failed look at the provider until the next good one
+        (read from the serving thread: a bool, atomic under the GIL)."""
+        return self._sync.usable
 
     async def run(self, stop: asyncio.Event, is_leader: Callable[[], bool]) -> None:
         """Passes while leading, until ``stop``; then the provider calls in flight
@@ -198,8 +196,7 @@ class Reconciler:
         if self.autoscaler is not None:
             self.autoscaler.stepped_down()
         self._gauges.clear()
-        self._seen.clear()
-        self._last_resync = -1e9  # if we lead again, start from a full view
+        self._sync.forget()  # if we lead again, start from a full view
         self._full_due = True
 
     async def drain_calls(self, timeout: float = 5.0) -> None:
@@ -287,8 +284,8 @@ class Reconciler:
         changed = await self._exec.apply(
             [a for a in actions if not isinstance(a, SetAside | Create)], now
         )
-        if self._needs_provider(summary):
-            changed |= await self._sync_with_provider(now)
+        if self._sync.needed(summary):
+            changed |= await self._sync.sync(now, self._targets)
         sizing: tuple[type, ...] = (SetAside, Create)
         if changed:
             rescope = None if scope is None else sorted({*scope, *self._exec.touched})
@@ -297,38 +294,9 @@ class Reconciler:
             actions = self._plan(summary, now)
             sizing = (ReplaceStale, SetAside, Create)
         changed |= await self._exec.apply([a for a in actions if isinstance(a, sizing)], now)
-        if self._mono() - self._last_prune >= PRUNE_EVERY:
-            self._last_prune = self._mono()
-            await self._prune_history(now)
+        await self._housekeeping.maybe_prune(now)
         changed |= await self._statuses(summary)
         return changed
-
-    async def _prune_history(self, now: datetime) -> None:
-        """lease_history retention, in batches (RESERVATION_LOOKUP reads it)."""
-        before = now - self._config.reconciler.lease_history_retention
-        total = 0
-        for _ in range(PRUNE_BATCHES):
-            n = await self._inv.prune_history(before, PRUNE_BATCH)
-            total += n
-            if n < PRUNE_BATCH:
-                break
-        if total:
-            self._metrics.reconcile_actions.labels("history pruned").inc(total)
-            log.info("history pruned", rows=total, ended_before=before.isoformat())
-        await self._prune_events()
-
-    async def _prune_events(self) -> None:
-        """lease_events retention (WatchLeases), by the database's clock."""
-        keep = self._config.reconciler.lease_events_retention
-        total = 0
-        for _ in range(EVENT_PRUNE_BATCHES):
-            n = await self._inv.prune_events(keep, EVENT_PRUNE_BATCH)
-            total += n
-            if n < EVENT_PRUNE_BATCH:
-                break
-        if total:
-            self._metrics.reconcile_actions.labels("events pruned").inc(total)
-            log.info("lease events pruned", rows=total, older_than=str(keep))
 
     async def _statuses(self, summary: Summary) -> bool:
         """Pool statuses the counts reached (pool-api.md section 3): RUNNING once
@@ -353,74 +321,6 @@ class Reconciler:
         for name in gone:
             self._exec.action("pool deleted", pool=name, reason="DeletePool, no VM left")
         return bool(gone)
-
-    # --- the provider's view ----------------------------------------------------------
-
-    def _resync_due(self) -> bool:
-        # Orphans are deleted after orphan_grace: compare often enough for that.
-        every = min(RESYNC, max(1.0, self._provider.orphan_grace.total_seconds() / 2))
-        return self._mono() - self._last_resync >= every
-
-    def resync_soon(self) -> None:
-        """Compare every row with every VM on the next pass (drift, orphans)."""
-        self._last_resync = -1e18
-        self._wake.set()
-
-    def _needs_provider(self, summary: Summary) -> bool:
-        busy = self._exec.work_pending or any(
-            p.counts["provisioning"] or p.counts["destroying"] for p in summary.pools.values()
-        )
-        return busy or self._resync_due() or self._provider_changed
-
-    async def _sync_with_provider(self, now: datetime) -> bool:
-        """Compare rows with VMs: boots done or failed, deletions confirmed, drift."""
-        full = self._resync_due()
-        try:
-            statuses = await self._provider.observe(full=full)
-        except ProviderError:
-            self.provider_usable = False  # health: vmpool.provider NOT_SERVING
-            raise
-        self.provider_usable = True
-        if statuses is None:
-            return False  # the provider's view is not complete yet
-        self._provider_changed = False
-        vms = {
-            name: VM(
-                name,
-                ready=vm.phase is VMPhase.READY,
-                failed=vm.phase is VMPhase.FAILED,
-                deleting=vm.deleting,
-                zone=vm.zone,
-                reason=vm.reason,
-            )
-            for name, vm in statuses.items()
-        }
-        # VMs that were there last time and are not now: gone behind our back,
-        # or deletions we asked for. Checked at once, not at the next resync.
-        disappeared = self._seen - vms.keys()
-        self._seen = set(vms)
-        rows = await self._inv.work_rows(everything=full)
-        self._exec.work_pending = any(r.state in ("provisioning", "destroying") for r in rows)
-        if full:
-            self._last_resync = self._mono()
-            self._exec.orphans = orphans_seen((r.name for r in rows), vms, self._exec.orphans, now)
-        elif disappeared:
-            rows += await self._inv.rows_named(sorted(disappeared))
-        pool_of = {r.name: r.pool for r in rows}
-        actions = plan_rows(
-            [
-                Row(r.name, r.pool, r.state, r.created_at, r.spec_hash, r.destroy_reason)
-                for r in rows
-            ],
-            vms,
-            self._targets,
-            now,
-            busy=self._exec.busy,
-            orphans_since=self._exec.orphans if full else None,
-            orphan_grace=self._provider.orphan_grace,
-            disappeared=frozenset(disappeared),
-        )
-        return await self._exec.apply_rows(actions, pool_of, now)
 
 
 def observed(
