@@ -4,6 +4,7 @@ in short batches so no delete holds locks for long."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import structlog
@@ -43,12 +44,9 @@ class Housekeeping:
     async def _prune_history(self, now: datetime) -> None:
         """lease_history retention, in batches (RESERVATION_LOOKUP reads it)."""
         before = now - self._config.reconciler.lease_history_retention
-        total = 0
-        for _ in range(PRUNE_BATCHES):
-            n = await self._inv.prune_history(before, PRUNE_BATCH)
-            total += n
-            if n < PRUNE_BATCH:
-                break
+        total = await _in_batches(
+            lambda n: self._inv.prune_history(before, n), PRUNE_BATCH, PRUNE_BATCHES
+        )
         if total:
             self._metrics.reconcile_actions.labels("history pruned").inc(total)
             log.info("history pruned", rows=total, ended_before=before.isoformat())
@@ -57,12 +55,21 @@ class Housekeeping:
     async def _prune_events(self) -> None:
         """lease_events retention (WatchLeases), by the database's clock."""
         keep = self._config.reconciler.lease_events_retention
-        total = 0
-        for _ in range(EVENT_PRUNE_BATCHES):
-            n = await self._inv.prune_events(keep, EVENT_PRUNE_BATCH)
-            total += n
-            if n < EVENT_PRUNE_BATCH:
-                break
+        total = await _in_batches(
+            lambda n: self._inv.prune_events(keep, n), EVENT_PRUNE_BATCH, EVENT_PRUNE_BATCHES
+        )
         if total:
             self._metrics.reconcile_actions.labels("events pruned").inc(total)
             log.info("lease events pruned", rows=total, older_than=str(keep))
+
+
+async def _in_batches(delete: Callable[[int], Awaitable[int]], batch: int, batches: int) -> int:
+    """Delete ``batch`` rows at a time until fewer are left, at most ``batches``
+    times (the next run goes on); how many in all."""
+    total = 0
+    for _ in range(batches):
+        n = await delete(batch)
+        total += n
+        if n < batch:
+            break
+    return total
