@@ -112,7 +112,7 @@ async def make_world(
         waiters.wake,
         inbox=inbox,
         monotonic=clock.monotonic,
-        autoscale_store=AutoscaleStore(db) if autoscale else None,
+        autoscale_store=AutoscaleStore(db, fenced=inventory.fenced) if autoscale else None,
     )
     demand = DemandCounter() if autoscale else None
     leaser = Leaser(store, cfg, clock, waiters, metrics, demand=demand)

@@ -219,8 +219,9 @@ class Background:
                 on_dropped=self._metrics.connection_dropped("control"),
             )
             provider = build_provider(config, db, self._metrics)
+            inventory = Inventory(db, fence=control.fence)
             reconciler = Reconciler(
-                Inventory(db, fence=control.fence),
+                inventory,
                 provider,
                 config,
                 utcnow,
@@ -229,7 +230,7 @@ class Background:
                 inbox=self._inbox,
                 on_fenced=control.step_down,
                 pool_store=PoolStore(db),
-                autoscale_store=AutoscaleStore(db),
+                autoscale_store=AutoscaleStore(db, fenced=inventory.fenced),
             )
             self._reconciler, self._control = reconciler, control
             try:

@@ -5,7 +5,7 @@ reconciler's idle cost does not grow with them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from vmpool.domain.autoscale import Learned
@@ -54,9 +54,15 @@ DECISIONS = "SELECT pool, decision, updated_at FROM autoscale_state"
 Arrival = tuple[str, int, int]  # pool, second, count
 
 
+#: Runs statements in one transaction that first checks this process still
+#: leads (vmpool.store.inventory.Inventory.fenced).
+Fenced = Callable[[Sequence[tuple[str, tuple[Any, ...]]]], Awaitable[None]]
+
+
 class AutoscaleStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, fenced: Fenced | None = None) -> None:
         self._db = db
+        self._fenced = fenced  # the leader's state writes: a deposed leader's are refused
 
     async def add_arrivals(self, rows: Sequence[Arrival]) -> None:
         if not rows:
@@ -121,5 +127,8 @@ class AutoscaleStore:
             }
             for name, x in sorted(states.items())
         ]
+        if self._fenced is not None:
+            await self._fenced([(SAVE_STATES, (records,))])
+            return
         async with translated():
             await self._db.execute(SAVE_STATES, records)

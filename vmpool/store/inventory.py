@@ -103,6 +103,11 @@ class Inventory:
         async with translated():
             return await retrying(once, lost_connections=idempotent)
 
+    async def fenced(self, statements: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+        """Another store's statements in one fenced transaction (the leader's
+        writes outside the instance tables, e.g. vmpool.store.autoscale)."""
+        await self._write(statements)
+
     async def sync_pools(self, pools: Sequence[tuple[str, dict[str, str]]]) -> None:
         async with translated():
             await self._pool.execute(
