@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 import psutil
 
+from tests.bench import auth as auth_phase
 from tests.bench import autoscale, report, versus
 from tests.pg import TestPostgres, with_database
 from tests.server import ServerProcess
@@ -35,7 +36,8 @@ CHANNELS = 8  # HTTP/2 connections per load phase (workers share them round-robi
 MAIN_POOL = "bench"
 SCALE_POOL = "scale"
 HANDOFF_POOL = "handoff"
-SCENARIOS = ("versus", "throughput", "scale", "handoff", "idle")
+SCENARIOS = ("versus", "throughput", "scale", "handoff", "idle", "auth")
+DEFAULT_SCENARIOS = ("versus", "throughput", "scale", "handoff", "idle")  # --auth adds auth
 
 
 class Settings:
@@ -263,6 +265,22 @@ class Bench:
             generators=self.s.generators,
             baseline=self.s.baseline,
             log=lambda line: print(line, flush=True),
+        )
+
+    async def auth(self) -> None:
+        """TLS + kubernetes auth against plain, interleaved (tests/bench/auth.py)."""
+        self.details["auth"] = r = await auth_phase.compare(
+            self.work / "auth",
+            self.pg,
+            duration=self.s.versus_duration,
+            warmup=self.s.warmup,
+            rounds=self.s.versus_rounds,
+            log=lambda line: print(line, flush=True),
+        )
+        print(
+            f"auth: server CPU per call with/without {r.get('cpu_ratio')}, token reviews "
+            f"{r.get('token_reviews')}, cache hit rate >= {r.get('cache_hit_rate_at_least')}",
+            flush=True,
         )
 
     async def throughput(self) -> None:
@@ -660,7 +678,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"machine: {info}", flush=True)
         with tempfile.TemporaryDirectory(prefix="vmpool-bench-") as tmp:
             bench = Bench(s, pg, Path(tmp), out, args.profile)
-            for name in args.only.split(","):
+            for name in [*args.only.split(","), *(["auth"] if args.auth else [])]:
                 t0 = time.perf_counter()
                 try:
                     await getattr(bench, name)()
@@ -701,8 +719,9 @@ def main() -> int:
     parser.add_argument("--out", default="bench-results", help="output directory")
     parser.add_argument(
         "--only",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated scenarios to run (default: all of {','.join(SCENARIOS)})",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma-separated scenarios to run (default: {','.join(DEFAULT_SCENARIOS)}; "
+        f"any of {','.join(SCENARIOS)})",
     )
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds against the floor (3)"
@@ -719,6 +738,11 @@ def main() -> int:
         "--watch",
         action="store_true",
         help="only the WatchLeases costs (tests/bench/watch.py; writes OUT/watch.json)",
+    )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="also the TLS + kubernetes auth phase (tests/bench/auth.py)",
     )
     parser.add_argument(
         "--baseline",

@@ -46,6 +46,12 @@ LIMITS = [
         1.5,
         "server CPU per Lease or Return RPC vs the floor's, c=1",
     ),
+    (
+        "auth_cpu_ratio",
+        "<=",
+        1.1,
+        "server CPU per Lease or Return RPC with TLS + kubernetes auth vs without (--auth)",
+    ),
 ]
 
 
@@ -56,6 +62,9 @@ def headline(details: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"floor_generator": v.get("primary")}
     for key, (name, stat) in KEYS.items():
         out[key] = (ratios.get(name) or {}).get(stat)
+    auth = details.get("auth") or {}
+    out["auth_cpu_ratio"] = auth.get("cpu_ratio")  # only with --auth
+    out["auth_cache_hit_rate"] = auth.get("cache_hit_rate_at_least")
     return out
 
 
@@ -64,10 +73,11 @@ def _fmt(v: Any) -> str:
 
 
 def markdown(details: dict[str, Any]) -> list[str]:
+    lines = _auth_lines(details.get("auth"))
     v = details.get("versus")
     if not v:
-        return []
-    lines = [
+        return lines
+    lines += [
         "## vmpool against the floor",
         "",
         "The floor (tests/bench/floor.py: grpclib + protobuf/upb, one statement per "
@@ -117,6 +127,22 @@ def markdown(details: dict[str, Any]) -> list[str]:
                     )
     lines.append("")
     return lines
+
+
+def _auth_lines(a: dict[str, Any] | None) -> list[str]:
+    if not a or "cpu_ratio" not in a:
+        return []
+    return [
+        "## TLS + kubernetes auth (--auth)",
+        "",
+        f"Generator: {a['generator']}; Lease->Return at c=64, interleaved rounds. Server CPU "
+        f"per Lease or Return RPC with / without: {a['cpu_ratio']} (rounds "
+        f"{a['cpu_ratio_rounds']}). TokenReviews: {a['token_reviews']} for at least "
+        f"{a['authenticated_calls_at_least']} calls (cache hit rate >= "
+        f"{a['cache_hit_rate_at_least']}); cache TTL {a['cache_ttl']}: a revoked token keeps "
+        "working at most that long.",
+        "",
+    ]
 
 
 def chart(ax: Any, details: dict[str, Any]) -> None:

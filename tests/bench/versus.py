@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -75,8 +76,9 @@ class GoGenerator:
 
     name = "grpc-go"
 
-    def __init__(self, binary: Path) -> None:
+    def __init__(self, binary: Path, env: dict[str, str] | None = None) -> None:
         self.binary = binary
+        self.env = env  # e.g. ACC_CA and ACC_TOKEN: TLS and a bearer token (creds.go)
 
     async def run(self, **cmd: Any) -> dict[str, Any]:
         proc = await asyncio.create_subprocess_exec(
@@ -91,6 +93,7 @@ class GoGenerator:
             str(cmd.get("channels", CHANNELS)),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **self.env} if self.env else None,
         )
         out, err = await proc.communicate()
         if proc.returncode != 0:
