@@ -12,6 +12,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from vmpool.core.durations import parse_duration
 
 MAX_SPAN = timedelta(days=366)  # a period or delay longer than a year is a typo
+MAX_BINS = 10_000  # the profile is kept, and stored, per bin (7 periods of them)
+MAX_WINDOW = timedelta(days=1)
 
 
 def _span(value: Any) -> timedelta:
@@ -56,6 +58,10 @@ class AutoscaleConfig(BaseModel):
                 f"bin ({self.bin.total_seconds():g}s) does not divide period "
                 f"({self.period.total_seconds():g}s)"
             )
+        if period_ms // bin_ms > MAX_BINS:
+            raise ValueError(f"period / bin is {period_ms // bin_ms} bins; at most {MAX_BINS}")
+        if self.window > MAX_WINDOW:
+            raise ValueError("window: at most 24h (demand is kept in memory for it)")
         return self
 
     @property

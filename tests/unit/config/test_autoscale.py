@@ -62,6 +62,8 @@ def test_without_the_block_a_pool_has_none() -> None:
         ({"period": "1h", "bin": "7m"}, "pools[0].autoscale: bin (420s) does not divide period"),
         ({"period": "1m", "bin": "2m"}, "pools[0].autoscale: bin (120s) does not divide period"),
         ({"mode": "auto"}, "pools[0].autoscale.mode: "),
+        ({"period": "24h", "bin": "1s"}, "pools[0].autoscale: period / bin is 86400 bins"),
+        ({"window": "2d"}, "pools[0].autoscale: window: at most 24h"),
         ({"flor": 1}, "pools[0].autoscale.flor: unknown key"),
     ],
 )
