@@ -73,3 +73,15 @@ async def no_leftover_tasks() -> AsyncIterator[None]:
     for t in left:
         t.cancel()
     assert not left, f"test left tasks running: {[(t.get_name(), t.get_coro()) for t in left]}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Every skipped test and why, so that a skip is never silent."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    terminalreporter.section(f"skipped: {len(skipped)}, and why")
+    for report in skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        terminalreporter.line(f"{report.nodeid}: {reason.removeprefix('Skipped: ')}")

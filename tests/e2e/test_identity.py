@@ -28,6 +28,7 @@ from tests.e2e.identity_kit import EXTENSION, Issuer, Pki, TlsClient, plaintext_
 from tests.fakekube.server import FakeKube, ServiceAccountToken
 from tests.pg import TestPostgres
 from tests.polling import eventually
+from tests.prerequisites import non_loopback_address, require
 from tests.server import ServerProcess, free_port
 from vmpool.proto.intrinsic_proto.vmpoolapi import v1 as papi
 from vmpool.proto.vmpool.admin import v1 as adm
@@ -529,22 +530,18 @@ async def test_ping_needs_no_credentials_but_leasing_does(
     await alice.return_(lease.instance, "ci")
 
 
-def _non_loopback_address() -> str | None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))  # no packet is sent: this only picks a route
-        except OSError:
-            return None
-        address = str(s.getsockname()[0])
-    return None if address.startswith("127.") else address
-
-
 async def test_anonymous_admin_only_from_loopback(
     postgres: TestPostgres, grpcio_modules: GrpcioModules, tmp_path: Path
 ) -> None:
-    address = _non_loopback_address()
-    if address is None:
-        pytest.skip("this machine has no non-loopback address")
+    with non_loopback_address() as address:
+        require(address is not None, "an address that is not loopback (none, and not root)")
+        assert address is not None
+        await _anonymous_admin_only_from_loopback(address, postgres, grpcio_modules, tmp_path)
+
+
+async def _anonymous_admin_only_from_loopback(
+    address: str, postgres: TestPostgres, grpcio_modules: GrpcioModules, tmp_path: Path
+) -> None:
     port = free_port()
     proc = ServerProcess(
         server_config(POOLS, listen=f"0.0.0.0:{port}"),
