@@ -25,6 +25,7 @@ from grpclib.exceptions import GRPCError
 
 from tests.pg import TestPostgres
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
+from vmpool.proto.vmpool.admin import v1 as adm
 
 TAG = "chaos"
 _POSITION = re.compile(r"queued at position (\d+) of (\d+)")
@@ -143,6 +144,7 @@ class Client:
         host, _, port = address.rpartition(":")
         self._channel = Channel(host, int(port))
         self._stub = api.VmPoolLeaseServiceStub(self._channel)
+        self._extension = adm.VmPoolExtensionServiceStub(self._channel)
         self._log = log
         self._worker = worker
 
@@ -199,6 +201,15 @@ class Client:
             call.expires = reply.lease.expires
         return call
 
+    async def cancel(self, rid: str, pool: str) -> Call:
+        """CancelReservation; ``message`` keeps the outcome when OK."""
+        call = self._new("CancelReservation", pool=pool, rid=rid)
+        request = adm.CancelReservationRequest(reservation_id=rid, service_tag=TAG)
+        reply = await self._call(call, self._extension.cancel_reservation(request, timeout=5))
+        if reply is not None:
+            call.message = reply.outcome
+        return call
+
     def close(self) -> None:
         self._channel.close()
 
@@ -222,6 +233,7 @@ class StormConfig:
     extend_share: float = 0.4
     extend_by: tuple[float, float] = (5.0, 40.0)  # ExtendTo(now + this)
     abandon_share: float = 0.1  # leases never returned (they expire)
+    cancel_share: float = 0.0  # queued reservations withdrawn (CancelReservation)
 
 
 class Storm:
@@ -295,7 +307,19 @@ class Storm:
                 return None  # stopping: give up this reservation (it will expire)
             if call.code != "RESOURCE_EXHAUSTED":
                 await asyncio.sleep(rng.uniform(0.1, 0.3))
+            elif self.config.cancel_share and rng.random() < self.config.cancel_share:
+                await self._withdraw(client, rid, pool, rng)
+                return None
         return None
+
+    async def _withdraw(self, client: Client, rid: str, pool: str, rng: random.Random) -> None:
+        """CancelReservation until it answers (a lost answer is asked again)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            call = await client.cancel(rid, pool)
+            if call.code in ("OK", "NOT_FOUND", "FAILED_PRECONDITION"):
+                return
+            await asyncio.sleep(rng.uniform(0.1, 0.3))
 
     async def _hold(self, client: Client, lease: Call, rng: random.Random) -> None:
         cfg = self.config

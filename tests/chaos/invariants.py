@@ -235,17 +235,27 @@ async def converged(snapshot: Callable[[], Awaitable[Snapshot]], timeout: float)
         await asyncio.sleep(0.5)
 
 
-def acked_kept(log: Log, leases: list[dict[str, Any]]) -> Result:
+def acked_kept(
+    log: Log, leases: list[dict[str, Any]], reservations: set[str] | None = None
+) -> Result:
     """Every change answered OK is in the database afterwards (on the new
     primary after a failover): an OK Lease has its row (active or ended), an
-    OK Return's lease has ended, and the last ExtendTo of a lease, when OK,
-    left its expiry there. ExtendTos followed by one whose answer was lost
-    (it may or may not have applied) are not judged."""
+    OK Return's lease has ended, the last ExtendTo of a lease, when OK, left
+    its expiry there, and a reservation CancelReservation answered
+    "cancelled" is neither still queued (``reservations``: the ids left) nor
+    ever leased. ExtendTos followed by one whose answer was lost (it may or
+    may not have applied) are not judged."""
     rows: dict[str, list[dict[str, Any]]] = {}
     for r in leases:
         rows.setdefault(r["instance"], []).append(r)
     missing: list[str] = []
-    counted = {"Lease": 0, "Return": 0, "ExtendTo": 0}
+    counted = {"Lease": 0, "Return": 0, "ExtendTo": 0, "CancelReservation": 0}
+    leased_rids = {r["rid"] for r in leases if r["rid"]}
+    for c in log.calls:
+        if c.kind == "CancelReservation" and c.code == "OK" and c.message == "cancelled":
+            counted["CancelReservation"] += 1
+            if c.rid in leased_rids or (reservations is not None and c.rid in reservations):
+                missing.append(f"CancelReservation {c.rid}: the reservation lived on")
     ok_leases = ok_accounted(log, leases)
     if ok_leases.ok is False:
         missing.append(f"Lease: {ok_leases.detail}")

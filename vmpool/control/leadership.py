@@ -25,7 +25,9 @@ class Leadership:
     def poll(self) -> tuple[bool, bool]:
         """(leading now, stepped down since the last poll); exports the gauge."""
         leading = self.is_leader()
-        self._metrics.leader.set(1 if leading else 0)
+        # Read at scrape time: a leader stuck in a pass (a stalled database)
+        # shows 0 as soon as it stops trusting its term, not at its next poll.
+        self._metrics.leader.set_function(lambda: 1 if self.is_leader() else 0)
         stepped_down = self._was_leading and not leading
         self._was_leading = leading
         return leading, stepped_down
