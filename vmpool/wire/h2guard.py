@@ -67,7 +67,7 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from vmpool.wire.grpcframe import CallLimits, GuardedH2Stream, handle_request
-from vmpool.wire.h2limits import Budget, GuardSettings
+from vmpool.wire.h2limits import Budget, GuardSettings, PingPolicy
 
 log = structlog.get_logger("vmpool.h2guard")
 
@@ -148,8 +148,7 @@ class GuardedProtocol(H2Protocol):
         self._last_stream = 0
         self._preface_seen = False
         self._timer: asyncio.TimerHandle | None = None
-        self._strikes = 0
-        self._last_ping = -1e9
+        self._pings = PingPolicy(settings.min_ping_interval, settings.ping_strikes)
         self._grpclib_peer: bool | None = None  # unknown until its first request
         self._goaway_sent = False  # the graceful one (shutdown)
         self.gone = asyncio.Event()  # set once the socket is closed
@@ -349,16 +348,10 @@ class GuardedProtocol(H2Protocol):
                 return False
             return True
         if kind is PingReceived:
-            now = time.monotonic()
-            if self.connection.sent_since_ping:
-                self.connection.sent_since_ping = False
-                self._strikes = 0
-            elif now - self._last_ping < self.settings.min_ping_interval:
-                self._strikes += 1
-                if self._strikes > self.settings.ping_strikes:
-                    self.calm("too_many_pings")
-                    return False
-            self._last_ping = now
+            sent_data, self.connection.sent_since_ping = self.connection.sent_since_ping, False
+            if not self._pings.allow(time.monotonic(), sent_data):
+                self.calm("too_many_pings")
+                return False
             return True
         if kind is RemoteSettingsChanged:
             self._preface_seen = True

@@ -59,3 +59,28 @@ class Budget:
             return False
         self._tokens = tokens - 1.0
         return True
+
+
+class PingPolicy:
+    """The PINGs a connection may send. Any PING after the server sent data is
+    fine (keepalive between calls, BDP probes); without data in between, one
+    per ``min_interval`` seconds, ``strikes`` closer ones forgiven. ``allow``
+    is False past that: the connection is to be closed (too_many_pings)."""
+
+    __slots__ = ("_last", "_limit", "_min_interval", "_strikes")
+
+    def __init__(self, min_interval: float, strikes: int) -> None:
+        self._min_interval = min_interval
+        self._limit = strikes
+        self._strikes = 0
+        self._last = -1e9
+
+    def allow(self, now: float, sent_data_since: bool) -> bool:
+        if sent_data_since:
+            self._strikes = 0
+        elif now - self._last < self._min_interval:
+            self._strikes += 1
+            if self._strikes > self._limit:
+                return False
+        self._last = now
+        return True

@@ -22,10 +22,11 @@ from grpclib.server import Stream
 
 from tests.h2raw import RawH2, frame, gzipped
 from tests.polling import eventually
+from vmpool.config.loading import parse_config
 from vmpool.core.echo import echo, status_message
 from vmpool.wire.grpcframe import Refusal, check_headers, gunzip, parse_timeout
 from vmpool.wire.h2guard import GuardedServer
-from vmpool.wire.h2limits import Budget, GuardSettings
+from vmpool.wire.h2limits import Budget, GuardSettings, PingPolicy
 
 ECHO = "/test.Echo/Echo"
 HOLD = "/test.Echo/Hold"
@@ -442,6 +443,23 @@ async def test_too_many_concurrent_streams_gets_goaway(served: Served) -> None:
     await raw.until_closed()
     assert raw.goaway is not None
     assert raw.goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize("every", [2.0, 10.0])  # grpcio keepalive in our tests; grpc-go's least
+def test_keepalive_pings_are_allowed_at_the_servers_settings(every: float) -> None:
+    """The PING policy with the settings `vmpool serve` runs with, on a clock
+    the test moves: keepalive without calls for an hour is never refused; the
+    same pings ten times as often are, after the forgiven strikes."""
+    settings = GuardSettings.from_limits(parse_config({}).limits)
+    policy = PingPolicy(settings.min_ping_interval, settings.ping_strikes)
+    assert all(policy.allow(i * every, sent_data_since=False) for i in range(int(3600 / every)))
+    fast = PingPolicy(settings.min_ping_interval, settings.ping_strikes)
+    answers = [fast.allow(i * every / 20, sent_data_since=False) for i in range(100)]
+    assert False in answers
+    assert answers.index(False) == settings.ping_strikes + 1
+    # Any number of pings close together, each after the server sent data.
+    busy = PingPolicy(settings.min_ping_interval, settings.ping_strikes)
+    assert all(busy.allow(i * 0.001, sent_data_since=True) for i in range(1000))
 
 
 async def test_keepalive_pings_without_calls_are_fine() -> None:
