@@ -20,6 +20,7 @@ import pytest
 from tests.e2e.clients import Client
 from tests.e2e.conftest import Running, lease_when_free
 from tests.e2e.grpcio_stack import REPO, compile_proto
+from vmpool.store.events import PRUNE
 
 ADMIN_PROTO = "vmpool/admin/v1/admin.proto"
 POOLS = [{"name": "w", "min_ready": 3, "max_size": 6, "default_lease": "10m"}]
@@ -50,7 +51,10 @@ class Watcher:
     def __init__(self, address: str, pb: tuple[ModuleType, ModuleType], **request: Any) -> None:
         pb2, pb2_grpc = pb
         self.pb2 = pb2
-        self.channel = grpc.aio.insecure_channel(address)
+        # A connection of its own (grpcio shares one between channels otherwise).
+        self.channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
         stub = pb2_grpc.VMPoolExtensionServiceStub(self.channel)
         timeout = request.pop("timeout", None)
         self.call = stub.WatchLeases(pb2.WatchLeasesRequest(**request), timeout=timeout)
@@ -340,3 +344,82 @@ async def test_a_slow_reader_is_ended_with_a_cursor_and_resuming_from_it_loses_n
     names = [e.instance for e in first] + [e.instance for e in rest.events if e.instance]
     assert sorted(names) == sorted(f"slow-{g}" for g in range(1, n + 1))
     assert len(names) == len(set(names)) == n
+
+
+async def test_stream_caps_per_process_and_per_connection(
+    start_server: Callable[..., Awaitable[Running]],
+    watchers: Callable[..., Watcher],
+    admin_pb: tuple[ModuleType, ModuleType],
+) -> None:
+    s = await start_server(
+        POOLS,
+        name="caps",
+        limits={"max_watch_streams": 3, "max_watch_streams_per_connection": 2},
+    )
+    pb2, pb2_grpc = admin_pb
+    channel = grpc.aio.insecure_channel(s.address)
+    try:
+        stub = pb2_grpc.VMPoolExtensionServiceStub(channel)
+        calls = [stub.WatchLeases(pb2.WatchLeasesRequest()) for _ in range(3)]
+        firsts = await asyncio.gather(*(c.read() for c in calls), return_exceptions=True)
+        refused = [x for x in firsts if isinstance(x, grpc.aio.AioRpcError)]
+        assert len(refused) == 1, firsts  # which one lost the race does not matter
+        assert refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limits.max_watch_streams_per_connection" in refused[0].details()
+        opened = [c for c, x in zip(calls, firsts, strict=True) if x is not refused[0]]
+        other = watchers(s.address)  # another connection: the third of the process
+        await other.started()
+        fourth = watchers(s.address)
+        await fourth.task
+        assert fourth.error is not None
+        assert fourth.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limits.max_watch_streams)" in fourth.error.details()
+        opened[0].cancel()
+        again = watchers(s.address)  # a stream ended: room again
+        await again.started()
+    finally:
+        await channel.close()
+
+
+async def test_a_cursor_older_than_the_retention_is_out_of_range_naming_the_oldest(
+    start_server: Callable[..., Awaitable[Running]],
+    client_factory: Callable[[str, str], Client],
+    watchers: Callable[..., Watcher],
+) -> None:
+    s = await start_server(POOLS, name="retention")
+    await s.wait_ready("w", 3)
+    w = watchers(s.address, expiring_lead_seconds=-1)
+    await w.started()
+    c = client_factory("grpclib", s.address)
+    lease = await lease_when_free(c, "w", service_tag="old")
+    await c.return_(lease.instance, service_tag="old")
+    await w.wait_for(lambda _ev: ("RETURNED", lease.instance) in lease_events(w))
+    start = w.events[0].cursor  # the first HEARTBEAT: before the LEASED event
+    # What the leader's retention run does once events are older than it: here
+    # the oldest one (LEASED) goes.
+    await s.sql(PRUNE, -1.0, 1)
+    late = watchers(s.address, after=start)
+    await late.task
+    assert late.error is not None
+    assert late.error.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "the oldest available is" in late.error.details()
+    oldest = late.error.details().split('the oldest available is "', 1)[1].split('"', 1)[0]
+    resumed = watchers(s.address, after=oldest, expiring_lead_seconds=-1)
+    await resumed.wait_for(lambda _ev: ("RETURNED", lease.instance) in lease_events(resumed))
+
+
+async def test_the_snapshot_shows_current_leases_then_what_follows(
+    server: Running, client_factory: Callable[[str, str], Client], watchers: Callable[..., Watcher]
+) -> None:
+    c = client_factory("grpclib", server.address)
+    held = await lease_when_free(c, "w", service_tag="snap")
+    try:
+        w = watchers(server.address, snapshot=True, service_tag="snap")
+        await w.wait_for(lambda ev: any(kind(w.pb2, e) == "SNAPSHOT_END" for e in ev))
+        snap = [e for e in w.events if kind(w.pb2, e) == "SNAPSHOT_LEASE"]
+        assert [e.instance for e in snap] == [held.instance]
+        assert snap[0].expires.seconds == int(held.expires.timestamp())
+    finally:
+        await c.return_(held.instance, service_tag="snap")
+    await w.wait_for(lambda _ev: ("RETURNED", held.instance) in lease_events(w))
+    assert ("LEASED", held.instance) not in lease_events(w)  # the snapshot had it

@@ -67,7 +67,7 @@ func openWatch(ctx context.Context, cc *grpc.ClientConn, req []byte) (<-chan eve
 	return events, done
 }
 
-// next: the next event of one of ``kinds`` (others skipped), or false after 20 s.
+// next: the next event of one of “kinds“ (others skipped), or false after 20 s.
 func next(events <-chan event, kinds ...int64) (event, bool) {
 	timeout := time.After(20 * time.Second)
 	for {

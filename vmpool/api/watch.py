@@ -106,6 +106,17 @@ def _ended(why: StreamEnded) -> GRPCError:
     return GRPCError(Status[why.code], status_message(str(why)))
 
 
+def _check_kept(position: Cursor, horizon: Cursor) -> None:
+    """OUT_OF_RANGE when events after ``position`` have been pruned (retention)."""
+    if position < horizon:
+        raise GRPCError(
+            Status.OUT_OF_RANGE,
+            "after: the events after this cursor are no longer kept "
+            f'(retention); the oldest available is "{horizon.encode()}": '
+            "resynchronise (snapshot) and resume from there",
+        )
+
+
 class Watch:
     def __init__(self, hub: EventHub, store: EventStore, metrics: Metrics | None = None) -> None:
         self._hub = hub
@@ -154,19 +165,14 @@ class Watch:
         elif after is not None:
             if after.pos > hub.xmax:
                 raise leasing.InvalidArgument("after: a cursor this database has not reached")
+            _check_kept(after, await self._store.horizon())  # whatever this process holds
             sub.position = after
         # Catch up from the database until at the reader's tail, then go live.
         while not hub.go_live(sub):
             if sub.ended is not None:
                 break
             page = await self._store.page(sub.position, hub.tail, PAGE)
-            if sub.position < page.horizon:
-                raise GRPCError(
-                    Status.OUT_OF_RANGE,
-                    "after: the events after this cursor are no longer kept "
-                    f'(retention); the oldest available is "{page.horizon.encode()}": '
-                    "resynchronise (snapshot) and resume from there",
-                )
+            _check_kept(sub.position, page.horizon)
             for e in page.events:
                 skip = not sub.scope.sees(e) or sub.position.skips(e.pos, e.txid)
                 position = sub.position.after(e.pos, e.seq)

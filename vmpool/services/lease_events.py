@@ -149,6 +149,8 @@ class EventHub:
 
     async def open(self, scope: Scope, lead_s: int | None, peer: Any) -> Subscription:
         """A new stream (not live yet); StreamEnded over a cap or while closing."""
+        await self._ensure_started()
+        # No await from the checks to the count: concurrent opens see each other.
         if self._closing:
             raise StreamEnded("UNAVAILABLE", "server is shutting down, retry")
         if len(self._subs) >= self.limits.max_streams:
@@ -163,7 +165,6 @@ class EventHub:
                 f"watch: {self.limits.max_streams_per_connection} streams open on this "
                 "connection, the limit (limits.max_watch_streams_per_connection)",
             )
-        await self._ensure_started()
         sub = Subscription(scope, lead_s, peer, self.tail)
         self._subs.add(sub)
         self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
