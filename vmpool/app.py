@@ -19,7 +19,7 @@ from vmpool.api.rpc import Gate, instrument
 from vmpool.api.watch import Watch, encode_shared
 from vmpool.auth.setup import build_authenticator, startup_warnings
 from vmpool.config.schema import Config
-from vmpool.control.background import Background, FatalError, StartupError
+from vmpool.control.background import Background, FatalError, SettingNotMet, StartupError
 from vmpool.core.address import split_host_port
 from vmpool.core.clock import utcnow
 from vmpool.ops.metrics import Metrics
@@ -50,7 +50,7 @@ from vmpool.wire.tls import ReloadingContext, TlsError
 
 log = structlog.get_logger("vmpool")
 
-__all__ = ["AddressInUse", "FatalError", "StartupError", "serve"]
+__all__ = ["AddressInUse", "FatalError", "SettingNotMet", "StartupError", "serve"]
 
 
 def tls_context(config: Config) -> ReloadingContext | None:

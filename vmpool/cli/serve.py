@@ -46,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flags["metrics_listen"] = args.metrics_listen
     config = _load_config(args.config, flags)
     # lazy: the server's modules load for `vmpool serve` only (CLI start-up time)
-    from vmpool.app import AddressInUse, FatalError, StartupError, serve
+    from vmpool.app import AddressInUse, FatalError, SettingNotMet, StartupError, serve
     from vmpool.ops import logs
 
     logs.setup(config.log_level)
@@ -73,6 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flag = {"listen": "--listen", "metrics_listen": "--metrics-listen"}.get(str(err).split()[0])
         hint = f" (another process has it: choose another address with {flag})" if flag else ""
         raise local_failure(f"cannot start: {err}{hint}", cli_errors.USAGE) from None
+    except SettingNotMet as err:
+        raise local_failure(f"cannot start: {err}", cli_errors.USAGE) from None
     except StartupError as err:
         raise local_failure(f"cannot start: {err}", cli_errors.FAILURE) from None
     except FatalError as err:

@@ -62,6 +62,11 @@ class StartupError(Exception):
     """The server cannot start; the message says why, in one line."""
 
 
+class SettingNotMet(StartupError):
+    """A configured requirement the environment does not meet (e.g.
+    database.require_synchronous_standby): a configuration error, exit 2."""
+
+
 class FatalError(Exception):
     """The server stopped by itself (a bug in the background work): exit non-zero."""
 

@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 
 from vmpool.config.schema import Config
-from vmpool.control.background import StartupError
+from vmpool.control.background import SettingNotMet, StartupError
 from vmpool.control.dbwatch import SynchronousStandbyMissing, check_synchronous_standby
 from vmpool.store.connect import ConnectSettings
 from vmpool.store.db import Database, connect, migrate
@@ -32,7 +32,7 @@ async def open_database(config: Config, url: str, **connect_args: Any) -> Databa
         await check_synchronous_standby(db, config.database)
     except SynchronousStandbyMissing as err:
         await close_database(db)
-        raise StartupError(str(err)) from None
+        raise SettingNotMet(str(err)) from None
     except BaseException:
         await close_database(db)
         raise
