@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -82,10 +82,10 @@ class ProviderConfig(_Strict):
     kubevirt: KubevirtProviderConfig = KubevirtProviderConfig()
 
 
-class PoolConfig(_Strict):
-    name: str
-    labels: dict[str, str] = {}
-    zone: str = ""
+class Sizing(_Strict):
+    """How many instances a pool keeps and how long they are leased: the keys a
+    config pool and an API pool's tier share, checked the same way."""
+
     min_ready: int = Field(default=2, ge=0, le=MAX_POOL_SIZE)
     max_size: int = Field(default=10, ge=0, le=MAX_POOL_SIZE)
     max_provisioning: int = Field(default=5, ge=1, le=MAX_POOL_SIZE)
@@ -96,6 +96,25 @@ class PoolConfig(_Strict):
     boot_timeout: Duration = timedelta(minutes=10)
     max_ready_age: OptionalDuration = None
     autoscale: AutoscaleConfig | None = None  # None: a fixed min_ready, as always
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.min_ready > self.max_size:
+            raise ValueError(f"min_ready ({self.min_ready}) exceeds max_size ({self.max_size})")
+        if self.default_lease <= timedelta(0):
+            raise ValueError("default_lease must be positive")
+        if self.default_lease > self.max_lease:
+            raise ValueError("default_lease exceeds max_lease")
+        if self.reservation_ttl <= timedelta(0):
+            raise ValueError("reservation_ttl must be positive")
+        check_against_size(self.autoscale, self.max_size)
+        return self
+
+
+class PoolConfig(Sizing):
+    name: str
+    labels: dict[str, str] = {}
+    zone: str = ""
     template: dict[str, Any] = {}
 
     @field_validator("name")
@@ -112,19 +131,6 @@ class PoolConfig(_Strict):
         if isinstance(value, dict):
             return {str(k): "" if v is None else str(v) for k, v in value.items()}
         return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> PoolConfig:
-        if self.min_ready > self.max_size:
-            raise ValueError(f"min_ready ({self.min_ready}) exceeds max_size ({self.max_size})")
-        if self.default_lease <= timedelta(0):
-            raise ValueError("default_lease must be positive")
-        if self.default_lease > self.max_lease:
-            raise ValueError("default_lease exceeds max_lease")
-        if self.reservation_ttl <= timedelta(0):
-            raise ValueError("reservation_ttl must be positive")
-        check_against_size(self.autoscale, self.max_size)
-        return self
 
 
 # --- identity (identity.md): TLS, authentication, policy, quotas -------------
@@ -256,32 +262,16 @@ class ReconcilerConfig(_Strict):
 # --- API pools: tiers, hardware templates, versions (pool-api.md section 5) ---
 
 
-class TierConfig(_Strict):
-    """A sizing preset for API pools (the sizing half of a PoolConfig)."""
+class TierConfig(Sizing):
+    """A sizing preset for API pools (the sizing half of a PoolConfig); its
+    API pools get its autoscale block too."""
 
     name: str
     description: str = ""
-    min_ready: int = Field(default=1, ge=0)
-    max_size: int = Field(default=1, ge=0)
-    max_provisioning: int = Field(default=1, ge=1)
-    default_lease: Duration = timedelta(minutes=30)
-    max_lease: Duration = timedelta(hours=24)
-    max_lifetime: OptionalDuration = None
+    min_ready: int = Field(default=1, ge=0, le=MAX_POOL_SIZE)
+    max_size: int = Field(default=1, ge=0, le=MAX_POOL_SIZE)
+    max_provisioning: int = Field(default=1, ge=1, le=MAX_POOL_SIZE)
     reservation_ttl: Duration = timedelta(minutes=1)
-    boot_timeout: Duration = timedelta(minutes=10)
-    max_ready_age: OptionalDuration = None
-    autoscale: AutoscaleConfig | None = None  # API pools of the tier get it
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TierConfig:
-        if self.min_ready > self.max_size:
-            raise ValueError(f"min_ready ({self.min_ready}) exceeds max_size ({self.max_size})")
-        if self.default_lease <= timedelta(0) or self.default_lease > self.max_lease:
-            raise ValueError("default_lease must be positive and at most max_lease")
-        if self.reservation_ttl <= timedelta(0):
-            raise ValueError("reservation_ttl must be positive")
-        check_against_size(self.autoscale, self.max_size)
-        return self
 
 
 class HardwareTemplateConfig(_Strict):
