@@ -262,7 +262,10 @@ async def leases_stop(args: argparse.Namespace, conn: Connection) -> None:
 Subparsers = argparse._SubParsersAction  # argparse's type for add_subparsers()
 
 
-def _nested(parent: argparse.ArgumentParser, metavar: str) -> Subparsers[Any]:
+def _nested(reg: Registry, parent: argparse.ArgumentParser, metavar: str) -> Subparsers[Any]:
+    """The commands under ``parent``; the client flags go between the words too
+    (`vmpool pool --server X list`), as everywhere."""
+    add_connection_flags(parent.add_argument_group("client flags"), reg.env, top_level=False)
     sub = parent.add_subparsers(
         dest=metavar.lower().replace("-", "_"), metavar=metavar, help="what to do"
     )
@@ -341,9 +344,7 @@ def register(reg: Registry) -> None:
             "vmpool pool delete --pool my-pool --wait-timeout 5m",
         ],
     )
-    # Client flags between the words too (`vmpool pool --server X list`), as everywhere.
-    add_connection_flags(top.add_argument_group("client flags"), reg.env, top_level=False)
-    sub = _nested(top, "POOL-COMMAND")
+    sub = _nested(reg, top, "POOL-COMMAND")
 
     p = _client_in(
         reg,
@@ -445,8 +446,7 @@ def register(reg: Registry) -> None:
         _pool_flag(p, required=False)
 
     leases = _group_in(sub, "leases", "list and stop leases")
-    add_connection_flags(leases.add_argument_group("client flags"), reg.env, top_level=False)
-    lsub = _nested(leases, "LEASES-COMMAND")
+    lsub = _nested(reg, leases, "LEASES-COMMAND")
     p = _client_in(
         reg,
         lsub,
