@@ -1150,7 +1150,7 @@ def test_grafana_dashboard_parses_and_charts_existing_metrics(render: Any) -> No
 
 
 def test_notes_need_only_kubectl_and_name_no_missing_documents(render: Any) -> None:
-    for name in ("default", "evaluation-postgresql", "tls-cert-manager"):
+    for name in ("default", "evaluation-postgresql", "tls-cert-manager", "cloudnativepg"):
         rendered = render(VARIANTS[name])
         notes = rendered.manifests[next(p for p in rendered.manifests if p.endswith("NOTES.txt"))]
         commands = [ln.strip() for ln in notes.splitlines() if ln.startswith("  kubectl")]
@@ -1416,6 +1416,13 @@ def test_cloudnativepg_pods_reach_the_primary_verified_with_the_app_password(
     assert [s["metadata"]["name"] for s in rendered.all("Secret")] == []
     assert "Cluster" not in render(BASE).kinds()
     assert "PGPASSWORD" not in json.dumps(render(BASE).objects)
+
+
+def test_cloudnativepg_notes_name_the_cluster_and_its_secrets(render: Any) -> None:
+    notes = _notes(render(VARIANTS["cloudnativepg"]))
+    assert f"get cluster.postgresql.cnpg.io {CNPG_NAME}" in notes
+    assert f"{CNPG_NAME}-app" in notes and f"{CNPG_NAME}-ca" in notes
+    assert "CloudNativePG" not in _notes(render(BASE))
 
 
 def test_database_ca_secret_is_mounted_for_a_verify_full_url(render: Any) -> None:
