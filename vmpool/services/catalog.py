@@ -22,6 +22,7 @@ class PoolCatalog:
         self._store = store
         # The config's pools by name: looked up on every Lease (Config.pool scans).
         self._static: dict[str, PoolConfig] = {p.name: p for p in config.pools}
+        self._static_hashes: dict[str, tuple[PoolConfig, str]] = {}
         self._api: dict[str, PoolConfig] = {}
         self._hashes: dict[str, str] = {}
 
@@ -43,7 +44,11 @@ class PoolCatalog:
         """The hash instances of ``pool`` are made with (template rollout)."""
         if pool.name not in self._static and pool.name in self._hashes:
             return self._hashes[pool.name]
-        return pool_spec_hash(pool)
+        # Asked for every pool on every pass: hashed once per PoolConfig object.
+        cached = self._static_hashes.get(pool.name)
+        if cached is None or cached[0] is not pool:
+            cached = self._static_hashes[pool.name] = (pool, pool_spec_hash(pool))
+        return cached[1]
 
     def pool(self, name: str) -> PoolConfig | None:
         """A config pool, or an API pool as of the last refresh."""
