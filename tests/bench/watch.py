@@ -13,6 +13,8 @@
 - The same latency under light load (2 workers, one watcher): what a commit
   costs to reach a client when the machine is not saturated.
 - Idle server CPU with 1,000 open streams against none.
+- The database-side cost alone: Lease+Return through the store, one pair at
+  a time, triggers off and on in alternating blocks (no server, no gRPC).
 
 Watchers run in a process of their own (``--child``), so the load generator and
 the server are not slowed by them; all share this machine's cores, so compare
@@ -183,6 +185,8 @@ async def run(quick: bool, out: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"duration_s": duration, "rounds": rounds}
     try:
         await pg.setup_template()
+        result["db_cost"] = await _db_cost(await pg.fresh(), 300 if quick else 1000, rounds, pg)
+        print(f"watch bench: db_cost: {result['db_cost']}", flush=True)
         url = await pg.fresh()
         with tempfile.TemporaryDirectory(prefix="vmpool-bench-watch-") as tmp:
             cfg = {
@@ -234,6 +238,61 @@ async def run(quick: bool, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "watch.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+async def _db_cost(url: str, pairs: int, rounds: int, pg: TestPostgres) -> dict[str, Any]:
+    """Lease+Return straight through the store (no server, no gRPC), one pair at
+    a time, triggers off and on in alternating blocks: the database-side cost
+    of recording events, as PostgreSQL CPU per pair (less disturbed by the
+    machine's other load than wall time, which is also given)."""
+    from datetime import UTC, datetime, timedelta
+
+    from vmpool.core.instant import Instant
+    from vmpool.store.db import create_pool
+    from vmpool.store.leases import LeaseStore
+
+    db = await create_pool(url, min_size=1, max_size=2)
+    conn = await asyncpg.connect(url)
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    cpu: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        await conn.execute("INSERT INTO pools (name) VALUES ('dbcost') ON CONFLICT DO NOTHING")
+        store = LeaseStore(db)
+        now = datetime.now(UTC)
+        expires = Instant.from_datetime(now + timedelta(hours=1))
+        for r in range(rounds * 2):
+            mode = "on" if r % 2 else "off"
+            await _triggers(conn, mode == "on")
+            await conn.execute(
+                """INSERT INTO instances (name, pool, state, created_at, ready_at, state_changed_at)
+                   SELECT 'dbcost-' || $1::int || '-' || g, 'dbcost', 'ready', now(), now(), now()
+                   FROM generate_series(1, $2) g""",
+                r,
+                pairs,
+            )
+            meter = CpuMeter(postgres_pids(pg))
+            c0, t0 = meter._total(), time.perf_counter()
+            for _ in range(pairs):
+                got = await store.claim_free("dbcost", "t", now, expires)
+                assert got is not None
+                await store.return_lease(got.instance, "t", now)
+            times[mode].append(round((time.perf_counter() - t0) / pairs * 1000, 3))
+            cpu[mode].append(round((meter._total() - c0) / pairs * 1000, 3))
+        await _triggers(conn, True)
+    finally:
+        await conn.close()
+        await db.close()
+    off, on = _median(cpu["off"]), _median(cpu["on"])
+    return {
+        "pairs_per_block": pairs,
+        "postgres_cpu_ms_per_pair_triggers_off": off,
+        "postgres_cpu_ms_per_pair_triggers_on": on,
+        "cpu_ratio": round(on / off, 3) if on and off else None,
+        "wall_ms_per_pair_triggers_off": _median(times["off"]),
+        "wall_ms_per_pair_triggers_on": _median(times["on"]),
+        "blocks_cpu_ms_per_pair": cpu,
+        "blocks_wall_ms_per_pair": times,
+    }
 
 
 def _median(values: list[float]) -> float | None:

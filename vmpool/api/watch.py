@@ -205,8 +205,12 @@ class Watch:
                     yield message(e, sub.position)
             if sub.ended is not None:
                 raise self._refused(sub.ended)
-            if sub.seen > sub.position:
-                sub.position = sub.position.after(sub.seen.pos, sub.seen.seq)
+            # Queue empty: every event up to the reader's tail that this stream
+            # may see has been delivered (offers are synchronous), so its
+            # cursor moves there too (heartbeats then resume from it).
+            tail = hub.tail
+            if tail > sub.position and tail >= sub.floor:
+                sub.position = sub.position.after(tail.pos, tail.seq)
             sub.ready.clear()
             try:
                 await asyncio.wait_for(sub.ready.wait(), beat)

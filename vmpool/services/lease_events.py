@@ -34,9 +34,10 @@ RECENT = 20_000  # events kept in memory for streams joining behind the tail
 # Without a NOTIFY (lost while reconnecting), the reader looks anyway this often.
 POLL_S = 1.0
 # Committed events wait behind an older transaction still running: look again
-# after this, doubling up to PENDING_MAX_S (that transaction may never NOTIFY).
+# after this, doubling up to PENDING_MAX_S (that transaction may never NOTIFY:
+# the reconciler's, or any without events). Only while streams are open.
 PENDING_MIN_S = 0.002
-PENDING_MAX_S = 0.2
+PENDING_MAX_S = 0.02
 
 
 class StreamEnded(Exception):
@@ -67,7 +68,7 @@ class Subscription:
         self.lead_ns = None if lead_s is None else lead_s * 1_000_000_000
         self.peer = peer
         self.position = position  # after the last event delivered (or skipped)
-        self.seen = position  # the reader's tail when it last offered events
+        self.floor = position  # set on joining: only later events are offered to it
         self.queue: deque[Item] = deque()
         self.ready = asyncio.Event()
         self.ended: StreamEnded | None = None
@@ -193,7 +194,7 @@ class EventHub:
             for e in reversed(gap):
                 self._deliver(sub, e, None)
         sub.live = True
-        sub.seen = max(sub.position, self.tail)
+        sub.floor = max(sub.position, self.tail)
         key = sub.scope.principal, sub.scope.service_tag
         if sub.scope.principal is None:
             self._all.add(sub)
@@ -331,7 +332,9 @@ class EventHub:
                 self._offer(batch.events, Cursor(last.pos, last.seq))
                 continue
             self._offer(batch.events, max(self.tail, Cursor(batch.xmin, 0)))
-            if batch.pending:
+            if batch.events:
+                pending_wait = PENDING_MIN_S  # moving: look again soon if need be
+            if batch.pending and self._subs:
                 timeout = pending_wait
                 pending_wait = min(pending_wait * 2, PENDING_MAX_S)
             else:
@@ -350,12 +353,9 @@ class EventHub:
             self._recent.append(e)
             encoded: bytes | None = None
             for sub in self._candidates(e):
-                if (e.pos, e.seq) > (sub.seen.pos, sub.seen.seq):
+                if (e.pos, e.seq) > (sub.floor.pos, sub.floor.seq):
                     encoded = self._deliver(sub, e, encoded)
         self.tail = max(self.tail, tail)
-        for sub in self._subs:
-            if sub.live and sub.seen < self.tail:
-                sub.seen = self.tail
         self._fire_all()
         self.tail_changed.set()
         self.tail_changed = asyncio.Event()
