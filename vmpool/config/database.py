@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator
 
 from vmpool.core.durations import parse_duration
+from vmpool.core.echo import echo
 
 
 def _duration(value: Any) -> timedelta:
@@ -85,7 +86,7 @@ def check_database_url(url: str) -> str:
             raise ValueError(
                 "target_session_attrs must be one of "
                 + ", ".join(WRITABLE_SESSION_ATTRS)
-                + f" (not {attrs[:32]!r})"
+                + f" (not {echo(attrs, 32)!r})"
             )
     return url
 

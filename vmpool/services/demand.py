@@ -15,6 +15,7 @@ from collections.abc import Callable
 import structlog
 
 from vmpool.core.clock import Clock
+from vmpool.core.echo import echo
 from vmpool.store.autoscale import AutoscaleStore
 from vmpool.store.errors import StoreError
 
@@ -59,7 +60,7 @@ async def flush_demand(
                 held = []
             except StoreError as err:
                 held = [h for h in held if h[1] > second - MAX_HELD]
-                log.warning("demand not recorded yet", error=str(err)[:200], held=len(held))
+                log.warning("demand not recorded yet", error=echo(str(err), 200), held=len(held))
         if stop.is_set():
             return
 

@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from vmpool.core.backoff import Retry
 from vmpool.domain.watch import Cursor, Event, Scope
 from vmpool.store.errors import UNAVAILABLE_ERRORS
 from vmpool.store.events import EventStore, fetch_new, snapshot
@@ -278,7 +279,7 @@ class EventHub:
         self.xmax = view.snapshot.xmax
 
     async def _run(self) -> None:
-        delay = 0.5
+        retry = Retry(0.5, 10.0, jitter=False)
         assert self._started is not None
         while not self._closing:
             conn = None
@@ -294,7 +295,7 @@ class EventHub:
                 await conn.add_listener("vmpool_events", self._notified)
                 if not self._started.done():
                     self._started.set_result(None)
-                delay = 0.5
+                retry.reset()
                 await self._follow(conn, closed)
             except asyncio.CancelledError:
                 raise
@@ -308,8 +309,7 @@ class EventHub:
                     conn.terminate()
             if self._closing:
                 break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            await asyncio.sleep(retry.next_delay())
 
     def _on_lost(self, closed: asyncio.Event) -> Callable[[Any], None]:
         def lost(_conn: Any) -> None:

@@ -27,6 +27,7 @@ import asyncpg
 import structlog
 
 from vmpool.core.backoff import Retry
+from vmpool.core.echo import echo
 from vmpool.store import control_sql
 from vmpool.store.connect import ConnectSettings, open_connection
 from vmpool.store.errors import RETRYABLE_ERRORS, UNAVAILABLE_ERRORS, read_only
@@ -192,7 +193,7 @@ class Control:
                 await asyncio.wait_for(stop.wait(), retry.next_delay())
 
     def _lost(self, err: Exception) -> None:
-        error = f"{type(err).__name__}: {str(err)[:200]}"
+        error = f"{type(err).__name__}: {echo(str(err), 200)}"
         ro = read_only(err)
         if ro:
             log.warning("control session is read-only (a standby?); reconnecting", error=error)
