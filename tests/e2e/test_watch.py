@@ -48,11 +48,17 @@ async def server(start_server: Callable[..., Awaitable[Running]]) -> Running:
 class Watcher:
     """One WatchLeases call; events are collected as they arrive."""
 
-    def __init__(self, address: str, pb: tuple[ModuleType, ModuleType], **request: Any) -> None:
+    def __init__(
+        self,
+        address: str,
+        pb: tuple[ModuleType, ModuleType],
+        channel: grpc.aio.Channel | None = None,
+        **request: Any,
+    ) -> None:
         pb2, pb2_grpc = pb
         self.pb2 = pb2
         # A connection of its own (grpcio shares one between channels otherwise).
-        self.channel = grpc.aio.insecure_channel(
+        self.channel = channel or grpc.aio.insecure_channel(
             address, options=[("grpc.use_local_subchannel_pool", 1)]
         )
         stub = pb2_grpc.VMPoolExtensionServiceStub(self.channel)

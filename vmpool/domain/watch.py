@@ -26,6 +26,9 @@ DEFAULT_EXPIRING_LEAD_S = 300
 MAX_EXPIRING_LEAD_S = 7 * 24 * 3600
 # In-progress transactions a snapshot cursor may carry (its text stays short).
 MAX_SNAPSHOT_XIDS = 64
+# Positions and sequence numbers are bigint in the database: a larger one in a
+# cursor is not one the server gave out (and would fail as a query argument).
+MAX_INT8 = 2**63 - 1
 _PLAIN, _WITH_SNAPSHOT = 1, 2
 
 KINDS = (
@@ -105,6 +108,8 @@ def parse_cursor(text: str) -> Cursor:
     if len(raw) < 17 or raw[0] not in (_PLAIN, _WITH_SNAPSHOT):
         raise BadCursor("not a cursor from WatchLeases")
     version, pos, seq = struct.unpack_from(">BQQ", raw)
+    if pos > MAX_INT8 or seq > MAX_INT8:
+        raise BadCursor("not a cursor from WatchLeases")
     if version == _PLAIN:
         if len(raw) != 17:
             raise BadCursor("not a cursor from WatchLeases")
@@ -112,7 +117,7 @@ def parse_cursor(text: str) -> Cursor:
     if len(raw) < 35:
         raise BadCursor("not a cursor from WatchLeases")
     xmin, xmax, n = struct.unpack_from(">QQH", raw, 17)
-    if len(raw) != 35 + 8 * n or n > MAX_SNAPSHOT_XIDS or xmin > xmax:
+    if len(raw) != 35 + 8 * n or n > MAX_SNAPSHOT_XIDS or xmin > xmax or xmax > MAX_INT8:
         raise BadCursor("not a cursor from WatchLeases")
     xip = frozenset(struct.unpack_from(f">{n}Q", raw, 35))
     return Cursor(pos, seq, Snapshot(xmin, xmax, xip))

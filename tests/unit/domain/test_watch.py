@@ -46,6 +46,16 @@ def test_anything_else_is_not_a_cursor(text: str) -> None:
         parse_cursor(text)
 
 
+@pytest.mark.parametrize(
+    "cursor", [Cursor(2**63, 0), Cursor(1, 2**63), Cursor(1, 0, Snapshot(0, 2**63))]
+)
+def test_numbers_beyond_the_databases_bigint_are_not_a_cursor(cursor: Cursor) -> None:
+    with pytest.raises(BadCursor):
+        parse_cursor(cursor.encode())
+    top = Cursor(2**63 - 1, 2**63 - 1)
+    assert parse_cursor(top.encode()) == top
+
+
 def test_a_snapshot_stream_skips_what_its_snapshot_saw_until_past_its_xmax() -> None:
     snap = Snapshot(xmin=100, xmax=110, xip=frozenset({103}))
     c = Cursor(100, 0, snap)

@@ -1,0 +1,265 @@
+"""WatchLeases checked from outside (issue 20, "Checked by"): a grpcio client of
+its own, compiled from api/, against real `vmpool serve` processes. It watches
+while it leases, extends, returns, lets a lease expire and has one stopped by an
+operator; resumes on another replica; and sends cursors no server gave out."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import shutil
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.e2e.conftest import Running
+from tests.e2e.grpcio_stack import REPO, compile_proto
+from tests.e2e.identity_kit import Issued
+from tests.e2e.test_watch import Watcher
+
+POOLS = [{"name": "q", "min_ready": 3, "max_size": 6, "default_lease": "10m"}]
+StartServer = Callable[..., Awaitable[Running]]
+
+
+class Api:
+    """The three services this check needs, compiled by grpc_tools from api/."""
+
+    def __init__(self, out: Path) -> None:
+        src = out / "src"
+        # vmpool.admin.v1 would shadow the vmpool package: the same proto under
+        # another directory (the wire names come from its package line).
+        (src / "qacheck").mkdir(parents=True)
+        shutil.copy(REPO / "api/vmpool/admin/v1/admin.proto", src / "qacheck/admin.proto")
+        self.adm, self.adm_grpc = compile_proto(out / "adm", "qacheck/admin.proto", src)
+        self.lease, self.lease_grpc = compile_proto(
+            out / "lease", "intrinsic_proto/vmpoolleaseapi/v1/vmpoolleaseapi.proto"
+        )
+        self.pool, self.pool_grpc = compile_proto(
+            out / "pool", "intrinsic_proto/vmpoolapi/v1/vmpool_api.proto"
+        )
+
+    def name(self, event: Any) -> str:
+        return str(self.adm.LeaseEventType.Name(event.type))
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Api:
+    return Api(tmp_path_factory.mktemp("qacheck"))
+
+
+def channel(address: str, tls: tuple[Path, Issued] | None = None) -> grpc.aio.Channel:
+    options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    ca, who = tls
+    key, chain = who.pair()
+    creds = grpc.ssl_channel_credentials(ca.read_bytes(), key, chain)
+    return grpc.aio.secure_channel(address, creds, options=options)
+
+
+class Stream(Watcher):
+    """One WatchLeases call (on a channel of its own), read as fast as it comes."""
+
+    def __init__(self, api: Api, ch: grpc.aio.Channel, **request: Any) -> None:
+        super().__init__("", (api.adm, api.adm_grpc), ch, **request)
+        self.api = api
+
+    def changes(self) -> list[Any]:
+        """The stored events (no heartbeats, snapshot rows or derived EXPIRING)."""
+        derived = {"HEARTBEAT", "EXPIRING", "SNAPSHOT_LEASE", "SNAPSHOT_RESERVATION"}
+        return [e for e in self.events if self.api.name(e) not in derived | {"SNAPSHOT_END"}]
+
+    def seen(self, kind: str, instance: str) -> bool:
+        return any(self.api.name(e) == kind and e.instance == instance for e in self.events)
+
+    async def until(self, pred: Callable[[], bool], timeout: float = 15) -> None:
+        await self.wait_for(lambda _ev: pred(), timeout)
+
+    async def opened(self) -> None:
+        await self.started()
+
+    async def ended(self) -> grpc.aio.AioRpcError:
+        await asyncio.wait_for(self.task, 15)
+        assert self.error is not None, self.events
+        return self.error
+
+
+@pytest.fixture
+async def open_stream(api: Api) -> AsyncIterator[Callable[..., Stream]]:
+    made: list[Stream] = []
+
+    def make(address: str, tls: tuple[Path, Issued] | None = None, **request: Any) -> Stream:
+        made.append(Stream(api, channel(address, tls), **request))
+        return made[-1]
+
+    yield make
+    for s in made:
+        await s.close()
+
+
+def ts(api: Api, at: datetime, nanos: int = 0) -> Any:
+    out = api.lease.google_dot_protobuf_dot_timestamp__pb2.Timestamp()
+    out.seconds, out.nanos = int(at.timestamp()), nanos
+    return out
+
+
+class Leaser:
+    """Lease API and VMPoolService calls through grpcio."""
+
+    def __init__(self, api: Api, ch: grpc.aio.Channel) -> None:
+        self.api = api
+        self.ch = ch
+        self.leases = api.lease_grpc.VMPoolLeaseServiceStub(ch)
+        self.pools = api.pool_grpc.VMPoolServiceStub(ch)
+
+    async def lease(self, tag: str, expires: datetime | None = None, timeout: float = 15) -> Any:
+        req = self.api.lease.LeaseRequest(pool="q", service_tag=tag)
+        if expires is not None:
+            req.expires.CopyFrom(ts(self.api, expires))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return (await self.leases.Lease(req, timeout=5)).lease
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.1)
+
+    async def extend(self, instance: str, tag: str, to: Any) -> Any:
+        req = self.api.lease.ExtendToRequest(instance=instance, service_tag=tag, to=to)
+        return (await self.leases.ExtendTo(req, timeout=5)).lease
+
+    async def return_(self, instance: str, tag: str) -> None:
+        req = self.api.lease.ReturnRequest(instance=instance, service_tag=tag)
+        await self.leases.Return(req, timeout=5)
+
+    async def stop(self, instance: str) -> None:
+        await self.pools.StopLease(self.api.pool.StopLeaseRequest(lease_name=instance), timeout=5)
+
+
+@pytest.fixture
+async def leaser(api: Api) -> AsyncIterator[Callable[..., Leaser]]:
+    made: list[grpc.aio.Channel] = []
+
+    def make(address: str, tls: tuple[Path, Issued] | None = None) -> Leaser:
+        ch = channel(address, tls)
+        made.append(ch)
+        return Leaser(api, ch)
+
+    yield make
+    for ch in made:
+        await ch.close()
+
+
+def ns(t: Any) -> int:
+    return int(t.seconds) * 1_000_000_000 + int(t.nanos)
+
+
+# --- one stream, every kind of ending ------------------------------------------
+
+
+async def test_every_change_of_a_lease_is_seen_once_with_who_caused_it(
+    start_server: StartServer,
+    api: Api,
+    open_stream: Callable[..., Stream],
+    leaser: Callable[..., Leaser],
+) -> None:
+    s = await start_server(POOLS, name="qa-one")
+    await s.wait_ready("q", 3)
+    w = open_stream(s.address, pool="q", expiring_lead_seconds=60)
+    await w.opened()
+    c = leaser(s.address)
+    a = await c.lease("qa")
+    later = ts(api, datetime.now(UTC) + timedelta(minutes=20), 123_456_789)
+    extended = await c.extend(a.instance, "qa", later)
+    await c.return_(a.instance, "qa")
+    b = await c.lease("qa", expires=datetime.now(UTC) + timedelta(seconds=1))
+    d = await c.lease("qa")
+    await c.stop(d.instance)
+    await w.until(lambda: w.seen("EXPIRED", b.instance) and w.seen("STOPPED", d.instance))
+
+    got = [(api.name(e), e.instance) for e in w.events if e.instance]
+    assert [x for x in got if x[1] == a.instance] == [
+        ("LEASED", a.instance),
+        ("EXTENDED", a.instance),
+        ("RETURNED", a.instance),
+    ]
+    assert [x for x in got if x[1] == b.instance] == [
+        ("LEASED", b.instance),
+        ("EXPIRING", b.instance),
+        ("EXPIRED", b.instance),
+    ]
+    assert [x for x in got if x[1] == d.instance] == [
+        ("LEASED", d.instance),
+        ("STOPPED", d.instance),
+    ]
+    by = {(api.name(e), e.instance): e for e in w.events}
+    assert ns(by["EXTENDED", a.instance].expires) == ns(extended.expires) == ns(later)
+    assert by["EXPIRED", b.instance].principal == "vmpool:reconciler"
+    assert by["STOPPED", d.instance].reason == "StopLease"
+    for e in w.changes():
+        assert (e.pool, e.service_tag) == ("q", "qa"), e
+        assert e.cursor and e.time.seconds > 0
+    cursors = [e.cursor for e in w.changes()]
+    assert len(set(cursors)) == len(cursors)
+
+    # Resuming after any of these events gives exactly the ones after it.
+    changes = [(api.name(e), e.instance) for e in w.changes()]
+    for k in (0, 2, len(changes) - 2):
+        again = open_stream(s.address, pool="q", expiring_lead_seconds=-1, after=cursors[k])
+        await again.opened()
+        assert [(api.name(e), e.instance) for e in again.changes()] == changes[k + 1 :]
+
+
+# --- cursors no server gave out -----------------------------------------------
+
+
+def _cursor(*fields: int, fmt: str = ">BQQ") -> str:
+    return base64.urlsafe_b64encode(struct.pack(fmt, *fields)).rstrip(b"=").decode()
+
+
+BAD_CURSORS = {
+    "text": "not a cursor!",
+    "long": "A" * 5000,
+    "short": _cursor(1, 5, fmt=">BQ"),
+    "version": _cursor(9, 1, 1),
+    "plain with a tail": _cursor(1, 1, 1) + "AAAA",
+    "beyond the database": _cursor(1, 2**64 - 1, 0),
+    "pos beyond int8": _cursor(1, 2**63, 0),
+    "snapshot too many xids": _cursor(2, 1, 0, 1, 2, 65, fmt=">BQQQQH"),
+}
+
+
+async def test_a_cursor_no_server_gave_out_is_invalid_argument_naming_after(
+    start_server: StartServer, open_stream: Callable[..., Stream]
+) -> None:
+    s = await start_server(POOLS, name="qa-bad")
+    for name, cursor in BAD_CURSORS.items():
+        err = await open_stream(s.address, after=cursor).ended()
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err)
+        assert (err.details() or "").startswith("after:"), (name, err.details())
+        assert len(err.details() or "") < 200  # the client's value is not echoed
+
+
+async def test_a_seq_beyond_int8_in_an_old_position_is_invalid_argument_not_internal(
+    start_server: StartServer, open_stream: Callable[..., Stream]
+) -> None:
+    """Position 1 is before anything this database wrote (nothing pruned yet), so
+    the stream would read from the database with the cursor's seq."""
+    s = await start_server(POOLS, name="qa-seq")
+    for seq in (2**63, 2**64 - 1):
+        err = await open_stream(s.address, after=_cursor(1, 1, seq)).ended()
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (seq, err)
+        assert (err.details() or "").startswith("after:")
+    ok = open_stream(s.address, after=_cursor(1, 1, 2**63 - 1))
+    await ok.opened()  # the largest seq a position can have is a cursor
+    assert ok.api.name(ok.events[0]) == "HEARTBEAT"
+    s.assert_clean_log()
