@@ -20,7 +20,7 @@ from datetime import datetime
 
 import structlog
 
-from vmpool.config.schema import Config
+from vmpool.config.schema import Config, PoolConfig
 from vmpool.control.autoscaler import Autoscaler
 from vmpool.control.doorbell import Inbox
 from vmpool.control.executor import Executor
@@ -86,6 +86,7 @@ class Reconciler:
         self._mono = monotonic  # cadence, backoff and timers
         self._metrics = metrics
         self._wake = asyncio.Event()
+        self._targets_of: dict[tuple[str, bool], tuple[PoolConfig, PoolTarget]] = {}
         self._inbox = inbox if inbox is not None else Inbox()  # news, from any thread
         self._leadership = Leadership(metrics, on_fenced)
         self._gauges = PoolGauges(metrics, self._pools, clock)
@@ -242,8 +243,16 @@ class Reconciler:
         out = {}
         for cfg in self._pools:
             seen = summary.pools.get(cfg.name)
-            target = target_from_config(cfg, drained=seen is not None and seen.drained)
-            target = replace(target, spec_hash=self._pools.spec_hash(cfg))
+            drained = seen is not None and seen.drained
+            # Built once per PoolConfig object (API pools get new ones on refresh):
+            # with hundreds of pools, rebuilding every target took a pass's time.
+            cached = self._targets_of.get((cfg.name, drained))
+            if cached is None or cached[0] is not cfg:
+                built = replace(
+                    target_from_config(cfg, drained=drained), spec_hash=self._pools.spec_hash(cfg)
+                )
+                cached = self._targets_of[(cfg.name, drained)] = (cfg, built)
+            target = cached[1]
             desired = self.autoscaler.desired(cfg.name) if self.autoscaler else None
             if desired is not None:
                 target = replace(target, min_ready=desired, autoscaled=True)
