@@ -6,6 +6,9 @@ and its set-asides NOTIFY ``vmpool_assigned`` for their waiting Leases. Every
 process of a deployment can run this role; one leads at a time (vmpool.store.
 control), the others stand by. Metrics (with ``vmpool_reconciler_leader``) are
 served on ``metrics_listen`` as usual; that port is also its liveness signal.
+No readiness probe asks this process about its database, so it checks on a
+connection of its own every few seconds (vmpool_database_up and
+vmpool_database_read_only mean here what they mean for an API process).
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from vmpool.ops.metrics import Metrics
 from vmpool.process.database import close_database, open_database
 from vmpool.process.ports import start_metrics
 from vmpool.process.signals import stop_on_signals
+from vmpool.services.dbhealth import DatabaseHealth
+from vmpool.store.connect import ConnectSettings
 from vmpool.store.inventory import Inventory
+from vmpool.store.probe import ProbeConnection
 
 log = structlog.get_logger("vmpool")
 
@@ -59,7 +65,18 @@ async def serve_reconciler(
         provider=config.provider.kind,
         metrics=config.metrics_listen or None,
     )
-    await stop.wait()
+    probe = ProbeConnection(
+        url,
+        ConnectSettings.from_config(config.database),
+        on_dropped=metrics.connection_dropped("probe"),
+    )
+    checks = asyncio.create_task(DatabaseHealth(probe, metrics).watch(stop), name="db-health")
+    try:
+        await stop.wait()
+    finally:
+        checks.cancel()  # at most one ping in flight: nothing to finish
+        await asyncio.wait([checks])
+        await probe.close()
     await background.stop()
     if fatal_reasons:  # not asked to stop: exit non-zero
         log.error("stopped after a fatal error", reason=fatal_reasons[0])

@@ -603,12 +603,20 @@ def test_a_separate_reconciler_deployment_runs_the_background_work_alone(
     assert rec_container["command"][-2:] == ["--role", "reconciler"]
     assert rec["spec"]["replicas"] == 3
     assert [p["name"] for p in rec_container["ports"]] == ["metrics"]  # no gRPC port
-    # Neither the server Deployment nor any Service selects the reconciler pods.
+    # Neither the server Deployment nor a server Service selects the reconciler
+    # pods; their own metrics Service selects them and nothing else.
     rec_labels = rec["spec"]["template"]["metadata"]["labels"]
+    api_labels = api["spec"]["template"]["metadata"]["labels"]
+    services = {s["metadata"]["name"]: s for s in rendered.all("Service")}
+    rec_metrics = services.pop(f"{RELEASE}-reconciler-metrics")
     for selector in [api["spec"]["selector"]["matchLabels"]] + [
-        s["spec"]["selector"] for s in rendered.all("Service")
+        s["spec"]["selector"] for s in services.values()
     ]:
-        assert not all(rec_labels.get(k) == v for k, v in selector.items()), selector
+        assert not _matches(selector, rec_labels), selector
+    assert _matches(rec_metrics["spec"]["selector"], rec_labels)
+    assert not _matches(rec_metrics["spec"]["selector"], api_labels)
+    [port] = rec_metrics["spec"]["ports"]
+    assert (port["name"], port["targetPort"]) == ("metrics", "metrics")
     assert rec["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     # Off (the default): one Deployment whose pods may all lead.
     default = render(BASE)
@@ -761,6 +769,39 @@ def test_service_monitor_scrapes_the_metrics_port(render: Any) -> None:
     assert endpoint["port"] == "metrics"
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["path"] == "/metrics"
+
+
+def test_service_monitor_scrapes_the_reconciler_pods_too(render: Any) -> None:
+    # With reconciler.separate the leader (vmpool_reconciler_leader, the pool
+    # gauges) and the timeline watch run in the reconciler pods: unscraped,
+    # VmpoolNoLeader fires for ever and VmpoolDatabaseFailover never does.
+    rendered = render(
+        merged(BASE, {"reconciler": {"separate": True}, "serviceMonitor": {"enabled": True}})
+    )
+    monitor = rendered.one("ServiceMonitor")["spec"]
+    selector = monitor["selector"]["matchLabels"]
+    [endpoint] = monitor["endpoints"]
+    scraped: dict[str, dict[str, str]] = {}
+    for service in rendered.all("Service"):
+        if _matches(selector, service["metadata"]["labels"]):
+            assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+            scraped[service["metadata"]["name"]] = service["spec"]["selector"]
+    pods = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in rendered.all("Deployment")
+    }
+    for name, labels in pods.items():
+        assert [s for s, sel in scraped.items() if _matches(sel, labels)], f"{name} not scraped"
+    # Each pod through exactly one Service: no series scraped twice.
+    for labels in pods.values():
+        assert sum(_matches(sel, labels) for sel in scraped.values()) == 1
+    # The NetworkPolicy lets Prometheus reach them, and nothing else.
+    policies = {p["metadata"]["name"]: p["spec"] for p in rendered.all("NetworkPolicy")}
+    rec = policies[f"{RELEASE}-reconciler"]
+    assert _matches(rec["podSelector"]["matchLabels"], pods[f"{RELEASE}-reconciler"])
+    assert not _matches(rec["podSelector"]["matchLabels"], pods[RELEASE])
+    assert [r["ports"] for r in rec["ingress"]] == [[{"port": "metrics", "protocol": "TCP"}]]
+    assert rec["ingress"][0]["from"] == policies[RELEASE]["ingress"][-1]["from"]
 
 
 def _policy_by_port(rendered: Rendered) -> dict[str, Any]:

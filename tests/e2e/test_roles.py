@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tests.e2e.clients import Client
 from tests.e2e.conftest import Running, lease_when_free
+from tests.e2e.pgproxy import PgProxy
+from tests.ops.conftest import ascrape, sample
+from tests.pg import TestPostgres
 from tests.polling import eventually
 from tests.server import ServerProcess, free_port
 
@@ -51,6 +55,47 @@ async def test_an_api_process_and_a_reconciler_process_share_only_the_database(
     for running in (api, reconciler):
         assert running.proc.terminate() == 0
         running.assert_clean_log()
+
+
+async def test_a_reconciler_process_reports_its_database_in_its_metrics(
+    start_server: Callable[..., Awaitable[Running]], postgres: TestPostgres
+) -> None:
+    # No readiness probe asks a reconciler process, and the chart scrapes it:
+    # vmpool_database_up must follow the database, or VmpoolDatabaseUnreachable
+    # fires for a healthy database (and never for a real outage).
+    proxy = await PgProxy(postgres.url).start()
+    try:
+        database = urllib.parse.urlsplit(await postgres.fresh()).path.lstrip("/")
+        reconciler = await start_server(
+            POOLS,
+            db_url=proxy.url(database),
+            name="reconciler-metrics",
+            args=("--role", "reconciler"),
+        )
+        port = reconciler.proc.metrics_port
+
+        async def database() -> tuple[float, float, float]:
+            families = await ascrape(port)
+            return (
+                sample(families, "vmpool_database_up"),
+                sample(families, "vmpool_database_read_only"),
+                sample(families, "vmpool_database_timeline"),
+            )
+
+        _, read_only, timeline = await eventually(
+            database, lambda d: d[0] == 1, 15, "vmpool_database_up 1 on a reconciler process"
+        )
+        assert read_only == 0 and timeline >= 1
+        proxy.set_mode("refuse")
+        await eventually(database, lambda d: d[0] == 0, 20, "vmpool_database_up 0 (refused)")
+        proxy.set_mode("pass")
+        await eventually(database, lambda d: d[:2] == (1, 0), 20, "vmpool_database_up 1 again")
+        # In a thread: the proxy runs on this loop.
+        assert await asyncio.to_thread(reconciler.proc.terminate) == 0
+        reconciler.assert_clean_log()
+    finally:
+        proxy.set_mode("pass")
+        await proxy.close()
 
 
 async def test_a_busy_port_is_one_line_naming_it_and_exit_2(

@@ -239,7 +239,8 @@ class Metrics:
         (docs/operations.md, "What a failover costs")."""
         self.database_up = Gauge(
             "vmpool_database_up",
-            "1 when the database answered this process's last readiness check.",
+            "1 when the database answered this process's last readiness check "
+            "(--role reconciler: its own check, every 5 s).",
             registry=r,
         )
         self.database_read_only = Gauge(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Protocol
+
+import structlog
 
 from vmpool.ops.metrics import Metrics
 from vmpool.store.errors import StoreReadOnly, StoreUnavailable
@@ -16,6 +19,9 @@ class Pinger(Protocol):
 
 FRESH = 0.5  # seconds a successful check stays good
 TIMEOUT = 1.0  # "does not answer within about a second"
+WATCH_EVERY = 5.0  # seconds between checks where no readiness probe asks
+
+log = structlog.get_logger("vmpool")
 
 
 class DatabaseHealth:
@@ -40,6 +46,20 @@ class DatabaseHealth:
         if not done:
             raise StoreUnavailable(f"database did not answer within {TIMEOUT:g}s")
         probe.result()
+
+    async def watch(self, stop: asyncio.Event, every: float = WATCH_EVERY) -> None:
+        """Check every ``every`` seconds until ``stop``: keeps vmpool_database_up
+        and vmpool_database_read_only current in a process no readiness probe
+        asks (``--role reconciler``), so its alerts mean what they do for the API."""
+        while not stop.is_set():
+            try:
+                await self.check()
+            except StoreUnavailable:
+                pass  # the gauges say so
+            except Exception:  # a bug in a check must not stop the checking
+                log.exception("database check failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
 
     async def _probe(self) -> None:
         up = read_only = False
