@@ -4,6 +4,7 @@ with ast, so a change that breaks the layout fails here, not in review."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,32 @@ def test_unit_tests_mirror_the_layout() -> None:
     )
     missing = sorted(d for d in folders if not (UNIT / d / "__init__.py").exists())
     assert missing == []
+
+
+#: A file of this repository named in prose: vmpool/..., tests/... (a ../ prefix allowed).
+NAMED_FILE = re.compile(r"(?<![\w/.-])(?:\.\./)*((?:vmpool|tests)/[\w/.-]*\.(?:py|md|sql|go))")
+
+
+def _named_files() -> dict[str, list[str]]:
+    """Files named in the README, docs/, the chart's README and the docstrings
+    and comments of vmpool/, each with where it is named."""
+    repo = ROOT.parent
+    texts = [repo / "README.md", repo / "deploy/helm/vmpool/README.md"]
+    texts += sorted((repo / "docs").glob("*.md")) + _modules()
+    named: dict[str, list[str]] = {}
+    for path in texts:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for target in NAMED_FILE.findall(line):
+                named.setdefault(target, []).append(f"{path.relative_to(repo)}:{n}")
+    return named
+
+
+def test_the_docs_name_only_files_that_exist() -> None:
+    """A module moved or a test renamed leaves no stale path in the docs."""
+    named = _named_files()
+    assert len(named) > 30, named  # the pattern finds the paths the docs do name
+    stale = {t: where for t, where in named.items() if not (ROOT.parent / t).exists()}
+    assert stale == {}, f"named but not in the tree: {stale}"
 
 
 @pytest.mark.parametrize("rule", ["lines", "lazy", "packages", "top", "cycles"])

@@ -1,7 +1,7 @@
 """The CLI framework: one registry every command module adds its subcommands to.
 
 A module adds commands with one function, ``register(reg: Registry)``, listed in
-vmpool/cli.py. ``reg.client(...)`` makes a command that talks to the server (it gets
+vmpool/cli/__init__.py. ``reg.client(...)`` makes a command that talks to the server (it gets
 the connection flags, error reporting and exit codes); ``reg.local(...)`` one that
 does not (serve, migrate, render).
 """

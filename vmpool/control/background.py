@@ -7,11 +7,12 @@ backlog, and a long pass never holds up RPCs. With ``--role reconciler`` the
 same code runs in a process of its own (no RPCs), and with ``--role api``
 only the LISTEN half of the control connection runs here (no reconciler).
 
-Every call that crosses the two threads, and how (tests/unit/control/test_background.py):
+Every call that crosses the two threads, and how:
 
-- ``wake(pool)``     serving -> background: the pool goes into the reconciler's
-                     Inbox (a lock); one ``call_soon_threadsafe`` is scheduled
-                     unless one is already pending, so a wake-up is never
+- ``wake(pool)``     serving -> background (vmpool/control/doorbell.py, tested in
+                     tests/unit/control/test_doorbell.py): the pool goes into the
+                     reconciler's Inbox (a lock); one ``call_soon_threadsafe`` is
+                     scheduled unless one is already pending, so a wake-up is never
                      dropped, only merged with one that has not run yet. With
                      role api the hop sends a NOTIFY instead (the reconciler
                      runs in another process).
