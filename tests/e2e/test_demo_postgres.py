@@ -74,6 +74,24 @@ def demo() -> Iterator[Demo]:
     shutil.rmtree(made.cwd, ignore_errors=True)
 
 
+def test_an_exited_process_not_yet_reaped_is_not_alive() -> None:
+    # The stopped postmaster's parent is PID 1, which may reap it late (or, in
+    # a container without an init, never): a zombie is not a running server.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        assert not alive(child.pid)
+        assert gone_within(child.pid, 0)
+    finally:
+        child.wait(10)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert alive(running.pid)
+    finally:
+        running.kill()
+        running.wait(10)
+
+
 def test_a_second_signal_stops_the_embedded_postgres_too(demo: Demo) -> None:
     proc = demo.start()
     postgres = demo.postgres()
@@ -99,3 +117,22 @@ def test_a_killed_runs_postgres_is_adopted_and_stopped_by_the_next_clean_exit(
     assert second.wait(30) == 0
     assert gone_within(orphan, 5), "a clean exit left the adopted PostgreSQL running"
     assert "embedded postgres left running by an earlier run: adopted" in demo.log()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_clean_exit_returns_only_once_the_embedded_postgres_is_gone(
+    demo: Demo, sig: signal.Signals
+) -> None:
+    # Run again right away (Ctrl-C, up-arrow, Enter): the new run must not find
+    # a server still stopping in its data directory.
+    proc = demo.start()
+    postgres = demo.postgres()
+    proc.send_signal(sig)
+    assert proc.wait(60) == 0
+    assert not alive(postgres), "vmpool exited while its PostgreSQL was still running"
+    again = demo.start()
+    assert demo.postgres() != postgres
+    again.send_signal(sig)
+    assert again.wait(60) == 0
+    assert running_postmaster(demo.pgdata) is None
+    assert "Traceback" not in demo.log()

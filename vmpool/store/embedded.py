@@ -26,13 +26,28 @@ POSTMASTER_PID = "postmaster.pid"
 
 
 def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs. A zombie does not: it has exited and
+    only waits for its parent to reap it (the postmaster's parent is PID 1,
+    which in a container may reap late or never)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's process, but there
-    return True
+        pass  # someone else's process, but there
+    return not _exited(pid)
+
+
+def _exited(pid: int) -> bool:
+    """A zombie, by /proc (Linux); False where there is no /proc to ask."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return Path("/proc/self").exists()  # gone meanwhile, if /proc works at all
+    except OSError:
+        return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses.
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def running_postmaster(pgdata: Path) -> int | None:
@@ -115,10 +130,18 @@ class EmbeddedPostgres:
                 gone=sorted(set(holders) - set(live)),
             )
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.cleanup()
-            self._server = None
+    def stop(self, timeout: float = 10.0) -> None:
+        """Leave the users' list; the last user stops the server and returns
+        once it is gone (bounded), so a run started right after finds none."""
+        if self._server is None:
+            return
+        pid = running_postmaster(self.data_dir)
+        self._server.cleanup()  # pg_ctl -w stop when no one else uses it
+        self._server = None
+        if pid is None or any(alive(p) for p in _read_holders(self.data_dir)):
+            return  # someone else still uses it
+        if not gone_within(pid, timeout):
+            log.warning("embedded postgres still stopping at exit", pid=pid)
 
     def stop_now(self, timeout: float = 5.0) -> None:
         """For the forced exit (os._exit runs no atexit and no cleanup): leave the
