@@ -53,7 +53,16 @@ def _optional_duration(value: Any) -> timedelta | None:
     return _bounded_duration(value)
 
 
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be positive")
+    return value
+
+
 Duration = Annotated[timedelta, BeforeValidator(_bounded_duration)]
+PositiveDuration = Annotated[
+    timedelta, BeforeValidator(_bounded_duration), AfterValidator(_positive)
+]
 OptionalDuration = Annotated[timedelta | None, BeforeValidator(_optional_duration)]
 
 
@@ -245,18 +254,11 @@ class ReconcilerConfig(_Strict):
 
     # A leader trusts itself until its last renewal + leader_ttl (less a
     # margin); a follower takes over once that has passed in the database.
-    leader_ttl: Duration = timedelta(seconds=10)
+    leader_ttl: PositiveDuration = timedelta(seconds=10)
     # Ended leases kept in lease_history this long, then deleted in batches.
-    lease_history_retention: Duration = timedelta(days=30)
+    lease_history_retention: PositiveDuration = timedelta(days=30)
     # Lease events kept for WatchLeases to resume from (older cursors: OUT_OF_RANGE).
-    lease_events_retention: Duration = timedelta(hours=1)
-
-    @field_validator("leader_ttl", "lease_history_retention", "lease_events_retention")
-    @classmethod
-    def _positive(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("must be positive")
-        return value
+    lease_events_retention: PositiveDuration = timedelta(hours=1)
 
 
 # --- API pools: tiers, hardware templates, versions (pool-api.md section 5) ---
@@ -330,7 +332,7 @@ class Config(_Strict):
     metrics_listen: str = "0.0.0.0:9090"
     database_url: Annotated[str, AfterValidator(check_database_url)] = ""
     data_dir: str = ".vmpool"
-    reconcile_interval: Duration = timedelta(seconds=1)
+    reconcile_interval: PositiveDuration = timedelta(seconds=1)
     shutdown_grace: Duration = timedelta(seconds=20)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     default_pool: str = ""
@@ -365,13 +367,6 @@ class Config(_Strict):
         if value == "" and info.field_name in ("metrics_listen", "admin_listen", "health_listen"):
             return value
         split_host_port(value)
-        return value
-
-    @field_validator("reconcile_interval")
-    @classmethod
-    def _positive(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("must be positive")
         return value
 
     @model_validator(mode="after")

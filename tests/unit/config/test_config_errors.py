@@ -42,6 +42,23 @@ def test_a_bare_number_duration_names_the_key_and_says_why(key: str) -> None:
     assert f"{key}: 90 is a bare number" in text and '"90s"' in text, text
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        "reconcile_interval",
+        "reconciler.leader_ttl",
+        "reconciler.lease_history_retention",
+        "reconciler.lease_events_retention",
+    ],
+)
+def test_a_duration_that_must_be_positive_names_the_key(key: str) -> None:
+    section, _, name = key.rpartition(".")
+    data: dict[str, object] = {section: {name: "0s"}} if section else {name: "0s"}
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert f"{key}: must be positive" in str(err.value), str(err.value)
+
+
 def test_a_bare_number_pool_duration_names_the_pool_key() -> None:
     with pytest.raises(ConfigError, match=r"pools\[0\]\.reservation_ttl: 60 is a bare number"):
         parse_config({"pools": [{"name": "a", "reservation_ttl": 60}]})
