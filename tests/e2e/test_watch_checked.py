@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 
@@ -103,9 +104,10 @@ async def open_stream(api: Api) -> AsyncIterator[Callable[..., Stream]]:
         await s.close()
 
 
-def ts(api: Api, at: datetime, nanos: int = 0) -> Any:
+def ts(api: Api, at: datetime, nanos: int | None = None) -> Any:
     out = api.lease.google_dot_protobuf_dot_timestamp__pb2.Timestamp()
-    out.seconds, out.nanos = int(at.timestamp()), nanos
+    out.seconds = int(at.timestamp())
+    out.nanos = at.microsecond * 1000 if nanos is None else nanos
     return out
 
 
@@ -118,12 +120,13 @@ class Leaser:
         self.leases = api.lease_grpc.VMPoolLeaseServiceStub(ch)
         self.pools = api.pool_grpc.VMPoolServiceStub(ch)
 
-    async def lease(self, tag: str, expires: datetime | None = None, timeout: float = 15) -> Any:
-        req = self.api.lease.LeaseRequest(pool="q", service_tag=tag)
-        if expires is not None:
-            req.expires.CopyFrom(ts(self.api, expires))
+    async def lease(self, tag: str, ttl: timedelta | None = None, timeout: float = 15) -> Any:
+        """Lease from pool q (for ``ttl``), retrying while it refills."""
         deadline = time.monotonic() + timeout
         while True:
+            req = self.api.lease.LeaseRequest(pool="q", service_tag=tag)
+            if ttl is not None:
+                req.expires.CopyFrom(ts(self.api, datetime.now(UTC) + ttl))
             try:
                 return (await self.leases.Lease(req, timeout=5)).lease
             except grpc.aio.AioRpcError as err:
@@ -181,7 +184,7 @@ async def test_every_change_of_a_lease_is_seen_once_with_who_caused_it(
     later = ts(api, datetime.now(UTC) + timedelta(minutes=20), 123_456_789)
     extended = await c.extend(a.instance, "qa", later)
     await c.return_(a.instance, "qa")
-    b = await c.lease("qa", expires=datetime.now(UTC) + timedelta(seconds=1))
+    b = await c.lease("qa", ttl=timedelta(seconds=1))
     d = await c.lease("qa")
     await c.stop(d.instance)
     await w.until(lambda: w.seen("EXPIRED", b.instance) and w.seen("STOPPED", d.instance))
@@ -263,3 +266,96 @@ async def test_a_seq_beyond_int8_in_an_old_position_is_invalid_argument_not_inte
     await ok.opened()  # the largest seq a position can have is a cursor
     assert ok.api.name(ok.events[0]) == "HEARTBEAT"
     s.assert_clean_log()
+
+
+# --- two replicas on one database -------------------------------------------
+
+
+async def _churn(s: Running, stop: asyncio.Event, leaser: Leaser) -> None:
+    """Lease and return, and leases left to expire, until ``stop``."""
+    n = 0
+    while not stop.is_set():
+        n += 1
+        short = n % 4 == 0
+        ttl = timedelta(milliseconds=500) if short else None
+        lease = await leaser.lease(f"load-{n % 3}", ttl=ttl)
+        if not short:
+            await leaser.return_(lease.instance, f"load-{n % 3}")
+
+
+def _key(api: Api, events: list[Any]) -> list[tuple[str, str, str]]:
+    return [(api.name(e), e.instance, e.cursor) for e in events]
+
+
+async def test_a_stream_resumed_on_the_other_replica_after_a_kill_misses_nothing(
+    start_server: StartServer,
+    api: Api,
+    open_stream: Callable[..., Stream],
+    leaser: Callable[..., Leaser],
+) -> None:
+    a = await start_server(POOLS, name="qa-a")
+    b = await start_server(POOLS, db_url=a.db_url, name="qa-b")
+    await a.wait_ready("q", 3)
+    reference = open_stream(b.address, expiring_lead_seconds=-1)
+    watched = open_stream(a.address, expiring_lead_seconds=-1)
+    await reference.opened()
+    await watched.opened()
+    stop = asyncio.Event()
+    load = asyncio.create_task(_churn(b, stop, leaser(b.address)))
+    try:
+        await watched.until(lambda: len(watched.changes()) >= 12)
+        a.proc.kill()
+        assert (await watched.ended()).code() == grpc.StatusCode.UNAVAILABLE
+        # At once, from the last cursor it received: the other replica may not
+        # have looked at the database since that cursor was given out.
+        resumed = open_stream(b.address, after=watched.events[-1].cursor, expiring_lead_seconds=-1)
+        await resumed.opened()
+        await asyncio.sleep(2)
+    finally:
+        stop.set()
+        await load
+    last = reference.changes()[-1].cursor
+    await resumed.until(lambda: any(e.cursor == last for e in resumed.events))
+    both = _key(api, watched.changes()) + _key(api, resumed.changes())
+    assert both == _key(api, reference.changes())
+    assert {k for k, _, _ in both} >= {"LEASED", "RETURNED", "EXPIRED"}
+
+
+async def test_a_cursor_just_given_out_by_one_replica_is_accepted_by_the_other(
+    start_server: StartServer, open_stream: Callable[..., Stream]
+) -> None:
+    """Transactions keep starting (as the reconcilers' do); the other replica's
+    reader may have last looked before the cursor's position existed."""
+    a = await start_server(POOLS, name="qa-c")
+    b = await start_server(POOLS, db_url=a.db_url, name="qa-d")
+    stop = asyncio.Event()
+
+    async def xids() -> None:
+        conn = await asyncpg.connect(a.db_url)
+        try:
+            while not stop.is_set():
+                await conn.execute("SELECT pg_current_xact_id()")
+        finally:
+            await conn.close()
+
+    async def fresh_cursor() -> str:
+        """A cursor from replica a just after its reader looked again (its tail
+        moved): the other reader last looked up to a second ago."""
+        first = open_stream(a.address)
+        await first.opened()
+        while True:
+            await asyncio.sleep(0.03)
+            w = open_stream(a.address)
+            await w.opened()
+            if w.events[0].cursor != first.events[0].cursor:
+                return str(w.events[0].cursor)
+            await w.close()
+
+    churn = asyncio.create_task(xids())
+    try:
+        for _ in range(5):
+            other = open_stream(b.address, after=await fresh_cursor())
+            await other.opened()
+    finally:
+        stop.set()
+        await churn

@@ -163,7 +163,9 @@ class Watch:
                     yield message(e, sub.position)
             yield adm.LeaseEvent(cursor=sub.position.encode(), type=_type(T.SNAPSHOT_END))
         elif after is not None:
-            if after.pos > hub.xmax:
+            # hub.xmax is as of the reader's last look; a cursor another replica
+            # gave out since may be beyond it: ask the database before refusing.
+            if after.pos > hub.xmax and after.pos > await self._store.xmax():
                 raise leasing.InvalidArgument("after: a cursor this database has not reached")
             _check_kept(after, await self._store.horizon())  # whatever this process holds
             sub.position = after

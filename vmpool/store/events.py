@@ -54,6 +54,8 @@ FROM lease_events_horizon h LEFT JOIN LATERAL (
 
 HORIZON = "SELECT pos::text::bigint AS pos, seq FROM lease_events_horizon"
 
+XMAX = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+
 SNAPSHOT_POINT = """
 SELECT pg_snapshot_xmin(s)::text::bigint AS xmin, pg_snapshot_xmax(s)::text::bigint AS xmax,
        ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(s) x) AS xip
@@ -194,6 +196,11 @@ class EventStore:
             row = await self._pool.fetchrow(HORIZON)
         assert row is not None  # one row, from the migration
         return Cursor(int(row["pos"]), int(row["seq"]))
+
+    async def xmax(self) -> int:
+        """The next transaction id now: no position is beyond it yet."""
+        async with translated():
+            return int(await self._pool.fetchval(XMAX))
 
     async def snapshot(self) -> SnapshotView:
         """Current leases and queued reservations, and the snapshot they were read in."""
