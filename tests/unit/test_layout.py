@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,19 @@ def test_unit_tests_mirror_the_layout() -> None:
     )
     missing = sorted(d for d in folders if not (UNIT / d / "__init__.py").exists())
     assert missing == []
+
+
+def test_the_layers_contract_covers_every_subpackage_and_top_level_module() -> None:
+    """A package or module left out of the import-linter layers is unchecked:
+    lint-imports would pass whatever it imported."""
+    pyproject = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())
+    contracts = pyproject["tool"]["importlinter"]["contracts"]
+    (layers,) = [c["layers"] for c in contracts if c["type"] == "layers"]
+    covered = {name.strip() for layer in layers for name in layer.split("|")}
+    tree = {f"vmpool.{p.parent.name}" for p in ROOT.glob("*/__init__.py")}
+    tree |= {f"vmpool.{p.stem}" for p in ROOT.glob("*.py") if p.name != "__init__.py"}
+    assert len(tree) > 10
+    assert tree - covered == set(), "add these to the layers contract in pyproject.toml"
 
 
 #: A file of this repository named in prose: vmpool/..., tests/... (a ../ prefix allowed).
