@@ -139,7 +139,8 @@ class EventHub:
         self._by_owner: dict[tuple[str | None, str | None], set[Subscription]] = {}
         self._per_peer: dict[Any, int] = {}
         self._groups: dict[int, _Expiring] = {}
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # a NOTIFY came
+        self._wanted = asyncio.Event()  # a first stream wants a fresh tail
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
         self._closing = False
@@ -152,6 +153,8 @@ class EventHub:
     async def open(self, scope: Scope, lead_s: int | None, peer: Any) -> Subscription:
         """A new stream (not live yet); StreamEnded over a cap or while closing."""
         await self._ensure_started()
+        if not self._subs:
+            await self._fresh_tail()
         # No await from the checks to the count: concurrent opens see each other.
         if self._closing:
             raise StreamEnded("UNAVAILABLE", "server is shutting down, retry")
@@ -172,6 +175,15 @@ class EventHub:
         self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         self._on_streams(len(self._subs))
         return sub
+
+    async def _fresh_tail(self) -> None:
+        """With no stream open the reader looks only once a second (NOTIFYs are
+        not followed: nobody would get the events); a first stream waits for one
+        look now, so that "from now" is now."""
+        changed = self.tail_changed
+        self._wanted.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), 5)
 
     def go_live(self, sub: Subscription) -> bool:
         """Join the fan-out if ``sub`` has caught up with the reader, or is
@@ -325,6 +337,7 @@ class EventHub:
         pending_wait = PENDING_MIN_S
         while not self._closing and not closed.is_set():
             self._wake.clear()
+            self._wanted.clear()
             batch = await fetch_new(conn, self.tail, FETCH_LIMIT)
             self.xmax = max(self.xmax, batch.xmax)
             if len(batch.events) == FETCH_LIMIT:
@@ -340,8 +353,11 @@ class EventHub:
             else:
                 timeout = POLL_S
                 pending_wait = PENDING_MIN_S
+            # Without streams, NOTIFYs are not followed (a fetch per commit for
+            # nobody); the periodic look keeps the tail and the leases current.
+            wake = self._wake if self._subs else self._wanted
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait_for(wake.wait(), timeout)
 
     def _offer(self, events: list[Event], tail: Cursor) -> None:
         """Hand a batch to the streams that may see it, then move the tail."""
