@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+from tests.clocks import ManualClock
 from vmpool.cli.wait import (
     MAX_BACKOFF,
     MIN_GAP,
@@ -14,14 +15,6 @@ from vmpool.cli.wait import (
     queue_place,
     retry_delay,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Tty(io.StringIO):
@@ -53,7 +46,7 @@ def test_a_call_that_waited_server_side_goes_again_at_once() -> None:
 
 
 def test_terminal_shows_one_line_redrawn_in_place() -> None:
-    out, clock = Tty(), Clock()
+    out, clock = Tty(), ManualClock(100.0)
     p = Progress(out, 60, clock, as_json=False, rid="r")
     p.tick()
     assert out.getvalue() == "", "nothing before the first answer"
@@ -67,7 +60,7 @@ def test_terminal_shows_one_line_redrawn_in_place() -> None:
 
 
 def test_piped_prints_a_line_only_on_change_or_now_and_then() -> None:
-    out, clock = io.StringIO(), Clock()
+    out, clock = io.StringIO(), ManualClock(100.0)
     p = Progress(out, 600, clock, as_json=False, rid="r")
     p.set("queued at position 2 of 3", Place(2, 3, "a"))
     for _ in range(10):
@@ -84,7 +77,7 @@ def test_piped_prints_a_line_only_on_change_or_now_and_then() -> None:
 
 
 def test_json_progress_lines_are_objects() -> None:
-    out, clock = Tty(), Clock()  # a terminal, but --output json: still plain lines
+    out, clock = Tty(), ManualClock(100.0)  # a terminal, but --output json: still plain lines
     p = Progress(out, 60, clock, as_json=True, rid="r-1")
     p.set("queued", Place(1, 2, "a"))
     event = json.loads(out.getvalue())

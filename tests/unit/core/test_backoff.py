@@ -1,4 +1,4 @@
-"""TokenBucket and backoff on injected clocks: no sleeps, no timing."""
+"""Backoff and Retry on injected clocks and random numbers: no sleeps, no timing."""
 
 from __future__ import annotations
 
@@ -6,46 +6,8 @@ import itertools
 
 import pytest
 
+from tests.clocks import ManualClock
 from vmpool.core.backoff import Backoff, Retry, backoff_delay
-from vmpool.providers.ratelimit import TokenBucket
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_token_bucket_allows_a_burst_then_the_rate() -> None:
-    clock = FakeClock()
-    bucket = TokenBucket(qps=10, burst=3, clock=clock)
-    assert [bucket.reserve() for _ in range(3)] == [0.0, 0.0, 0.0]
-    # Then one token per 1/qps: each waiter is told when its turn comes.
-    assert [round(bucket.reserve(), 6) for _ in range(3)] == [0.1, 0.2, 0.3]
-    clock.now += 1.0  # refilled (to the burst, not beyond)
-    waits = [bucket.reserve() for _ in range(5)]
-    assert sum(1 for w in waits if w == 0.0) == 3
-
-
-def test_token_bucket_never_exceeds_burst_plus_rate_in_any_second() -> None:
-    clock = FakeClock()
-    qps, burst = 20.0, 5
-    bucket = TokenBucket(qps=qps, burst=burst, clock=clock)
-    start = clock.now
-    due = [start + bucket.reserve() for _ in range(100)]  # a storm in one instant
-    for i, t in enumerate(due):
-        in_window = sum(1 for u in due[i:] if u < t + 1.0)
-        assert in_window <= burst + qps
-    assert due[-1] - start == pytest.approx((100 - burst) / qps)
-
-
-def test_token_bucket_rejects_nonsense() -> None:
-    with pytest.raises(ValueError, match="qps"):
-        TokenBucket(qps=0, burst=1)
-    with pytest.raises(ValueError, match="burst"):
-        TokenBucket(qps=1, burst=0)
 
 
 @pytest.mark.parametrize(("failures", "ceiling"), [(1, 2.0), (2, 4.0), (3, 8.0), (10, 60.0)])
@@ -57,7 +19,7 @@ def test_backoff_delay_is_between_half_and_all_of_the_capped_ceiling(
 
 
 def test_backoff_per_key_blocks_until_its_delay_on_the_injected_clock() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     backoff = Backoff(base=2.0, cap=60.0, clock=clock, rng=lambda: 1.0)
     assert not backoff.blocked("pool")
     assert backoff.failed("pool") == 2.0
