@@ -484,8 +484,8 @@ async def test_rate_limit_holds_under_a_storm(fakekube: FakeKube, make_provider:
     elapsed = time.monotonic() - started
     assert len(fakekube.requests) >= len(names)
     # The storm takes at least as long as the rate allows. (That no window of
-    # a second holds more than burst + qps calls is tests/unit/core/
-    # test_pacing.py's, on a fake clock: on a loaded machine, late wake-ups
+    # a second holds more than burst + qps calls is checked by
+    # tests/unit/providers/test_ratelimit.py on a fake clock: on a loaded machine, late wake-ups
     # bunch requests here without the limiter being wrong.)
     assert elapsed >= (len(names) - burst) / qps - 0.1
 
