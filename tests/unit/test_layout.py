@@ -176,11 +176,13 @@ NAMED_FILE = re.compile(r"(?<![\w/.-])(?:\.\./)*((?:vmpool|tests)/[\w/.-]*\.(?:p
 
 
 def _named_files() -> dict[str, list[str]]:
-    """Files named in the README, docs/, the chart's README and the docstrings
-    and comments of vmpool/, each with where it is named."""
+    """Files named in the README, docs/, the chart's README, pyproject.toml,
+    noxfile.py and the docstrings and comments of vmpool/ and tests/, each with
+    where it is named."""
     repo = ROOT.parent
-    texts = [repo / "README.md", repo / "deploy/helm/vmpool/README.md"]
-    texts += sorted((repo / "docs").glob("*.md")) + _modules()
+    texts = [repo / n for n in ("README.md", "deploy/helm/vmpool/README.md", "pyproject.toml")]
+    texts += [repo / "noxfile.py", *sorted((repo / "docs").glob("*.md")), *_modules()]
+    texts += sorted((repo / "tests").rglob("*.py"))
     named: dict[str, list[str]] = {}
     for path in texts:
         for n, line in enumerate(path.read_text().splitlines(), 1):
