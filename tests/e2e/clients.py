@@ -4,6 +4,7 @@ from the .proto at test time (an independent implementation, like grpc-go)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,6 +39,15 @@ class RpcError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+async def rpc_code(call: Awaitable[object]) -> str:
+    """The call's status code: "OK", or the RpcError's."""
+    try:
+        await call
+    except RpcError as err:
+        return err.code
+    return "OK"
 
 
 def _seconds_nanos(ts: datetime | tuple[int, int]) -> tuple[int, int]:

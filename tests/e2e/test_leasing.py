@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.e2e.clients import Client, RpcError
+from tests.e2e.clients import Client, RpcError, rpc_code
 from tests.e2e.conftest import Running, lease_when_free
 from tests.polling import eventually
 
@@ -59,14 +59,6 @@ def near(a: datetime, b: datetime, seconds: float = 5.0) -> bool:
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-async def rpc_code(call: Awaitable[object]) -> str:
-    try:
-        await call
-    except RpcError as err:
-        return err.code
-    return "OK"
 
 
 async def vm_gone(server: Running, instance: str) -> bool:

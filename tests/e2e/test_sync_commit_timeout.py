@@ -18,12 +18,11 @@ import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
 
-from tests.e2e.clients import Client, RpcError
+from tests.e2e.clients import Client, rpc_code
 from tests.e2e.conftest import Running
 
 pytestmark = pytest.mark.timeout(300)
@@ -74,14 +73,6 @@ async def server(
     await waiting_for_a_ghost_standby(private_postgres, False)
 
 
-async def answer(call: Awaitable[Any]) -> str:
-    try:
-        await call
-    except RpcError as err:
-        return err.code
-    return "OK"
-
-
 async def test_a_commit_cut_short_waiting_for_the_standby_is_unavailable_and_retry_finds_it(
     server: Running, client_factory: Callable[[str, str], Client]
 ) -> None:
@@ -90,8 +81,8 @@ async def test_a_commit_cut_short_waiting_for_the_standby_is_unavailable_and_ret
     held = await client.lease(POOL)
     await waiting_for_a_ghost_standby(server.db_url, True)
 
-    assert await answer(client.lease(POOL, reservation_id=rid)) == "UNAVAILABLE"
-    assert await answer(client.return_(held.instance)) == "UNAVAILABLE"
+    assert await rpc_code(client.lease(POOL, reservation_id=rid)) == "UNAVAILABLE"
+    assert await rpc_code(client.return_(held.instance)) == "UNAVAILABLE"
 
     # The standby is back (here: no longer required): both changes are on the
     # primary although neither was acknowledged, and the retries find them.
@@ -103,11 +94,11 @@ async def test_a_commit_cut_short_waiting_for_the_standby_is_unavailable_and_ret
     assert len(leases) == 1 and returned == []
     again = await client.lease(POOL, reservation_id=rid)
     assert again.instance == leases[0]["instance"]  # the same VM, not a second one
-    assert await answer(client.return_(held.instance)) == "NOT_FOUND"
+    assert await rpc_code(client.return_(held.instance)) == "NOT_FOUND"
 
     to = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
     await waiting_for_a_ghost_standby(server.db_url, True)
-    assert await answer(client.extend_to(again.instance, to)) == "UNAVAILABLE"
+    assert await rpc_code(client.extend_to(again.instance, to)) == "UNAVAILABLE"
     await waiting_for_a_ghost_standby(server.db_url, False)
     assert (await client.extend_to(again.instance, to)).expires == to  # repeated: the same
     await client.return_(again.instance)
