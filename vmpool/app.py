@@ -198,6 +198,7 @@ async def _serve(
             watch_limits(config),
             encode=encode_shared,
             on_streams=metrics.watch_streams.set,
+            settings=ConnectSettings.from_config(config.database),
         )
         extension = ExtensionService(
             leaser,

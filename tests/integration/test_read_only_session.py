@@ -15,9 +15,13 @@ import pytest
 
 from tests.pg import TestPostgres
 from tests.polling import eventually
+from vmpool.domain.watch import Scope
+from vmpool.services.lease_events import EventHub, StreamEnded, WatchLimits
+from vmpool.store.connect import ConnectSettings
 from vmpool.store.control import Control
 from vmpool.store.db import Database, create_pool
 from vmpool.store.errors import StoreReadOnly, StoreUnavailable, translated
+from vmpool.store.events import EventStore
 from vmpool.store.probe import ProbeConnection
 
 T = TypeVar("T")
@@ -171,3 +175,36 @@ async def test_the_control_loop_waits_out_a_read_only_database(
 
 async def _now(value: T) -> T:
     return value
+
+
+async def test_watch_leases_is_not_served_from_a_read_only_server(
+    postgres: TestPostgres, db_url: str, db: tuple[Database, list[bool]]
+) -> None:
+    """The event reader's own session refuses a read-only server as every other
+    session does: a stream opened there would never see a new event. It starts
+    once the server is writable again, without a restart."""
+    database, _ = db
+    hub = EventHub(
+        db_url,
+        EventStore(database),
+        WatchLimits(),
+        encode=lambda _e: b"",
+        settings=ConnectSettings(connect_timeout=2),
+    )
+    await set_read_only(postgres, db_url, True)
+    try:
+        with pytest.raises(StreamEnded) as refused:
+            await hub.open(Scope(), None, "peer")
+        assert refused.value.code == "UNAVAILABLE"
+        await set_read_only(postgres, db_url, False)
+        deadline = asyncio.get_running_loop().time() + 60  # a bound, not a speed target
+        while True:
+            try:
+                sub = await hub.open(Scope(), None, "peer")
+                break
+            except StreamEnded:
+                assert asyncio.get_running_loop().time() < deadline, "never started"
+        hub.close(sub)
+    finally:
+        await set_read_only(postgres, db_url, False)
+        await hub.shutdown()

@@ -25,6 +25,7 @@ import structlog
 
 from vmpool.core.backoff import Retry
 from vmpool.domain.watch import Cursor, Event, Scope
+from vmpool.store.connect import ConnectSettings, open_connection
 from vmpool.store.errors import UNAVAILABLE_ERRORS
 from vmpool.store.events import EventStore, fetch_new, snapshot
 
@@ -120,8 +121,10 @@ class EventHub:
         encode: Callable[[Event], bytes],
         on_streams: Callable[[int], None] = lambda _n: None,
         wall_ns: Callable[[], int] = time.time_ns,
+        settings: ConnectSettings | None = None,
     ) -> None:
         self._url = url
+        self._settings = settings if settings is not None else ConnectSettings()
         self._store = store
         self.limits = limits
         self._on_streams = on_streams
@@ -296,8 +299,9 @@ class EventHub:
         while not self._closing:
             conn = None
             try:
-                conn = await asyncpg.connect(
-                    self._url, timeout=5, server_settings={"application_name": "vmpool-events"}
+                # As every session: host by host, keepalives, never a read-only server.
+                conn = await open_connection(
+                    self._url, self._settings, application_name="vmpool-events"
                 )
                 if not self._started.done():
                     await self._load(conn)  # its own connection: never queued behind calls
