@@ -1,7 +1,7 @@
 """Opening one PostgreSQL connection so that a failover is noticed in bounded time.
 
-Every connection vmpool makes (the pool's, the control connection, Ping's)
-goes through ``open_connection``:
+Every connection vmpool makes (the pool's, the control connection, Ping's, the
+WatchLeases event reader's) goes through ``open_connection``:
 
 - Each host of the URL's host list (``h1:5432,h2:5432``) is tried in turn with
   its own ``connect_timeout``, as libpq does; asyncpg's own ``timeout`` covers
