@@ -171,6 +171,28 @@ def test_the_layers_contract_covers_every_subpackage_and_top_level_module() -> N
     assert tree - covered == set(), "add these to the layers contract in pyproject.toml"
 
 
+#: Where a PostgreSQL session may be opened: open_connection (each host in turn,
+#: keepalives, never a read-only server) and the pool that opens through it.
+SESSION_OPENERS = {"vmpool.store.connect": "connect", "vmpool.store.db": "create_pool"}
+
+
+def test_every_database_session_is_opened_through_open_connection() -> None:
+    calls = []
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "asyncpg"
+                and node.func.attr in ("connect", "create_pool")
+            ):
+                calls.append((_name(path), node.func.attr))
+    assert sorted(calls) == sorted(SESSION_OPENERS.items()), (
+        "open sessions with vmpool.store.connect.open_connection"
+    )
+
+
 #: A file of this repository named in prose: vmpool/..., tests/... (a ../ prefix allowed).
 NAMED_FILE = re.compile(r"(?<![\w/.-])(?:\.\./)*((?:vmpool|tests)/[\w/.-]*\.(?:py|md|sql|go))")
 
