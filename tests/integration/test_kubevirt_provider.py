@@ -540,11 +540,16 @@ async def test_template_that_never_boots_fails_after_grace(
     now = [time.monotonic()]
     provider, _ = await make_provider(failure_grace=grace, clock=lambda: now[0])
     await provider.create("vmp-0015-oooo", BROKEN)
-    await eventually(
-        provider,
-        lambda s: "vmp-0015-oooo" in s and "Pull" in printable(fakekube, "vmp-0015-oooo"),
-        what="an image pull error",
-    )
+    # Wait for the provider's own watch to have seen the error (not just the
+    # API server): its failure clock starts from what the watch delivers.
+    assert provider.vms is not None
+    watched = provider.vms.objects
+
+    def pull_error_seen(s: dict[str, VMStatus]) -> bool:
+        status = watched.get("vmp-0015-oooo", {}).get("status") or {}
+        return "vmp-0015-oooo" in s and "Pull" in str(status.get("printableStatus") or "")
+
+    await eventually(provider, pull_error_seen, what="an image pull error in the watch")
     snapshot = dict(await provider.observe() or {})
     assert snapshot["vmp-0015-oooo"].phase is VMPhase.PENDING  # a pull may still work
     now[0] += grace - 0.1
