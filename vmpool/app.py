@@ -23,7 +23,7 @@ from vmpool.control.background import Background, FatalError, SettingNotMet, Sta
 from vmpool.core.address import split_host_port
 from vmpool.core.clock import utcnow
 from vmpool.ops.metrics import Metrics
-from vmpool.process.database import close_database, open_database
+from vmpool.process.database import open_database
 from vmpool.process.ports import AddressInUse, listen_on, start_metrics
 from vmpool.process.signals import stop_on_signals
 from vmpool.providers.describers import build_describer
@@ -314,7 +314,7 @@ async def _serve(
         await probe.close()
         await describer.close()
     finally:
-        await close_database(db)
+        await db.close()
     if fatal_reasons:  # not asked to stop: say so with the exit status
         log.error("stopped after a fatal error", reason=fatal_reasons[0])
         raise FatalError(fatal_reasons[0])

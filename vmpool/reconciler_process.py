@@ -21,7 +21,7 @@ import structlog
 from vmpool.config.schema import Config
 from vmpool.control.background import Background, FatalError, StartupError
 from vmpool.ops.metrics import Metrics
-from vmpool.process.database import close_database, open_database
+from vmpool.process.database import open_database
 from vmpool.process.ports import start_metrics
 from vmpool.process.signals import stop_on_signals
 from vmpool.services.dbhealth import DatabaseHealth
@@ -43,7 +43,7 @@ async def serve_reconciler(
     try:
         await Inventory(db).sync_pools([(p.name, p.labels) for p in config.pools])
     finally:
-        await close_database(db)
+        await db.close()
 
     fatal_reasons: list[str] = []
 

@@ -90,6 +90,14 @@ async def test_a_reconciler_process_reports_its_database_in_its_metrics(
         await eventually(database, lambda d: d[0] == 0, 20, "vmpool_database_up 0 (refused)")
         proxy.set_mode("pass")
         await eventually(database, lambda d: d[:2] == (1, 0), 20, "vmpool_database_up 1 again")
+        # A database that hangs does not turn a requested stop into a failure.
+        await eventually(
+            lambda: asyncio.to_thread(reconciler.proc.log),
+            lambda log: '"leadership acquired"' in log,
+            20,
+            "leading",
+        )
+        proxy.set_mode("blackhole")
         # In a thread: the proxy runs on this loop.
         assert await asyncio.to_thread(reconciler.proc.terminate) == 0
         reconciler.assert_clean_log()

@@ -1,21 +1,16 @@
 """The database pool of a server process, whatever its role: opened migrated
-and checked, closed within a bound."""
+and checked (Database.close is bounded)."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
-
-import structlog
 
 from vmpool.config.schema import Config
 from vmpool.control.background import SettingNotMet, StartupError
 from vmpool.control.dbwatch import SynchronousStandbyMissing, check_synchronous_standby
 from vmpool.store.connect import ConnectSettings
 from vmpool.store.db import Database, connect, migrate
-from vmpool.store.errors import UNAVAILABLE_ERRORS, StoreUnavailable
-
-log = structlog.get_logger("vmpool")
+from vmpool.store.errors import StoreUnavailable
 
 
 async def open_database(config: Config, url: str, **connect_args: Any) -> Database:
@@ -31,17 +26,9 @@ async def open_database(config: Config, url: str, **connect_args: Any) -> Databa
             await migrate(conn)
         await check_synchronous_standby(db, config.database)
     except SynchronousStandbyMissing as err:
-        await close_database(db)
+        await db.close()
         raise SettingNotMet(str(err)) from None
     except BaseException:
-        await close_database(db)
+        await db.close()
         raise
     return db
-
-
-async def close_database(db: Database) -> None:
-    try:
-        await asyncio.wait_for(db.close(), 5)
-    except UNAVAILABLE_ERRORS as err:  # TimeoutError is among them
-        log.warning("database pool did not close cleanly", error=repr(err))
-        db.terminate()

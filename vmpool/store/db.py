@@ -15,7 +15,14 @@ import structlog
 
 from vmpool.core.backoff import Retry
 from vmpool.store.connect import ConnectSettings, open_connection
-from vmpool.store.errors import StoreUnavailable, read_only, retrying, translated, unavailable
+from vmpool.store.errors import (
+    UNAVAILABLE_ERRORS,
+    StoreUnavailable,
+    read_only,
+    retrying,
+    translated,
+    unavailable,
+)
 
 log = structlog.get_logger("vmpool.store")
 
@@ -91,8 +98,14 @@ class Database:
     async def fetchval(self, query: str, *args: Any) -> Any:
         return await self._run("fetchval", query, args)
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close within ``timeout`` seconds, else drop the connections: a
+        database that hangs must not turn a requested stop into a failure."""
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout)
+        except UNAVAILABLE_ERRORS as err:  # TimeoutError is among them
+            log.warning("database pool did not close cleanly", error=repr(err))
+            self.pool.terminate()
 
     def terminate(self) -> None:
         self.pool.terminate()
