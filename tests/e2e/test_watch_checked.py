@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import os
 import shutil
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -21,7 +24,7 @@ import pytest
 
 from tests.e2e.conftest import Running
 from tests.e2e.grpcio_stack import REPO, compile_proto
-from tests.e2e.identity_kit import Issued
+from tests.e2e.identity_kit import Issued, Pki
 from tests.e2e.test_watch import Watcher
 
 POOLS = [{"name": "q", "min_ready": 3, "max_size": 6, "default_lease": "10m"}]
@@ -359,3 +362,153 @@ async def test_a_cursor_just_given_out_by_one_replica_is_accepted_by_the_other(
     finally:
         stop.set()
         await churn
+
+
+# --- identity: what a lease client may see --------------------------------------
+
+
+async def test_under_mtls_another_principal_sees_none_of_the_first_ones_events(
+    start_server: StartServer,
+    api: Api,
+    open_stream: Callable[..., Stream],
+    leaser: Callable[..., Leaser],
+    tmp_path: Path,
+) -> None:
+    pki = Pki(tmp_path / "pki")
+    server = pki.server()
+    s = await start_server(
+        POOLS,
+        name="qa-mtls",
+        tls={
+            "cert_file": str(server.cert),
+            "key_file": str(server.key),
+            "client_ca_file": str(pki.ca),
+            "require_client_cert": True,
+        },
+        auth={
+            "mode": "mtls",
+            "policy": [
+                {"subject": "ops", "roles": ["admin"]},
+                {"subject": "spiffe://test/*", "roles": ["lease"], "service_tags": ["team-*"]},
+            ],
+        },
+    )
+    await s.wait_ready("q", 3)
+    alice = (pki.ca, pki.issue("alice", cn="alice", uris=("spiffe://test/alice",)))
+    bob = (pki.ca, pki.issue("bob", cn="bob", uris=("spiffe://test/bob",)))
+    ops = (pki.ca, pki.issue("ops", cn="ops"))
+    held = await leaser(s.address, alice).lease("team-a")  # before the streams: snapshot
+    hers = open_stream(s.address, alice, expiring_lead_seconds=-1)
+    admin = open_stream(s.address, ops, principal="spiffe://test/alice", expiring_lead_seconds=-1)
+    filters: list[dict[str, Any]] = [
+        {},
+        {"service_tag": "team-a"},
+        {"pool": "q"},
+        {"instance": held.instance},
+        {"principal": "spiffe://test/alice"},
+        {"snapshot": True},
+        {"snapshot": True, "service_tag": "team-a", "pool": "q"},
+    ]
+    his = [open_stream(s.address, bob, expiring_lead_seconds=60, **f) for f in filters]
+    for w in [hers, admin, *his]:
+        await w.opened()
+    c, operator = leaser(s.address, alice), leaser(s.address, ops)
+    lease = await c.lease("team-a")
+    await c.extend(lease.instance, "team-a", ts(api, datetime.now(UTC) + timedelta(minutes=30)))
+    await c.return_(lease.instance, "team-a")
+    await operator.stop(held.instance)
+    short = await c.lease("team-b", ttl=timedelta(seconds=1))
+    for w in (hers, admin):
+        await w.until(lambda w=w: w.seen("STOPPED", held.instance))  # type: ignore[misc]
+        await w.until(lambda w=w: w.seen("EXPIRED", short.instance))  # type: ignore[misc]
+        assert len(w.changes()) == 6, w.changes()
+    stopped = next(e for e in hers.events if api.name(e) == "STOPPED")
+    assert (stopped.principal, stopped.owner_principal) == ("ops", "spiffe://test/alice")
+    for f, w in zip(filters, his, strict=True):
+        assert [e for e in w.events if e.instance] == [], f
+        assert not w.task.done(), (f, w.error)  # nothing, and no error either
+
+
+# --- a slow consumer --------------------------------------------------------------
+
+
+async def test_a_slow_consumer_is_ended_naming_where_to_resume_and_loses_nothing(
+    start_server: StartServer,
+    api: Api,
+    open_stream: Callable[..., Stream],
+    leaser: Callable[..., Leaser],
+) -> None:
+    s = await start_server(POOLS, name="qa-slow", limits={"watch_buffer": 10})
+    await s.wait_ready("q", 3)
+    reference = open_stream(s.address, expiring_lead_seconds=-1)
+    # A small window of its own (no BDP growth): the server's buffer fills soon.
+    slow_channel = grpc.aio.insecure_channel(
+        s.address,
+        options=[
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", 1024),
+        ],
+    )
+    try:
+        stub = api.adm_grpc.VMPoolExtensionServiceStub(slow_channel)
+        call = stub.WatchLeases(api.adm.WatchLeasesRequest(expiring_lead_seconds=-1))
+        first = [await call.read()]  # the HEARTBEAT: open
+        await reference.opened()
+        c = leaser(s.address)
+        for _ in range(60):
+            lease = await c.lease("slow")
+            await c.return_(lease.instance, "slow")
+        await reference.until(lambda: len(reference.changes()) == 120)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while (event := await call.read()) is not grpc.aio.EOF:
+                first.append(event)
+    finally:
+        await slow_channel.close()
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = ended.value.details() or ""
+    assert "fell 10 events behind" in details
+    cursor = details.split('after="', 1)[1].split('"', 1)[0]
+    rest = open_stream(s.address, after=cursor, expiring_lead_seconds=-1)
+    last = reference.changes()[-1].cursor
+    await rest.until(lambda: any(e.cursor == last for e in rest.events))
+    got = [e for e in first if api.name(e) != "HEARTBEAT"] + rest.changes()
+    assert _key(api, got) == _key(api, reference.changes())
+
+
+# --- vmpool watch, as a user runs it ---------------------------------------------
+
+
+async def test_cli_watch_piped_into_head_exits_when_head_does(
+    start_server: StartServer, leaser: Callable[..., Leaser]
+) -> None:
+    """`vmpool watch --output json | head -1`: once head has its line and leaves,
+    the next event ends vmpool watch quietly (141, as SIGPIPE), no resuming."""
+    s = await start_server(POOLS, name="qa-cli-pipe")
+    await s.wait_ready("q", 3)
+    read_end, write_end = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vmpool", "watch", "--output", "json", "--snapshot",
+        "--server", s.address, stdout=write_end, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    os.close(write_end)
+    head = asyncio.StreamReader()
+    pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(head), os.fdopen(read_end, "rb")
+    )
+    try:
+        while json.loads(await asyncio.wait_for(head.readline(), 30))["type"] != "SNAPSHOT_END":
+            pass
+        c = leaser(s.address)
+        await c.lease("pipe")
+        assert json.loads(await asyncio.wait_for(head.readline(), 15))["type"] == "LEASED"
+        pipe.close()  # head has its line and leaves
+        await c.lease("pipe")  # vmpool watch writes it to a pipe nobody reads
+        _, err = await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        pipe.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 141, err.decode()
+    assert err.decode() == ""

@@ -126,6 +126,15 @@ async def watch(args: argparse.Namespace, conn: Connection) -> None:
 async def _follow(
     args: argparse.Namespace, conn: Connection, request: adm.WatchLeasesRequest
 ) -> None:
+    # Printed out here, not in _lines: a closed stdout (`| head`) is no stream
+    # failure to resume from; its BrokenPipeError ends the command (exit 141).
+    async for text in _lines(args, conn, request):
+        print(text, flush=True)
+
+
+async def _lines(
+    args: argparse.Namespace, conn: Connection, request: adm.WatchLeasesRequest
+) -> AsyncIterator[str]:
     failures = 0
     while True:
         try:
@@ -136,8 +145,7 @@ async def _follow(
                     request.snapshot = False  # a resumed stream goes on from the cursor
                 if _NAMES.get(event.type) in QUIET:
                     continue
-                text = as_json(event) if args.output == "json" else line(event, datetime.now(UTC))
-                print(text, flush=True)
+                yield as_json(event) if args.output == "json" else line(event, datetime.now(UTC))
             return  # the server ended the stream normally
         except (GRPCError, OSError, StreamTerminatedError, TimeoutError) as err:
             if not _resumable(err):
