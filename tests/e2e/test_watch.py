@@ -19,7 +19,8 @@ import pytest
 
 from tests.e2e.clients import Client
 from tests.e2e.conftest import Running, lease_when_free
-from tests.e2e.grpcio_stack import REPO, compile_proto
+from tests.e2e.grpcio_stack import REPO, GrpcioModules, compile_proto
+from tests.e2e.identity_kit import Issuer, Pki, TlsClient
 from vmpool.store.events import PRUNE
 
 ADMIN_PROTO = "vmpool/admin/v1/admin.proto"
@@ -429,3 +430,76 @@ async def test_the_snapshot_shows_current_leases_then_what_follows(
         await c.return_(held.instance, service_tag="snap")
     await w.wait_for(lambda _ev: ("RETURNED", held.instance) in lease_events(w))
     assert ("LEASED", held.instance) not in lease_events(w)  # the snapshot had it
+
+
+async def test_with_authentication_a_lease_client_sees_only_its_own_leases(
+    start_server: Callable[..., Awaitable[Running]],
+    grpcio_modules: GrpcioModules,
+    admin_pb: tuple[ModuleType, ModuleType],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """jwt over TLS: alice's and bob's streams show their own leases only (even
+    with the same tag); a filter on another's principal shows nothing; an admin
+    sees both."""
+    pki = Pki(tmp_path_factory.mktemp("watch-pki"))
+    issuer = Issuer()
+    jwks = pki.root / "jwks.json"
+    jwks.write_text(json.dumps(issuer.jwks()))
+    cert = pki.server()
+    s = await start_server(
+        POOLS,
+        name="watch-jwt",
+        tls={"cert_file": str(cert.cert), "key_file": str(cert.key)},
+        auth={
+            "mode": "jwt",
+            "jwt": {"issuer": issuer.url, "jwks_file": str(jwks)},
+            "policy": [{"subject": "group:vmpool-admins", "roles": ["admin"]}],
+        },
+    )
+    await s.wait_ready("w", 3)
+    pb2, pb2_grpc = admin_pb
+    opened: list[Any] = []
+
+    def watch(token: str, **request: Any) -> Any:
+        creds = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(pki.ca.read_bytes()),
+            grpc.access_token_call_credentials(token),
+        )
+        channel = grpc.aio.secure_channel(s.address, creds)
+        opened.append(channel)
+        stub = pb2_grpc.VMPoolExtensionServiceStub(channel)
+        return stub.WatchLeases(pb2.WatchLeasesRequest(expiring_lead_seconds=-1, **request))
+
+    async def until_returned(call: Any, instance: str) -> list[tuple[str, str]]:
+        seen: list[tuple[str, str]] = []
+        while (kind(pb2, e := await call.read()), e.instance) != ("RETURNED", instance):
+            if e.instance:
+                seen.append((kind(pb2, e), e.instance))
+        return seen
+
+    try:
+        alice_w = watch(issuer.token("alice"))
+        bob_w = watch(issuer.token("bob"))
+        nosy = watch(issuer.token("bob"), principal="alice")
+        admin_w = watch(issuer.token("carol", groups=("vmpool-admins",)))
+        for call in (alice_w, bob_w, nosy, admin_w):
+            assert kind(pb2, await call.read()) == "HEARTBEAT"
+        alice = TlsClient(s.address, grpcio_modules, pki.ca, token=issuer.token("alice"))
+        bob = TlsClient(s.address, grpcio_modules, pki.ca, token=issuer.token("bob"))
+        try:
+            a = await lease_when_free(alice, "w", service_tag="ci")
+            b = await lease_when_free(bob, "w", service_tag="ci")
+            await alice.return_(a.instance, "ci")
+            await bob.return_(b.instance, "ci")
+        finally:
+            await alice.close()
+            await bob.close()
+        assert await until_returned(alice_w, a.instance) == [("LEASED", a.instance)]
+        assert await until_returned(bob_w, b.instance) == [("LEASED", b.instance)]
+        admin_seen = await until_returned(admin_w, b.instance)
+        assert ("LEASED", a.instance) in admin_seen and ("RETURNED", a.instance) in admin_seen
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(nosy.read(), 1.0)  # alice's events never reach bob
+    finally:
+        for channel in opened:
+            await channel.close()
