@@ -24,8 +24,10 @@ from vmpool.core.instant import Instant
 RECONCILER = "vmpool:reconciler"
 DEFAULT_EXPIRING_LEAD_S = 300
 MAX_EXPIRING_LEAD_S = 7 * 24 * 3600
-# In-progress transactions a snapshot cursor may carry (its text stays short).
-MAX_SNAPSHOT_XIDS = 64
+# In-progress transactions a snapshot cursor may carry: at most one per
+# database connection (max_connections is 100 by default), with room.
+MAX_SNAPSHOT_XIDS = 1024
+MAX_CURSOR_CHARS = 12_000  # base64 of a cursor with MAX_SNAPSHOT_XIDS
 # Positions and sequence numbers are bigint in the database: a larger one in a
 # cursor is not one the server gave out (and would fail as a query argument).
 MAX_INT8 = 2**63 - 1
@@ -99,7 +101,7 @@ START = Cursor(0, 0)
 
 def parse_cursor(text: str) -> Cursor:
     """BadCursor unless ``text`` is a cursor WatchLeases gave out."""
-    if len(text) > 4096:
+    if len(text) > MAX_CURSOR_CHARS:
         raise BadCursor(f"{len(text)} characters, longer than any cursor")
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

@@ -40,7 +40,9 @@ def test_cursors_round_trip_and_order() -> None:
     assert Cursor(1, 9) < Cursor(2, 0) < Cursor(2, 1)
 
 
-@pytest.mark.parametrize("text", ["", "x", "not a cursor!", "AAAA", "A" * 5000, "////"])
+@pytest.mark.parametrize(
+    "text", ["", "x", "not a cursor!", "AAAA", "A" * 5000, "A" * 13000, "////"]
+)
 def test_anything_else_is_not_a_cursor(text: str) -> None:
     with pytest.raises(BadCursor):
         parse_cursor(text)
