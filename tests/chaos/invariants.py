@@ -141,15 +141,41 @@ def ok_accounted(log: Log, leases: list[dict[str, Any]]) -> Result:
     return Result(True, detail)
 
 
-def fifo(log: Log, leases: list[dict[str, Any]], slack: float = FIFO_SLACK) -> Result:
+async def requeued(db_url: str) -> dict[str, float]:
+    """Reservation id -> when it last joined its pool's queue, for those that
+    joined more than once: it left the queue (expired: its client could not
+    renew it in time, e.g. while the server was down) and its client's next
+    call queued it again, at the back."""
+    rows = await sql(
+        db_url,
+        "SELECT reservation_id::text AS rid, max(at) AS at FROM lease_events"
+        " WHERE kind = 'reservation_queued' GROUP BY reservation_id HAVING count(*) > 1",
+    )
+    return {r["rid"]: r["at"].timestamp() for r in rows}
+
+
+def fifo(
+    log: Log,
+    leases: list[dict[str, Any]],
+    slack: float = FIFO_SLACK,
+    requeued: dict[str, float] | None = None,
+) -> Result:
     """Reservations served from the queue got leased_at in enqueue order (within
-    ``slack``), for pairs whose enqueue order the client saw unambiguously."""
+    ``slack``), for pairs whose enqueue order the client saw unambiguously.
+    ``requeued`` (see requeued()): a reservation queued again is judged from
+    the call that queued it again, not from its first, lapsed place."""
     leased_at = {r["rid"]: r["leased_at"].timestamp() for r in leases if r["rid"]}
+    again = requeued or {}
     queued: dict[str, dict[str, Any]] = {}  # rid -> {pool, t0, t1, pos, served}
     for c in sorted(log.calls, key=lambda c: c.t1):
         if c.kind != "Lease" or not c.rid:
             continue
         entry = queued.get(c.rid)
+        if entry is not None and entry["t1"] < again.get(c.rid, 0.0) <= c.t1:
+            # The first answer since it joined the queue again (an OK one too:
+            # a waiting Lease can queue and be served in one call).
+            entry = {"pool": c.pool, "t0": c.t0, "t1": c.t1, "pos": None, "ok": False}
+            queued[c.rid] = entry
         if c.code == "RESOURCE_EXHAUSTED":
             pos = queue_position(c.message)
             if pos is None:

@@ -252,7 +252,7 @@ async def run(
         res["no_double_lease"] = inv.no_double_lease(ctx.log, leases)
         res["ok_accounted"] = inv.ok_accounted(ctx.log, leases)
         res["converged"] = conv
-        res["fifo"] = inv.fifo(ctx.log, leases)
+        res["fifo"] = inv.fifo(ctx.log, leases, requeued=await inv.requeued(db_url))
         res["pool_size"] = inv.pool_size(sampler, {p["name"]: p["max_size"] for p in pools})
         res["no_internal"] = inv.no_internal(ctx.log)
         res["recovers"] = recovered
