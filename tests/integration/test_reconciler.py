@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -12,9 +13,10 @@ import pytest
 import structlog
 import structlog.testing
 
-from tests.integration.helpers import make_world
+from tests.integration.helpers import World, make_world
 from tests.polling import eventually
 from vmpool.control.executor import new_instance_name
+from vmpool.domain import leasing
 from vmpool.domain.spec_hash import pool_spec_hash
 from vmpool.providers.errors import ProviderError
 from vmpool.store.control import Control
@@ -466,3 +468,39 @@ async def test_a_leader_that_stops_being_trusted_mid_pass_makes_no_provider_call
     finally:
         stop.set()
         await task
+
+
+async def _queue_place(w: World, rid: uuid.UUID) -> str:
+    """A retried Lease with this reservation (a renewal): its place in the queue."""
+    with pytest.raises(leasing.Exhausted) as err:
+        await w.leaser.lease("q", None, "t", rid)
+    return str(err.value).split(" is queued at ")[1]
+
+
+async def test_a_new_leader_keeps_the_queue_for_one_reservation_ttl(db: Database) -> None:
+    """After an outage longer than reservation_ttl nobody could renew: the new
+    leader's first pass must not drop the queue, whoever retries first; entries
+    not renewed within one ttl of the takeover expire as usual, and a renewed
+    one keeps its place."""
+    cfg = {"pools": [{"name": "q", "min_ready": 1, "max_size": 1, "reservation_ttl": "1m"}]}
+    old = await make_world(db, cfg)
+    await old.settle()
+    await old.leaser.lease("q", None, "t", None)
+    first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for rid in (first, second, third):
+        await _queue_place(old, rid)
+    old.clock.advance(minutes=5)  # the leader (and the server) are down
+
+    new = await make_world(db, cfg, clock=old.clock)  # a new leader, same database
+    await new.full_pass()
+    assert await db.fetchval("SELECT count(*) FROM reservations") == 3
+    new.clock.advance(seconds=30)
+    assert await _queue_place(new, third) == 'position 3 of 3 in pool "q"'
+    await new.full_pass()
+    assert await db.fetchval("SELECT count(*) FROM reservations") == 3
+
+    new.clock.advance(seconds=31)  # the grace is over: the unrenewed ones go
+    await new.full_pass()
+    left = await db.fetch("SELECT id FROM reservations")
+    assert [r["id"] for r in left] == [third]
+    assert await _queue_place(new, third) == 'position 1 of 1 in pool "q"'

@@ -128,8 +128,8 @@ class Executor:
             match action:
                 case ExpireLeases():
                     changed |= await self._expire_leases(now)
-                case ExpireReservations():
-                    changed |= await self._expire_reservations(now)
+                case ExpireReservations(pools=pools):
+                    changed |= await self._expire_reservations(now, pools)
                 case DropQueue(pool=pool):
                     await self._inv.drop_queue(pool, now)
                     self.touched.add(pool)
@@ -229,8 +229,8 @@ class Executor:
             )
         return bool(ended)
 
-    async def _expire_reservations(self, now: datetime) -> bool:
-        gone = await self._inv.expire_reservations(now)
+    async def _expire_reservations(self, now: datetime, pools: tuple[str, ...] | None) -> bool:
+        gone = await self._inv.expire_reservations(now, pools)
         for rid, pool, instance in gone:
             self.action(
                 "reservation expired",

@@ -21,6 +21,14 @@ class Leadership:
         # Set by Reconciler.run(); passes called directly (tests) lead.
         self.is_leader: Callable[[], bool] = lambda: True
         self._was_leading = False
+        self._since: float | None = None  # monotonic start of our term, as a pass saw it
+
+    def leading_since(self, mono_now: float) -> float:
+        """When this term's first pass ran (recorded by that pass): reservations
+        are not expired for a while after it (vmpool.domain.planner)."""
+        if self._since is None:
+            self._since = mono_now
+        return self._since
 
     def poll(self) -> tuple[bool, bool]:
         """(leading now, stepped down since the last poll); exports the gauge."""
@@ -30,6 +38,8 @@ class Leadership:
         self._metrics.leader.set_function(lambda: 1 if self.is_leader() else 0)
         stepped_down = self._was_leading and not leading
         self._was_leading = leading
+        if not leading:
+            self._since = None  # a later term starts its own grace
         return leading, stepped_down
 
     def may_call_provider(self, name: str, what: str) -> bool:

@@ -42,6 +42,7 @@ from vmpool.domain.planner import (
     ReplaceStale,
     SetAside,
     plan_pools,
+    reservations_held,
     target_from_config,
 )
 from vmpool.ops.metrics import Metrics
@@ -267,7 +268,10 @@ class Reconciler:
             until = self._exec.pool_backoff.until(name)
             if until is not None:
                 backoff[name] = until
-        return plan_pools(observed(summary, targets, backoff), targets, now, self._mono())
+        mono = self._mono()
+        led_for = mono - self._leadership.leading_since(mono)
+        held = reservations_held(led_for, {cfg.name: cfg.reservation_ttl for cfg in self._pools})
+        return plan_pools(observed(summary, targets, backoff), targets, now, mono, held=held)
 
     async def pass_once(self) -> bool:
         """One reconcile pass; True if it changed anything (another pass soon)."""

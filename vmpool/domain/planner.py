@@ -108,7 +108,10 @@ class ExpireLeases:
 
 @dataclass(frozen=True, slots=True)
 class ExpireReservations:
-    """Drop reservations past their expiry; what was set aside is free again."""
+    """Drop reservations past their expiry (in these pools; None: in all); what
+    was set aside is free again."""
+
+    pools: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,18 +184,32 @@ def _due(at: datetime | None, now: datetime) -> bool:
     return at is not None and at <= now
 
 
+def reservations_held(led_for: float, ttls: Mapping[str, timedelta]) -> frozenset[str]:
+    """Pools whose reservations a leader of ``led_for`` seconds does not expire
+    yet: for its first ``reservation_ttl`` no client could renew (no leader, or
+    no server, ran before), so expiring at once would drop whoever had not
+    retried yet and break FIFO."""
+    return frozenset(name for name, ttl in ttls.items() if led_for < ttl.total_seconds())
+
+
 def plan_pools(
     observed: Observed,
     targets: Mapping[str, PoolTarget],
     wall_now: datetime,
     mono_now: float,
+    *,
+    held: frozenset[str] = frozenset(),
 ) -> list[Action]:
-    """Every pool-level decision for one pass, in the order to apply them."""
+    """Every pool-level decision for one pass, in the order to apply them
+    (``held``: pools whose reservations are not expired yet)."""
     actions: list[Action] = []
     if _due(observed.next_lease_expiry, wall_now):
         actions.append(ExpireLeases())
-    if any(_due(p.next_reservation_expiry, wall_now) for p in observed.pools.values()):
+    due = [n for n, p in observed.pools.items() if _due(p.next_reservation_expiry, wall_now)]
+    if due and not held:
         actions.append(ExpireReservations())
+    elif expiring := tuple(sorted(n for n in due if n not in held)):
+        actions.append(ExpireReservations(expiring))
     names = sorted(set(observed.pools) | (set(targets) if observed.complete else set()))
     for name in names:
         target = targets.get(name) or drained_target(name)

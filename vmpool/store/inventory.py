@@ -158,9 +158,15 @@ class Inventory:
             for r in rows
         ]
 
-    async def expire_reservations(self, now: datetime) -> list[tuple[str, str, str | None]]:
-        """Drop expired queue entries (and spent served-at-once ones); the expired."""
-        rows = await self._write([(inventory_sql.EXPIRE_RESERVATIONS, (now,))])
+    async def expire_reservations(
+        self, now: datetime, pools: tuple[str, ...] | None = None
+    ) -> list[tuple[str, str, str | None]]:
+        """Drop expired queue entries (and spent served-at-once ones) of these
+        pools (None: of all); the expired."""
+        if pools is None:
+            rows = await self._write([(inventory_sql.EXPIRE_RESERVATIONS, (now,))])
+        else:
+            rows = await self._write([(inventory_sql.EXPIRE_RESERVATIONS_OF, (now, list(pools)))])
         return [(str(r["id"]), r["pool"], r["instance"]) for r in rows if not r["served"]]
 
     async def set_aside(self, pool: str, now: datetime, limit: int) -> list[tuple[str, str]]:

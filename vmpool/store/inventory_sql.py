@@ -43,9 +43,9 @@ SELECT instance, pool, service_tag, leased_at, principal FROM ended
 
 # An expired reservation leaves the queue; its set-aside instance is free again.
 # Reservations served at once are only kept until their expiry (= when served).
-EXPIRE_RESERVATIONS = """
+_EXPIRE_RESERVATIONS = """
 WITH locked AS MATERIALIZED (
-    SELECT id FROM reservations WHERE expires_at <= $1 ORDER BY id FOR UPDATE
+    SELECT id FROM reservations WHERE expires_at <= $1{of_pools} ORDER BY id FOR UPDATE
 ), gone AS (
     DELETE FROM reservations r USING locked WHERE r.id = locked.id
     RETURNING r.id, r.pool, r.instance, r.served
@@ -57,6 +57,9 @@ SELECT id, pool, instance, served,
        set_config('vmpool.reason', 'expired', true) AS why  -- the lease event's kind
 FROM gone
 """
+EXPIRE_RESERVATIONS = _EXPIRE_RESERVATIONS.format(of_pools="")
+# Only in these pools ($2): a new leader's others are still in their grace.
+EXPIRE_RESERVATIONS_OF = _EXPIRE_RESERVATIONS.format(of_pools=" AND pool = ANY($2::text[])")
 
 # Set the oldest free instance aside for the oldest waiting reservation. The
 # reservation is locked without SKIP LOCKED: skipping a locked head would let

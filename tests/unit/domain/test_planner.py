@@ -34,6 +34,7 @@ from vmpool.domain.planner import (
     orphans_seen,
     plan_pools,
     plan_rows,
+    reservations_held,
     target_from_config,
 )
 from vmpool.domain.spec_hash import pool_spec_hash, spec_hash
@@ -189,6 +190,22 @@ def test_an_expired_reservation_leaves_the_queue() -> None:
     assert ExpireReservations() in plan(pool(waiting=1, next_reservation_expiry=NOW), target())
     future = pool(waiting=1, next_reservation_expiry=NOW + timedelta(seconds=1))
     assert ExpireReservations() not in plan(future, target())
+
+
+def test_a_new_leader_holds_each_pools_reservations_for_its_ttl() -> None:
+    ttls = {"short": timedelta(minutes=1), "long": timedelta(minutes=5)}
+    assert reservations_held(59.0, ttls) == {"short", "long"}
+    assert reservations_held(60.0, ttls) == {"long"}
+    assert reservations_held(300.0, ttls) == frozenset()
+    due = Observed(
+        {n: PoolObserved(n, waiting=1, next_reservation_expiry=NOW) for n in ("long", "short")}
+    )
+    targets = {n: target(name=n) for n in ("long", "short")}
+    assert ExpireReservations(("short",)) in plan_pools(
+        due, targets, NOW, MONO, held=frozenset({"long"})
+    )
+    held_all = plan_pools(due, targets, NOW, MONO, held=frozenset({"long", "short"}))
+    assert not any(isinstance(a, ExpireReservations) for a in held_all)
 
 
 def test_a_free_instance_older_than_max_ready_age_is_recycled() -> None:
