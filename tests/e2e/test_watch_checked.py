@@ -210,6 +210,7 @@ async def test_every_change_of_a_lease_is_seen_once_with_who_caused_it(
     by = {(api.name(e), e.instance): e for e in w.events}
     assert ns(by["EXTENDED", a.instance].expires) == ns(extended.expires) == ns(later)
     assert by["EXPIRED", b.instance].principal == "vmpool:reconciler"
+    assert by["EXPIRING", b.instance].principal == "vmpool:reconciler"  # docs/api.md
     assert by["STOPPED", d.instance].reason == "StopLease"
     for e in w.changes():
         assert (e.pool, e.service_tag) == ("q", "qa"), e

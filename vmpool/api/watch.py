@@ -20,6 +20,7 @@ from vmpool.auth.caller import caller, has_role
 from vmpool.core.echo import status_message
 from vmpool.domain import leasing
 from vmpool.domain.watch import (
+    RECONCILER,
     BadCursor,
     Cursor,
     Event,
@@ -74,9 +75,17 @@ def message(
         owner_principal=e.principal,
         expires=timestamp_field(e.expires) if e.expires is not None else None,  # type: ignore[arg-type]
         reservation_id=str(e.reservation_id) if e.reservation_id else "",
-        principal="" if e.kind in ("lease", "reservation") else e.cause,
+        principal=_cause(e, expiring),
         reason=e.reason,
     )
+
+
+def _cause(e: Event, expiring: bool) -> str:
+    """Who made it happen: EXPIRING is the server's (the event it derives from
+    was the leaser's); snapshot rows have no cause."""
+    if expiring:
+        return RECONCILER
+    return "" if e.kind in ("lease", "reservation") else e.cause
 
 
 def encode_shared(e: Event) -> bytes:
