@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -513,3 +514,31 @@ async def test_cli_watch_piped_into_head_exits_when_head_does(
             await proc.wait()
     assert proc.returncode == 141, err.decode()
     assert err.decode() == ""
+
+
+async def test_cli_watch_snapshot_end_has_a_time_for_people(
+    start_server: StartServer, open_stream: Callable[..., Stream]
+) -> None:
+    """SNAPSHOT_END was sent without a time: JSON said 1970, the human line
+    "499075h10m ago"."""
+    s = await start_server(POOLS, name="qa-cli-snap")
+    w = open_stream(s.address, snapshot=True)
+    await w.opened()
+    end = w.events[-1]
+    assert w.api.name(end) == "SNAPSHOT_END"
+    assert abs(end.time.seconds - time.time()) < 60
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vmpool", "watch", "--snapshot", "--server", s.address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        text = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert text.split()[:2] == ["now", "SNAPSHOT_END"], text
+    assert (proc.returncode, err.decode()) == (130, "")

@@ -170,7 +170,9 @@ class Watch:
             for e in [*view.leases, *view.reservations]:
                 if sub.scope.sees(e):
                     yield message(e, sub.position)
-            yield adm.LeaseEvent(cursor=sub.position.encode(), type=_type(T.SNAPSHOT_END))
+            yield adm.LeaseEvent(
+                cursor=sub.position.encode(), type=_type(T.SNAPSHOT_END), time=datetime.now(UTC)
+            )
         elif after is not None:
             # hub.xmax is as of the reader's last look; a cursor another replica
             # gave out since may be beyond it: ask the database before refusing.
