@@ -67,11 +67,13 @@ async def run(
 
 
 @asynccontextmanager
-async def cli_running(server: Running, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+async def cli_running(
+    server: Running, *args: str, stdout: Any = asyncio.subprocess.PIPE
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """`vmpool ARGS` started in the background; killed if the test fails first."""
     proc = await asyncio.create_subprocess_exec(
         *vmpool_args(server, *args),
-        stdout=asyncio.subprocess.PIPE,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
     )
     try:

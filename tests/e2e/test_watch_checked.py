@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import struct
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -26,6 +25,7 @@ import pytest
 from tests.e2e.conftest import Running
 from tests.e2e.grpcio_stack import REPO, compile_proto
 from tests.e2e.identity_kit import Issued, Pki
+from tests.e2e.test_cli_wait import cli_running
 from tests.e2e.test_watch import Watcher
 
 POOLS = [{"name": "q", "min_ready": 3, "max_size": 6, "default_lease": "10m"}]
@@ -489,29 +489,24 @@ async def test_cli_watch_piped_into_head_exits_when_head_does(
     s = await start_server(POOLS, name="qa-cli-pipe")
     await s.wait_ready("q", 3)
     read_end, write_end = os.pipe()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vmpool", "watch", "--output", "json", "--snapshot",
-        "--server", s.address, stdout=write_end, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    os.close(write_end)
-    head = asyncio.StreamReader()
-    pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(head), os.fdopen(read_end, "rb")
-    )
-    try:
-        while json.loads(await asyncio.wait_for(head.readline(), 30))["type"] != "SNAPSHOT_END":
-            pass
-        c = leaser(s.address)
-        await c.lease("pipe")
-        assert json.loads(await asyncio.wait_for(head.readline(), 15))["type"] == "LEASED"
-        pipe.close()  # head has its line and leaves
-        await c.lease("pipe")  # vmpool watch writes it to a pipe nobody reads
-        _, err = await asyncio.wait_for(proc.communicate(), 15)
-    finally:
-        pipe.close()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    watch = ("watch", "--output", "json", "--snapshot")
+    async with cli_running(s, *watch, stdout=write_end) as proc:
+        os.close(write_end)
+        head = asyncio.StreamReader()
+        pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(head), os.fdopen(read_end, "rb")
+        )
+        try:
+            while json.loads(await asyncio.wait_for(head.readline(), 30))["type"] != "SNAPSHOT_END":
+                pass
+            c = leaser(s.address)
+            await c.lease("pipe")
+            assert json.loads(await asyncio.wait_for(head.readline(), 15))["type"] == "LEASED"
+            pipe.close()  # head has its line and leaves
+            await c.lease("pipe")  # vmpool watch writes it to a pipe nobody reads
+            _, err = await asyncio.wait_for(proc.communicate(), 15)
+        finally:
+            pipe.close()
     assert proc.returncode == 141, err.decode()
     assert err.decode() == ""
 
@@ -527,18 +522,10 @@ async def test_cli_watch_snapshot_end_has_a_time_for_people(
     end = w.events[-1]
     assert w.api.name(end) == "SNAPSHOT_END"
     assert abs(end.time.seconds - time.time()) < 60
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vmpool", "watch", "--snapshot", "--server", s.address,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
+    async with cli_running(s, "watch", "--snapshot") as proc:
         assert proc.stdout is not None
         text = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         proc.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(proc.communicate(), 10)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     assert text.split()[:2] == ["now", "SNAPSHOT_END"], text
     assert (proc.returncode, err.decode()) == (130, "")
