@@ -3,8 +3,11 @@ grpcio-tools at test time (never committed), as the Go clients compile it."""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -66,3 +69,20 @@ POOL_PROTO = "intrinsic_proto/vmpoolapi/v1/vmpool_api.proto"
 def compile_pool_api(out: Path) -> tuple[ModuleType, ModuleType]:
     """VMPoolService's grpcio modules, compiled from api/ as a Go client would."""
     return compile_proto(out, POOL_PROTO)
+
+
+ADMIN_PROTO = "vmpool/admin/v1/admin.proto"
+
+
+@functools.cache
+def compile_admin_api() -> tuple[ModuleType, ModuleType]:
+    """The extension and admin APIs' grpcio modules, compiled once per process:
+    protobuf's default descriptor pool refuses a second file defining the same
+    symbols. Compiled from a copy under another directory, since the module path
+    vmpool.admin.v1 would collide with the vmpool package (the wire names come
+    from the proto package, which stays)."""
+    out = Path(tempfile.mkdtemp(prefix="vmpool-admin-pb-"))
+    target = out / "src" / "admintest" / "admin.proto"
+    target.parent.mkdir(parents=True)
+    shutil.copy(REPO / "api" / ADMIN_PROTO, target)
+    return compile_proto(out / "pb", "admintest/admin.proto", out / "src")

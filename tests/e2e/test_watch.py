@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,24 +18,16 @@ import pytest
 
 from tests.e2e.clients import Client
 from tests.e2e.conftest import Running, lease_when_free
-from tests.e2e.grpcio_stack import REPO, GrpcioModules, compile_proto
+from tests.e2e.grpcio_stack import GrpcioModules, compile_admin_api
 from tests.e2e.identity_kit import Issuer, Pki, TlsClient
 from vmpool.store.events import PRUNE
 
-ADMIN_PROTO = "vmpool/admin/v1/admin.proto"
 POOLS = [{"name": "w", "min_ready": 3, "max_size": 6, "default_lease": "10m"}]
 
 
 @pytest.fixture(scope="module")
-def admin_pb(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleType]:
-    """Compiled from a copy under another directory: the module path
-    vmpool.admin.v1 would collide with the vmpool package (the wire names come
-    from the proto package, which stays)."""
-    src = tmp_path_factory.mktemp("admin_src")
-    target = src / "watchtest" / "admin.proto"
-    target.parent.mkdir(parents=True)
-    shutil.copy(REPO / "api" / ADMIN_PROTO, target)
-    return compile_proto(tmp_path_factory.mktemp("admin_pb"), "watchtest/admin.proto", src)
+def admin_pb() -> tuple[ModuleType, ModuleType]:
+    return compile_admin_api()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import json
 import os
-import shutil
 import signal
 import struct
 import time
@@ -23,7 +22,7 @@ import grpc
 import pytest
 
 from tests.e2e.conftest import Running
-from tests.e2e.grpcio_stack import REPO, compile_proto
+from tests.e2e.grpcio_stack import compile_admin_api, compile_proto
 from tests.e2e.identity_kit import Issued, Pki
 from tests.e2e.test_cli_wait import cli_running
 from tests.e2e.test_watch import Watcher
@@ -36,12 +35,7 @@ class Api:
     """The three services this check needs, compiled by grpc_tools from api/."""
 
     def __init__(self, out: Path) -> None:
-        src = out / "src"
-        # vmpool.admin.v1 would shadow the vmpool package: the same proto under
-        # another directory (the wire names come from its package line).
-        (src / "qacheck").mkdir(parents=True)
-        shutil.copy(REPO / "api/vmpool/admin/v1/admin.proto", src / "qacheck/admin.proto")
-        self.adm, self.adm_grpc = compile_proto(out / "adm", "qacheck/admin.proto", src)
+        self.adm, self.adm_grpc = compile_admin_api()
         self.lease, self.lease_grpc = compile_proto(
             out / "lease", "intrinsic_proto/vmpoolleaseapi/v1/vmpoolleaseapi.proto"
         )
