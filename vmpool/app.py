@@ -311,6 +311,7 @@ async def _serve(
         await background.stop()
         flush_stop.set()
         await flusher
+        await db_health.close()
         await probe.close()
         await describer.close()
     finally:

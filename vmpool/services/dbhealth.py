@@ -47,6 +47,14 @@ class DatabaseHealth:
             raise StoreUnavailable(f"database did not answer within {TIMEOUT:g}s")
         probe.result()
 
+    async def close(self) -> None:
+        """End a probe still in flight (a hung database): none may outlive the server."""
+        probe, self._inflight = self._inflight, None
+        if probe is not None and not probe.done():
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(probe), 1.0)
+
     async def watch(self, stop: asyncio.Event, every: float = WATCH_EVERY) -> None:
         """Check every ``every`` seconds until ``stop``: keeps vmpool_database_up
         and vmpool_database_read_only current in a process no readiness probe
