@@ -70,12 +70,14 @@ async def serve_reconciler(
         ConnectSettings.from_config(config.database),
         on_dropped=metrics.connection_dropped("probe"),
     )
-    checks = asyncio.create_task(DatabaseHealth(probe, metrics).watch(stop), name="db-health")
+    health = DatabaseHealth(probe, metrics)
+    checks = asyncio.create_task(health.watch(stop), name="db-health")
     try:
         await stop.wait()
     finally:
         checks.cancel()  # at most one ping in flight: nothing to finish
         await asyncio.wait([checks])
+        await health.close()  # the ping itself runs in a task of its own
         await probe.close()
     await background.stop()
     if fatal_reasons:  # not asked to stop: exit non-zero
