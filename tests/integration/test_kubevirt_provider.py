@@ -542,11 +542,12 @@ async def test_template_that_never_boots_fails_after_grace(
     await provider.create("vmp-0015-oooo", BROKEN)
     # Wait for the provider's own watch to have seen the error (not just the
     # API server): its failure clock starts from what the watch delivers.
-    assert provider.vms is not None
-    watched = provider.vms.objects
+    informer = provider.vms
+    assert informer is not None
 
     def pull_error_seen(s: dict[str, VMStatus]) -> bool:
-        status = watched.get("vmp-0015-oooo", {}).get("status") or {}
+        # Read the informer's dict each time: a relist replaces it.
+        status = informer.objects.get("vmp-0015-oooo", {}).get("status") or {}
         return "vmp-0015-oooo" in s and "Pull" in str(status.get("printableStatus") or "")
 
     await eventually(provider, pull_error_seen, what="an image pull error in the watch")

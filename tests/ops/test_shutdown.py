@@ -95,7 +95,10 @@ async def lock_waiters(admin: asyncpg.Connection) -> int:
 async def server(
     start_server: Callable[..., Awaitable[OpsServer]], request: pytest.FixtureRequest
 ) -> AsyncIterator[OpsServer]:
-    s = await start_server(POOLS, name=request.node.name[:40])
+    # The test holds a table lock for several seconds on purpose; on a slow
+    # machine that can pass the default 5 s command_timeout, which is not
+    # what this test is about.
+    s = await start_server(POOLS, name=request.node.name[:40], database={"command_timeout": "60s"})
     await eventually(
         lambda: Sql(s.db_url).counts("load"),  # type: ignore[attr-defined]
         lambda c: c.get("ready") == 6,
