@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -39,17 +41,12 @@ async def server(start_server: Callable[..., Awaitable[Running]]) -> AsyncIterat
     running.assert_clean_log()
 
 
-def vmpool_args(server: Running, *args: str, tag: str = "cli-wait") -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "vmpool",
-        *args,
-        "--server",
-        server.address,
-        "--service-tag",
-        tag,
-    ]
+def vmpool_args(
+    server: Running, *args: str, tag: str = "cli-wait", connect: bool = True
+) -> list[str]:
+    """`vmpool ARGS`, with the server and tag unless ``connect`` is false."""
+    flags = ["--server", server.address, "--service-tag", tag] if connect else []
+    return [sys.executable, "-m", "vmpool", *args, *flags]
 
 
 async def run(
@@ -68,11 +65,11 @@ async def run(
 
 @asynccontextmanager
 async def cli_running(
-    server: Running, *args: str, stdout: Any = asyncio.subprocess.PIPE
+    server: Running, *args: str, stdout: Any = asyncio.subprocess.PIPE, connect: bool = True
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """`vmpool ARGS` started in the background; killed if the test fails first."""
     proc = await asyncio.create_subprocess_exec(
-        *vmpool_args(server, *args),
+        *vmpool_args(server, *args, connect=connect),
         stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -176,8 +173,11 @@ async def test_given_up_wait_with_keep_reservation_prints_the_reservation_to_res
     assert err["code"] == "RESOURCE_EXHAUSTED" and "position 1 of 1" in err["message"]
     rid = err["reservation_id"]
     assert err["reservation"] == "kept"
+    # The printed commands name the server this one reached: run them as printed.
+    resume, cancel = (shlex.split(c) for c in re.findall(r"`([^`]*)`", err["message"]))
+    assert resume[:2] == ["vmpool", "lease"] and resume[-2:] == ["--server", server.address]
+    assert cancel[:4] == ["vmpool", "reservation", "cancel", rid], cancel
     assert f"--reservation-id {rid}" in err["message"]
-    assert f"vmpool reservation cancel {rid}" in err["message"]
     assert [str(r["id"]) for r in await queued(server, "solo")] == [rid]
     # The server-side wait paces it: the first call at once, then one that waits.
     assert lease_calls(server) - before <= 3
@@ -188,9 +188,8 @@ async def test_given_up_wait_with_keep_reservation_prints_the_reservation_to_res
     ], mine
     theirs = await run(server, "reservation", "list", "-o", "json", tag="someone-else")
     assert json.loads(theirs.stdout) == [], theirs
-    # Resume with the same place in the queue; the blocker's return serves it.
-    args = ("lease", "--reservation-id", rid, "--wait", "30s", "-o", "json")
-    async with cli_running(server, *args) as resumed:
+    # Resume, as printed, with the same place in the queue; the blocker's return serves it.
+    async with cli_running(server, *resume[1:], "-o", "json", connect=False) as resumed:
         await client.return_(blocker.instance)
         await served_a_new_vm(client, resumed, blocker.instance)
 

@@ -9,6 +9,7 @@ and `vmpool ping --server X`). TLS and credentials flags (--tls, --ca, --cert, -
 from __future__ import annotations
 
 import argparse
+import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -124,6 +125,8 @@ class Connection:
     channel: Channel
     timeout: float
     metadata: dict[str, str] = field(default_factory=dict)
+    # How this command reached the server, for commands it prints to run next.
+    flags: tuple[str, ...] = ()
 
     @property
     def lease(self) -> api.VmPoolLeaseServiceStub:
@@ -176,6 +179,21 @@ def client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     return ctx
 
 
+def reconnect_flags(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[str, ...]:
+    """The flags that reach the same server as ``args`` did, for a printed
+    command: never a token itself (one from the environment carries over)."""
+    flags = ["--server", args.server]
+    for flag in ("ca", "cert", "key", "tls_server_name", "token_file"):
+        if value := getattr(args, flag, ""):
+            flags += ["--" + flag.replace("_", "-"), value]
+    if getattr(args, "tls", False) and len(flags) == 2:
+        flags.append("--tls")
+    token = getattr(args, "token", "")
+    if token and not getattr(args, "token_file", "") and env.get("VMPOOL_TOKEN") != token:
+        flags += ["--token", "TOKEN"]
+    return tuple(flags)
+
+
 def auth_metadata(args: argparse.Namespace) -> dict[str, str]:
     token = getattr(args, "token", "")
     path = getattr(args, "token_file", "")
@@ -200,6 +218,6 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[Connection]:
         config=Configuration(ssl_target_name_override=name) if name else None,
     )
     try:
-        yield Connection(channel, timeout, auth_metadata(args))
+        yield Connection(channel, timeout, auth_metadata(args), reconnect_flags(args, os.environ))
     finally:
         channel.close()

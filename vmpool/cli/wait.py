@@ -200,7 +200,9 @@ async def lease_with_wait(
     except GaveUp as gave_up:
         shown.done()
         if keep_reservation:
-            gave_up.message += "; " + kept_hint(reservation_id, service_tag, pool, gave_up.pool)
+            gave_up.message += "; " + kept_hint(
+                reservation_id, service_tag, pool, gave_up.pool, conn.flags
+            )
             gave_up.details = {"reservation": "kept"}
         else:
             gave_up.message += "; " + await withdraw(conn, reservation_id, service_tag)
@@ -275,15 +277,19 @@ class GaveUp(CliError):
     pool: str = ""  # the reservation's pool, when the queue said
 
 
-def kept_hint(rid: str, tag: str, asked_pool: str, queued_pool: str) -> str:
-    """How to resume or withdraw a reservation left queued (--keep-reservation)."""
+def kept_hint(
+    rid: str, tag: str, asked_pool: str, queued_pool: str, connection: tuple[str, ...] = ()
+) -> str:
+    """How to resume or withdraw a reservation left queued (--keep-reservation):
+    commands that reach the same server as this one."""
     pool = asked_pool or queued_pool
-    flags = f" --pool {shlex.quote(pool)}" if pool else ""
-    flags += f" --service-tag {shlex.quote(tag)}"
+    common = ["--service-tag", tag, *connection]
+    resume = ["vmpool", "lease", *(["--pool", pool] if pool else []), "--wait", "20m"]
+    resume += ["--reservation-id", rid, *common]
+    cancel = ["vmpool", "reservation", "cancel", rid, *common]
     return (
         f"reservation {rid} kept in the queue until its reservation_ttl: resume with "
-        f"`vmpool lease{flags} --wait 20m --reservation-id {rid}`, withdraw with "
-        f"`vmpool reservation cancel {rid} --service-tag {shlex.quote(tag)}`"
+        f"`{shlex.join(resume)}`, withdraw with `{shlex.join(cancel)}`"
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from vmpool.cli import build_parser, main
 from vmpool.cli import errors as cli_errors
+from vmpool.cli.connection import reconnect_flags
 from vmpool.core.version import package_version
 
 
@@ -167,3 +168,18 @@ def test_text_errors_name_the_reservation_once(
     err = cli_errors.CliError("CANCELLED", message, cli_errors.INTERRUPTED, "r-1")
     assert cli_errors.report(err, "text") == cli_errors.INTERRUPTED
     assert capsys.readouterr().err == expected
+
+
+def test_printed_commands_reach_the_same_server_without_printing_a_token() -> None:
+    """A command vmpool prints for the user to run next (e.g. after
+    --keep-reservation) parses back to the same server and TLS settings; a
+    secret given with --token is never echoed, one from the environment carries over."""
+    argv = ["pools", "--server", "far:7", "--ca", "c a.pem", "--token", "s3cret"]
+    args = build_parser({}).parser.parse_args(argv)
+    flags = reconnect_flags(args, {})
+    assert "s3cret" not in flags
+    again = build_parser({}).parser.parse_args(["pools", *flags])
+    assert (again.server, again.ca, again.token) == ("far:7", "c a.pem", "TOKEN")
+    env = {"VMPOOL_TOKEN": "s3cret"}
+    from_env = build_parser(env).parser.parse_args(["pools", "--server", "far:7", "--tls"])
+    assert reconnect_flags(from_env, env) == ("--server", "far:7", "--tls")
