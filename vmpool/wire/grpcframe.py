@@ -66,9 +66,14 @@ TRUNCATED = "request: the stream ended inside a message (truncated)"
 
 class GuardedH2Stream(protocol.Stream):
     """grpclib's HTTP/2 stream, knowing whether the client ended it, advertising
-    the encodings accepted, and never sending a long grpc-message."""
+    the encodings accepted, and never sending a long grpc-message.
+
+    ``corked`` (a unary reply): the headers and the message are queued in h2 and
+    go out with the trailers in one socket write, not three (grpclib writes
+    each frame as it makes it)."""
 
     ended = False
+    corked = False
 
     def __ended__(self) -> None:
         self.ended = True
@@ -81,7 +86,32 @@ class GuardedH2Stream(protocol.Stream):
             if key == "grpc-message" and len(value) > MAX_STATUS_MESSAGE:
                 headers = list(headers)
                 headers[i] = (key, _cut_encoded(value))
-        await super().send_headers(headers, end_stream)
+        if not self.corked or end_stream:
+            await super().send_headers(headers, end_stream)
+            return
+        # grpclib's send_headers without its write.
+        assert self.id is not None
+        await self.connection.write_ready.wait()
+        if self.id not in self._h2_connection.streams:
+            raise h2.exceptions.StreamClosedError(self.id)
+        self._h2_connection.send_headers(self.id, headers, end_stream=False)
+        self.connection.headers_send_process()
+
+    async def send_data(self, data: bytes, end_stream: bool = False) -> None:
+        h2c = self._h2_connection
+        if self.corked and not end_stream and self.id is not None:
+            await self.connection.write_ready.wait()
+            size = len(data)
+            window = h2c.local_flow_control_window(self.id)
+            if 0 < size <= min(window, h2c.max_outbound_frame_size):
+                h2c.send_data(self.id, data)
+                self.data_sent += size
+                self.connection.data_sent += size
+                self.connection.data_send_process()
+                return
+        # Not corked, or a message the window or frame size splits: grpclib's
+        # loop (its first write takes what was queued too).
+        await super().send_data(data, end_stream)
 
 
 def _cut_encoded(value: str) -> str:
@@ -357,6 +387,7 @@ async def handle_request(
             user_agent=call.user_agent,
         )
         stream._gzip = call.gzip
+        h2_stream.corked = not method.cardinality.server_streaming
         stream._max_bytes = limits.max_message_bytes
         stream._patience = limits.handshake_timeout
         stream._on_stall = limits.on_stall
