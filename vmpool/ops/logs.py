@@ -11,12 +11,16 @@ PYTHONUNBUFFERED=1 two records could share a line.) When stdout is closed
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import logging
 import os
 import select
 import sys
 import threading
+import time
+from json import JSONEncoder
+from typing import Any
 
 import structlog
 
@@ -113,6 +117,50 @@ def without_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
+_CONTEXT_PREFIX = "structlog_"  # structlog.contextvars' names for bound keys
+_LEVEL_NAMES = {"warn": "warning", "exception": "error"}  # as structlog's add_log_level
+
+
+def _fallback(obj: Any) -> Any:
+    """What JSON cannot encode: its __structlog__ form, else its repr (as structlog)."""
+    try:
+        return obj.__structlog__()
+    except AttributeError:
+        return repr(obj)
+
+
+class JsonLine:
+    """The JSON line of a structlog record in one processor: the same keys as
+    merge_contextvars, add_log_level, TimeStamper(fmt="iso", utc=True),
+    format_exc_info and JSONRenderer one after another, at about half the cost
+    (the timestamp's date and time are formatted once a second, the encoder is
+    built once). Every call line and audit line goes through it."""
+
+    def __init__(self) -> None:
+        self._second: tuple[int, str] = (-1, "")  # one tuple: read whole by either thread
+        self._encode = JSONEncoder(default=_fallback).encode
+
+    def timestamp(self, now: float) -> str:
+        """``now`` (seconds since the epoch) as ISO 8601 UTC to the microsecond."""
+        second = int(now)
+        cached, text = self._second
+        if cached != second:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, text)
+        return f"{text}.{int((now - second) * 1_000_000):06d}Z"
+
+    def __call__(self, logger: Any, method_name: str, event_dict: Any) -> str:
+        for var, value in contextvars.copy_context().items():
+            if value is not Ellipsis and var.name.startswith(_CONTEXT_PREFIX):
+                event_dict.setdefault(var.name[len(_CONTEXT_PREFIX) :], value)
+        event_dict["level"] = _LEVEL_NAMES.get(method_name, method_name)
+        event_dict["timestamp"] = self.timestamp(time.time())
+        if "exc_info" in event_dict:
+            event_dict = structlog.processors.format_exc_info(logger, method_name, event_dict)
+        line: str = self._encode(event_dict)
+        return line
+
+
 def setup(level: str = "info", *, json: bool | None = None, fd: int | None = None) -> LineWriter:
     """Configure structlog and the standard library's root logger to write to
     ``fd`` (stdout's descriptor by default)."""
@@ -125,14 +173,19 @@ def setup(level: str = "info", *, json: bool | None = None, fd: int | None = Non
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )
-    structlog.configure(
-        processors=[
+    processors: list[structlog.typing.Processor] = (
+        [JsonLine()]
+        if json
+        else [
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,
-        ],
+        ]
+    )
+    structlog.configure(
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=lambda *_args: _LineLogger(writer),
         cache_logger_on_first_use=True,
