@@ -20,6 +20,9 @@ from tests.pg import TestPostgres
 from tests.polling import eventually
 
 POOLS = [{"name": "alpha", "min_ready": 1, "max_size": 2}]
+# Answers after which a Lease may or may not have leased an instance (a client
+# deadline too: the claim it abandoned is undone only if the database answers).
+UNKNOWN_OUTCOME = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +63,8 @@ async def recovered(client: Client, server: Running) -> None:
     async def ping() -> str:
         return (await code_and_time(client.ping()))[0]
 
-    await eventually(ping, lambda c: c == "OK", 15, "Ping OK after the database came back")
-    lease = await lease_when_free(client, "alpha", timeout=15)
+    await eventually(ping, lambda c: c == "OK", 30, "Ping OK after the database came back")
+    lease = await lease_when_free(client, "alpha", timeout=30)
     await client.return_(lease.instance)
     assert server.proc.proc is not None and server.proc.proc.poll() is None, "server exited"
 
@@ -78,7 +81,9 @@ async def test_database_unreachable_is_unavailable_and_the_server_recovers(
     await asyncio.sleep(0.6)  # past the health check's cache of a good answer
     code, took = await code_and_time(client.ping(timeout=5))
     assert code == "UNAVAILABLE", code
-    assert took < 2.0, f"Ping took {took:.1f}s to say UNAVAILABLE (a probe needs ~1 s)"
+    # A probe gives up after 1 s; under 4 s (with room for a loaded machine) is
+    # still well short of the 5 s command_timeout a Ping without its own limit takes.
+    assert took < 4.0, f"Ping took {took:.1f}s to say UNAVAILABLE (a probe needs ~1 s)"
 
     if mode == "refuse":
         calls = {
@@ -128,21 +133,26 @@ async def test_connections_lost_mid_statement_under_load_are_unavailable_never_i
     await server.wait_ready("alpha", 1)
     codes: Counter[str] = Counter()
     held: set[str] = set()
+    lease_unknown = 0
     stop = asyncio.Event()
 
-    async def call(rpc: Awaitable[object]) -> object | None:
+    async def call(rpc: Awaitable[object]) -> object:
+        """The answer, or the RpcError."""
         try:
             result = await rpc
         except RpcError as err:
             codes[err.code] += 1
-            return None
+            return err
         codes["OK"] += 1
         return result
 
     async def worker() -> None:
+        nonlocal lease_unknown
         while not stop.is_set():
             lease = await call(client.lease("alpha", timeout=5))
             if not isinstance(lease, Lease):
+                if isinstance(lease, RpcError) and lease.code in UNKNOWN_OUTCOME:
+                    lease_unknown += 1
                 await asyncio.sleep(0.02)
                 continue
             held.add(lease.instance)
@@ -162,7 +172,16 @@ async def test_connections_lost_mid_statement_under_load_are_unavailable_never_i
 
     assert not {"INTERNAL", "UNKNOWN"} & set(codes), codes
     assert codes["UNAVAILABLE"] > 0, f"no call saw a cut connection: {codes}"
-    for instance in held:  # a Return cut mid-statement may or may not have ended it
+    # A Lease whose reply was lost after PostgreSQL committed it answered
+    # UNAVAILABLE and still leased an instance (for default_lease, 30 min): the
+    # server cannot tell an unacknowledged commit from none, and a client without
+    # a reservation_id cannot ask again. Only such Leases leave leases the test
+    # never saw; left alone, two of them used up the pool of the next test
+    # ("no free instance", or no ready one).
+    leased = {r["instance"] for r in await server.sql("SELECT instance FROM leases")}
+    unseen = leased - held
+    assert len(unseen) <= lease_unknown, (unseen, lease_unknown, codes)
+    for instance in held | unseen:  # a Return cut mid-statement may or may not have ended it
         code = "UNAVAILABLE"
         while code == "UNAVAILABLE":
             code, _ = await code_and_time(client.return_(instance))
