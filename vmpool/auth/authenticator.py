@@ -14,6 +14,8 @@ from vmpool.auth.principal import ANONYMOUS, Principal, Unauthenticated
 from vmpool.auth.tokens import bearer_token
 from vmpool.config.schema import Config
 
+MAX_CALLERS = 10_000  # principals whose grant is kept; then the cache starts again
+
 
 class TokenVerifier(Protocol):
     async def authenticate(self, token: str) -> Principal: ...
@@ -48,6 +50,8 @@ class Authenticator:
             )
             for local in (False, True)
         }
+        # A verified principal's Caller: the policy is read once per principal, not per call.
+        self._callers: dict[tuple[Principal, bool], Caller] = {}
 
     @property
     def needs_cert(self) -> bool:
@@ -74,7 +78,12 @@ class Authenticator:
         if self._mode == "none":
             return self._anonymous[is_loopback(peer)]
         principal = await self.principal(headers, cert)
-        grant = grant_for(
-            principal, self._config.auth, self._config.limits, loopback=is_loopback(peer)
-        )
-        return Caller(principal, grant)
+        local = is_loopback(peer)
+        known = self._callers.get((principal, local))
+        if known is not None:
+            return known
+        grant = grant_for(principal, self._config.auth, self._config.limits, loopback=local)
+        if len(self._callers) >= MAX_CALLERS:
+            self._callers.clear()
+        who = self._callers[(principal, local)] = Caller(principal, grant)
+        return who

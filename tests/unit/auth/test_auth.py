@@ -32,6 +32,11 @@ def test_bearer_token_from_the_header_or_the_auth_proxy_cookie() -> None:
     assert got == "h"
 
 
+def test_a_kilobyte_token_of_every_printable_character_is_taken_whole() -> None:
+    token = "".join(chr(c) for c in range(ord("!"), ord("~") + 1)) * 10
+    assert bearer_token([("authorization", f"Bearer {token}")]) == token
+
+
 @pytest.mark.parametrize(
     "headers",
     [
@@ -40,6 +45,10 @@ def test_bearer_token_from_the_header_or_the_auth_proxy_cookie() -> None:
         [("authorization", "Bearer a"), ("authorization", "Bearer b")],
         [("authorization", "Bearer " + "a" * 20000)],
         [("authorization", "Bearer caf\u00e9")],
+        [("authorization", "Bearer a\x01b")],
+        [("authorization", "Bearer a\x7fb")],
+        [("authorization", "Bearer a\tb")],
+        [("cookie", "auth-proxy=a b")],
         [("cookie", "auth-proxy=")],
     ],
 )
@@ -175,6 +184,23 @@ async def test_mode_mtls_needs_a_certificate() -> None:
         await auth.authenticate([], ("127.0.0.1", 1), None)
     who = await auth.authenticate([], None, {"subject": ((("commonName", "ci"),),)})
     assert who.owner("ci-1") == "ci"
+
+
+async def test_each_principal_gets_its_policy_entry_on_every_call() -> None:
+    """The Caller is kept per principal and peer kind: the same grant each call,
+    another principal (or groups, or a loopback peer) its own."""
+    auth = Authenticator(POLICY)
+
+    def cert(cn: str) -> dict[str, Any]:
+        return {"subject": (((("commonName", cn),),))}
+
+    ci = await auth.authenticate([], ("10.0.0.1", 1), cert("ci"))
+    assert await auth.authenticate([], ("10.0.0.2", 2), cert("ci")) is ci
+    assert ci.grant == grant_for(Principal("ci"), POLICY.auth, POLICY.limits, loopback=False)
+    bob = await auth.authenticate([], ("10.0.0.1", 1), cert("bob"))
+    assert bob.principal.name == "bob" and bob.grant.subject == "default"
+    local = await auth.authenticate([], ("127.0.0.1", 1), cert("ci"))
+    assert local.principal == ci.principal and local is not ci
 
 
 async def test_jwt_keys_are_fetched_again_for_an_unknown_kid(tmp_path: Path) -> None:
