@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -104,6 +105,28 @@ class Gate:
         return True
 
 
+@functools.lru_cache(maxsize=4096)
+def peer_text(peer: Any) -> str:
+    """A peer address as the log line shows it, host:port ("" when unknown)."""
+    return f"{peer[0]}:{peer[1]}" if peer else ""
+
+
+class _ByCode:
+    """One method's vmpool_rpc_requests_total children by status, looked up once each
+    (prometheus-client's labels() takes a lock and builds a key every time)."""
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self._counter = metrics.rpc_requests
+        self._method = method
+        self._children: dict[Status, Any] = {}
+
+    def __call__(self, code: Status) -> Any:
+        child = self._children.get(code)
+        if child is None:
+            child = self._children[code] = self._counter.labels(self._method, code.name)
+        return child
+
+
 def instrument(services: list[Any], metrics: Metrics, gate: Gate, auth: Authenticator) -> list[Any]:
     """Wrap every handler of ``services`` with authentication, context, error
     mapping, logs and metrics. A service's ``required_role`` attribute (e.g.
@@ -150,8 +173,8 @@ def _wrap(
     """``auth`` None: a public method, served without credentials."""
     method = path.rsplit("/", 1)[-1]
     audited = is_state_change(method)
-    counter = metrics.rpc_requests
     latency = metrics.rpc_duration.labels(method)
+    counted = _ByCode(metrics, method)
 
     async def handle(stream: Stream[Any, Any]) -> None:
         gate.enter()
@@ -162,11 +185,12 @@ def _wrap(
         code = Status.OK
         message = ""
         caller = None
+        peer = stream.peer.addr() if stream.peer else None
         try:
             if auth is not None:
                 caller = await auth.authenticate(
                     stream.metadata.items() if stream.metadata else (),
-                    stream.peer.addr() if stream.peer else None,
+                    peer,
                     stream.peer.cert() if auth.needs_cert and stream.peer else None,
                 )
                 current_caller.set(caller)
@@ -192,17 +216,16 @@ def _wrap(
         finally:
             gate.leave()
             elapsed = time.perf_counter() - start
-            counter.labels(method, code.name).inc()
+            counted(code).inc()
             latency.observe(max(elapsed - waited[0], 0.0))  # the call's own latency
             if waited[0] > 0:
                 metrics.lease_wait.observe(waited[0])
-            peer = stream.peer.addr() if stream.peer else None
             log.info(
                 "rpc",
                 method=method,
                 code=code.name,
                 duration_ms=round(elapsed * 1000, 3),
-                peer=f"{peer[0]}:{peer[1]}" if peer else "",
+                peer=peer_text(peer),
                 **({"error": message} if message else {}),
             )
             if code in (Status.PERMISSION_DENIED, Status.UNAUTHENTICATED):
