@@ -111,22 +111,6 @@ def peer_text(peer: Any) -> str:
     return f"{peer[0]}:{peer[1]}" if peer else ""
 
 
-class _ByCode:
-    """One method's vmpool_rpc_requests_total children by status, looked up once each
-    (prometheus-client's labels() takes a lock and builds a key every time)."""
-
-    def __init__(self, metrics: Metrics, method: str) -> None:
-        self._counter = metrics.rpc_requests
-        self._method = method
-        self._children: dict[Status, Any] = {}
-
-    def __call__(self, code: Status) -> Any:
-        child = self._children.get(code)
-        if child is None:
-            child = self._children[code] = self._counter.labels(self._method, code.name)
-        return child
-
-
 def instrument(services: list[Any], metrics: Metrics, gate: Gate, auth: Authenticator) -> list[Any]:
     """Wrap every handler of ``services`` with authentication, context, error
     mapping, logs and metrics. A service's ``required_role`` attribute (e.g.
@@ -174,7 +158,7 @@ def _wrap(
     method = path.rsplit("/", 1)[-1]
     audited = is_state_change(method)
     latency = metrics.rpc_duration.labels(method)
-    counted = _ByCode(metrics, method)
+    counted = metrics.rpc_requests_by
 
     async def handle(stream: Stream[Any, Any]) -> None:
         gate.enter()
@@ -216,7 +200,7 @@ def _wrap(
         finally:
             gate.leave()
             elapsed = time.perf_counter() - start
-            counted(code).inc()
+            counted(method, code.name).inc()
             latency.observe(max(elapsed - waited[0], 0.0))  # the call's own latency
             if waited[0] > 0:
                 metrics.lease_wait.observe(waited[0])

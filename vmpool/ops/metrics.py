@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -38,6 +39,22 @@ class BoundedLabels:
             return "other"
         self._seen.add(value)
         return value
+
+
+class Children:
+    """A labelled metric's children, each looked up once: prometheus-client's
+    labels() validates the values and takes a lock on every call, and some are
+    made on every RPC. Only for metrics whose children are never removed."""
+
+    def __init__(self, metric: Counter | Histogram) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -160,6 +177,11 @@ class Metrics:
         )
         self._operator_metrics(r)
         self._database_metrics(r)
+        # Children made on every call, looked up once each.
+        self.rpc_requests_by = Children(self.rpc_requests)
+        self.leases_granted_by = Children(self.leases_granted)
+        self.owner_leases_by = Children(self.owner_leases)
+        self.lease_duration_by = Children(self.lease_duration)
 
     def _operator_metrics(self, r: CollectorRegistry) -> None:
         """What dashboards and alerts need beside the service's own counters."""

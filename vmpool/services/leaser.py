@@ -131,7 +131,7 @@ class Leaser:
     def _count(self, who: Owner, lease: LeaseRow | QueuePlace) -> None:
         label = self._metrics.owner_label(who.key)
         if isinstance(lease, LeaseRow):
-            self._metrics.owner_leases.labels(label).inc()
+            self._metrics.owner_leases_by(label).inc()
         else:
             self._metrics.owner_reservations.labels(label).inc()
 
@@ -141,7 +141,7 @@ class Leaser:
 
     def _granted(self, lease: LeaseRow, enqueued_at: datetime | None = None) -> LeaseRow:
         self._on_change(lease.pool)  # one free instance fewer: the pool may need refilling
-        self._metrics.leases_granted.labels(lease.pool).inc()
+        self._metrics.leases_granted_by(lease.pool).inc()
         if enqueued_at is not None:
             wait = (lease.leased_at - enqueued_at).total_seconds()
             self._metrics.reservation_wait.labels(lease.pool).observe(max(wait, 0.0))
@@ -307,7 +307,7 @@ class Leaser:
             )
         structlog.contextvars.bind_contextvars(pool=ended.pool)
         held = (self._clock() - ended.leased_at).total_seconds()
-        self._metrics.lease_duration.labels(ended.pool, "returned").observe(max(held, 0.0))
+        self._metrics.lease_duration_by(ended.pool, "returned").observe(max(held, 0.0))
         self._on_change(ended.pool)  # its VM is to be destroyed
 
     async def extend_to(
