@@ -308,8 +308,27 @@ async def test_writes_of_a_leader_whose_term_ended_fail(db: Database, db_url: st
             await stale.add_instances("p", ["vmp-old-2"], NOW, "h", 5)
         with pytest.raises(NotLeader):
             await stale.mark_destroying(["vmp-old-1"], "x", NOW, ("provisioning",))
-        rows = await db.fetch("SELECT name, state FROM instances")
-        assert [(r["name"], r["state"]) for r in rows] == [("vmp-old-1", "provisioning")]
+        # The writes that carry the fence in their own statement (one round trip).
+        with pytest.raises(NotLeader):
+            await stale.mark_ready([("vmp-old-1", "zone-a")], NOW)
+        await db.execute(
+            "INSERT INTO instances (name, pool, state, created_at, state_changed_at)"
+            " VALUES ('vmp-old-3', 'p', 'destroying', $1, $1)",
+            NOW,
+        )
+        with pytest.raises(NotLeader):
+            await stale.forget(["vmp-old-3"])
+        rows = await db.fetch("SELECT name, state FROM instances ORDER BY name")
+        assert [(r["name"], r["state"]) for r in rows] == [
+            ("vmp-old-1", "provisioning"),
+            ("vmp-old-3", "destroying"),
+        ]
+        # The new leader's own writes go through.
+        fresh = Inventory(db, fence=controls[1].fence)
+        assert await fresh.mark_ready([("vmp-old-1", "zone-a")], NOW) != []
+        await fresh.forget(["vmp-old-3"])
+        rows = await db.fetch("SELECT name, state FROM instances ORDER BY name")
+        assert [(r["name"], r["state"]) for r in rows] == [("vmp-old-1", "ready")]
     finally:
         for s in stops:
             s.set()

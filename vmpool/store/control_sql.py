@@ -1,6 +1,8 @@
 """The statements of leadership and wake-ups (vmpool.store.control); the fence
 every reconciler write starts with. Parameters are $n placeholders."""
 
+import re
+
 # Take the leader row ($1 holder, $2 ttl seconds) if it has expired, is our
 # own from before a lost connection, or ($3) we have just got the advisory lock
 # that every leader holds on its control connection and the holder held it
@@ -55,3 +57,23 @@ SELECT term FROM leader
 WHERE id = 1 AND holder = $1 AND term = $2 AND expires_at > now()
 FOR SHARE
 """
+
+# The fence inside a write's own statement (migration 0071's vmpool_fence):
+# one round trip and one implicit transaction instead of BEGIN, the fence, the
+# write and COMMIT. The fence is a one-time filter evaluated before the write
+# runs; the write (a data-modifying CTE) always runs to completion, and when
+# the fence raises (VPL01) the whole statement changes nothing. The write may
+# have a WITH of its own only if that WITH does not modify data.
+NOT_LEADER_STATE = "VPL01"
+_PARAM = re.compile(r"\$(\d+)")
+
+
+def with_fence(query: str) -> str:
+    """``query`` (a write with RETURNING) with the fence's holder and term as its
+    two parameters after its own."""
+    n = max((int(m) for m in _PARAM.findall(query)), default=0)
+    return (
+        f"WITH vmpool_fence AS MATERIALIZED (SELECT vmpool_fence(${n + 1}, ${n + 2}) AS ok),\n"
+        f"vmpool_write AS ({query.strip()})\n"
+        "SELECT * FROM vmpool_write WHERE (SELECT ok FROM vmpool_fence)"
+    )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import functools
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -74,6 +75,21 @@ def _min(a: datetime | None, b: datetime | None) -> datetime | None:
 #: The fence of a leader's writes: (holder, term) while it leads, else None.
 Fence = Callable[[], tuple[str, int] | None]
 
+NOT_LEADER = "not the leader (a newer term began): write refused"
+
+#: Each fenced statement's text, built once.
+_fenced = functools.cache(control_sql.with_fence)
+
+
+async def _refused_if_not_leader(rows: Awaitable[list[asyncpg.Record]]) -> list[asyncpg.Record]:
+    """The rows of a write that carries the fence; NotLeader if the fence refused it."""
+    try:
+        return await rows
+    except asyncpg.PostgresError as err:
+        if getattr(err, "sqlstate", None) == control_sql.NOT_LEADER_STATE:
+            raise NotLeader(NOT_LEADER) from None
+        raise
+
 
 class Inventory:
     """With ``fence`` (the reconciler's), every write is one transaction whose
@@ -86,19 +102,37 @@ class Inventory:
         self._fence = fence
 
     async def _write(
-        self, statements: Sequence[tuple[str, tuple[Any, ...]]], *, idempotent: bool = True
+        self,
+        statements: Sequence[tuple[str, tuple[Any, ...]]],
+        *,
+        idempotent: bool = True,
+        fence_in_last: bool = False,
     ) -> list[asyncpg.Record]:
         """Run ``statements`` in one fenced transaction; the last one's rows.
-        Retried after deadlocks and serialization failures, and, if
-        ``idempotent``, after a lost connection."""
+        With ``fence_in_last`` the last statement carries the fence itself
+        (control_sql.with_fence: it must return every row it changes and have
+        no WITH that modifies data), and a single statement runs alone, in
+        autocommit: one round trip instead of four. Retried after deadlocks and
+        serialization failures, and, if ``idempotent``, after a lost connection."""
+        *first, (last, last_args) = statements
 
         async def once() -> list[asyncpg.Record]:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await self._check_fence(conn)
-                rows: list[asyncpg.Record] = []
-                for query, args in statements:
-                    rows = await conn.fetch(query, *args)
-                return rows
+            token = self._token()
+            query, args = last, last_args
+            if fence_in_last and token is not None:
+                query, args = _fenced(last), (*last_args, *token)
+            async with self._pool.acquire() as conn:
+                if not first and (fence_in_last or token is None):
+                    rows: list[asyncpg.Record] = await _refused_if_not_leader(
+                        conn.fetch(query, *args)
+                    )
+                    return rows
+                async with conn.transaction():
+                    if token is not None and not fence_in_last:
+                        await self._check_fence(conn, token)
+                    for stmt, stmt_args in first:
+                        await conn.fetch(stmt, *stmt_args)
+                    return await _refused_if_not_leader(conn.fetch(query, *args))
 
         async with translated():
             return await retrying(once, lost_connections=idempotent)
@@ -190,6 +224,7 @@ class Inventory:
                 (inventory_sql.ADD_INSTANCES, (names, pool, now, spec_hash, max_size)),
             ],
             idempotent=False,  # committed before the connection broke? Not known: no retry
+            fence_in_last=True,
         )
         return [r["name"] for r in rows]
 
@@ -218,7 +253,8 @@ class Inventory:
     ) -> list[tuple[str, str, datetime]]:
         pairs = list(ready)
         rows = await self._write(
-            [(inventory_sql.MARK_READY, ([n for n, _ in pairs], [z for _, z in pairs], now))]
+            [(inventory_sql.MARK_READY, ([n for n, _ in pairs], [z for _, z in pairs], now))],
+            fence_in_last=True,
         )
         return [(r["name"], r["pool"], r["created_at"]) for r in rows]
 
@@ -226,7 +262,8 @@ class Inventory:
         self, names: list[str], reason: str, now: datetime, from_states: Sequence[str]
     ) -> list[str]:
         rows = await self._write(
-            [(inventory_sql.MARK_DESTROYING, (names, reason, now, list(from_states)))]
+            [(inventory_sql.MARK_DESTROYING, (names, reason, now, list(from_states)))],
+            fence_in_last=True,
         )
         return [r["name"] for r in rows]
 
@@ -245,7 +282,7 @@ class Inventory:
         await self._write([(inventory_sql.DROP_QUEUE, (pool, now))])
 
     async def forget(self, names: list[str]) -> None:
-        await self._write([(inventory_sql.FORGET, (names,))])
+        await self._write([(inventory_sql.FORGET, (names,))], fence_in_last=True)
 
     async def vanished(
         self, names: list[str], now: datetime
@@ -277,19 +314,27 @@ class Inventory:
 
     async def _write_status(self, query: str, args: tuple[Any, ...]) -> str:
         async def once() -> str:
+            token = self._token()
             async with self._pool.acquire() as conn, conn.transaction():
-                await self._check_fence(conn)
+                if token is not None:
+                    await self._check_fence(conn, token)
                 status: str = await conn.execute(query, *args)
                 return status
 
         return await retrying(once, lost_connections=True)
 
-    async def _check_fence(self, conn: asyncpg.Connection) -> None:
+    def _token(self) -> tuple[str, int] | None:
+        """The fence's (holder, term); None without a fence; NotLeader when not leading."""
         if self._fence is None:
-            return
+            return None
         token = self._fence()
-        if token is None or await conn.fetchval(control_sql.LEADER_FENCE, *token) is None:
-            raise NotLeader("not the leader (a newer term began): write refused")
+        if token is None:
+            raise NotLeader(NOT_LEADER)
+        return token
+
+    async def _check_fence(self, conn: asyncpg.Connection, token: tuple[str, int]) -> None:
+        if await conn.fetchval(control_sql.LEADER_FENCE, *token) is None:
+            raise NotLeader(NOT_LEADER)
 
     async def list_leases(self, pool: str) -> list[LeaseRow]:
         async with translated():

@@ -162,7 +162,9 @@ FROM gone WHERE i.name = gone.instance AND i.state = 'reserved'
 """
 
 # A VM confirmed gone: its row goes.
-FORGET = "DELETE FROM instances WHERE name = ANY ($1::text[]) AND state = 'destroying'"
+FORGET = """
+DELETE FROM instances WHERE name = ANY ($1::text[]) AND state = 'destroying' RETURNING name
+"""
 
 # VMs that disappeared behind our back: leases end (logged), set-aside
 # reservations wait again, rows go.
