@@ -18,6 +18,7 @@ from grpclib.exceptions import GRPCError
 from vmpool.api.rpc import current_stream
 from vmpool.auth.caller import caller, has_role
 from vmpool.core.echo import status_message
+from vmpool.core.instant import Instant
 from vmpool.domain import leasing
 from vmpool.domain.watch import (
     RECONCILER,
@@ -35,7 +36,7 @@ from vmpool.proto.vmpool.admin import v1 as adm
 from vmpool.services.lease_events import EventHub, StreamEnded, Subscription
 from vmpool.store.events import EventStore
 from vmpool.wire.codec import Encoded
-from vmpool.wire.fastwire import timestamp_field
+from vmpool.wire.fastwire import LeaseEventFields, encode_lease_event, timestamp_field
 
 PAGE = 500
 T = adm.LeaseEventType
@@ -89,8 +90,23 @@ def _cause(e: Event, expiring: bool) -> str:
 
 
 def encode_shared(e: Event) -> bytes:
-    """The encoding every stream without a snapshot window sends for ``e``."""
-    return Encoded(bytes(message(e, Cursor(e.pos, e.seq))))
+    """The encoding every stream without a snapshot window sends for ``e``
+    (the same bytes as ``message``, hand-written: once per event, on the
+    reader's path)."""
+    fields = LeaseEventFields(
+        cursor=Cursor(e.pos, e.seq).encode(),
+        time=Instant.from_datetime(e.at),
+        type=_TYPES[e.kind],
+        instance=e.instance,
+        pool=e.pool,
+        service_tag=e.service_tag,
+        owner_principal=e.principal,
+        expires=e.expires,
+        reservation_id=str(e.reservation_id) if e.reservation_id else "",
+        principal=_cause(e, False),
+        reason=e.reason,
+    )
+    return Encoded(encode_lease_event(fields))
 
 
 def request_scope(request: adm.WatchLeasesRequest) -> Scope:

@@ -331,3 +331,40 @@ def timestamp_field(value: Instant) -> datetime:
     (microseconds), but encodes any message it finds in a message field as it
     is, and a Timestamp message keeps them."""
     return cast(datetime, Timestamp(seconds=value.seconds, nanos=value.nanos))
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseEventFields:
+    """vmpool.admin.v1.LeaseEvent: what WatchLeases sends for each event."""
+
+    cursor: str
+    time: Instant
+    type: int
+    instance: str
+    pool: str
+    service_tag: str
+    owner_principal: str
+    expires: Instant | None
+    reservation_id: str
+    principal: str
+    reason: str
+
+
+def encode_lease_event(e: LeaseEventFields) -> bytes:
+    """Encoded once per event and sent to every stream that sees it: betterproto
+    took ~300 µs per event, which under load was a large share of the server's CPU."""
+    return b"".join(
+        (
+            _string(1, e.cursor),
+            _message(2, timestamp(e.time)),
+            b"\x18" + _varint(e.type) if e.type else b"",
+            _string(4, e.instance),
+            _string(5, e.pool),
+            _string(6, e.service_tag),
+            _string(7, e.owner_principal),
+            _message(8, timestamp(e.expires)) if e.expires is not None else b"",
+            _string(9, e.reservation_id),
+            _string(10, e.principal),
+            _string(11, e.reason),
+        )
+    )
