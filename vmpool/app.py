@@ -157,6 +157,15 @@ async def _serve(
             on_fatal=fatal,
             reconcile=role == "all",
         )
+        event_store = EventStore(db)
+        hub = EventHub(
+            url,
+            event_store,
+            watch_limits(config),
+            encode=encode_shared,
+            on_streams=metrics.watch_streams.set,
+            settings=ConnectSettings.from_config(config.database),
+        )
         demand = DemandCounter()
         leaser = Leaser(
             leases,
@@ -168,6 +177,7 @@ async def _serve(
             reconciles_here=background.is_leader,
             catalog=PoolCatalog(config, pool_store),
             demand=demand,
+            on_events=hub.poke,
         )
 
         gate = Gate()
@@ -191,15 +201,6 @@ async def _serve(
             autoscale=AutoscaleStore(db),
         )
         describer = build_describer(config, db)
-        event_store = EventStore(db)
-        hub = EventHub(
-            url,
-            event_store,
-            watch_limits(config),
-            encode=encode_shared,
-            on_streams=metrics.watch_streams.set,
-            settings=ConnectSettings.from_config(config.database),
-        )
         extension = ExtensionService(
             leaser,
             leases,

@@ -100,8 +100,8 @@ def hub_for(db_url: str, db: Database, **limits: Any) -> EventHub:
 async def collect(sub: Subscription, until: Callable[[list[Event]], bool]) -> list[Event]:
     got: list[Event] = []
     while not until(got):
-        await asyncio.wait_for(sub.ready.wait(), 20)
-        sub.ready.clear()
+        if await sub.idle(20):  # no news for 20 s
+            raise AssertionError(f"stalled after {len(got)} events")
         while sub.queue:
             e, _, expiring = sub.queue.popleft()
             if not expiring:

@@ -7,7 +7,6 @@ to the reader's tail), then joins the process's fan-out (vmpool.services
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -240,10 +239,7 @@ class Watch:
             tail = hub.tail
             if tail > sub.position and tail >= sub.floor:
                 sub.position = sub.position.after(tail.pos, tail.seq)
-            sub.ready.clear()
-            try:
-                await asyncio.wait_for(sub.ready.wait(), beat)
-            except TimeoutError:
+            if await sub.idle(beat):
                 yield adm.LeaseEvent(
                     cursor=sub.position.encode(), type=_type(T.HEARTBEAT), time=datetime.now(UTC)
                 )

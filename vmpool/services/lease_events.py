@@ -17,7 +17,6 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -25,80 +24,32 @@ import structlog
 
 from vmpool.core.backoff import Retry
 from vmpool.domain.watch import Cursor, Event, Scope
+from vmpool.services.watch_subscription import StreamEnded, Subscription, WatchLimits
 from vmpool.store.connect import ConnectSettings, open_connection
 from vmpool.store.errors import UNAVAILABLE_ERRORS
 from vmpool.store.events import EventStore, fetch_new, snapshot
+
+__all__ = ["EventHub", "StreamEnded", "Subscription", "WatchLimits"]
 
 log = structlog.get_logger("vmpool.events")
 
 FETCH_LIMIT = 1000
 RECENT = 20_000  # events kept in memory for streams joining behind the tail
-# Without a NOTIFY (lost while reconnecting), the reader looks anyway this often.
+# With no stream open, the reader looks this often (the tail and the leases
+# stay current; nobody would get the events of a fetch per change).
 POLL_S = 1.0
+# With streams open: Lease, Extend and Return do not NOTIFY (migration 0061);
+# the process that made such a change wakes its reader at once (poke), and
+# this is how late another process's change (another replica's) can be seen.
+LIVE_POLL_S = 0.05
+# At least this long from one fetch to the next: under load, the wake-ups of
+# many commits are served by one fetch, not one fetch each.
+MIN_GAP_S = 0.005
 # Committed events wait behind an older transaction still running: look again
 # after this, doubling up to PENDING_MAX_S (that transaction may never NOTIFY:
 # the reconciler's, or any without events). Only while streams are open.
 PENDING_MIN_S = 0.002
 PENDING_MAX_S = 0.02
-
-
-class StreamEnded(Exception):
-    """Why a stream was ended by the server: ``code`` is a grpc Status name."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True, slots=True)
-class WatchLimits:
-    max_streams: int = 1000
-    max_streams_per_connection: int = 100
-    buffer: int = 1000
-    heartbeat_s: float = 15.0
-
-
-# A queued item: (event, shared encoding or None, derived "expiring").
-Item = tuple[Event, bytes | None, bool]
-
-
-class Subscription:
-    """One stream's place in the fan-out."""
-
-    def __init__(self, scope: Scope, lead_s: int | None, peer: Any, position: Cursor) -> None:
-        self.scope = scope
-        self.lead_ns = None if lead_s is None else lead_s * 1_000_000_000
-        self.peer = peer
-        self.position = position  # after the last event delivered (or skipped)
-        self.floor = position  # set on joining: only later events are offered to it
-        self.queue: deque[Item] = deque()
-        self.ready = asyncio.Event()
-        self.ended: StreamEnded | None = None
-        self.live = False
-
-    def push(self, item: Item, limit: int) -> None:
-        if self.ended is not None:
-            return
-        if len(self.queue) >= limit:
-            self.end(
-                StreamEnded(
-                    "RESOURCE_EXHAUSTED",
-                    f"watch: the stream fell {limit} events behind (a slow reader); "
-                    f'resume with after="{self.position.encode()}"',
-                )
-            )
-            return
-        self.queue.append(item)
-        self.ready.set()
-
-    def end(self, why: StreamEnded) -> None:
-        if self.ended is None:
-            self.ended = why
-            self.queue.clear()
-            self.ready.set()
-
-    def resume_hint(self) -> str:
-        return f'resume with after="{self.position.encode()}"'
 
 
 class _Expiring:
@@ -142,8 +93,10 @@ class EventHub:
         self._by_owner: dict[tuple[str | None, str | None], set[Subscription]] = {}
         self._per_peer: dict[Any, int] = {}
         self._groups: dict[int, _Expiring] = {}
-        self._wake = asyncio.Event()  # a NOTIFY came
-        self._wanted = asyncio.Event()  # a first stream wants a fresh tail
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._news = False  # a NOTIFY or a poke came since the last fetch began
+        self._wanted = False  # a first stream wants a fresh tail
+        self._waiter: asyncio.Future[None] | None = None  # the reader, idle
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
         self._closing = False
@@ -184,7 +137,8 @@ class EventHub:
         not followed: nobody would get the events); a first stream waits for one
         look now, so that "from now" is now."""
         changed = self.tail_changed
-        self._wanted.set()
+        self._wanted = True
+        self._rouse(force=True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), 5)
 
@@ -275,8 +229,49 @@ class EventHub:
 
     # --- the reader -------------------------------------------------------------
 
+    def poke(self) -> None:
+        """This process changed leases or reservations: look for new events now
+        (from any thread; the Lease/Return path's changes send no NOTIFY)."""
+        loop = self._loop
+        if loop is None or self._news:
+            return
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            self._news = True
+            self._rouse()
+        else:
+            loop.call_soon_threadsafe(self._notified)
+
+    def _rouse(self, *, force: bool = False) -> None:
+        """Wake the idle reader: for news only while streams are open."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and (force or self._subs):
+            waiter.set_result(None)
+
+    async def _idle(self, timeout: float) -> None:
+        """Until news (streams open), a first stream, a lost connection, or ``timeout``."""
+        if (self._news and self._subs) or self._wanted:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, self._rouse_timer, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    @staticmethod
+    def _rouse_timer(waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
     async def _ensure_started(self) -> None:
         if self._started is None:
+            self._loop = asyncio.get_running_loop()
             self._started = asyncio.get_running_loop().create_future()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="vmpool-events")
         try:
@@ -330,18 +325,20 @@ class EventHub:
     def _on_lost(self, closed: asyncio.Event) -> Callable[[Any], None]:
         def lost(_conn: Any) -> None:
             closed.set()
-            self._wake.set()
+            self._rouse(force=True)
 
         return lost
 
     def _notified(self, *_args: Any) -> None:
-        self._wake.set()
+        self._news = True
+        self._rouse()
 
     async def _follow(self, conn: asyncpg.Connection, closed: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
         pending_wait = PENDING_MIN_S
         while not self._closing and not closed.is_set():
-            self._wake.clear()
-            self._wanted.clear()
+            self._news = self._wanted = False
+            began = loop.time()
             batch = await fetch_new(conn, self.tail, FETCH_LIMIT)
             self.xmax = max(self.xmax, batch.xmax)
             if len(batch.events) == FETCH_LIMIT:
@@ -355,13 +352,12 @@ class EventHub:
                 timeout = pending_wait
                 pending_wait = min(pending_wait * 2, PENDING_MAX_S)
             else:
-                timeout = POLL_S
+                timeout = LIVE_POLL_S if self._subs else POLL_S
                 pending_wait = PENDING_MIN_S
-            # Without streams, NOTIFYs are not followed (a fetch per commit for
-            # nobody); the periodic look keeps the tail and the leases current.
-            wake = self._wake if self._subs else self._wanted
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout)
+            await self._idle(timeout)
+            gap = began + MIN_GAP_S - loop.time()
+            if gap > 0 and not closed.is_set() and not self._wanted:
+                await asyncio.sleep(gap)
 
     def _offer(self, events: list[Event], tail: Cursor) -> None:
         """Hand a batch to the streams that may see it, then move the tail."""

@@ -78,6 +78,7 @@ class Leaser:
         reconciles_here: Callable[[], bool] = lambda: False,
         catalog: PoolCatalog | None = None,
         demand: DemandCounter | None = None,
+        on_events: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._config = config
@@ -89,6 +90,9 @@ class Leaser:
         self._reconciles_here = reconciles_here  # then on_change suffices, no NOTIFY
         self._stopping = False
         self._demand = demand  # Lease attempts on autoscaled pools (issue 24)
+        # Lease, Extend and Return record events without a NOTIFY: this wakes
+        # this process's WatchLeases reader (migration 0061).
+        self._on_events = on_events
 
     def stopping(self) -> None:
         """Shutdown began: waiting Lease calls answer with their queue place now."""
@@ -141,6 +145,7 @@ class Leaser:
 
     def _granted(self, lease: LeaseRow, enqueued_at: datetime | None = None) -> LeaseRow:
         self._on_change(lease.pool)  # one free instance fewer: the pool may need refilling
+        self._on_events()
         self._metrics.leases_granted_by(lease.pool).inc()
         if enqueued_at is not None:
             wait = (lease.leased_at - enqueued_at).total_seconds()
@@ -309,6 +314,7 @@ class Leaser:
         held = (self._clock() - ended.leased_at).total_seconds()
         self._metrics.lease_duration_by(ended.pool, "returned").observe(max(held, 0.0))
         self._on_change(ended.pool)  # its VM is to be destroyed
+        self._on_events()
 
     async def extend_to(
         self,
@@ -338,6 +344,7 @@ class Leaser:
 
         with _owned_lease(instance):
             lease = await self._store.extend(instance, tag, decide, principal)
+        self._on_events()
         structlog.contextvars.bind_contextvars(pool=lease.pool)
         return lease
 
