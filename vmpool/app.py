@@ -20,6 +20,7 @@ from vmpool.api.watch import Watch, encode_shared
 from vmpool.auth.setup import build_authenticator, startup_warnings
 from vmpool.config.schema import Config
 from vmpool.control.background import Background, FatalError, SettingNotMet, StartupError
+from vmpool.core import gctune
 from vmpool.core.address import split_host_port
 from vmpool.core.clock import utcnow
 from vmpool.ops.metrics import Metrics
@@ -279,6 +280,7 @@ async def _serve(
             name="keep:demand",
         )
         serving.set(True)
+        gctune.settle()  # start-up's objects out of the collector's way
         log.info(
             "serving",
             listen=f"{host}:{port}",
