@@ -12,6 +12,7 @@ from tests.integration.helpers import World, make_world
 from vmpool.core.instant import Instant
 from vmpool.domain import leasing
 from vmpool.store.db import Database
+from vmpool.store.records import LeaseRow
 
 POOLS = {
     "pools": [
@@ -130,10 +131,12 @@ async def test_expired_reservation_passes_its_instance_on(world: World) -> None:
     assert lease.instance == set_aside  # the same VM, not destroyed: nobody used it
 
 
-async def test_waiting_lease_is_woken_by_the_set_aside(db: Database) -> None:
-    """Only the wake-up can answer this call in time: it waits up to 60 s and
-    re-reads its reservation once an hour, and it is given 30 s."""
-    world = await make_world(db, {**POOLS, "limits": {"wait_recheck": "1h"}})
+async def _waiting_in_full_alpha(
+    db: Database, recheck: str
+) -> tuple[World, uuid.UUID, asyncio.Task[LeaseRow]]:
+    """Both of alpha's instances leased, and a Lease with a new reservation
+    waiting up to 60 s, re-reading it every ``recheck``."""
+    world = await make_world(db, {**POOLS, "limits": {"wait_recheck": recheck}})
     await world.settle()
     for _ in range(2):
         await world.leaser.lease("alpha", None, "t", None)
@@ -141,6 +144,13 @@ async def test_waiting_lease_is_woken_by_the_set_aside(db: Database) -> None:
     waiting = asyncio.create_task(
         world.leaser.lease("alpha", None, "t", rid, wait=timedelta(seconds=60))
     )
+    return world, rid, waiting
+
+
+async def test_waiting_lease_is_woken_by_the_set_aside(db: Database) -> None:
+    """Only the wake-up can answer this call in time: it waits up to 60 s and
+    re-reads its reservation once an hour, and it is given 30 s."""
+    world, rid, waiting = await _waiting_in_full_alpha(db, "1h")
     while not len(world.waiters):  # queued and waiting
         assert not waiting.done(), waiting
         await asyncio.sleep(0)
@@ -327,3 +337,24 @@ async def test_a_reservation_served_to_a_waiter_that_left_keeps_its_lease(world:
     leases = await world.inventory.list_leases("")
     assert [(lease.instance, lease.reservation_id) for lease in leases] == [(retry.instance, rid)]
     assert world.metrics.abandoned_claims.labels("alpha")._value.get() == 0
+
+
+async def test_a_waiting_call_keeps_its_reservation_alive_and_hears_of_a_pause(
+    db: Database,
+) -> None:
+    """Its rechecks (one statement each while it stays queued) push the queue
+    entry's expiry on with the clock, and the first recheck after the pool
+    stops being RUNNING refuses the call, as its first look would have."""
+    world, rid, waiting = await _waiting_in_full_alpha(db, "20ms")
+    expiry = "SELECT expires_at FROM reservations WHERE id = $1"
+    while (first := await db.fetchval(expiry, rid)) is None:
+        assert not waiting.done(), waiting
+        await asyncio.sleep(0.01)
+    world.clock.advance(seconds=30)
+    while await db.fetchval(expiry, rid) == first:
+        assert not waiting.done(), waiting
+        await asyncio.sleep(0.01)
+    assert await db.fetchval(expiry, rid) == world.clock.now + timedelta(minutes=1)
+    await db.execute("UPDATE pools SET desired_status = 'PAUSED' WHERE name = 'alpha'")
+    with pytest.raises(leasing.FailedPrecondition, match="alpha"):
+        await asyncio.wait_for(waiting, 30)

@@ -188,19 +188,40 @@ class Leaser:
         deadline = time.monotonic() + patience
         recheck = self._config.limits.wait_recheck.total_seconds()  # NOTIFY is only a hint
         try:
+            place: QueuePlace | None = None
             while True:
-                outcome = await self._lease_reserved(pool_name, expires, who, reservation, pools)
+                # A recheck of a reservation still queued: one statement (_still_queued).
+                queued = await self._still_queued(place) if place is not None else None
+                outcome = queued or await self._lease_reserved(
+                    pool_name, expires, who, reservation, pools
+                )
                 if isinstance(outcome, LeaseRow):
                     self._count(who, outcome)
                     return outcome
+                place = outcome
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopping:
-                    raise Exhausted(outcome.message())
+                    raise Exhausted(place.message())
                 with calltime.waiting():
                     await self._waiters.wait(str(reservation), min(remaining, recheck))
         finally:
             if waiting:
                 self._waiters.leave()
+
+    async def _still_queued(self, place: QueuePlace) -> QueuePlace | None:
+        """A waiting call's recheck of a reservation found queued with nothing set
+        aside (owner, tag and pool checked then): one statement keeps it alive and
+        reads its place. None: something else happened, or the pool is an API
+        pool (its reservation_ttl is read again): look again the long way."""
+        pool = self._catalog.pool(place.pool)
+        if pool is None:
+            return None
+        found = await self._store.poll_queued(
+            place.reservation, self._clock() + pool.reservation_ttl
+        )
+        if found is None:
+            return None
+        return QueuePlace(place.reservation, place.pool, *found)
 
     async def _lease_reserved(
         self,

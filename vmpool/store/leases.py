@@ -205,6 +205,14 @@ class LeaseStore:
             row = await self._pool.fetchrow(leases_sql.TOUCH_RESERVATION, reservation, expires)
         return Queued(row["instance"], row["seq"], row["pool"]) if row else None
 
+    async def poll_queued(self, reservation: UUID, expires: datetime) -> tuple[int, int] | None:
+        """Keep a reservation queued with nothing set aside alive until ``expires``
+        and say its (position, length), in one statement; None when it is not
+        (any more) queued with nothing set aside, or its pool is not RUNNING."""
+        async with translated():
+            row = await self._pool.fetchrow(leases_sql.POLL_QUEUED, reservation, expires)
+        return (int(row["position"]), int(row["length"])) if row else None
+
     async def position(self, pool: str, seq: int) -> tuple[int, int]:
         async with translated():
             row = await self._pool.fetchrow(leases_sql.QUEUE_POSITION, pool, seq)

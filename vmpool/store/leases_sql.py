@@ -95,6 +95,24 @@ WHERE id = $1 AND NOT served
 RETURNING instance, seq, pool
 """
 
+# A waiting call's recheck of a reservation it found queued with nothing set
+# aside (its owner, tag and pool were checked then), in one statement: keep it
+# alive ($2: the new expiry, as TOUCH_RESERVATION) and read its place (as
+# QUEUE_POSITION). No row for anything else (served, set aside, gone, its pool
+# no longer RUNNING): the caller looks again the long way.
+POLL_QUEUED = """
+WITH kept AS (
+    UPDATE reservations r SET expires_at = greatest(r.expires_at, $2)
+    WHERE r.id = $1 AND NOT r.served AND r.instance IS NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM pools p WHERE p.name = r.pool AND p.desired_status <> 'RUNNING')
+    RETURNING r.pool, r.seq
+)
+SELECT count(*) FILTER (WHERE q.seq <= k.seq) AS position, count(*) AS length
+FROM kept k JOIN reservations q ON q.pool = k.pool AND NOT q.served
+GROUP BY k.seq
+"""
+
 QUEUE_POSITION = """
 SELECT count(*) FILTER (WHERE seq <= $2) AS position, count(*) AS length
 FROM reservations WHERE pool = $1 AND NOT served
