@@ -171,6 +171,21 @@ async def test_a_bad_cursor_is_invalid_argument_naming_after(
     assert w.error.details().startswith("after:")
 
 
+@pytest.mark.parametrize(
+    ("field", "limit"), [("pool", 128), ("instance", 253), ("principal", 1024)]
+)
+async def test_a_filter_longer_than_any_name_is_invalid_argument_naming_it(
+    server: Running, watchers: Callable[..., Watcher], field: str, limit: int
+) -> None:
+    w = watchers(server.address, **{field: "x" * 5000})
+    await w.task
+    assert w.error is not None
+    assert w.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert w.error.details() == f"{field}: longer than {limit} characters (5000)"
+    ok = watchers(server.address, **{field: "x" * limit})  # as long as allowed: no match, no error
+    await ok.started()
+
+
 async def test_a_deadline_ends_the_stream_and_the_server_keeps_serving(
     server: Running, client_factory: Callable[[str, str], Client], watchers: Callable[..., Watcher]
 ) -> None:

@@ -108,10 +108,23 @@ def encode_shared(e: Event) -> bytes:
     return Encoded(encode_lease_event(fields))
 
 
+# Filters longer than any name they could match: refused, never compared or
+# echoed (pool names are at most 128 characters, Kubernetes names 253).
+FILTER_CHARS = {"pool": 128, "instance": 253, "principal": 1024}
+
+
+def _check_filter(field: str, value: str) -> None:
+    limit = FILTER_CHARS[field]
+    if len(value) > limit:
+        raise leasing.InvalidArgument(f"{field}: longer than {limit} characters ({len(value)})")
+    leasing.check_text(field, value)
+
+
 def request_scope(request: adm.WatchLeasesRequest) -> Scope:
     who = caller()
-    leasing.check_text("pool", request.pool) if request.pool else None
-    leasing.check_text("instance", request.instance) if request.instance else None
+    _check_filter("pool", request.pool)
+    _check_filter("instance", request.instance)
+    _check_filter("principal", request.principal)
     tag = request.service_tag  # None: not given (proto3 optional)
     if tag is not None:
         leasing.check_service_tag(tag)
