@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -302,9 +303,13 @@ async def _serve(
             s.goaway()
         waiters.wake_all()
         leaser.stopping()
+        grace_ends = time.monotonic() + config.shutdown_grace.total_seconds()
         drained = await gate.drain(config.shutdown_grace.total_seconds())
         if not drained:
             log.warning("calls still running at shutdown_grace; cancelling them")
+        else:  # the calls are done; their answers may still be on the way out
+            left = max(grace_ends - time.monotonic(), 1.0)
+            await asyncio.gather(*(s.answered(left) for s in servers))
         for s in servers:
             s.close()
         await asyncio.gather(*(s.close_connections() for s in servers))

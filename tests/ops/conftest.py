@@ -205,9 +205,11 @@ class Client:
         reply = await self._call(self.stub.lease(request, timeout=timeout, metadata=metadata))
         return reply.lease
 
-    async def return_(self, instance: str, tag: str = TAG) -> None:
+    async def return_(self, instance: str, tag: str = TAG, timeout: float = 10.0) -> None:
         await self._call(
-            self.stub.return_(api.ReturnRequest(instance=instance, service_tag=tag), timeout=10)
+            self.stub.return_(
+                api.ReturnRequest(instance=instance, service_tag=tag), timeout=timeout
+            )
         )
 
     def close(self) -> None:
@@ -222,7 +224,7 @@ async def code_of(call: Awaitable[Any]) -> str:
     return "OK"
 
 
-async def lease_when_free(client: Client, pool: str, timeout: float = 10.0) -> api.Lease:
+async def lease_when_free(client: Client, pool: str, timeout: float = 30.0) -> api.Lease:
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -34,6 +34,7 @@ POOLS = [
 WORKERS = 4  # each may hold a database connection while blocked (the pool has 10)
 WAITERS = 3
 EXIT_WITHIN = 15.0
+CALL_TIMEOUT = 60.0  # client deadline of calls that may wait behind the lock
 # A call the client started this close before the signal may reach the server after
 # it: the gate answers UNAVAILABLE without running it (it was never in flight there).
 RACE = 0.1
@@ -141,12 +142,16 @@ async def test_sigterm_under_load_drains_in_flight_calls_and_exits_0(server: Ops
             "the reservations queued",
         )
 
+        # The calls wait behind the test's lock for as long as it takes to set up
+        # the signal (seconds on a loaded machine): their deadline is far beyond.
         async def worker() -> None:
             while not stop_load.is_set():
-                call, lease = await rec.run("Lease", client.lease("load"))
+                call, lease = await rec.run("Lease", client.lease("load", timeout=CALL_TIMEOUT))
                 if call.code == "OK":
                     call.instance = lease.instance  # type: ignore[attr-defined]
-                    ret, _ = await rec.run("Return", client.return_(call.instance))
+                    ret, _ = await rec.run(
+                        "Return", client.return_(call.instance, timeout=CALL_TIMEOUT)
+                    )
                     ret.instance = call.instance
                 await rec.run("Ping", client.ping())
                 if call.code != "OK":
@@ -170,13 +175,13 @@ async def test_sigterm_under_load_drains_in_flight_calls_and_exits_0(server: Ops
         await eventually(
             lambda: health(probe),
             lambda st: st == NOT_SERVING,
-            2,
+            10,
             "health NOT_SERVING after SIGTERM",
         )
         late, _ = await rec.run("Lease", client.lease("load"))
         assert late.code == "UNAVAILABLE", late
         # The waiting reservation Leases answer early with their queue place.
-        done, _ = await asyncio.wait(waiting, timeout=3)
+        done, _ = await asyncio.wait(waiting, timeout=10)  # not their 30 s wait
         assert len(done) == WAITERS, "waiting Leases still waiting after SIGTERM"
         assert server.proc.poll() is None, "exited while calls were still blocked"
         await asyncio.sleep(0.5)
@@ -259,7 +264,7 @@ async def test_second_sigterm_during_drain_exits_at_once(server: OpsServer) -> N
         await eventually(lambda: lock_waiters(admin), lambda n: n >= 1, 5, "a blocked Lease")
         server.proc.send_signal(signal.SIGTERM)
         await eventually(
-            lambda: health(probe), lambda st: st == NOT_SERVING, 2, "health NOT_SERVING (draining)"
+            lambda: health(probe), lambda st: st == NOT_SERVING, 10, "health NOT_SERVING (draining)"
         )
         await asyncio.sleep(0.3)
         assert server.proc.poll() is None, "the drain should wait for the blocked Lease"

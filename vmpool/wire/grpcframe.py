@@ -74,6 +74,7 @@ class GuardedH2Stream(protocol.Stream):
 
     ended = False
     corked = False
+    handled = False  # the call's handler returned: its answer is on the way out
 
     def __ended__(self) -> None:
         self.ended = True
@@ -411,7 +412,10 @@ async def handle_request(
                         user_agent=call.user_agent,
                         peer=stream.peer,
                     )
-                    await method_func(stream)
+                    try:
+                        await method_func(stream)
+                    finally:
+                        h2_stream.handled = True
             except TimeoutError:
                 if wrapper.cancelled or (deadline is not None and not deadline.time_remaining()):
                     raise GRPCError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None

@@ -30,7 +30,9 @@ then the connection is closed. grpclib clients are the exception: on a GOAWAY
 grpclib fails every call on the connection, even one whose answer arrived in
 the same read, so their connections get no GOAWAY; their calls finish, new
 ones get UNAVAILABLE from the draining server, and the connections close at
-the end of shutdown.
+the end of shutdown (without a GOAWAY either). Before that close, shutdown
+waits until the calls whose handlers returned have written their answers
+(``answered``).
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ class GuardedProtocol(H2Protocol):
         self._grpclib_peer: bool | None = None  # unknown until its first request
         self._goaway_sent = False  # the graceful one (shutdown)
         self.gone = asyncio.Event()  # set once the socket is closed
+        self.released = asyncio.Event()  # a stream released while draining
 
     # -- connection lifecycle --------------------------------------------
 
@@ -198,6 +201,7 @@ class GuardedProtocol(H2Protocol):
     def _close(self, reason: str) -> None:
         self._closed = True
         self.gone.set()
+        self.released.set()
         self._connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -230,6 +234,7 @@ class GuardedProtocol(H2Protocol):
     def _linger(self, reason: str) -> None:
         self.connection.write_ready.clear()  # grpclib writes nothing more (the calls wait)
         self._closed = True  # data_received drops what comes now
+        self.released.set()
         self._connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -266,12 +271,29 @@ class GuardedProtocol(H2Protocol):
         self.connection._transport.write(frame.serialize())
         self._goaway_sent = True
 
+    async def answered(self) -> None:
+        """Until the calls handled by now have written their answers (their
+        streams released) or the connection closes. Streams whose handler still
+        runs (a health Watch) are not waited for."""
+        pending = {i for i, s in self.processor.streams.items() if getattr(s, "handled", False)}
+        while not self._closed and pending & self.processor.streams.keys():
+            self.released.clear()
+            await self.released.wait()
+
     def stream_released(self) -> None:
+        if self._draining:
+            self.released.set()
         if self._goaway_sent and not self.processor.streams:
             self._goaway_and_close(ErrorCodes.NO_ERROR, "shutdown", "server shutting down")
 
     def close(self) -> None:
-        """End of shutdown: close, whatever is still open."""
+        """End of shutdown: close, whatever is still open. A grpclib client gets
+        no GOAWAY here either: read with the drain's last answers, it would fail
+        them; the socket closes LINGER seconds after them instead."""
+        if self._grpclib_peer and not self._closed and not self.connection.is_closing():
+            self.connection.flush()
+            self._linger("server shut down")
+            return
         self._goaway_and_close(ErrorCodes.NO_ERROR, "shutdown", "server shut down")
 
     def resume_writing(self) -> None:
@@ -436,6 +458,21 @@ class GuardedServer(Server):
         calls get UNAVAILABLE rather than a refused connection."""
         for proto in list(self.connections):
             proto.goaway()
+
+    async def answered(self, timeout: float) -> bool:
+        """Wait until the calls whose handlers have returned have written their
+        answers (their streams are released); False if ``timeout`` ran out.
+        A call leaves the API's gate when its handler returns, before its reply
+        (corked until the trailers) is written: closing the connection then
+        would cut the answer of a call that was done (its Lease or Return
+        committed)."""
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(p.answered() for p in list(self.connections))), timeout
+            )
+        except TimeoutError:
+            return False
+        return True
 
     async def close_connections(self) -> None:
         """End of shutdown: GOAWAY and close every connection, and give clients
