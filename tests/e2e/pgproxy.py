@@ -45,7 +45,7 @@ class PgProxy:
         return await asyncio.open_connection(t.hostname or "localhost", port)
 
     async def start(self) -> PgProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -78,12 +78,14 @@ class PgProxy:
                 await dst.drain()
         dst.transport.abort()
 
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Named when made: a task renamed by its own first line is anonymous
+        # until it first runs, and on a loaded machine a test can end before.
+        task = asyncio.create_task(self._handle(reader, writer), name="keep:pgproxy-connection")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        me = asyncio.current_task()
-        if me is not None:
-            me.set_name("keep:pgproxy-connection")
-            self._tasks.add(me)
-            me.add_done_callback(self._tasks.discard)
         if self.mode == "refuse":
             writer.transport.abort()
             return
