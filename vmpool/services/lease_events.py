@@ -103,6 +103,7 @@ class EventHub:
         self._none_left = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
         self.tail_changed = asyncio.Event()  # set on every batch (tests wait on it)
+        self._batch = 0  # fetches handed out (Subscription.push judges by them)
 
     # --- streams ---------------------------------------------------------------
 
@@ -161,8 +162,9 @@ class EventHub:
                     gap.append(e)
                     if len(gap) > self.limits.buffer // 2:
                         return False  # a long way behind: pages from the database
+            self._batch += 1
             for e in reversed(gap):
-                self._deliver(sub, e, None)
+                self._deliver(sub, e, None, self._batch)
         sub.live = True
         sub.floor = max(sub.position, self.tail)
         key = sub.scope.principal, sub.scope.service_tag
@@ -361,6 +363,7 @@ class EventHub:
 
     def _offer(self, events: list[Event], tail: Cursor) -> None:
         """Hand a batch to the streams that may see it, then move the tail."""
+        self._batch += 1
         for e in events:
             self._apply(e)
             if len(self._recent) == self._recent.maxlen:
@@ -370,19 +373,22 @@ class EventHub:
             encoded: bytes | None = None
             for sub in self._candidates(e):
                 if (e.pos, e.seq) > (sub.floor.pos, sub.floor.seq):
-                    encoded = self._deliver(sub, e, encoded)
+                    encoded = self._deliver(sub, e, encoded, self._batch)
         self.tail = max(self.tail, tail)
         self._fire_all()
         self.tail_changed.set()
         self.tail_changed = asyncio.Event()
 
-    def _deliver(self, sub: Subscription, e: Event, encoded: bytes | None) -> bytes | None:
-        """Queue ``e`` for ``sub`` if it may see it; the shared encoding, made once."""
+    def _deliver(
+        self, sub: Subscription, e: Event, encoded: bytes | None, batch: int
+    ) -> bytes | None:
+        """Queue ``e`` (of fetch number ``batch``) for ``sub`` if it may see
+        it; the shared encoding, made once."""
         if not sub.scope.sees(e) or sub.position.skips(e.pos, e.txid):
             return encoded
         if encoded is None and sub.position.snapshot is None:
             encoded = self._encode(e)  # once, whatever the number of streams
-        sub.push((e, encoded, False), self.limits.buffer)
+        sub.push((e, encoded, False), self.limits.buffer, batch)
         return encoded
 
     def _candidates(self, e: Event) -> list[Subscription]:

@@ -46,11 +46,21 @@ class Subscription:
         self.waiter: asyncio.Future[bool] | None = None
         self.ended: StreamEnded | None = None
         self.live = False
+        self._batch = -1  # the last fetch queued here, and the queue's length then
+        self._backlog = 0
 
-    def push(self, item: Item, limit: int) -> None:
+    def push(self, item: Item, limit: int, batch: int | None = None) -> None:
+        """Queue ``item``; end the stream if it is ``limit`` events behind.
+        ``batch``: the number of the hub's fetch ``item`` came with. A fetch's
+        events are all queued before the stream's task can take any, so the
+        stream is judged by what it had not taken when the fetch came (a burst
+        of more than ``limit`` events ended even the fastest reader); its queue
+        stays under ``limit`` plus one fetch."""
         if self.ended is not None:
             return
-        if len(self.queue) >= limit:
+        if batch is not None and batch != self._batch:
+            self._batch, self._backlog = batch, len(self.queue)
+        if (self._backlog if batch is not None else len(self.queue)) >= limit:
             self.end(
                 StreamEnded(
                     "RESOURCE_EXHAUSTED",
