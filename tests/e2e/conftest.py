@@ -56,7 +56,7 @@ class Running:
         )
         return int(rows[0]["n"])
 
-    async def wait_ready(self, pool: str, n: int, timeout: float = 10.0) -> None:
+    async def wait_ready(self, pool: str, n: int, timeout: float = 30.0) -> None:
         await eventually(
             lambda: self.ready_count(pool),
             lambda got: got >= n,
@@ -69,8 +69,9 @@ class Running:
         assert "Traceback" not in log, log[-4000:]
 
 
-async def lease_when_free(client: Client, pool: str, timeout: float = 10.0, **kw: Any) -> Any:
-    """Lease from ``pool``, retrying RESOURCE_EXHAUSTED while the pool refills."""
+async def lease_when_free(client: Client, pool: str, timeout: float = 30.0, **kw: Any) -> Any:
+    """Lease from ``pool``, retrying RESOURCE_EXHAUSTED while the pool refills
+    (which takes a few reconcile passes, and longer on a loaded machine)."""
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -213,7 +213,7 @@ class Svc:
     async def counts(self, pool: str | None = None) -> dict[str, int]:
         return dict(Counter(state for state, _ in (await self.rows(pool)).values()))
 
-    async def wait_filled(self, name: str, n: int, timeout: float = 15.0) -> dict[str, int]:
+    async def wait_filled(self, name: str, n: int, timeout: float = 30.0) -> dict[str, int]:
         """The pool holds exactly ``n`` ready rows, nothing else, and ``n`` live VMs."""
 
         async def probe() -> tuple[dict[str, int], int]:
@@ -442,7 +442,7 @@ async def test_expired_lease_deletes_and_replaces_the_vm(svc: Svc) -> None:
     await eventually(
         probe,
         lambda got: not got[0] and lease.instance not in got[1],
-        timeout=remaining + 6,
+        timeout=remaining + 20,
         what=f"expired {lease.instance} deleted",
     )
     with pytest.raises(GRPCError) as err:
@@ -478,7 +478,7 @@ async def test_vanished_free_vm_is_replaced_promptly(svc: Svc) -> None:
     await eventually(
         lambda: svc.rows("small"),
         lambda rows: victim not in rows,
-        timeout=3,
+        timeout=10,  # well inside the 30 s full comparison
         what=f"the row of vanished {victim} dropped",
         interval=0.02,
     )
@@ -515,7 +515,7 @@ async def test_vm_deleted_while_booting_is_replaced_at_once(make_svc: Make) -> N
     rows, vms = await eventually(
         probe,
         lambda got: victim not in got[0] and len(got[0]) == 2 and set(got[0]) == got[1],
-        timeout=5,
+        timeout=10,  # well inside the 30 s full comparison
         what=f"booting {victim} deleted and replaced",
         interval=0.02,
     )
@@ -532,7 +532,7 @@ async def test_vm_deleted_while_booting_is_replaced_at_once(make_svc: Make) -> N
     await eventually(
         lambda: asyncio.sleep(0, result=svc.vms("stuck", deleting=True)),
         lambda left: not left,
-        timeout=5,
+        timeout=15,
         what="the stuck VMs deleted",
     )
     await asyncio.sleep(svc.fake.boot_step * 4)  # their simulations notice and end
@@ -546,7 +546,7 @@ async def test_vanished_leased_vm_ends_the_lease(svc: Svc) -> None:
     await eventually(
         lambda: svc_history(svc, lease.instance),
         lambda rows: len(rows) == 1,
-        timeout=3,
+        timeout=10,  # well inside the 30 s full comparison
         what=f"lease of vanished {lease.instance} ended",
     )
     assert db_reason(await svc_history(svc, lease.instance)) == "vm vanished"
@@ -611,7 +611,7 @@ async def test_orphan_is_deleted_after_grace(drift: Svc) -> None:
     await eventually(
         lambda: asyncio.sleep(0, state()),
         lambda vms: orphan not in vms or bool(vms[orphan]["metadata"].get("deletionTimestamp")),
-        timeout=3 + 1.5 + 3,
+        timeout=3 + 1.5 + 10,
         what=f"orphan {orphan} deleted",
         interval=0.02,
     )
@@ -622,7 +622,7 @@ async def test_orphan_is_deleted_after_grace(drift: Svc) -> None:
     await eventually(
         lambda: asyncio.sleep(0, state()),
         lambda vms: orphan not in vms,
-        timeout=3,
+        timeout=15,
         what="orphan gone",
     )
     vms = state()
@@ -770,7 +770,7 @@ async def test_sigkill_mid_provisioning_then_restart(make_svc: Make) -> None:
         await eventually(
             lambda: asyncio.sleep(0, booted()),
             bool,
-            timeout=5,
+            timeout=15,
             what="the VMs created before the crash booted",
         )
         await svc.start()
