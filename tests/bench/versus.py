@@ -234,6 +234,15 @@ def ratios(rounds: list[dict[str, Any]], num: str = "vmpool", den: str = "floor"
     return out
 
 
+def ratio_sets(rounds: list[dict[str, Any]], *, with_before: bool) -> dict[str, Any]:
+    """vmpool / floor; with a baseline also before / floor and vmpool / before."""
+    out = {"ratios": ratios(rounds)}
+    if with_before:
+        out["ratios_before"] = ratios(rounds, num="before", den="floor")
+        out["ratios_after_to_before"] = ratios(rounds, num="vmpool", den="before")
+    return out
+
+
 def errors_of(rounds: list[dict[str, Any]], side: str) -> dict[str, int]:
     total: dict[str, int] = {}
     for r in rounds:
@@ -340,10 +349,7 @@ async def compare(
                 results[gen.name]["rounds"].append(rnd)
         for gen in gens:
             g = results[gen.name]
-            g["ratios"] = ratios(g["rounds"])
-            if baseline:
-                g["ratios_before"] = ratios(g["rounds"], den="before")
-                g["ratios_after_to_before"] = ratios(g["rounds"], num="vmpool", den="before")
+            g.update(ratio_sets(g["rounds"], with_before=bool(baseline)))
             g["errors"] = {side: errors_of(g["rounds"], side) for side in sides}
         results["generators"] = [g.name for g in gens]
         results["primary"] = gens[0].name

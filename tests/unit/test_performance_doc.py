@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from tests.bench import report
+from tests.bench.versus import ratio_sets
 
 REPO = Path(__file__).resolve().parents[2]
 LATEST = REPO / "bench-results" / "latest.json"
@@ -36,3 +38,19 @@ def test_the_bench_regenerates_the_table(tmp_path: Path) -> None:
     )
     assert "| `ping_rps` (c=64) | 12,346 | — |" in text
     assert f"| `scale_p50_ratio` | {result['scale_p50_ratio']:.2f} **FAIL** | ≤ 1.2 |" in text
+
+
+def test_before_after_ratios_are_each_side_against_the_floor_and_after_against_before() -> None:
+    """A --baseline run reports before / floor beside vmpool / floor, and their
+    quotient: a before-vs-floor column that repeated after-vs-before hid whether
+    the old code had met a target."""
+
+    def side(ms: float) -> dict[str, Any]:
+        return {"lease@64": {"server_cpu_ms_per_call": ms}}
+
+    rounds = [{"floor": side(0.5), "vmpool": side(0.6), "before": side(0.75)}]
+    sets = ratio_sets(rounds, with_before=True)
+    assert sets["ratios"]["lease_server_cpu"]["median"] == 1.2
+    assert sets["ratios_before"]["lease_server_cpu"]["median"] == 1.5
+    assert sets["ratios_after_to_before"]["lease_server_cpu"]["median"] == 0.8
+    assert "ratios_before" not in ratio_sets(rounds, with_before=False)
