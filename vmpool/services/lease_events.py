@@ -1,7 +1,9 @@
 """The fan-out of lease events in one process: one reader with one database
-connection (LISTEN vmpool_events, then fetch what is new), however many
-streams. Each event is fetched once and handed to the streams that may see
-it, in memory; each stream has a bounded buffer.
+connection, however many streams. It fetches what is new when woken (this
+process's Lease/Extend/Return: poke; any other change: NOTIFY vmpool_events)
+or every LIVE_POLL_S while streams are open (another replica's Lease/Return
+sends no NOTIFY). Each event is fetched once and handed to the streams that
+may see it, in memory; each stream has a bounded buffer.
 
 Derived "expiring" events are not stored: the reader keeps the active leases
 (loaded at start, then kept by the events), and per lead time a heap of when
