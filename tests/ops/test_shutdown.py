@@ -165,8 +165,21 @@ async def test_sigterm_under_load_drains_in_flight_calls_and_exits_0(server: Ops
         tx = lock.transaction()
         await tx.start()
         await lock.execute("LOCK TABLE leases IN EXCLUSIVE MODE")
+
+        # Concurrent Leases share one statement (and one waiting session), so the
+        # calls are counted on the client: in flight well after the lock was taken.
+        def stuck() -> int:
+            now = time.monotonic()
+            return sum(
+                c.method in ("Lease", "Return") and not c.ended and now - c.started > 0.5
+                for c in rec.calls
+            )
+
         blocked = await eventually(
-            lambda: lock_waiters(admin), lambda n: n >= 3, 20, "calls blocked on the lock"
+            lambda: lock_waiters(admin),
+            lambda n: n >= 1 and stuck() >= 3,
+            30,
+            "calls blocked on the lock",
         )
 
         signalled = time.monotonic()
