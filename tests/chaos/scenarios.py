@@ -146,7 +146,10 @@ def save_calls(log: Log, path: Path) -> None:
             f.write(json.dumps({"disturbed": [start, end]}) + "\n")
 
 
-async def wait_ready(db_url: str, pools: list[dict[str, Any]], timeout: float = 30.0) -> None:
+async def wait_ready(db_url: str, pools: list[dict[str, Any]], timeout: float = 120.0) -> None:
+    # Generous: with c-provider's 30% boot failures a pool backs off 5 s after
+    # each pass that saw one, so filling takes several 5 s steps, more when the
+    # machine is slow (a loaded full run missed a 30 s budget).
     deadline = time.monotonic() + timeout
     want = {p["name"]: p["min_ready"] for p in pools}
     while time.monotonic() < deadline:
