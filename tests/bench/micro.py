@@ -20,6 +20,7 @@ from vmpool.core.instant import Instant
 from vmpool.ops import logs
 from vmpool.ops.metrics import Metrics
 from vmpool.proto.intrinsic_proto.vmpoolleaseapi import v1 as api
+from vmpool.proto.vmpool.admin import v1 as adm
 from vmpool.wire import fastwire
 from vmpool.wire.codec import PONG, SafeProtoCodec
 
@@ -63,6 +64,37 @@ def main() -> None:
                 lambda: pb.LeaseResponse(lease=pb.Lease(expires=ts, **lease)).SerializeToString()
             ),
         )
+    event = {
+        "cursor": "1234567:89",
+        "instance": "vmp-bench-0001",
+        "pool": "bench",
+        "service_tag": "bench",
+        "owner_principal": "spiffe://cluster.local/ns/ci/sa/runner",
+        "reservation_id": "7d1e0c52-4d6b-4b38-9a59-7a3f1c4a2f10",
+        "principal": "spiffe://cluster.local/ns/ci/sa/runner",
+        "reason": "",
+    }
+    print(
+        "LeaseEvent build+encode (WatchLeases, once per event), µs: betterproto",
+        micros(
+            lambda: bytes(
+                adm.LeaseEvent(
+                    time=EXPIRES, type=adm.LeaseEventType.LEASED, expires=EXPIRES, **event
+                )
+            )
+        ),
+        "fastwire",
+        micros(
+            lambda: fastwire.encode_lease_event(
+                fastwire.LeaseEventFields(
+                    time=instant,
+                    type=int(adm.LeaseEventType.LEASED),
+                    expires=instant,
+                    **event,
+                )
+            )
+        ),
+    )
     codec = SafeProtoCodec()
     print(
         "PingResponse encode, µs: betterproto",

@@ -352,7 +352,8 @@ class LeaseEventFields:
 
 def encode_lease_event(e: LeaseEventFields) -> bytes:
     """Encoded once per event and sent to every stream that sees it: betterproto
-    took ~300 µs per event, which under load was a large share of the server's CPU."""
+    took ~35x as long per event (`python -m tests.bench.micro`), a large share
+    of the server's CPU under load."""
     return b"".join(
         (
             _string(1, e.cursor),
