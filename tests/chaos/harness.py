@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import subprocess
 import tempfile
 import time
 import uuid
@@ -75,8 +76,26 @@ class ChaosPostgres(TestPostgres):
         ):
             time.sleep(0.05)
 
-    def restart(self) -> None:
-        self._server.ensure_postgres_running()
+    def restart(self, timeout: float = 120.0) -> None:
+        """Start it again. After an immediate stop it replays its WAL first,
+        which on a busy machine can take longer than the 10 s pgserver gives
+        pg_ctl; the server goes on starting after that, so wait for it."""
+        try:
+            self._server.ensure_postgres_running()
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        pidfile = Path(self._server.pgdata) / "postmaster.pid"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # The postmaster writes "ready" as the file's last line once it
+            # accepts connections.
+            with contextlib.suppress(OSError):
+                if pidfile.read_text().split()[-1:] == ["ready"]:
+                    self._server.ensure_postgres_running()
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"PostgreSQL not accepting connections {timeout:.0f}s after restart")
 
 
 def _parent(proc: Path) -> int:
