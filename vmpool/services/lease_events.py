@@ -25,6 +25,7 @@ import asyncpg
 import structlog
 
 from vmpool.core.backoff import Retry
+from vmpool.core.wakeup import Wakeup
 from vmpool.domain.watch import Cursor, Event, Scope
 from vmpool.services.watch_subscription import StreamEnded, Subscription, WatchLimits
 from vmpool.store.connect import ConnectSettings, open_connection
@@ -98,7 +99,7 @@ class EventHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._news = False  # a NOTIFY or a poke came since the last fetch began
         self._wanted = False  # a first stream wants a fresh tail
-        self._waiter: asyncio.Future[None] | None = None  # the reader, idle
+        self._idle_reader: Wakeup[None] = Wakeup()
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
         self._closing = False
@@ -251,27 +252,14 @@ class EventHub:
 
     def _rouse(self, *, force: bool = False) -> None:
         """Wake the idle reader: for news only while streams are open."""
-        waiter = self._waiter
-        if waiter is not None and not waiter.done() and (force or self._subs):
-            waiter.set_result(None)
+        if force or self._subs:
+            self._idle_reader.wake(None)
 
     async def _idle(self, timeout: float) -> None:
         """Until news (streams open), a first stream, a lost connection, or ``timeout``."""
         if (self._news and self._subs) or self._wanted:
             return
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, self._rouse_timer, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
-
-    @staticmethod
-    def _rouse_timer(waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
+        await self._idle_reader.wait(timeout, None)
 
     async def _ensure_started(self) -> None:
         if self._started is None:

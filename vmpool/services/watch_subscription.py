@@ -3,11 +3,11 @@ its bounded queue, its cursor, and how its task waits for news."""
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from vmpool.core.wakeup import Wakeup
 from vmpool.domain.watch import Cursor, Event, Scope
 
 
@@ -42,8 +42,8 @@ class Subscription:
         self.floor = position  # set on joining: only later events are offered to it
         self.queue: deque[Item] = deque()
         # The stream's task while its queue is empty: True when its heartbeat
-        # is due, False when there is news (one wake-up, no task in between).
-        self.waiter: asyncio.Future[bool] | None = None
+        # is due, False when there is news.
+        self._wakeup: Wakeup[bool] = Wakeup()
         self.ended: StreamEnded | None = None
         self.live = False
         self._batch = -1  # the last fetch queued here, and the queue's length then
@@ -79,23 +79,13 @@ class Subscription:
             self.wake(False)
 
     def wake(self, beat: bool) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(beat)
+        self._wakeup.wake(beat)
 
     async def idle(self, heartbeat_s: float) -> bool:
         """Until news for this stream (False) or its heartbeat is due (True)."""
         if self.queue or self.ended is not None:
             return False
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
-        self.waiter = waiter
-        timer = loop.call_later(heartbeat_s, self.wake, True)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-            self.waiter = None
+        return await self._wakeup.wait(heartbeat_s, True)
 
     def resume_hint(self) -> str:
         return f'resume with after="{self.position.encode()}"'
