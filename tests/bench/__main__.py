@@ -54,6 +54,7 @@ class Settings:
         self.versus_rounds = 3
         self.generators: tuple[str, ...] = ("grpc-go", "grpclib")
         self.baseline: Path | None = None  # a checkout measured as "before" beside the floor
+        self.split = False  # the vmpool side as --role api + --role reconciler
 
 
 # --- processes -----------------------------------------------------------------------
@@ -264,6 +265,7 @@ class Bench:
             rounds=self.s.versus_rounds,
             generators=self.s.generators,
             baseline=self.s.baseline,
+            split=self.s.split,
             log=lambda line: print(line, flush=True),
         )
 
@@ -668,6 +670,7 @@ async def run(args: argparse.Namespace) -> int:
     s.versus_rounds = args.rounds
     s.generators = tuple(args.generators.split(","))
     s.baseline = Path(args.baseline) if args.baseline else None
+    s.split = args.split
     out = Path(args.out)
     started = time.perf_counter()
     pg = TestPostgres()
@@ -749,6 +752,12 @@ def main() -> int:
         metavar="CHECKOUT",
         help="also run `vmpool serve` from this checkout (e.g. a `git worktree` of the "
         "commit before a change) in the versus rounds: before/after ratios in one run",
+    )
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="in the versus rounds, run the vmpool side as `vmpool serve --role api` plus "
+        "`--role reconciler` (two processes, both counted; with --baseline: split / one process)",
     )
     args = parser.parse_args()
     if args.watch:

@@ -114,7 +114,7 @@ async def compare(
             await asyncio.to_thread(server.start)
             assert server.proc is not None
             await ready(url, 400)
-            sides[name] = Side(name, server.proc.pid, server.address, pg, url)
+            sides[name] = Side(name, [server.proc.pid], server.address, pg, url)
         phases: dict[str, list[dict[str, Any]]] = {"plain": [], "auth": []}
         reviews0 = kube.token_reviews
         for i in range(rounds):

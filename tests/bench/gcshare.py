@@ -40,11 +40,11 @@ async def main(checkout: Path | None) -> None:
         code = [str(checkout.resolve())] if checkout else []
         os.environ["PYTHONPATH"] = os.pathsep.join([str(PROBE), *code])
         os.environ["VMPOOL_GCPROBE_OUT"] = str(out)
-        server, url = await versus.start_vmpool(work, pg, "vmpool")
+        (server,), url = await versus.start_vmpool(work, pg, "vmpool")
         try:
             assert server.proc is not None
             await versus.ready(url, 400)
-            side = versus.Side("vmpool", server.proc.pid, server.address, pg, url)
+            side = versus.Side("vmpool", [server.proc.pid], server.address, pg, url)
             for op, c in PHASES:
                 await versus.ready(url, 390)
                 await asyncio.sleep(1.0)

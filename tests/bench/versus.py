@@ -106,19 +106,21 @@ class GoGenerator:
 
 
 class Tree:
-    """CPU seconds (utime+stime) of a process and all its descendants."""
+    """CPU seconds (utime+stime) of processes and all their descendants (one
+    server's processes: a `--role api` + `--role reconciler` pair counts both)."""
 
-    def __init__(self, pid: int) -> None:
-        self.root = psutil.Process(pid)
+    def __init__(self, pid: int, *more: int) -> None:
+        self.roots = [psutil.Process(p) for p in (pid, *more)]
 
     def seconds(self) -> float:
         total = 0.0
-        for proc in [self.root, *self.root.children(recursive=True)]:
-            try:
-                t = proc.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += t.user + t.system + t.children_user + t.children_system
+        for root in self.roots:
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    t = proc.cpu_times()
+                except psutil.NoSuchProcess:
+                    continue
+                total += t.user + t.system + t.children_user + t.children_system
         return total
 
 
@@ -137,9 +139,11 @@ def postgres_tree(pg: TestPostgres) -> Tree | None:
 class Side:
     """One server under test: its address, process tree, PostgreSQL and database."""
 
-    def __init__(self, name: str, pid: int, address: str, pg: TestPostgres, url: str) -> None:
+    def __init__(
+        self, name: str, pids: list[int], address: str, pg: TestPostgres, url: str
+    ) -> None:
         self.name = name
-        self.tree = Tree(pid)
+        self.tree = Tree(*pids)
         self.address = address
         self.pg_tree = postgres_tree(pg)
         self.url = url
@@ -279,17 +283,31 @@ def start_floor(work: Path, url: str) -> tuple[subprocess.Popen[bytes], int]:
 
 
 async def start_vmpool(
-    work: Path, pg: TestPostgres, name: str, checkout: Path | None = None
-) -> tuple[ServerProcess, str]:
+    work: Path, pg: TestPostgres, name: str, checkout: Path | None = None, *, split: bool = False
+) -> tuple[list[ServerProcess], str]:
     """`vmpool serve` on a fresh database; ``checkout``: the code of another
-    checkout (its directory first on PYTHONPATH), for a before/after run."""
+    checkout (its directory first on PYTHONPATH), for a before/after run;
+    ``split``: `--role reconciler` and `--role api` as two processes (the
+    first one listed serves the calls)."""
     url = await pg.fresh()
     env = {"PYTHONPATH": str(checkout.resolve())} if checkout is not None else None
-    server = ServerProcess(
-        VMPOOL_CONFIG, work / name, database_url=url, metrics_port=0, name=name, env=env
-    )
-    await asyncio.to_thread(server.start)
-    return server, url
+    roles = [("api", ("--role", "api")), ("reconciler", ("--role", "reconciler"))]
+    servers = [
+        ServerProcess(
+            VMPOOL_CONFIG,
+            work / name,
+            database_url=url,
+            # The reconciler role listens on no gRPC port: its metrics port is its sign of life.
+            metrics_port=None if role == "reconciler" else 0,
+            name=f"{name}-{role}",
+            env=env,
+            args=args,
+        )
+        for role, args in (roles if split else [("all", ())])
+    ]
+    for server in servers:
+        await asyncio.to_thread(server.start)
+    return servers, url
 
 
 async def compare(
@@ -302,11 +320,13 @@ async def compare(
     rounds: int = 3,
     generators: tuple[str, ...] = ("grpc-go", "grpclib"),
     baseline: Path | None = None,
+    split: bool = False,
     log: Any = print,
 ) -> dict[str, Any]:
     """The floor and `vmpool serve` (and, with ``baseline``, `vmpool serve` from
     that checkout as "before"), interleaved; returns per generator the rounds'
-    phases and the ratios (with a baseline also vmpool / before)."""
+    phases and the ratios (with a baseline also vmpool / before). ``split``:
+    the "vmpool" side is a `--role api` and a `--role reconciler` process."""
     gens: list[Generator] = []
     if "grpc-go" in generators and go_available():
         gens.append(GoGenerator(await asyncio.to_thread(build_go_client, work / "go")))
@@ -318,13 +338,15 @@ async def compare(
     try:
         floor_url = await floor_pg.empty()
         floor_proc, port = await asyncio.to_thread(start_floor, work, floor_url)
-        sides = {"floor": Side("floor", floor_proc.pid, f"127.0.0.1:{port}", floor_pg, floor_url)}
+        sides = {"floor": Side("floor", [floor_proc.pid], f"127.0.0.1:{port}", floor_pg, floor_url)}
         for name, checkout in [("vmpool", None), *([("before", baseline)] if baseline else [])]:
-            server, url = await start_vmpool(work, vmpool_pg, name, checkout)
-            servers.append(server)
-            assert server.proc is not None
+            started, url = await start_vmpool(
+                work, vmpool_pg, name, checkout, split=split and name == "vmpool"
+            )
+            servers.extend(started)
+            pids = [s.proc.pid for s in started if s.proc is not None]
             await ready(url, 400)
-            sides[name] = Side(name, server.proc.pid, server.address, vmpool_pg, url)
+            sides[name] = Side(name, pids, started[0].address, vmpool_pg, url)
         results: dict[str, Any] = {}
         for gen in gens:
             results[gen.name] = {"rounds": []}
@@ -356,6 +378,8 @@ async def compare(
         results["vmpool_config"] = VMPOOL_CONFIG
         if baseline:
             results["baseline"] = str(baseline)
+        if split:
+            results["split"] = "vmpool: --role api + --role reconciler"
         results["floor"] = {
             "free_rows": floor.FREE_ROWS,
             "asyncpg_pool": floor.POOL_SIZE,
