@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 import structlog
 import structlog.testing
@@ -406,6 +407,42 @@ async def test_the_database_refuses_rows_beyond_max_size(db: Database) -> None:
         *(w.inventory.add_instances("p", n, now, "h", max_size=3) for n in names)
     )
     assert sum(len(x) for x in written) == 3
+    assert await w.counts("p") == {"provisioning": 3}
+
+
+async def test_an_insert_that_waited_for_the_pool_lock_counts_what_was_committed_meanwhile(
+    db: Database, db_url: str
+) -> None:
+    # Adding instances is one statement (migration 0072): it takes the pool
+    # row's lock and only then counts, so rows committed by the insert it
+    # waited for (another leader's, overlapping) are counted against max_size.
+    w = await make_world(db, {"pools": [{"name": "p", "min_ready": 0, "max_size": 3}]})
+    now = w.clock()
+    other = await asyncpg.connect(db_url)
+    try:
+        async with other.transaction():
+            assert await other.fetchval("SELECT vmpool_pool_room('p', 3)") == 3
+            await other.execute(
+                "INSERT INTO instances (name, pool, state, created_at, state_changed_at)"
+                " SELECT n, 'p', 'provisioning', now(), now()"
+                " FROM unnest(ARRAY['vmp-other-1', 'vmp-other-2']) AS n"
+            )
+            adding = asyncio.create_task(
+                w.inventory.add_instances("p", ["vmp-ours-1", "vmp-ours-2"], now, "h", 3)
+            )
+            await eventually(
+                lambda: db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                ),
+                lambda n: n >= 1,
+                30,
+                "the insert to wait for the pool row's lock",
+            )
+            assert not adding.done()
+        assert await adding == ["vmp-ours-1"]
+    finally:
+        await other.close()
     assert await w.counts("p") == {"provisioning": 3}
 
 

@@ -219,10 +219,7 @@ class Inventory:
         """Write rows for ``names`` (made from ``spec_hash``); those written, which
         are fewer if the pool would exceed ``max_size`` rows that are not destroying."""
         rows = await self._write(
-            [
-                (inventory_sql.LOCK_POOL_ROW, (pool,)),
-                (inventory_sql.ADD_INSTANCES, (names, pool, now, spec_hash, max_size)),
-            ],
+            [(inventory_sql.ADD_INSTANCES, (names, pool, now, spec_hash, max_size))],
             idempotent=False,  # committed before the connection broke? Not known: no retry
             fence_in_last=True,
         )

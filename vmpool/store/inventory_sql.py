@@ -91,15 +91,12 @@ SELECT id, instance, pg_notify('vmpool_assigned', id::text) FROM ur
 """
 
 # New instance rows ($1 names) of pool $2 made from spec $4, but never more than
-# $5 (max_size) rows of the pool that are not destroying: the count is taken in
-# this statement, after LOCK_POOL_ROW (same transaction) made inserts into the
-# pool take turns, so two leaders that overlap cannot overfill it.
-LOCK_POOL_ROW = "SELECT 1 FROM pools WHERE name = $1 FOR NO KEY UPDATE"
-
+# $5 (max_size) rows of the pool that are not destroying: vmpool_pool_room
+# (migration 0072) takes the pool row's lock, so inserts into the pool take
+# turns, and counts after it, so two leaders that overlap cannot overfill it.
+# One statement: it runs in autocommit with the fence inside it.
 ADD_INSTANCES = """
-WITH room AS (
-    SELECT $5::int - count(*) AS n FROM instances WHERE pool = $2 AND state <> 'destroying'
-)
+WITH room AS (SELECT vmpool_pool_room($2, $5) AS n)
 INSERT INTO instances (name, pool, state, created_at, state_changed_at, spec_hash)
 SELECT u.name, $2, 'provisioning', $3, $3, $4
 FROM unnest($1::text[]) WITH ORDINALITY AS u(name, i), room
