@@ -180,3 +180,44 @@ async def test_a_cursor_before_the_pruned_horizon_is_out_of_range_and_after_it_r
     assert Cursor(0, 0) < again.horizon  # the server answers OUT_OF_RANGE here
     resumed = await events.page(again.horizon, tail, 100)
     assert [(e.pos, e.seq) for e in resumed.events] == [(e.pos, e.seq) for e in page.events[2:]]
+
+
+async def test_each_stream_gets_exactly_the_events_its_scope_sees_once_in_order(
+    db_url: str, db: Database
+) -> None:
+    """The fan-out looks an event up by its owner (principal, tag; a stream's
+    filter on either may be "any"): each stream gets every event its scope
+    sees, once, in order, and nothing else, whatever the mix of scopes."""
+    hub = hub_for(db_url, db, buffer=10_000)
+    store = LeaseStore(db)
+    try:
+        await seed(db, "p", 8)
+        await seed(db, "q", 4)
+        scopes = [
+            Scope(),
+            Scope(service_tag="a"),
+            Scope(principal="alice"),
+            Scope("alice", "a"),
+            Scope("bob", "b"),
+            Scope(None, "b", pool="q"),
+            Scope(None, "a", instance="nothing-here"),
+            Scope(principal="carol"),
+        ]
+        subs = [await hub.open(s, None, f"peer-{i}") for i, s in enumerate(scopes)]
+        assert all(hub.go_live(sub) for sub in subs)
+        for pool in ("p", "q"):
+            for who, tag in (("alice", "a"), ("alice", "b"), ("bob", "a"), ("bob", "b")):
+                got = await store.claim_free(pool, tag, NOW, HOUR_ON, Owner(who, tag, who))
+                assert got is not None
+                await store.return_lease(got.instance, tag, NOW, principal=who)
+        total = await db.fetchval("SELECT count(*) FROM lease_events")
+        assert total == 16
+        everything = await collect(subs[0], lambda ev: len(ev) >= total)
+        # Offers are synchronous: once the all-seeing stream has an event, every
+        # stream that may see it has it queued too.
+        for scope, sub in zip(scopes[1:], subs[1:], strict=True):
+            queued = [e for e, _, _ in sub.queue]
+            assert queued == [e for e in everything if scope.sees(e)], scope
+        assert [len(sub.queue) for sub in subs[1:]] == [8, 8, 4, 4, 4, 0, 0]
+    finally:
+        await hub.shutdown()

@@ -55,6 +55,12 @@ PENDING_MIN_S = 0.002
 PENDING_MAX_S = 0.02
 
 
+def owner_keys(principal: str, service_tag: str) -> tuple[tuple[str | None, str | None], ...]:
+    """The fan-out keys of the streams that may see an event of this owner:
+    a stream's key is its scope's (principal, service_tag), None for any."""
+    return (None, None), (None, service_tag), (principal, None), (principal, service_tag)
+
+
 class _Expiring:
     """Leases by when they become "expiring" for one lead time."""
 
@@ -92,7 +98,9 @@ class EventHub:
         self._recent: deque[Event] = deque(maxlen=RECENT)
         self._recent_from = Cursor(0, 0)
         self._subs: set[Subscription] = set()
-        self._all: set[Subscription] = set()  # admin streams without an owner filter
+        # Live streams by (principal, service_tag) of their scope, None for any:
+        # an event is looked at only by the streams of its owner's four keys
+        # (100 streams watching their own tags cost nothing for others' events).
         self._by_owner: dict[tuple[str | None, str | None], set[Subscription]] = {}
         self._per_peer: dict[Any, int] = {}
         self._groups: dict[int, _Expiring] = {}
@@ -171,10 +179,7 @@ class EventHub:
         sub.live = True
         sub.floor = max(sub.position, self.tail)
         key = sub.scope.principal, sub.scope.service_tag
-        if sub.scope.principal is None:
-            self._all.add(sub)
-        else:
-            self._by_owner.setdefault(key, set()).add(sub)
+        self._by_owner.setdefault(key, set()).add(sub)
         if sub.lead_ns is not None:
             self._join_expiring(sub)
         return True
@@ -183,7 +188,6 @@ class EventHub:
         if sub not in self._subs:
             return
         self._subs.discard(sub)
-        self._all.discard(sub)
         key = sub.scope.principal, sub.scope.service_tag
         owners = self._by_owner.get(key)
         if owners is not None:
@@ -382,12 +386,13 @@ class EventHub:
         return encoded
 
     def _candidates(self, e: Event) -> list[Subscription]:
-        out = list(self._all)
-        for key in ((e.principal, e.service_tag), (e.principal, None)):
-            found = self._by_owner.get(key)
-            if found:
-                out.extend(found)
-        return out
+        """The live streams whose owner filters ``e`` passes (each once: a
+        stream has one key); their pool and instance filters are still to check."""
+        return [
+            sub
+            for key in owner_keys(e.principal, e.service_tag)
+            for sub in self._by_owner.get(key, ())
+        ]
 
     def _apply(self, e: Event) -> None:
         if e.kind in ("leased", "extended"):
