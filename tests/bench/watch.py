@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from grpclib.encoding.proto import ProtoCodec
 
 from tests.bench.__main__ import (
     CpuMeter,
@@ -61,17 +62,60 @@ CONCURRENCY = 32
 # --- the watcher process ----------------------------------------------------------------
 
 
+def type_and_time(data: bytes) -> tuple[int, float]:
+    """A LeaseEvent's type (field 3) and time (field 2, seconds) read from its
+    bytes; other fields are skipped (each is a string, a Timestamp or the type)."""
+    from vmpool.wire.fastwire import read_varint
+
+    kind, seconds, nanos = 0, 0, 0
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = read_varint(data, pos)
+        if key & 7 == 0:  # varint: the type is the only one
+            value, pos = read_varint(data, pos)
+            if key >> 3 == 3:
+                kind = value
+            continue
+        length, pos = read_varint(data, pos)
+        if key >> 3 == 2:  # Timestamp: seconds (1), nanos (2)
+            inner, stop = pos, pos + length
+            while inner < stop:
+                tkey, inner = read_varint(data, inner)
+                value, inner = read_varint(data, inner)
+                if tkey >> 3 == 1:
+                    seconds = value
+                elif tkey >> 3 == 2:
+                    nanos = value
+        pos += length
+    return kind, seconds + nanos / 1e9
+
+
+class RawReplies(ProtoCodec):
+    """A client codec that hands each reply over as its bytes."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        return bytes(data)
+
+
 async def _child(cmd: dict[str, Any]) -> None:
     """Open cmd["streams"] WatchLeases streams and count what arrives, until stdin
-    says "report" (print stats) or closes."""
+    says "report" (print stats) or closes. cmd["decode"]: "raw" (default) reads
+    only each event's type and time from its bytes, as a client in a compiled
+    language costs next to nothing per event; "betterproto" decodes every
+    event (about 0.2-0.5 ms of this machine's CPU each, which the watcher
+    process takes from the server and the load generator on the shared cores)."""
     from grpclib.client import Channel
 
     from vmpool.proto.vmpool.admin import v1 as adm
 
+    raw = cmd.get("decode", "raw") == "raw"
     host, port = cmd["address"].rsplit(":", 1)
     per_channel = 50
     n = int(cmd["streams"])
-    channels = [Channel(host, int(port)) for _ in range((n + per_channel - 1) // per_channel)]
+    channels = [
+        Channel(host, int(port), codec=RawReplies() if raw else None)
+        for _ in range((n + per_channel - 1) // per_channel)
+    ]
     received = 0
     latencies: list[float] = []
     opened = 0
@@ -85,8 +129,13 @@ async def _child(cmd: dict[str, Any]) -> None:
         request.pool = request.pool or ""
         if cmd.get("own_tag"):
             request.service_tag = f"watcher-{i}"
+        event: Any  # bytes with RawReplies
         async for event in stub.watch_leases(request):
-            if event.type == adm.LeaseEventType.HEARTBEAT:
+            if raw:
+                kind, at = type_and_time(event)
+            else:
+                kind, at = event.type, event.time.timestamp()
+            if kind == adm.LeaseEventType.HEARTBEAT:
                 if not started:  # the first message: the stream is open
                     started = True
                     opened += 1
@@ -95,7 +144,7 @@ async def _child(cmd: dict[str, Any]) -> None:
                 continue
             received += 1
             if i % int(cmd.get("sample_every", 10)) == 0:  # a sample of the streams
-                latencies.append(time.time() - event.time.timestamp())
+                latencies.append(time.time() - at)
 
     tasks = [asyncio.create_task(one(i)) for i in range(n)]
     await asyncio.wait_for(all_open.wait(), 120)
@@ -176,13 +225,13 @@ async def _triggers(db: asyncpg.Connection, on: bool) -> None:
         await db.execute(f"ALTER TABLE {table} {verb} TRIGGER {name}")
 
 
-async def run(quick: bool, out: Path) -> dict[str, Any]:
+async def run(quick: bool, out: Path, decode: str = "raw") -> dict[str, Any]:
     duration = 3.0 if quick else 8.0
     rounds = 2 if quick else 4
     idle_window = 8.0 if quick else 20.0
     pg = TestPostgres()
     load = LoadClient()
-    result: dict[str, Any] = {"duration_s": duration, "rounds": rounds}
+    result: dict[str, Any] = {"duration_s": duration, "rounds": rounds, "watchers_decode": decode}
     try:
         await pg.setup_template()
         result["db_cost"] = await _db_cost(await pg.fresh(), 300 if quick else 1000, rounds, pg)
@@ -211,11 +260,13 @@ async def run(quick: bool, out: Path) -> dict[str, Any]:
                 for r in range(rounds):
                     # Rotated each round: no phase always follows the same one.
                     for name in names[r % len(names) :] + names[: r % len(names)]:
-                        phases[name].append(await _phase(name, server, db, load, duration, pg))
+                        phases[name].append(
+                            await _phase(name, server, db, load, duration, pg, decode=decode)
+                        )
                 await _triggers(db, True)
                 # Latency without saturating the machine: 2 workers, one watcher.
                 result["light_load"] = await _phase(
-                    "light_load", server, db, load, duration, pg, concurrency=2
+                    "light_load", server, db, load, duration, pg, concurrency=2, decode=decode
                 )
             finally:
                 await db.close()
@@ -325,6 +376,21 @@ async def _idle(server: ServerProcess, window: float) -> dict[str, Any]:
     }
 
 
+async def lease_load(load: LoadClient, address: str, concurrency: int, duration: float) -> float:
+    """Lease+Return cycles by ``concurrency`` workers for ``duration`` s: calls/s."""
+    got = await load.run(
+        op="lease",
+        address=address,
+        concurrency=concurrency,
+        channels=8,
+        duration=duration,
+        warmup=0.5,
+        pool=POOL,
+    )
+    calls: int = sum(v["calls"] for v in got.values() if isinstance(v, dict) and "calls" in v)
+    return round(calls / duration, 1)
+
+
 async def _phase(
     name: str,
     server: ServerProcess,
@@ -333,19 +399,20 @@ async def _phase(
     duration: float,
     pg: TestPostgres,
     concurrency: int = CONCURRENCY,
+    decode: str = "raw",
 ) -> dict[str, Any]:
     await _triggers(db, name != "no_events")
     watchers: Watchers | None = None
     others: Watchers | None = None
     if name == "events_100_all_seeing":
-        watchers = Watchers(server.address, 100, request={})
+        watchers = Watchers(server.address, 100, request={}, decode=decode)
     elif name == "light_load":
-        watchers = Watchers(server.address, 1, request={}, sample_every=1)
+        watchers = Watchers(server.address, 1, request={}, sample_every=1, decode=decode)
     elif name == "events_100_own_tag":
         # 100 lease clients watching their own tags, and one all-seeing stream
         # that samples the latency of every event.
-        others = Watchers(server.address, 100, request={}, own_tag=True)
-        watchers = Watchers(server.address, 1, request={}, sample_every=1)
+        others = Watchers(server.address, 100, request={}, own_tag=True, decode=decode)
+        watchers = Watchers(server.address, 1, request={}, sample_every=1, decode=decode)
     try:
         for w in (others, watchers):
             if w is not None:
@@ -353,23 +420,16 @@ async def _phase(
         assert server.proc is not None
         srv = CpuMeter([server.proc.pid]).start()
         dbm = CpuMeter(postgres_pids(pg)).start()
-        got = await load.run(
-            op="lease",
-            address=server.address,
-            concurrency=concurrency,
-            channels=8,
-            duration=duration,
-            warmup=0.5,
-            pool=POOL,
-        )
+        # The clients' share of the shared cores: the load generator's and the
+        # watcher processes'.
+        gen = CpuMeter([load.proc.pid]).start()
+        wat = CpuMeter([w.proc.pid for w in (others, watchers) if w is not None]).start()
         out: dict[str, Any] = {
-            "calls_per_s": round(
-                sum(v["calls"] for k, v in got.items() if isinstance(v, dict) and "calls" in v)
-                / duration,
-                1,
-            ),
+            "calls_per_s": await lease_load(load, server.address, concurrency, duration),
             "server_cpu_percent": srv.stop(),
             "postgres_cpu_percent": dbm.stop(),
+            "load_generator_cpu_percent": gen.stop(),
+            "watchers_cpu_percent": wat.stop(),
         }
         if watchers is not None:
             out["latency"] = await watchers.ask("report")
@@ -386,12 +446,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument(
+        "--watchers-decode",
+        choices=["raw", "betterproto"],
+        default="raw",
+        help="how the watcher processes read events (see _child)",
+    )
     args = parser.parse_args(argv)
     if args.child:
         cmd = json.loads(sys.stdin.readline())
         asyncio.run(_child(cmd))
         return 0
-    result = asyncio.run(run(args.quick, Path(args.out)))
+    result = asyncio.run(run(args.quick, Path(args.out), args.watchers_decode))
     print(json.dumps({k: v for k, v in result.items() if k != "phases"}, indent=2))
     return 0
 
