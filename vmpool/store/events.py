@@ -24,17 +24,22 @@ _COLUMNS = """
 # one that could still write before them, have finished (pos below the
 # snapshot's xmin); whether later ones are already committed (pending: look
 # again soon, the transaction holding them back may never NOTIFY); the xmin.
+# Both read the primary key's ends, never the whole table: "pending" is the
+# greatest pos (an EXISTS here was planned as a sequential scan, run once per
+# row returned), and the order is the columns' (a bare "pos" would be the
+# output's bigint alias: every row after the cursor read and sorted).
 FETCH_NEW = f"""
 WITH s AS MATERIALIZED (
     SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x,
            pg_snapshot_xmax(pg_current_snapshot()) AS y
+), p AS MATERIALIZED (
+    SELECT coalesce((SELECT max(pos) FROM lease_events) >= s.x, false) AS pending FROM s
 )
-SELECT s.x::text::bigint AS xmin, s.y::text::bigint AS xmax,
-       EXISTS (SELECT 1 FROM lease_events WHERE pos >= s.x) AS pending, e.*
-FROM s LEFT JOIN LATERAL (
+SELECT s.x::text::bigint AS xmin, s.y::text::bigint AS xmax, p.pending, e.*
+FROM s CROSS JOIN p LEFT JOIN LATERAL (
     SELECT {_COLUMNS} FROM lease_events
     WHERE (pos, seq) > ($1::bigint::text::xid8, $2::bigint) AND pos < s.x
-    ORDER BY pos, seq
+    ORDER BY lease_events.pos, lease_events.seq
     LIMIT $3
 ) e ON true
 """
@@ -47,7 +52,7 @@ FROM lease_events_horizon h LEFT JOIN LATERAL (
     SELECT {_COLUMNS} FROM lease_events
     WHERE (pos, seq) > ($1::bigint::text::xid8, $2::bigint)
       AND (pos, seq) <= ($3::bigint::text::xid8, $4::bigint)
-    ORDER BY pos, seq
+    ORDER BY lease_events.pos, lease_events.seq  -- the columns (as FETCH_NEW)
     LIMIT $5
 ) e ON true
 """
