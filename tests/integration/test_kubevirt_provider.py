@@ -522,10 +522,16 @@ async def test_api_down_no_hot_loop(tmp_path: Path, make_provider: Make) -> None
 async def test_observe_is_none_until_the_first_list(
     fakekube: FakeKube, make_provider: Make
 ) -> None:
-    fakekube.throttle(seconds=0.6, retry_after=1)
+    # Refused until the test lifts it (was: for 0.6 s, which a loaded machine could
+    # spend starting the provider, so its first list succeeded).
+    fakekube.throttle(seconds=3600, retry_after=1)
     provider, _ = await make_provider()
-    await asyncio.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while not any(r.status == 429 and r.method == "GET" for r in fakekube.requests):
+        assert time.monotonic() < deadline, "no list was refused"
+        await asyncio.sleep(0.01)
     assert await provider.observe() is None
+    fakekube.throttle()
     assert await eventually(provider, lambda s: s == {}) == {}
 
 
