@@ -360,7 +360,7 @@ class LeaseMachine(RuleBasedStateMachine):
         assert queued == [q.rid for q in self.queue]
 
 
-@pytest.mark.timeout(600 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 120)
+@pytest.mark.timeout(600 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 300)
 def test_leaser_and_reconciler_follow_the_model(postgres: TestPostgres) -> None:
     _postgres[:] = [postgres]
     run_state_machine_as_test(
