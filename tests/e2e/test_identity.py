@@ -140,7 +140,7 @@ async def _stopped_by_the_operator(running: Running, instance: str, *, admin: Tl
     stopped = await eventually(
         lambda: asyncio.sleep(0, [a for a in _audit_lines(running) if a["action"] == "StopLease"]),
         lambda lines: len(lines) == 1,
-        5,
+        30,
         "the StopLease audit line",
     )
     assert {

@@ -510,7 +510,7 @@ async def test_a_leader_that_stops_being_trusted_mid_pass_makes_no_provider_call
     await eventually(
         lambda: world.counts("p"),
         lambda c: c.get("provisioning", 0) == 2,
-        5,
+        30,
         "the pass's rows",
     )
     stop.set()

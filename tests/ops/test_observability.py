@@ -206,7 +206,7 @@ async def test_background_metrics_move(server: OpsServer, load: Any) -> None:
         await eventually(
             gauges,
             lambda gw: gw[0] == gw[1] and gw[0]["leased"] == 1 and gw[0]["ready"] == 3,
-            5,
+            30,
             "vmpool_instances matching the database: one lease held, refilled",
         )
         await client.return_(lease.instance)
@@ -229,7 +229,7 @@ async def test_queued_reservation_metrics(server: OpsServer) -> None:
                 sample(f, "vmpool_reservations_queued", pool="queue") == 1
                 and sample(f, "vmpool_reservation_oldest_age_seconds", pool="queue") > 0
             ),
-            5,
+            30,
             "the queued reservation in the gauges",
         )
         assert sample(fam, "vmpool_reservations_queued", pool="load") == 0
@@ -238,7 +238,7 @@ async def test_queued_reservation_metrics(server: OpsServer) -> None:
         after = await eventually(
             lambda: ascrape(server.metrics_port),
             lambda f: sample(f, "vmpool_reservations_queued", pool="queue") == 0,
-            5,
+            30,
             "the queue gauge back to 0",
         )
         assert delta(before, after, "vmpool_reservation_wait_seconds_count", pool="queue") == 1

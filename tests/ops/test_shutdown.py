@@ -138,7 +138,7 @@ async def test_sigterm_under_load_drains_in_flight_calls_and_exits_0(server: Ops
         await eventually(
             lambda: Sql(db_url).val("SELECT count(*) FROM reservations"),
             lambda n: n == WAITERS,
-            5,
+            30,
             "the reservations queued",
         )
 
@@ -274,7 +274,7 @@ async def test_second_sigterm_during_drain_exits_at_once(server: OpsServer) -> N
         await tx.start()
         await lock.execute("LOCK TABLE leases IN EXCLUSIVE MODE")
         stuck = asyncio.create_task(client.lease("load", timeout=30))
-        await eventually(lambda: lock_waiters(admin), lambda n: n >= 1, 5, "a blocked Lease")
+        await eventually(lambda: lock_waiters(admin), lambda n: n >= 1, 30, "a blocked Lease")
         server.proc.send_signal(signal.SIGTERM)
         await eventually(
             lambda: health(probe), lambda st: st == NOT_SERVING, 10, "health NOT_SERVING (draining)"
