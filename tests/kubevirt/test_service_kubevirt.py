@@ -48,7 +48,9 @@ from vmpool.providers.kubevirt_manifest import (
 )
 from vmpool.store.db import Database
 
-pytestmark = pytest.mark.timeout(60)
+# Above the sum of a test's own condition waits (and the module's server start,
+# which its first test pays), so a slow step fails with its own message.
+pytestmark = pytest.mark.timeout(120)
 
 T = TypeVar("T")
 
@@ -741,6 +743,7 @@ async def test_broken_template_backs_off(make_svc: Make) -> None:
     await svc.close()
 
 
+@pytest.mark.timeout(240)  # waits of 15 + 15 + 20 + 20 s and three server starts
 async def test_sigkill_mid_provisioning_then_restart(make_svc: Make) -> None:
     """Scenario 9: SIGKILL while creates are under way (every create answered 500,
     half of them carried out: the server cannot know which VMs exist) and VMs boot;
