@@ -73,7 +73,7 @@ class Watcher:
         wanted = {self.pb2.LeaseEventType.Value(t) for t in types}
         return [e for e in self.events if e.type in wanted]
 
-    async def wait_for(self, pred: Callable[[list[Any]], bool], timeout: float = 10) -> None:
+    async def wait_for(self, pred: Callable[[list[Any]], bool], timeout: float = 30) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         while not pred(self.events):
             if self.task.done() or asyncio.get_running_loop().time() > deadline:
@@ -328,6 +328,9 @@ async def test_a_slow_reader_is_ended_with_a_cursor_and_resuming_from_it_loses_n
         call = stub.WatchLeases(pb2.WatchLeasesRequest(snapshot=True, expiring_lead_seconds=-1))
         while (end := await call.read()).type != pb2.LeaseEventType.Value("SNAPSHOT_END"):
             pass
+        # A reader that keeps up, to tell when the server has fetched every event.
+        fast = watchers(s.address, expiring_lead_seconds=-1, instance="")
+        await fast.started()
         # 2,000 leases in one statement: far more than the HTTP/2 window (64 KiB)
         # and the stream's buffer hold while this reader does not read.
         n = 2000
@@ -340,7 +343,15 @@ async def test_a_slow_reader_is_ended_with_a_cursor_and_resuming_from_it_loses_n
                SELECT name, 'w', 'slow', now(), now() + interval '1 day' FROM i""",
             n,
         )
-        await asyncio.sleep(3)
+        # Every event offered to every stream (was: a 3 s sleep, which a loaded
+        # machine's event reader could outlast; reading then kept the stream up).
+        # The server offers each fetch (1,000 events) to all streams at once, so a
+        # fast reader that a loaded machine left behind at the second fetch tells
+        # the same.
+        await fast.wait_for(
+            lambda _ev: len(lease_events(fast)) >= n or fast.error is not None, timeout=60
+        )
+        assert fast.error is None or "fell" in (fast.error.details() or ""), fast.error
         first: list[Any] = []
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             while (event := await call.read()) is not grpc.aio.EOF:
