@@ -69,16 +69,24 @@ async def test_a_burst_raises_s_while_it_arrives_and_s_falls_after_the_delay(
         await server.wait_ready("auto", 1, timeout=20)
 
         # 16 Lease calls over 4 s: served from the buffer or refused, all counted.
+        # Each starts on the trace's schedule, however long the ones before took
+        # (one after another, a loaded machine stretched the burst and its rate).
         leased: list[str] = []
         seen_during: list[int] = []
-        for i in range(16):
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(i * 0.25)  # the trace's pacing, not a wait for a condition
             try:
                 leased.append((await client.lease("auto")).instance)
             except RpcError as err:
                 assert err.code == "RESOURCE_EXHAUSTED"
-            if i >= 8:
-                seen_during.append((await desired(stub))[0])
-            await asyncio.sleep(0.25)  # the trace's pacing, not a wait for a condition
+
+        calls = [asyncio.create_task(one(i)) for i in range(16)]
+        await asyncio.sleep(8 * 0.25)  # from the ninth call on
+        while not all(c.done() for c in calls):
+            seen_during.append((await desired(stub))[0])
+            await asyncio.sleep(0.25)
+        await asyncio.gather(*calls)
         assert max(seen_during) >= 6, seen_during  # S rose before the burst was over
 
         status = await asyncio.to_thread(
