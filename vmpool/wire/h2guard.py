@@ -64,7 +64,7 @@ from h2.events import (
     SettingsAcknowledged,
     StreamReset,
 )
-from h2.exceptions import ProtocolError
+from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
@@ -361,7 +361,11 @@ class GuardedProtocol(H2Protocol):
                 agent = next((v for k, v in event.headers if k == "user-agent"), "")
                 self._grpclib_peer = agent.startswith("grpc-python-grpclib")
             if self._goaway_sent and event.stream_id > self._last_stream:
-                self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                # A stream begun as our GOAWAY crossed. Its client may have reset
+                # it already, in this same read (grpcio does): h2 then refuses to
+                # reset it again, and that error must not cost the connection.
+                with contextlib.suppress(StreamClosedError):
+                    self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
                 return False
             return True
         if kind is StreamReset:

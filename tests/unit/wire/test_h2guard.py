@@ -430,6 +430,42 @@ async def test_graceful_goaway_lets_calls_in_flight_finish(served: Served) -> No
     assert b"held" in (raw.unparsed or b"")
 
 
+async def test_a_stream_opened_and_reset_as_the_goaway_crossed_costs_no_call(
+    served: Served,
+) -> None:
+    """A client that opened a stream as the graceful GOAWAY crossed cancels it when
+    the GOAWAY arrives (grpcio does, for a stream past the GOAWAY's last id); its
+    HEADERS and RST_STREAM can reach the server in one read. Refusing that stream
+    raised inside h2 and cut the connection, with the calls still in flight on it."""
+    raw = await served.raw()
+    sid = raw.headers(HOLD)
+    raw.data(sid, message(b"held"))
+    await raw.flush()
+    await eventually(lambda: asyncio.sleep(0, served.service.held), lambda n: n == 1, 5, "held")
+    late = raw.headers(HOLD)
+    raw.data(late, message(b"late"))
+    raw.h2.reset_stream(late)
+    crossing = raw.h2.data_to_send()  # sent only once the GOAWAY is in
+    served.server.goaway()
+    while raw.goaway is None and not raw.closed:
+        await raw.receive(timeout=5)
+    assert raw.goaway is not None
+    assert raw.goaway.last_stream_id == sid
+    raw.write_raw(crossing)
+    await raw.writer.drain()
+
+    async def crossed() -> bool:  # the server has read the crossing frames (or hung up)
+        await asyncio.sleep(0.01)
+        seen = (p._h2.highest_inbound_stream_id for p in served.server.connections)
+        return raw.closed or any(s >= late for s in seen)
+
+    await eventually(crossed, bool, 10, "the server read the crossing frames")
+    served.service.release.set()
+    await raw.until_closed()
+    assert b"held" in (raw.unparsed or b""), "the call in flight lost its answer"
+    assert served.service.held == 1, "the stream past the GOAWAY was served"
+
+
 async def test_too_many_concurrent_streams_gets_goaway(served: Served) -> None:
     raw = await served.raw()
     await eventually(lambda: asyncio.sleep(0, raw.remote_settings), bool, 5, "SETTINGS")
