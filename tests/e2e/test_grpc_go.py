@@ -23,6 +23,10 @@ from tests.e2e.identity_kit import Issuer, Pki
 from tests.golang import build_go_client, go_available
 from tests.prerequisites import require
 
+# The first test's set-up compiles the Go client with an empty build cache (32-43 s
+# on a loaded 2-core machine); the default 120 s would leave the test itself little.
+pytestmark = pytest.mark.timeout(300)
+
 POOL = {"name": "go", "min_ready": 2, "max_size": 4, "zone": "zone-go"}
 
 
