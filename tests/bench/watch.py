@@ -44,6 +44,7 @@ from tests.bench.__main__ import (
     postgres_pids,
     wait_ready,
 )
+from tests.bench.event_bytes import type_and_time
 from tests.bench.load import percentiles
 from tests.pg import TestPostgres
 from tests.server import ServerProcess
@@ -60,34 +61,6 @@ CONCURRENCY = 32
 
 
 # --- the watcher process ----------------------------------------------------------------
-
-
-def type_and_time(data: bytes) -> tuple[int, float]:
-    """A LeaseEvent's type (field 3) and time (field 2, seconds) read from its
-    bytes; other fields are skipped (each is a string, a Timestamp or the type)."""
-    from vmpool.wire.fastwire import read_varint
-
-    kind, seconds, nanos = 0, 0, 0
-    pos, end = 0, len(data)
-    while pos < end:
-        key, pos = read_varint(data, pos)
-        if key & 7 == 0:  # varint: the type is the only one
-            value, pos = read_varint(data, pos)
-            if key >> 3 == 3:
-                kind = value
-            continue
-        length, pos = read_varint(data, pos)
-        if key >> 3 == 2:  # Timestamp: seconds (1), nanos (2)
-            inner, stop = pos, pos + length
-            while inner < stop:
-                tkey, inner = read_varint(data, inner)
-                value, inner = read_varint(data, inner)
-                if tkey >> 3 == 1:
-                    seconds = value
-                elif tkey >> 3 == 2:
-                    nanos = value
-        pos += length
-    return kind, seconds + nanos / 1e9
 
 
 class RawReplies(ProtoCodec):

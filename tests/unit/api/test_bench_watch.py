@@ -1,5 +1,5 @@
 """The watch bench's watchers read only each event's type and time from its
-bytes (tests.bench.watch.type_and_time); they must read what betterproto does."""
+bytes (tests.bench.event_bytes.type_and_time); they must read what betterproto does."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from hypothesis import given, settings
 
-from tests.bench.watch import type_and_time
+from tests.bench.event_bytes import type_and_time
 from tests.unit.api.test_watch_encoding import events
 from vmpool.api.watch import encode_shared
 from vmpool.domain.watch import Event
