@@ -77,7 +77,8 @@ async def _child(address: str, out: str, seconds: float) -> None:
     """One all-seeing stream: (cursor, type, event time, arrival) per message."""
     from grpclib.client import Channel
 
-    from tests.bench.watch import RawReplies, type_and_time
+    from tests.bench.event_bytes import type_and_time
+    from tests.bench.watch import RawReplies
     from vmpool.proto.vmpool.admin import v1 as adm
     from vmpool.wire.fastwire import fields
 
